@@ -1,0 +1,625 @@
+//! One backup job: source device → chunks → zero detection and keyed hash → dedup against the
+//! repository index → parallel zstd → pack assembly → concurrent multipart uploads → index objects
+//! → manifest, written last.
+//!
+//! Threads (all scoped to `run`): one reader (owns the device and its io_uring), `worker_count`
+//! chunk workers (zero check, hash, dedup claim, compress), one packer (lays records into parts and
+//! packs), `parts_in_flight` uploaders (one part request each), and the calling thread, which
+//! collects chunk results, samples progress and relays cancellation. Every channel is bounded, and
+//! the buffer pool is allocated once, so memory is `limits::Budget`, whatever the volume size.
+//! This module never talks to a storage cluster: it takes a device path and a repository.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::chunk;
+use crate::compress::Compressor;
+use crate::error::{EngineError, ErrorKind};
+use crate::format::{
+    self, BackupStats, ChunkHash, Encoding, IndexEntry, Manifest, ObjectKind, PackId, PackIndex,
+    RECORD_HEADER_BYTES, SourceInfo,
+};
+use crate::io::{self, AlignedBuf, ReadChunk};
+use crate::limits::{self, Budget};
+use crate::progress::Progress;
+use crate::repo::{Repository, lock};
+use crate::store::{ObjectStore, PartReceipt, UploadId};
+
+/// What to back up and how.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// The device or image file to read.
+    pub source: PathBuf,
+    /// The I/O engine for the reader.
+    pub engine: io::Engine,
+    /// zstd level.
+    pub compression_level: i32,
+    /// Chunk worker threads.
+    pub worker_count: usize,
+    /// Pack parts uploading at once.
+    pub parts_in_flight: usize,
+    /// Read requests in flight on the device.
+    pub queue_depth: usize,
+    /// Backup id to use instead of a generated one.
+    pub backup_id: Option<String>,
+}
+
+impl BackupOptions {
+    /// Defaults for `source`: io_uring, level 1, one worker per CPU.
+    pub fn new(source: PathBuf) -> BackupOptions {
+        BackupOptions {
+            source,
+            engine: io::Engine::Uring,
+            compression_level: crate::compress::LEVEL_DEFAULT,
+            worker_count: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            parts_in_flight: limits::PARTS_IN_FLIGHT_DEFAULT,
+            queue_depth: limits::QUEUE_DEPTH_DEFAULT,
+            backup_id: None,
+        }
+    }
+}
+
+/// What a finished backup reports besides its manifest.
+#[derive(Debug, Clone)]
+pub struct BackupOutcome {
+    /// The manifest written.
+    pub manifest: Manifest,
+    /// The engine that actually read the source.
+    pub engine: io::Engine,
+    /// Whether the source was read with O_DIRECT.
+    pub direct: bool,
+}
+
+/// A compressed chunk on its way to the packer.
+struct Compressed {
+    hash: ChunkHash,
+    raw_bytes: u32,
+    encoding: Encoding,
+    data: Vec<u8>,
+}
+
+/// What the threads report to the collecting thread.
+enum Report {
+    Chunk { chunk_index: u64, hash: Option<ChunkHash>, new: bool },
+    Pack { pack: PackId, hashes: Vec<ChunkHash>, stored_bytes: u64 },
+}
+
+/// A pack whose parts are being uploaded.
+struct PackUpload {
+    pack: PackId,
+    key: String,
+    upload_id: UploadId,
+    state: Mutex<PackState>,
+}
+
+#[derive(Default)]
+struct PackState {
+    receipts: Vec<PartReceipt>,
+    /// Set by the packer when the pack is closed.
+    part_count: Option<u32>,
+    entries: Vec<IndexEntry>,
+    size_bytes: u64,
+    finalized: bool,
+}
+
+struct PartJob {
+    upload: Arc<PackUpload>,
+    part_number: u32,
+    data: Bytes,
+}
+
+/// State shared by every thread of one backup.
+struct Shared<'a> {
+    store: &'a dyn ObjectStore,
+    progress: &'a Progress,
+    /// Set on the first failure or on cancellation; every thread stops soon after.
+    abort: AtomicBool,
+    failure: Mutex<Option<EngineError>>,
+    /// Known chunks: `Some(pack)` when stored, `None` when claimed by this backup.
+    dedup: Mutex<HashMap<ChunkHash, Option<PackId>>>,
+    /// Multipart uploads begun and not completed, aborted if the backup fails.
+    open_uploads: Mutex<HashMap<PackId, (String, UploadId)>>,
+}
+
+impl Shared<'_> {
+    fn fail(&self, error: EngineError) {
+        let _ = lock(&self.failure).get_or_insert(error);
+        self.abort.store(true, Ordering::SeqCst);
+    }
+
+    fn stopped(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs one backup of `options.source` into `repo` and commits its manifest.
+///
+/// `cancel` is polled; when it becomes true the backup stops, aborts its multipart uploads and
+/// returns a `Cancelled` error without writing a manifest. `warn` receives warnings.
+///
+/// # Errors
+/// `Device` for source failures, `Store` for object-store failures, `Cancelled`, `Refused` when
+/// the requested backup id exists, `Usage` for an empty source.
+pub fn run(
+    repo: &Repository,
+    options: &BackupOptions,
+    progress: &Progress,
+    cancel: &AtomicBool,
+    warn: &dyn Fn(String),
+) -> Result<BackupOutcome, EngineError> {
+    let started = Instant::now();
+    let started_at = format::unix_now();
+    let backup_id = match &options.backup_id {
+        Some(id) => checked_new_id(repo, id)?,
+        None => format!("{}-{}", started_at.compact(), &PackId::random().to_hex()[..8]),
+    };
+    let opened = io::open(&options.source, false, false)?;
+    if !opened.direct {
+        warn(format!("{}: O_DIRECT refused, reading through the page cache", options.source.display()));
+    }
+    let info = io::probe(&opened.file)?;
+    if info.size_bytes == 0 {
+        return Err(EngineError::new(
+            ErrorKind::Usage,
+            format!("source {} has size 0", options.source.display()),
+        ));
+    }
+    Progress::add(&progress.bytes_total, info.size_bytes);
+    let chunk_size_bytes = repo.config.chunk_size_bytes;
+    let chunk_count = format::chunk_count(info.size_bytes, chunk_size_bytes);
+    let known = repo.load_all_indexes()?;
+    let shared = Shared {
+        store: repo.store.as_ref(),
+        progress,
+        abort: AtomicBool::new(false),
+        failure: Mutex::new(None),
+        dedup: Mutex::new(known.into_iter().map(|(hash, pack)| (hash, Some(pack))).collect()),
+        open_uploads: Mutex::new(HashMap::new()),
+    };
+    let budget = Budget::new(chunk_size_bytes, options.worker_count.max(1), options.parts_in_flight);
+    let (table, stats, engine) =
+        run_pipeline(repo, options, &opened.file, &info, &shared, &budget, chunk_count, cancel)?;
+
+    let dedup = lock(&shared.dedup);
+    let mut packs = BTreeSet::new();
+    for hash in table.iter().flatten() {
+        let pack = dedup.get(hash).copied().flatten();
+        packs.insert(pack.expect("every chunk of a finished backup is stored in a pack"));
+    }
+    drop(dedup);
+    let source = SourceInfo {
+        path: options.source.display().to_string(),
+        kind: if info.is_block_device { "block_device" } else { "file" }.to_string(),
+        logical_block_bytes: info.logical_block_bytes,
+    };
+    let mut manifest = Manifest {
+        format_version: format::FORMAT_VERSION,
+        backup_id: backup_id.clone(),
+        repository_id: repo.config.repository_id.clone(),
+        source,
+        volume_size_bytes: info.size_bytes,
+        chunk_size_bytes,
+        started_at,
+        completed_at: format::unix_now(),
+        packs: packs.into_iter().collect(),
+        chunks: table,
+        stats,
+    };
+    manifest.stats.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    manifest.validate()?;
+    if cancel.load(Ordering::SeqCst) {
+        return Err(EngineError::new(ErrorKind::Cancelled, "backup cancelled before commit"));
+    }
+    // The commit point: everything the manifest references is durable.
+    let encoded = Bytes::from(format::encode_document(ObjectKind::Manifest, &manifest));
+    Progress::add(&progress.bytes_uploaded, encoded.len() as u64);
+    repo.store.put(&format::manifest_key(&backup_id), encoded)?;
+    Ok(BackupOutcome { manifest, engine, direct: opened.direct })
+}
+
+fn checked_new_id(repo: &Repository, id: &str) -> Result<String, EngineError> {
+    if !format::backup_id_valid(id) {
+        return Err(EngineError::new(ErrorKind::Usage, format!("invalid backup id {id:?}")));
+    }
+    match repo.load_manifest(id) {
+        Err(error) if error.kind == ErrorKind::NotFound => Ok(id.to_string()),
+        Err(error) => Err(error),
+        Ok(_) => Err(EngineError::new(ErrorKind::Refused, format!("backup {id} already exists"))),
+    }
+}
+
+type PipelineResult = (Vec<Option<ChunkHash>>, BackupStats, io::Engine);
+
+#[allow(clippy::too_many_arguments)]
+fn run_pipeline(
+    repo: &Repository,
+    options: &BackupOptions,
+    file: &std::fs::File,
+    info: &io::DeviceInfo,
+    shared: &Shared<'_>,
+    budget: &Budget,
+    chunk_count: u64,
+    cancel: &AtomicBool,
+) -> Result<PipelineResult, EngineError> {
+    let (free_tx, free_rx) = bounded::<AlignedBuf>(budget.chunk_buffer_count);
+    for _ in 0..budget.chunk_buffer_count {
+        free_tx.send(AlignedBuf::new(budget.chunk_buffer_bytes)).expect("pool has room");
+    }
+    let (chunk_tx, chunk_rx) = bounded::<ReadChunk>(budget.chunk_buffer_count);
+    let (compressed_tx, compressed_rx) = bounded::<Compressed>(budget.compressed_queue_count);
+    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(budget.compressed_queue_count);
+    let (part_tx, part_rx) = bounded::<PartJob>(1);
+    let (report_tx, report_rx) = bounded::<Report>(1024);
+    let read_options = io::ReadOptions {
+        engine: options.engine,
+        chunk_size_bytes: repo.config.chunk_size_bytes as usize,
+        request_size_bytes: limits::REQUEST_SIZE_BYTES,
+        queue_depth: options.queue_depth,
+    };
+
+    let (collected, engine) = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let result = io::read_source(file, info, &read_options, &free_rx, &chunk_tx, &shared.abort);
+            drop(chunk_tx);
+            match result {
+                Ok(stats) => Some(stats.engine),
+                Err(error) => {
+                    shared.fail(error.into());
+                    None
+                }
+            }
+        });
+        for _ in 0..options.worker_count.max(1) {
+            let (chunk_rx, free_tx) = (chunk_rx.clone(), free_tx.clone());
+            let (compressed_tx, spare_rx, report_tx) =
+                (compressed_tx.clone(), spare_rx.clone(), report_tx.clone());
+            let _ = scope.spawn(move || {
+                work_chunks(repo, shared, options.compression_level, &chunk_rx, &free_tx, &compressed_tx, &spare_rx, &report_tx);
+            });
+        }
+        drop((chunk_rx, free_tx, free_rx, compressed_tx, spare_rx));
+        for _ in 0..options.parts_in_flight.max(1) {
+            let (part_rx, report_tx) = (part_rx.clone(), report_tx.clone());
+            let _ = scope.spawn(move || upload_parts(shared, &part_rx, &report_tx));
+        }
+        drop(part_rx);
+        {
+            let report_tx = report_tx.clone();
+            let _ = scope.spawn(move || {
+                if let Err(error) = pack_chunks(shared, &compressed_rx, &spare_tx, &part_tx, &report_tx) {
+                    shared.fail(error);
+                }
+            });
+        }
+        drop(report_tx);
+        let collected = collect_reports(shared, &report_rx, chunk_count, cancel);
+        let engine = reader.join().expect("reader thread does not panic");
+        (collected, engine)
+    });
+    settle(shared, cancel, collected, engine)
+}
+
+/// Turns the pipeline's outputs into a result, aborting open uploads on failure.
+fn settle(
+    shared: &Shared<'_>,
+    cancel: &AtomicBool,
+    (table, stats, seen): (Vec<Option<ChunkHash>>, BackupStats, Vec<bool>),
+    engine: Option<io::Engine>,
+) -> Result<PipelineResult, EngineError> {
+    {
+        let failure = lock(&shared.failure).take();
+        let cancelled = cancel.load(Ordering::SeqCst);
+        if failure.is_some() || cancelled || shared.stopped() {
+            for (_, (key, upload_id)) in lock(&shared.open_uploads).drain() {
+                // Best effort: a failed abort leaves an upload for a later repair to find.
+                let _ = shared.store.multipart_abort(&key, &upload_id);
+            }
+            return Err(match failure {
+                Some(error) if error.kind != ErrorKind::Cancelled || !cancelled => error,
+                _ => EngineError::new(ErrorKind::Cancelled, "backup cancelled; no manifest written"),
+            });
+        }
+        assert!(seen.iter().all(|&s| s), "every chunk of the source was processed");
+        Ok((table, stats, engine.expect("a successful reader reports its engine")))
+    }
+}
+
+/// The calling thread's loop: records every chunk's result, the packs stored, and relays
+/// cancellation to the pipeline.
+fn collect_reports(
+    shared: &Shared<'_>,
+    report_rx: &Receiver<Report>,
+    chunk_count: u64,
+    cancel: &AtomicBool,
+) -> (Vec<Option<ChunkHash>>, BackupStats, Vec<bool>) {
+    let count = usize::try_from(chunk_count).expect("chunk table fits memory");
+    let mut table = vec![None; count];
+    let mut seen = vec![false; count];
+    let mut stats = BackupStats { chunk_count, ..BackupStats::default() };
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            shared.abort.store(true, Ordering::SeqCst);
+        }
+        let report = match report_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(report) => report,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
+        match report {
+            Report::Chunk { chunk_index, hash, new } => {
+                let position = usize::try_from(chunk_index).expect("index fits");
+                assert!(!seen[position], "chunk {chunk_index} reported twice");
+                seen[position] = true;
+                table[position] = hash;
+                match (hash, new) {
+                    (None, _) => stats.zero_chunk_count += 1,
+                    (Some(_), true) => stats.new_chunk_count += 1,
+                    (Some(_), false) => stats.dedup_chunk_count += 1,
+                }
+            }
+            Report::Pack { pack, hashes, stored_bytes } => {
+                let mut dedup = lock(&shared.dedup);
+                for hash in hashes {
+                    let _ = dedup.insert(hash, Some(pack));
+                }
+                stats.pack_count += 1;
+                stats.new_stored_bytes += stored_bytes;
+            }
+        }
+    }
+    stats.bytes_read = Progress::get(&shared.progress.bytes_read);
+    stats.new_raw_bytes = Progress::get(&shared.progress.bytes_new);
+    (table, stats, seen)
+}
+
+/// A chunk worker: zero check, hash, dedup claim, compression.
+#[allow(clippy::too_many_arguments)]
+fn work_chunks(
+    repo: &Repository,
+    shared: &Shared<'_>,
+    compression_level: i32,
+    chunk_rx: &Receiver<ReadChunk>,
+    free_tx: &Sender<AlignedBuf>,
+    compressed_tx: &Sender<Compressed>,
+    spare_rx: &Receiver<Vec<u8>>,
+    report_tx: &Sender<Report>,
+) {
+    let mut compressor = Compressor::new(compression_level);
+    while let Ok(chunk) = chunk_rx.recv() {
+        if shared.stopped() {
+            break;
+        }
+        let data = chunk.buf.as_slice();
+        Progress::add(&shared.progress.bytes_read, data.len() as u64);
+        let (hash, new) = if chunk::is_zero(data) {
+            (None, false)
+        } else {
+            let hash = repo.hasher.hash(data);
+            let new = match lock(&shared.dedup).entry(hash) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    let _ = slot.insert(None);
+                    true
+                }
+            };
+            if new {
+                let mut out = spare_rx.try_recv().unwrap_or_default();
+                let encoding = compressor.compress(data, &mut out);
+                Progress::add(&shared.progress.bytes_new, data.len() as u64);
+                let raw_bytes = u32::try_from(data.len()).expect("chunks are below 4 GiB");
+                let compressed = Compressed { hash, raw_bytes, encoding, data: out };
+                if compressed_tx.send(compressed).is_err() {
+                    break;
+                }
+            }
+            (Some(hash), new)
+        };
+        let report = Report::Chunk { chunk_index: chunk.chunk_index, hash, new };
+        let _ = free_tx.send(chunk.buf);
+        if report_tx.send(report).is_err() {
+            break;
+        }
+    }
+}
+
+/// The pack being filled by the packer.
+struct OpenPack {
+    pack: PackId,
+    upload: Option<Arc<PackUpload>>,
+    part: Vec<u8>,
+    part_count: u32,
+    size_bytes: u64,
+    entries: Vec<IndexEntry>,
+}
+
+impl OpenPack {
+    fn new() -> OpenPack {
+        OpenPack {
+            pack: PackId::random(),
+            upload: None,
+            part: Vec::with_capacity(part_capacity()),
+            part_count: 0,
+            size_bytes: 0,
+            entries: Vec::new(),
+        }
+    }
+}
+
+fn part_capacity() -> usize {
+    limits::PART_SIZE_BYTES + limits::CHUNK_SIZE_BYTES_MAX as usize + RECORD_HEADER_BYTES
+}
+
+/// The packer: appends records to parts, parts to packs, and hands full parts to the uploaders.
+fn pack_chunks(
+    shared: &Shared<'_>,
+    compressed_rx: &Receiver<Compressed>,
+    spare_tx: &Sender<Vec<u8>>,
+    part_tx: &Sender<PartJob>,
+    report_tx: &Sender<Report>,
+) -> Result<(), EngineError> {
+    let mut open: Option<OpenPack> = None;
+    while let Ok(chunk) = compressed_rx.recv() {
+        if shared.stopped() {
+            return Ok(());
+        }
+        let pack = open.get_or_insert_with(OpenPack::new);
+        let header = format::encode_record_header(&chunk.hash, chunk.encoding, chunk.raw_bytes, &chunk.data);
+        let stored_bytes = u32::try_from(chunk.data.len()).expect("chunks are below 4 GiB");
+        pack.entries.push(IndexEntry {
+            hash: chunk.hash,
+            offset: pack.size_bytes,
+            stored_bytes,
+            raw_bytes: chunk.raw_bytes,
+        });
+        pack.part.extend_from_slice(&header);
+        pack.part.extend_from_slice(&chunk.data);
+        pack.size_bytes += (RECORD_HEADER_BYTES + chunk.data.len()) as u64;
+        let _ = spare_tx.try_send(chunk.data);
+        if pack.part.len() >= limits::PART_SIZE_BYTES {
+            flush_part(shared, pack, part_tx)?;
+        }
+        if pack.size_bytes >= limits::PACK_SIZE_BYTES_TARGET as u64 {
+            close_pack(shared, open.take().expect("open"), part_tx, report_tx)?;
+        }
+    }
+    if let Some(pack) = open.take() {
+        if !shared.stopped() {
+            close_pack(shared, pack, part_tx, report_tx)?;
+        }
+    }
+    Ok(())
+}
+
+fn flush_part(shared: &Shared<'_>, pack: &mut OpenPack, part_tx: &Sender<PartJob>) -> Result<(), EngineError> {
+    let upload = match &pack.upload {
+        Some(upload) => Arc::clone(upload),
+        None => {
+            let key = pack.pack.pack_key();
+            let upload_id = shared.store.multipart_begin(&key)?;
+            let _ = lock(&shared.open_uploads).insert(pack.pack, (key.clone(), upload_id.clone()));
+            let upload = Arc::new(PackUpload {
+                pack: pack.pack,
+                key,
+                upload_id,
+                state: Mutex::new(PackState::default()),
+            });
+            pack.upload = Some(Arc::clone(&upload));
+            upload
+        }
+    };
+    pack.part_count += 1;
+    let data = Bytes::from(std::mem::replace(&mut pack.part, Vec::with_capacity(part_capacity())));
+    let job = PartJob { upload, part_number: pack.part_count, data };
+    part_tx.send(job).map_err(|_| EngineError::new(ErrorKind::Internal, "uploaders exited early"))
+}
+
+fn close_pack(
+    shared: &Shared<'_>,
+    mut pack: OpenPack,
+    part_tx: &Sender<PartJob>,
+    report_tx: &Sender<Report>,
+) -> Result<(), EngineError> {
+    if pack.upload.is_none() {
+        // A pack that fits one part is a single PUT: one request instead of three.
+        let data = Bytes::from(std::mem::take(&mut pack.part));
+        let length = data.len() as u64;
+        shared.store.put(&pack.pack.pack_key(), data)?;
+        Progress::add(&shared.progress.bytes_uploaded, length);
+        return store_index(shared, pack.pack, pack.size_bytes, pack.entries, report_tx);
+    }
+    if !pack.part.is_empty() {
+        flush_part(shared, &mut pack, part_tx)?;
+    }
+    let upload = pack.upload.take().expect("multipart pack");
+    let ready = {
+        let mut state = lock(&upload.state);
+        state.part_count = Some(pack.part_count);
+        state.entries = std::mem::take(&mut pack.entries);
+        state.size_bytes = pack.size_bytes;
+        take_if_complete(&mut state)
+    };
+    match ready {
+        Some(done) => finish_upload(shared, &upload, done, report_tx),
+        None => Ok(()),
+    }
+}
+
+/// If every part of the pack is uploaded and it is closed, marks it finalized and returns what
+/// finishing needs. Exactly one caller gets `Some`.
+fn take_if_complete(state: &mut PackState) -> Option<(Vec<PartReceipt>, Vec<IndexEntry>, u64)> {
+    let part_count = state.part_count?;
+    if state.finalized || state.receipts.len() != part_count as usize {
+        return None;
+    }
+    state.finalized = true;
+    let mut receipts = std::mem::take(&mut state.receipts);
+    receipts.sort_by_key(|receipt| receipt.part_number);
+    Some((receipts, std::mem::take(&mut state.entries), state.size_bytes))
+}
+
+fn finish_upload(
+    shared: &Shared<'_>,
+    upload: &PackUpload,
+    (receipts, entries, size_bytes): (Vec<PartReceipt>, Vec<IndexEntry>, u64),
+    report_tx: &Sender<Report>,
+) -> Result<(), EngineError> {
+    for (position, receipt) in receipts.iter().enumerate() {
+        assert_eq!(receipt.part_number as usize, position + 1, "parts are numbered 1..=n");
+    }
+    shared.store.multipart_complete(&upload.key, &upload.upload_id, &receipts)?;
+    let _ = lock(&shared.open_uploads).remove(&upload.pack);
+    store_index(shared, upload.pack, size_bytes, entries, report_tx)
+}
+
+/// Writes a pack's index object (after the pack itself is durable) and reports the pack.
+fn store_index(
+    shared: &Shared<'_>,
+    pack: PackId,
+    pack_size_bytes: u64,
+    entries: Vec<IndexEntry>,
+    report_tx: &Sender<Report>,
+) -> Result<(), EngineError> {
+    let hashes = entries.iter().map(|entry| entry.hash).collect();
+    let index = PackIndex { pack, pack_size_bytes, entries };
+    let encoded = Bytes::from(format::encode_document(ObjectKind::Index, &index));
+    Progress::add(&shared.progress.bytes_uploaded, encoded.len() as u64);
+    shared.store.put(&pack.index_key(), encoded)?;
+    let _ = report_tx.send(Report::Pack { pack, hashes, stored_bytes: pack_size_bytes });
+    Ok(())
+}
+
+/// An uploader: sends parts, and finishes a pack when its last part lands.
+fn upload_parts(shared: &Shared<'_>, part_rx: &Receiver<PartJob>, report_tx: &Sender<Report>) {
+    while let Ok(job) = part_rx.recv() {
+        if shared.stopped() {
+            break;
+        }
+        let length = job.data.len() as u64;
+        let upload = &job.upload;
+        let receipt = match shared.store.multipart_put_part(&upload.key, &upload.upload_id, job.part_number, job.data) {
+            Ok(receipt) => receipt,
+            Err(error) => {
+                shared.fail(EngineError::from(error).context(format!("pack {}", upload.pack)));
+                break;
+            }
+        };
+        Progress::add(&shared.progress.bytes_uploaded, length);
+        let ready = {
+            let mut state = lock(&upload.state);
+            state.receipts.push(receipt);
+            take_if_complete(&mut state)
+        };
+        if let Some(done) = ready {
+            if let Err(error) = finish_upload(shared, upload, done, report_tx) {
+                shared.fail(error);
+                break;
+            }
+        }
+    }
+}

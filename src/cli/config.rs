@@ -1,0 +1,164 @@
+//! Resolves where the repository lives and how to reach it: `--repo`/`FERRY_REPO`, the optional
+//! TOML config file (`--config`/`FERRY_CONFIG`), and the standard AWS environment variables.
+//! Credentials come only from the environment or the config file (or a file it names), never
+//! from the command line, and they are never logged.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{EngineError, ErrorKind};
+use crate::store::{LocalStore, ObjectStore, S3Options, S3Store};
+
+/// The config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Default repository (`s3://bucket/prefix` or a directory).
+    pub repository: Option<String>,
+    /// S3 settings.
+    #[serde(default)]
+    pub s3: S3Section,
+}
+
+/// The `[s3]` table of the config file.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    /// Endpoint URL, e.g. `http://127.0.0.1:39000`.
+    pub endpoint_url: Option<String>,
+    /// Region (Garage: its `s3_region`, usually `garage`).
+    pub region: Option<String>,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<String>,
+    /// A file holding the secret access key.
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Verify TLS certificates (default true), like Cinder's `backup_s3_verify_ssl`.
+    pub verify_tls: Option<bool>,
+    /// Path-style addressing (default true; Garage needs it without DNS setup).
+    pub path_style: Option<bool>,
+    /// Extra CA bundle (PEM) to trust.
+    pub ca_bundle: Option<PathBuf>,
+    /// Per-attempt request timeout in seconds.
+    pub request_timeout_secs: Option<u64>,
+}
+
+impl std::fmt::Debug for S3Section {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Section")
+            .field("endpoint_url", &self.endpoint_url)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Command-line settings that affect the store.
+#[derive(Debug, Default, Clone)]
+pub struct StoreArgs {
+    /// `--repo`.
+    pub repo: Option<String>,
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--s3-endpoint`.
+    pub s3_endpoint: Option<String>,
+    /// `--s3-region`.
+    pub s3_region: Option<String>,
+    /// `--s3-no-verify-tls`.
+    pub s3_no_verify_tls: bool,
+}
+
+fn usage(message: impl Into<String>) -> EngineError {
+    EngineError::new(ErrorKind::Usage, message)
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
+}
+
+/// Reads the config file, if one is named.
+///
+/// # Errors
+/// `Usage` when the named file cannot be read or parsed.
+pub fn load_config_file(path: Option<&Path>) -> Result<ConfigFile, EngineError> {
+    let Some(path) = path else { return Ok(ConfigFile::default()) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| usage(format!("config file {}: {error}", path.display())))?;
+    toml::from_str(&text).map_err(|error| usage(format!("config file {}: {error}", path.display())))
+}
+
+/// Opens the object store the arguments name.
+///
+/// # Errors
+/// `Usage` for a missing or malformed repository location or missing credentials; store errors.
+pub fn open_store(args: &StoreArgs) -> Result<Box<dyn ObjectStore>, EngineError> {
+    let config_path = args.config.clone().or_else(|| env("FERRY_CONFIG").map(PathBuf::from));
+    let config = load_config_file(config_path.as_deref())?;
+    let location = args.repo.clone().or_else(|| env("FERRY_REPO")).or(config.repository.clone()).ok_or_else(|| {
+        usage("no repository given: pass --repo s3://BUCKET/PREFIX or --repo DIR (or set FERRY_REPO)")
+    })?;
+    if let Some(rest) = location.strip_prefix("s3://") {
+        return Ok(Box::new(open_s3(rest, args, &config.s3)?));
+    }
+    let path = location.strip_prefix("file://").unwrap_or(&location);
+    if path.is_empty() || path.contains("://") {
+        return Err(usage(format!("repository {location:?} is neither s3://BUCKET/PREFIX nor a directory")));
+    }
+    Ok(Box::new(LocalStore::new(path)?))
+}
+
+fn open_s3(rest: &str, args: &StoreArgs, section: &S3Section) -> Result<S3Store, EngineError> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(usage("s3 repository needs a bucket: s3://BUCKET/PREFIX"));
+    }
+    let access_key_id = env("AWS_ACCESS_KEY_ID").or(section.access_key_id.clone());
+    let secret = match (env("AWS_SECRET_ACCESS_KEY"), &section.secret_access_key, &section.secret_access_key_file) {
+        (Some(secret), _, _) => Some(secret),
+        (None, Some(secret), _) => Some(secret.clone()),
+        (None, None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|error| usage(format!("secret access key file {}: {error}", file.display())))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None, None) => None,
+    };
+    let (Some(access_key_id), Some(secret_access_key)) = (access_key_id, secret) else {
+        return Err(usage(
+            "S3 credentials missing: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or \
+             access_key_id and secret_access_key (or secret_access_key_file) in the config file",
+        ));
+    };
+    let region = args
+        .s3_region
+        .clone()
+        .or_else(|| env("AWS_REGION"))
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+        .or(section.region.clone())
+        .unwrap_or_else(|| "us-east-1".to_string());
+    let mut options = S3Options::new(
+        bucket.to_string(),
+        prefix.trim_matches('/').to_string(),
+        region,
+        access_key_id,
+        secret_access_key,
+    );
+    options.endpoint_url = args
+        .s3_endpoint
+        .clone()
+        .or_else(|| env("AWS_ENDPOINT_URL_S3"))
+        .or_else(|| env("AWS_ENDPOINT_URL"))
+        .or(section.endpoint_url.clone());
+    options.verify_tls = !args.s3_no_verify_tls && section.verify_tls.unwrap_or(true);
+    options.path_style = section.path_style.unwrap_or(true);
+    options.ca_bundle = section.ca_bundle.clone();
+    if let Some(seconds) = section.request_timeout_secs {
+        options.operation_timeout = Duration::from_secs(seconds);
+    }
+    Ok(S3Store::new(options)?)
+}

@@ -1,0 +1,332 @@
+//! The `ferry` command line: parses arguments into options, validates them before touching any
+//! device or bucket, runs one job, renders events (`output`), and maps the outcome to a
+//! documented exit code. The orchestrator contract (JSON Lines events, exit codes) lives here.
+
+pub mod config;
+pub mod output;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::backup::{self, BackupOptions};
+use crate::error::EngineError;
+use crate::io::Engine;
+use crate::limits;
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::restore::{self, RestoreOptions};
+use config::StoreArgs;
+use output::{ExitCode, Output};
+
+/// ferry: back up block devices and image files to S3 or a directory, and restore them.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Write a JSON Lines event stream to stdout (start, progress, warning, result or error).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Repository: s3://BUCKET/PREFIX, or a directory for a local repository.
+    #[arg(long, global = true, value_name = "REPO")]
+    pub repo: Option<String>,
+    /// TOML config file with [s3] settings and credentials (also FERRY_CONFIG).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// S3 endpoint URL (also AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL).
+    #[arg(long, global = true, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (also AWS_REGION).
+    #[arg(long, global = true, value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// Do not verify the S3 endpoint's TLS certificate (like backup_s3_verify_ssl = False).
+    #[arg(long, global = true)]
+    pub s3_no_verify_tls: bool,
+    /// I/O engine for devices (also FERRY_IO_ENGINE).
+    #[arg(long, global = true, value_enum, env = "FERRY_IO_ENGINE", default_value = "uring")]
+    pub io_engine: EngineArg,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `--io-engine` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    /// io_uring with O_DIRECT, falling back to pread when io_uring is unavailable.
+    Uring,
+    /// pread/pwrite with O_DIRECT.
+    Pread,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a repository.
+    Init(InitArgs),
+    /// Back up a block device or image file.
+    Backup(BackupArgs),
+    /// Restore a backup to a block device or file.
+    Restore(RestoreArgs),
+    /// List backups.
+    List,
+    /// Show one backup's manifest summary.
+    Show(IdArgs),
+    /// Delete a backup's manifest (pack space is reclaimed by a later pass).
+    Delete(IdArgs),
+}
+
+/// `ferry init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Chunk size in bytes (power of two, 64 KiB to 64 MiB); suffixes K, M accepted.
+    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    pub chunk_size: u32,
+}
+
+/// `ferry backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Block device or image file to back up.
+    #[arg(long)]
+    pub source: PathBuf,
+    /// Backup id (default: start time plus random suffix).
+    #[arg(long)]
+    pub backup_id: Option<String>,
+    /// zstd compression level (1 is the measured sweet spot; -7..=19).
+    #[arg(long, default_value_t = crate::compress::LEVEL_DEFAULT, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-7..=19))]
+    pub compression_level: i32,
+    /// Pack parts uploading concurrently.
+    #[arg(long, default_value_t = limits::PARTS_IN_FLIGHT_DEFAULT, value_parser = parse_count)]
+    pub parts_in_flight: usize,
+    /// Chunk worker threads (default: one per CPU).
+    #[arg(long, value_parser = parse_count)]
+    pub workers: Option<usize>,
+}
+
+/// `ferry restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The backup to restore.
+    pub backup_id: String,
+    /// Block device or file to write (a missing file is created).
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Overwrite a target that already holds data.
+    #[arg(long)]
+    pub force: bool,
+    /// Skip writing zero chunks: the target is known to read as zeros.
+    #[arg(long)]
+    pub sparse: bool,
+    /// Ranged GETs in flight.
+    #[arg(long, default_value_t = limits::DOWNLOADS_IN_FLIGHT_DEFAULT, value_parser = parse_count)]
+    pub downloads_in_flight: usize,
+}
+
+/// A command taking one backup id.
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    /// The backup id.
+    pub backup_id: String,
+}
+
+fn parse_count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=256).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a number from 1 to 256")),
+    }
+}
+
+/// Parses sizes like `4194304`, `4M`, `4MiB`, `512K`.
+fn parse_size(text: &str) -> Result<u32, String> {
+    let trimmed = text.trim().trim_end_matches("iB").trim_end_matches('B');
+    let (digits, shift) = match trimmed.chars().last() {
+        Some('K' | 'k') => (&trimmed[..trimmed.len() - 1], 10),
+        Some('M' | 'm') => (&trimmed[..trimmed.len() - 1], 20),
+        _ => (trimmed, 0),
+    };
+    let value = digits.parse::<u64>().map_err(|_| format!("{text:?} is not a size"))? << shift;
+    let value = u32::try_from(value).map_err(|_| format!("{text:?} is too large"))?;
+    if !value.is_power_of_two()
+        || !(limits::CHUNK_SIZE_BYTES_MIN..=limits::CHUNK_SIZE_BYTES_MAX).contains(&value)
+    {
+        return Err(format!("chunk size {text} must be a power of two from 64K to 64M"));
+    }
+    Ok(value)
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn run() -> u8 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = if error.use_stderr() { ExitCode::Usage as u8 } else { 0 };
+            let _ = error.print();
+            return code;
+        }
+    };
+    let name = match &cli.command {
+        Command::Init(_) => "init",
+        Command::Backup(_) => "backup",
+        Command::Restore(_) => "restore",
+        Command::List => "list",
+        Command::Show(_) => "show",
+        Command::Delete(_) => "delete",
+    };
+    let output = Output::new(cli.json, name);
+    let cancel = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while cancelling ends the process at once.
+        let _ = signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&cancel));
+        let _ = signal_hook::flag::register(signal, Arc::clone(&cancel));
+    }
+    match dispatch(&cli, &output, &cancel) {
+        Ok(()) => ExitCode::Ok as u8,
+        Err(error) => output.error(&error) as u8,
+    }
+}
+
+fn store_args(cli: &Cli) -> StoreArgs {
+    StoreArgs {
+        repo: cli.repo.clone(),
+        config: cli.config.clone(),
+        s3_endpoint: cli.s3_endpoint.clone(),
+        s3_region: cli.s3_region.clone(),
+        s3_no_verify_tls: cli.s3_no_verify_tls,
+    }
+}
+
+fn engine(cli: &Cli) -> Engine {
+    match cli.io_engine {
+        EngineArg::Uring => Engine::Uring,
+        EngineArg::Pread => Engine::Pread,
+    }
+}
+
+fn dispatch(cli: &Cli, output: &Output, cancel: &AtomicBool) -> Result<(), EngineError> {
+    let store = config::open_store(&store_args(cli))?;
+    let describe = store.describe();
+    match &cli.command {
+        Command::Init(args) => {
+            output.start(json!({"repository": describe}));
+            let repo = Repository::init(store, args.chunk_size)?;
+            output.result(
+                json!({"repository": describe, "repository_id": repo.config.repository_id,
+                       "chunk_size_bytes": repo.config.chunk_size_bytes}),
+                &format!("initialised repository {} at {describe}", repo.config.repository_id),
+            );
+            Ok(())
+        }
+        Command::Backup(args) => run_backup(cli, args, Repository::open(store)?, output, cancel),
+        Command::Restore(args) => run_restore(cli, args, Repository::open(store)?, output, cancel),
+        Command::List => {
+            let repo = Repository::open(store)?;
+            let mut backups = Vec::new();
+            let mut lines = Vec::new();
+            for id in repo.list_backups()? {
+                let manifest = repo.load_manifest(&id)?;
+                lines.push(format!(
+                    "{id}  {}  {} bytes  {}",
+                    manifest.completed_at, manifest.volume_size_bytes, manifest.source.path
+                ));
+                backups.push(json!({"backup_id": id, "completed_at": manifest.completed_at.to_string(),
+                    "volume_size_bytes": manifest.volume_size_bytes, "source": manifest.source.path}));
+            }
+            output.result(json!({"backups": backups}), &lines.join("\n"));
+            Ok(())
+        }
+        Command::Show(args) => {
+            let repo = Repository::open(store)?;
+            let manifest = repo.load_manifest(&args.backup_id)?;
+            let summary = json!({"backup_id": manifest.backup_id, "source": manifest.source,
+                "volume_size_bytes": manifest.volume_size_bytes, "chunk_size_bytes": manifest.chunk_size_bytes,
+                "started_at": manifest.started_at.to_string(), "completed_at": manifest.completed_at.to_string(),
+                "pack_count": manifest.packs.len(), "stats": manifest.stats});
+            let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+            output.result(json!({"backup": summary}), &text);
+            Ok(())
+        }
+        Command::Delete(args) => {
+            let repo = Repository::open(store)?;
+            repo.delete_backup(&args.backup_id)?;
+            output.result(json!({"backup_id": args.backup_id}), &format!("deleted backup {}", args.backup_id));
+            Ok(())
+        }
+    }
+}
+
+/// Runs `job` while a reporter thread emits progress; returns the job's result.
+fn with_progress<T>(output: &Output, progress: &Progress, job: impl FnOnce() -> T) -> T {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let _ = scope.spawn(|| {
+            let mut ticks = 0u32;
+            while !done.load(Ordering::Relaxed) {
+                std::thread::park_timeout(Duration::from_millis(200));
+                ticks += 1;
+                // JSON events once a second; a terminal's progress line five times a second.
+                if ticks % 5 == 0 || output.live() {
+                    output.progress(progress);
+                }
+            }
+        });
+        let result = job();
+        done.store(true, Ordering::Relaxed);
+        result
+    })
+}
+
+fn run_backup(cli: &Cli, args: &BackupArgs, repo: Repository, output: &Output, cancel: &AtomicBool) -> Result<(), EngineError> {
+    let mut options = BackupOptions::new(args.source.clone());
+    options.engine = engine(cli);
+    options.compression_level = args.compression_level;
+    options.parts_in_flight = args.parts_in_flight;
+    if let Some(workers) = args.workers {
+        options.worker_count = workers;
+    }
+    options.backup_id = args.backup_id.clone();
+    output.start(json!({"repository": repo.store.describe(), "source": args.source.display().to_string()}));
+    let progress = Progress::default();
+    let warn = |message: String| output.warning(&message);
+    let outcome = with_progress(output, &progress, || backup::run(&repo, &options, &progress, cancel, &warn))?;
+    let manifest = &outcome.manifest;
+    let stats = &manifest.stats;
+    let seconds = stats.duration_ms as f64 / 1000.0;
+    let summary = format!(
+        "backup {} of {} ({} bytes) in {seconds:.1} s: {} chunks, {} zero, {} already stored, {} new ({} bytes stored in {} packs)",
+        manifest.backup_id, manifest.source.path, manifest.volume_size_bytes, stats.chunk_count,
+        stats.zero_chunk_count, stats.dedup_chunk_count, stats.new_chunk_count, stats.new_stored_bytes, stats.pack_count
+    );
+    output.result(
+        json!({"backup_id": manifest.backup_id, "volume_size_bytes": manifest.volume_size_bytes,
+               "io_engine": outcome.engine.name(), "direct_io": outcome.direct,
+               "bytes_uploaded": Progress::get(&progress.bytes_uploaded), "stats": stats}),
+        &summary,
+    );
+    Ok(())
+}
+
+fn run_restore(cli: &Cli, args: &RestoreArgs, repo: Repository, output: &Output, cancel: &AtomicBool) -> Result<(), EngineError> {
+    let manifest = repo.load_manifest(&args.backup_id)?;
+    let mut options = RestoreOptions::new(args.target.clone());
+    options.engine = engine(cli);
+    options.force = args.force;
+    options.sparse = args.sparse;
+    options.downloads_in_flight = args.downloads_in_flight;
+    output.start(json!({"repository": repo.store.describe(), "backup_id": manifest.backup_id,
+                        "target": args.target.display().to_string()}));
+    let progress = Progress::default();
+    let warn = |message: String| output.warning(&message);
+    let stats = with_progress(output, &progress, || restore::run(&repo, &manifest, &options, &progress, cancel, &warn))?;
+    let summary = format!(
+        "restored backup {} to {} ({} bytes) in {:.1} s, {} bytes downloaded",
+        manifest.backup_id, args.target.display(), stats.volume_size_bytes,
+        stats.duration_ms as f64 / 1000.0, stats.bytes_downloaded
+    );
+    output.result(json!({"backup_id": manifest.backup_id, "stats": stats}), &summary);
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! `AlignedBuf`: a zero-initialised heap buffer whose address and capacity are multiples of
+//! `BUF_ALIGN`, as `O_DIRECT` requires, with a separate count of valid bytes.
+//!
+//! The buffer never reallocates, so its address stays fixed while the kernel reads or writes it.
+//! It does not pool or register itself: pooling is the caller's free-buffer channel, and
+//! registration with io_uring is a later step.
+
+use std::alloc::{self, Layout};
+use std::fmt;
+use std::ptr::NonNull;
+
+use super::BUF_ALIGN;
+
+/// Heap buffer aligned to `BUF_ALIGN`, zero-initialised, capacity a multiple of `BUF_ALIGN`.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    capacity: usize,
+    len: usize,
+}
+
+// SAFETY: `AlignedBuf` uniquely owns its allocation (like `Box<[u8]>`); the raw pointer is never
+// shared with another `AlignedBuf`, so moving the owner to another thread is sound.
+unsafe impl Send for AlignedBuf {}
+
+// SAFETY: through `&AlignedBuf` only `as_slice` (shared read) and the getters are reachable; every
+// mutation needs `&mut AlignedBuf`, so shared references across threads cannot race.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates a zeroed buffer of `capacity_bytes` with `len() == 0`.
+    ///
+    /// # Panics
+    /// If `capacity_bytes` is 0 or not a multiple of `BUF_ALIGN`.
+    pub fn new(capacity_bytes: usize) -> AlignedBuf {
+        assert!(
+            capacity_bytes > 0 && capacity_bytes % BUF_ALIGN == 0,
+            "buffer capacity {capacity_bytes} must be a non-zero multiple of {BUF_ALIGN}"
+        );
+        let layout = Layout::from_size_align(capacity_bytes, BUF_ALIGN)
+            .expect("capacity is a multiple of a power-of-two alignment and fits isize");
+        // SAFETY: `layout` has a non-zero size (asserted above), the only requirement of
+        // `alloc_zeroed`.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, capacity: capacity_bytes, len: 0 }
+    }
+
+    /// Size of the allocation in bytes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Number of valid bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no byte is valid.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sets the number of valid bytes.
+    ///
+    /// # Panics
+    /// If `len` exceeds the capacity.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity, "length {len} exceeds buffer capacity {}", self.capacity);
+        self.len = len;
+    }
+
+    /// The valid bytes, `[0, len)`.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` points to `capacity` initialised (zeroed at allocation) bytes owned by
+        // `self`, `len <= capacity` is an invariant of `set_len`, and `&self` excludes mutation for
+        // the lifetime of the slice.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The whole buffer, `[0, capacity)`, to fill before calling `set_len`.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `capacity` initialised bytes owned by `self`, and `&mut self`
+        // makes this the only reference to them for the lifetime of the slice.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.capacity) }
+    }
+
+    /// Start of the allocation, for handing the buffer to the kernel. Taking the pointer creates
+    /// no reference to the contents, so it may be called again while earlier requests on other
+    /// parts of the buffer are still in flight.
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.capacity, BUF_ALIGN)
+            .expect("layout was valid at allocation");
+        // SAFETY: `ptr` was returned by `alloc_zeroed` with this same layout and is freed only
+        // here, once.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+impl fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("capacity", &self.capacity)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_buffer_is_aligned_zeroed_and_empty() {
+        let mut buf = AlignedBuf::new(3 * BUF_ALIGN);
+        assert_eq!(buf.capacity(), 3 * BUF_ALIGN);
+        assert_eq!(buf.len(), 0);
+        assert!(buf.is_empty());
+        assert!(buf.as_slice().is_empty());
+        assert_eq!(buf.as_mut_ptr() as usize % BUF_ALIGN, 0);
+        let whole = buf.as_mut_slice();
+        assert_eq!(whole.len(), 3 * BUF_ALIGN);
+        assert!(whole.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn set_len_exposes_written_bytes() {
+        let mut buf = AlignedBuf::new(BUF_ALIGN);
+        buf.as_mut_slice()[..5].copy_from_slice(b"ferry");
+        buf.set_len(5);
+        assert_eq!(buf.as_slice(), b"ferry");
+        assert!(!buf.is_empty());
+        buf.set_len(BUF_ALIGN);
+        assert_eq!(buf.as_slice().len(), BUF_ALIGN);
+    }
+
+    #[test]
+    fn buffer_moves_between_threads() {
+        let mut buf = AlignedBuf::new(BUF_ALIGN);
+        buf.as_mut_slice()[0] = 7;
+        buf.set_len(1);
+        let back = std::thread::spawn(move || buf).join().expect("thread returns the buffer");
+        assert_eq!(back.as_slice(), &[7]);
+    }
+
+    #[test]
+    fn debug_prints_sizes_not_contents() {
+        let mut buf = AlignedBuf::new(BUF_ALIGN);
+        buf.set_len(10);
+        assert_eq!(format!("{buf:?}"), "AlignedBuf { capacity: 4096, len: 10 }");
+    }
+
+    #[test]
+    #[should_panic(expected = "must be a non-zero multiple")]
+    fn zero_capacity_panics() {
+        let _ = AlignedBuf::new(0);
+    }
+
+    #[test]
+    #[should_panic(expected = "must be a non-zero multiple")]
+    fn unaligned_capacity_panics() {
+        let _ = AlignedBuf::new(BUF_ALIGN + 512);
+    }
+
+    #[test]
+    #[should_panic(expected = "exceeds buffer capacity")]
+    fn set_len_beyond_capacity_panics() {
+        AlignedBuf::new(BUF_ALIGN).set_len(BUF_ALIGN + 1);
+    }
+}

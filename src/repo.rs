@@ -1,0 +1,251 @@
+//! A repository: an object store plus its verified config. Opens and initialises repositories,
+//! loads pack indexes in parallel, and reads, lists and deletes manifests.
+//!
+//! It does not run backups or restores; those take a `Repository` and do their own work.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+
+use crate::chunk::ChunkHasher;
+use crate::error::{EngineError, ErrorKind};
+use crate::format::{
+    self, BACKUPS_PREFIX, CONFIG_KEY, ChunkHash, FORMAT_VERSION, HASH_SCHEME, INDEX_PREFIX,
+    IndexEntry, Manifest, ObjectKind, PackId, PackIndex, RepoConfig,
+};
+use crate::store::{ObjectStore, StoreError};
+
+/// Index objects fetched at once when loading a repository's index.
+const INDEX_FETCHES_IN_FLIGHT: usize = 8;
+
+/// An opened repository.
+#[derive(Debug)]
+pub struct Repository {
+    /// Where its objects live.
+    pub store: Box<dyn ObjectStore>,
+    /// Its verified config.
+    pub config: RepoConfig,
+    /// Names chunks under the repository key.
+    pub hasher: ChunkHasher,
+}
+
+/// Where a chunk is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// The pack holding it.
+    pub pack: PackId,
+    /// Its record in the pack.
+    pub entry: IndexEntry,
+}
+
+impl Repository {
+    /// Creates a new repository in `store` with a fresh random key.
+    ///
+    /// # Errors
+    /// `Refused` when the store already holds a repository, store errors otherwise.
+    pub fn init(store: Box<dyn ObjectStore>, chunk_size_bytes: u32) -> Result<Repository, EngineError> {
+        match store.get(CONFIG_KEY) {
+            Ok(_) => {
+                return Err(EngineError::new(
+                    ErrorKind::Refused,
+                    format!("a repository already exists at {}", store.describe()),
+                ));
+            }
+            Err(StoreError::NotFound { .. }) => {}
+            Err(error) => return Err(error.into()),
+        }
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|error| {
+            EngineError::new(ErrorKind::Internal, format!("random source failed: {error}"))
+        })?;
+        let repository_id = PackId::random().to_hex();
+        let config = RepoConfig {
+            format_version: FORMAT_VERSION,
+            repository_id,
+            chunk_size_bytes,
+            hash_scheme: HASH_SCHEME.to_string(),
+            hash_key: format::to_hex(&key),
+            compression: "zstd".to_string(),
+            created_at: format::unix_now(),
+        };
+        config.validate()?;
+        store.put(CONFIG_KEY, Bytes::from(format::encode_document(ObjectKind::Config, &config)))?;
+        Ok(Repository { store, hasher: ChunkHasher::new(key), config })
+    }
+
+    /// Opens the repository in `store`.
+    ///
+    /// # Errors
+    /// `NotFound` when there is no repository, `Integrity` when its config is corrupt, store
+    /// errors otherwise.
+    pub fn open(store: Box<dyn ObjectStore>) -> Result<Repository, EngineError> {
+        let bytes = match store.get(CONFIG_KEY) {
+            Ok(bytes) => bytes,
+            Err(StoreError::NotFound { .. }) => {
+                return Err(EngineError::new(
+                    ErrorKind::NotFound,
+                    format!("no repository at {} (create one with `ferry init`)", store.describe()),
+                ));
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let config: RepoConfig =
+            format::decode_document(ObjectKind::Config, "repository config", &bytes)?;
+        config.validate()?;
+        let hasher = ChunkHasher::new(config.hash_key_bytes()?);
+        Ok(Repository { store, config, hasher })
+    }
+
+    /// Loads the index of every pack in the repository: chunk hash to pack.
+    ///
+    /// # Errors
+    /// Store or integrity errors of any index object.
+    pub fn load_all_indexes(&self) -> Result<HashMap<ChunkHash, PackId>, EngineError> {
+        let listing = self.store.list(INDEX_PREFIX)?;
+        let packs: Vec<PackId> = listing
+            .iter()
+            .filter_map(|object| object.key.strip_prefix(INDEX_PREFIX))
+            .filter_map(PackId::from_hex)
+            .collect();
+        let mut map = HashMap::new();
+        for index in self.load_indexes(&packs)? {
+            for entry in &index.entries {
+                let _ = map.insert(entry.hash, index.pack);
+            }
+        }
+        Ok(map)
+    }
+
+    /// Loads the indexes of `packs` in parallel and returns each chunk's location.
+    ///
+    /// # Errors
+    /// `Integrity` when an index is missing or corrupt, store errors otherwise.
+    pub fn load_locations(&self, packs: &[PackId]) -> Result<HashMap<ChunkHash, Location>, EngineError> {
+        let mut map = HashMap::new();
+        for index in self.load_indexes(packs)? {
+            for entry in index.entries {
+                let _ = map.insert(entry.hash, Location { pack: index.pack, entry });
+            }
+        }
+        Ok(map)
+    }
+
+    fn load_indexes(&self, packs: &[PackId]) -> Result<Vec<PackIndex>, EngineError> {
+        parallel_map(packs, INDEX_FETCHES_IN_FLIGHT, |pack| {
+            let key = pack.index_key();
+            let bytes = self.store.get(&key).map_err(|error| match error {
+                StoreError::NotFound { .. } => EngineError::new(
+                    ErrorKind::Integrity,
+                    format!("index object {key} is missing from {}", self.store.describe()),
+                ),
+                other => other.into(),
+            })?;
+            let index: PackIndex = format::decode_document(ObjectKind::Index, &key, &bytes)?;
+            if index.pack != *pack {
+                return Err(EngineError::new(
+                    ErrorKind::Integrity,
+                    format!("index object {key} describes pack {}", index.pack),
+                ));
+            }
+            Ok(index)
+        })
+    }
+
+    /// Ids of every backup, sorted (ids start with their UTC start time).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn list_backups(&self) -> Result<Vec<String>, EngineError> {
+        let listing = self.store.list(BACKUPS_PREFIX)?;
+        Ok(listing
+            .into_iter()
+            .filter_map(|object| object.key.strip_prefix(BACKUPS_PREFIX).map(str::to_string))
+            .filter(|id| format::backup_id_valid(id))
+            .collect())
+    }
+
+    /// Reads and verifies a backup's manifest.
+    ///
+    /// # Errors
+    /// `Usage` for a malformed id, `NotFound` when the backup does not exist, `Integrity` when
+    /// the manifest does not verify, store errors otherwise.
+    pub fn load_manifest(&self, backup_id: &str) -> Result<Manifest, EngineError> {
+        if !format::backup_id_valid(backup_id) {
+            return Err(EngineError::new(ErrorKind::Usage, format!("invalid backup id {backup_id:?}")));
+        }
+        let key = format::manifest_key(backup_id);
+        let bytes = self.store.get(&key).map_err(|error| match error {
+            StoreError::NotFound { .. } => EngineError::new(
+                ErrorKind::NotFound,
+                format!("backup {backup_id} does not exist in {}", self.store.describe()),
+            ),
+            other => other.into(),
+        })?;
+        let manifest: Manifest =
+            format::decode_document(ObjectKind::Manifest, &format!("manifest {key}"), &bytes)?;
+        manifest.validate()?;
+        if manifest.backup_id != backup_id || manifest.repository_id != self.config.repository_id {
+            return Err(EngineError::new(
+                ErrorKind::Integrity,
+                format!("manifest {key} belongs to backup {} of repository {}", manifest.backup_id, manifest.repository_id),
+            ));
+        }
+        Ok(manifest)
+    }
+
+    /// Deletes a backup's manifest (the packs stay until a later space-reclaiming pass).
+    ///
+    /// # Errors
+    /// `NotFound` when the backup does not exist, store errors otherwise.
+    pub fn delete_backup(&self, backup_id: &str) -> Result<(), EngineError> {
+        let _ = self.load_manifest(backup_id)?;
+        self.store.delete(&format::manifest_key(backup_id))?;
+        Ok(())
+    }
+}
+
+/// Applies `f` to every item with up to `threads` calls at once; returns results in item order
+/// or the first error.
+///
+/// # Errors
+/// The first error any call returned.
+pub fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> Result<R, EngineError> + Sync,
+) -> Result<Vec<R>, EngineError> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
+    let failure: Mutex<Option<EngineError>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, items.len().max(1)) {
+            let _ = scope.spawn(|| {
+                loop {
+                    let position = next.fetch_add(1, Ordering::Relaxed);
+                    if position >= items.len() || lock(&failure).is_some() {
+                        return;
+                    }
+                    match f(&items[position]) {
+                        Ok(value) => lock(&results)[position] = Some(value),
+                        Err(error) => {
+                            let _ = lock(&failure).get_or_insert(error);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(error) = failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+        return Err(error);
+    }
+    let results = results.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    Ok(results.into_iter().map(|value| value.expect("every item was processed")).collect())
+}
+
+/// Locks a mutex, ignoring poisoning (a panic aborts the process in release builds anyway).
+pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

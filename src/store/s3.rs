@@ -1,0 +1,1182 @@
+//! `S3Store`: the object store on S3 or an S3-compatible server (Garage, Ceph RGW, MinIO),
+//! through aws-sdk-s3 behind the blocking `ObjectStore` trait.
+//!
+//! The store owns a small tokio runtime (2 worker threads named `ferry-s3`) and one SDK client;
+//! every trait method blocks the calling OS thread on that runtime, so parallelism comes from how
+//! many threads call at once (the HTTP connection pool is unbounded, one connection per request
+//! in flight). The client is configured for S3-compatible servers: checksums only when an
+//! operation requires them (servers such as Garage reject the SDK's default trailer checksums),
+//! path-style addressing by default, in-memory bodies, unsigned payloads, standard retries, connect
+//! and per-attempt timeouts, stalled-stream protection. Keys are `prefix/key` in the bucket.
+//!
+//! This module deliberately does not: retry beyond the SDK's per-request attempts (callers retry
+//! whole parts on `Status::Transient`), stream bodies (parts are `Bytes` in memory), verify object
+//! content (ferry objects carry their own checksums), read credentials from the environment (the
+//! caller passes them in `S3Options`), or disable TLS certificate verification (see
+//! `S3Options::verify_tls`).
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    StalledStreamProtectionConfig,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::RequestId;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
+use bytes::Bytes;
+
+use super::{ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId};
+
+/// Highest part number S3 accepts.
+const MAX_PART_NUMBER: u32 = 10_000;
+/// Idle pooled connections are closed after this long, before servers drop them on their side.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A transfer that moves no bytes for this long is aborted (stalled-stream protection).
+const STALL_GRACE_PERIOD: Duration = Duration::from_secs(20);
+
+/// How to reach a bucket.
+#[derive(Clone)]
+pub struct S3Options {
+    /// Endpoint URL, e.g. `http://127.0.0.1:39000`; `None` resolves the AWS endpoint for
+    /// `region`.
+    pub endpoint_url: Option<String>,
+    /// Region name; must equal the server's configured region (`garage` for Garage).
+    pub region: String,
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix inside the bucket: `""` or `a/b` (leading and trailing `/` are ignored);
+    /// objects are stored as `prefix/key`.
+    pub prefix: String,
+    /// Path-style addressing (`endpoint/bucket/key`) instead of virtual-hosted style; most
+    /// S3-compatible servers need it.
+    pub path_style: bool,
+    /// Verify the server's TLS certificate. `false` (accept any certificate) is not supported yet
+    /// and makes `S3Store::new` fail for https endpoints; use `ca_bundle` for private CAs.
+    pub verify_tls: bool,
+    /// Extra PEM CA certificates to trust, in addition to the system roots.
+    pub ca_bundle: Option<PathBuf>,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key; never printed by `Debug`.
+    pub secret_access_key: String,
+    /// TCP (and TLS) connect timeout.
+    pub connect_timeout: Duration,
+    /// Timeout of one attempt of one request; size it for the largest part at the slowest
+    /// acceptable throughput.
+    pub operation_timeout: Duration,
+    /// Attempts per request, including the first (the SDK retries transient failures).
+    pub max_attempts: u32,
+}
+
+impl S3Options {
+    /// Options with ferry's defaults: no explicit endpoint, path-style addressing, TLS
+    /// verification on, 3 s connect timeout, 120 s per attempt, 4 attempts.
+    pub fn new(
+        bucket: impl Into<String>,
+        prefix: impl Into<String>,
+        region: impl Into<String>,
+        access_key_id: impl Into<String>,
+        secret_access_key: impl Into<String>,
+    ) -> Self {
+        S3Options {
+            endpoint_url: None,
+            region: region.into(),
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            path_style: true,
+            verify_tls: true,
+            ca_bundle: None,
+            access_key_id: access_key_id.into(),
+            secret_access_key: secret_access_key.into(),
+            connect_timeout: Duration::from_secs(3),
+            operation_timeout: Duration::from_secs(120),
+            max_attempts: 4,
+        }
+    }
+
+    /// The endpoint as shown in messages.
+    fn endpoint_label(&self) -> String {
+        match &self.endpoint_url {
+            Some(url) => url.clone(),
+            None => format!("aws s3 endpoint of region {}", self.region),
+        }
+    }
+
+    /// Whether requests go over TLS.
+    fn uses_tls(&self) -> bool {
+        match &self.endpoint_url {
+            Some(url) => !url.to_ascii_lowercase().starts_with("http://"),
+            None => true,
+        }
+    }
+}
+
+impl fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint_url", &self.endpoint_url)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("path_style", &self.path_style)
+            .field("verify_tls", &self.verify_tls)
+            .field("ca_bundle", &self.ca_bundle)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("operation_timeout", &self.operation_timeout)
+            .field("max_attempts", &self.max_attempts)
+            .finish()
+    }
+}
+
+/// An object store in an S3 bucket. See the module documentation.
+pub struct S3Store {
+    // Field order matters: the client (and its connection pool) drops before the runtime.
+    client: aws_sdk_s3::Client,
+    runtime: tokio::runtime::Runtime,
+    bucket: String,
+    /// `""` or `prefix/`, prepended to every key.
+    key_base: String,
+    endpoint: String,
+    operation_timeout: Duration,
+}
+
+impl fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Store").field("location", &self.describe()).finish_non_exhaustive()
+    }
+}
+
+/// Whether a 404 answer means "the object does not exist" (reads) or something else went wrong
+/// (e.g. `NoSuchUpload` on a part upload).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Missing {
+    IsNotFound,
+    IsFailure,
+}
+
+impl S3Store {
+    /// Builds the runtime and the client. Makes no request.
+    ///
+    /// # Errors
+    /// `StoreError::Config` for an empty bucket, region or credentials, a malformed endpoint or
+    /// prefix, an unreadable or invalid `ca_bundle`, `verify_tls = false` on a TLS endpoint, or
+    /// when the runtime cannot start.
+    pub fn new(options: S3Options) -> Result<S3Store, StoreError> {
+        let prefix = validate_options(&options)?;
+        let http_client = build_http_client(&options)?;
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ferry-s3")
+            .enable_all()
+            .build()
+            .map_err(|error| StoreError::Config(format!("cannot start the s3 runtime: {error}")))?;
+
+        let credentials = Credentials::new(
+            options.access_key_id.clone(),
+            options.secret_access_key.clone(),
+            None,
+            None,
+            "ferry-options",
+        );
+        let retry = RetryConfig::standard()
+            .with_max_attempts(options.max_attempts)
+            .with_initial_backoff(Duration::from_millis(200))
+            .with_max_backoff(Duration::from_secs(20));
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(options.connect_timeout)
+            .operation_attempt_timeout(options.operation_timeout)
+            .build();
+        let mut builder = aws_sdk_s3::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(options.region.clone()))
+            .credentials_provider(credentials)
+            .force_path_style(options.path_style)
+            // S3-compatible servers choke on the SDK's default (since 2025) request checksums,
+            // and ferry verifies its own objects on restore.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_config(retry)
+            .timeout_config(timeouts)
+            .stalled_stream_protection(
+                StalledStreamProtectionConfig::enabled().grace_period(STALL_GRACE_PERIOD).build(),
+            )
+            .http_client(http_client);
+        if let Some(url) = &options.endpoint_url {
+            builder = builder.endpoint_url(url.clone());
+        }
+        let client = {
+            let _guard = runtime.enter();
+            aws_sdk_s3::Client::from_conf(builder.build())
+        };
+
+        Ok(S3Store {
+            client,
+            runtime,
+            bucket: options.bucket.clone(),
+            key_base: if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
+            endpoint: options.endpoint_label(),
+            operation_timeout: options.operation_timeout,
+        })
+    }
+
+    /// The bucket key of a repository key.
+    fn full_key(&self, operation: &'static str, key: &str) -> Result<String, StoreError> {
+        if key.is_empty() || key.starts_with('/') {
+            return Err(StoreError::Failed {
+                operation,
+                key: key.to_owned(),
+                detail: "invalid key: empty or absolute".to_owned(),
+                transient: false,
+            });
+        }
+        Ok(format!("{}{key}", self.key_base))
+    }
+
+    /// The repository key of a bucket key, or `None` when it lies outside the prefix.
+    fn relative_key<'k>(&self, full: &'k str) -> Option<&'k str> {
+        full.strip_prefix(self.key_base.as_str())
+    }
+
+    /// Runs `future` on the store's runtime, blocking the calling thread.
+    fn run<T>(
+        &self,
+        operation: &'static str,
+        key: &str,
+        future: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // block_on would panic: the trait is meant for plain OS threads.
+            return Err(StoreError::Failed {
+                operation,
+                key: key.to_owned(),
+                detail: "s3 store called from inside an async runtime".to_owned(),
+                transient: false,
+            });
+        }
+        self.runtime.block_on(future)
+    }
+
+    /// Maps an SDK error to a `StoreError`, keeping the S3 code, message and request id.
+    fn map_error<E>(
+        &self,
+        operation: &'static str,
+        key: &str,
+        missing: Missing,
+        error: &SdkError<E>,
+    ) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let key_owned = key.to_owned();
+        let unreachable = |detail: String| StoreError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            operation,
+            key: key_owned.clone(),
+            detail,
+        };
+        let failed = |detail: String, transient: bool| StoreError::Failed {
+            operation,
+            key: key_owned.clone(),
+            detail,
+            transient,
+        };
+        match error {
+            SdkError::ServiceError(context) => {
+                let status = context.raw().status().as_u16();
+                let code = context.err().code().unwrap_or("");
+                let message = context.err().message().unwrap_or("");
+                let mut detail = format!("http {status}");
+                if !code.is_empty() {
+                    detail.push(' ');
+                    detail.push_str(code);
+                }
+                if !message.is_empty() {
+                    detail.push_str(": ");
+                    detail.push_str(message);
+                }
+                if let Some(request_id) = error.request_id() {
+                    detail.push_str(&format!(" (request id {request_id})"));
+                }
+                match (status, code) {
+                    (_, "NoSuchBucket") => failed(
+                        format!(
+                            "bucket {} does not exist at {}: {detail}",
+                            self.bucket, self.endpoint
+                        ),
+                        false,
+                    ),
+                    (401 | 403, _)
+                    | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
+                        StoreError::AccessDenied {
+                            endpoint: self.endpoint.clone(),
+                            operation,
+                            key: key_owned.clone(),
+                            detail,
+                        }
+                    }
+                    (404, _) | (_, "NoSuchKey" | "NotFound") if missing == Missing::IsNotFound => {
+                        StoreError::NotFound { key: key_owned.clone() }
+                    }
+                    (429 | 500..=599, _)
+                    | (
+                        _,
+                        "SlowDown"
+                        | "ServiceUnavailable"
+                        | "InternalError"
+                        | "RequestTimeout"
+                        | "Throttling"
+                        | "ThrottlingException",
+                    ) => failed(detail, true),
+                    _ => failed(detail, false),
+                }
+            }
+            SdkError::DispatchFailure(failure) if failure.is_user() => {
+                failed(format!("request could not be sent: {}", crate::error::chain(error)), false)
+            }
+            SdkError::TimeoutError(_) => unreachable(format!(
+                "no answer within the attempt timeout ({})",
+                crate::error::chain(error)
+            )),
+            SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+                unreachable(crate::error::chain(error))
+            }
+            _ => failed(crate::error::chain(error), false),
+        }
+    }
+
+    /// Reads a whole response body, within the per-attempt timeout.
+    async fn collect_body(
+        &self,
+        operation: &'static str,
+        key: &str,
+        body: ByteStream,
+    ) -> Result<Bytes, StoreError> {
+        match tokio::time::timeout(self.operation_timeout, body.collect()).await {
+            Ok(Ok(data)) => Ok(data.into_bytes()),
+            Ok(Err(error)) => Err(StoreError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                operation,
+                key: key.to_owned(),
+                detail: format!(
+                    "reading the response body failed: {}",
+                    crate::error::chain(&error)
+                ),
+            }),
+            Err(_) => Err(StoreError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                operation,
+                key: key.to_owned(),
+                detail: format!(
+                    "reading the response body took longer than {:?}",
+                    self.operation_timeout
+                ),
+            }),
+        }
+    }
+
+    /// Checks that the object exists (for zero-length ranges, which S3 cannot express).
+    async fn head(
+        &self,
+        operation: &'static str,
+        key: &str,
+        full: &str,
+    ) -> Result<u64, StoreError> {
+        let output = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .send()
+            .await
+            .map_err(|error| self.map_error(operation, key, Missing::IsNotFound, &error))?;
+        Ok(output.content_length().and_then(|size| u64::try_from(size).ok()).unwrap_or(0))
+    }
+
+    async fn get_range_async(
+        &self,
+        key: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Bytes, StoreError> {
+        const OP: &str = "GetObject";
+        let full = self.full_key(OP, key)?;
+        let short =
+            |got: u64| StoreError::ShortRead { key: key.to_owned(), offset, wanted: length, got };
+        if length == 0 {
+            let size = self.head(OP, key, &full).await?;
+            return if size >= offset { Ok(Bytes::new()) } else { Err(short(0)) };
+        }
+        let Some(last) = offset.checked_add(length - 1) else {
+            return Err(short(0));
+        };
+        let result = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .range(format!("bytes={offset}-{last}"))
+            .send()
+            .await;
+        let output = match result {
+            Ok(output) => output,
+            // Range starts at or beyond the end of the object.
+            Err(SdkError::ServiceError(context))
+                if context.raw().status().as_u16() == 416
+                    || context.err().code() == Some("InvalidRange") =>
+            {
+                return Err(short(0));
+            }
+            Err(error) => return Err(self.map_error(OP, key, Missing::IsNotFound, &error)),
+        };
+        let ranged = output.content_range().is_some();
+        let data = self.collect_body(OP, key, output.body).await?;
+        let got = data.len() as u64;
+        if got == length {
+            return Ok(data);
+        }
+        if got < length {
+            return Err(short(got));
+        }
+        // More than asked: a server that ignored the Range header and sent the whole object.
+        if !ranged && got > last {
+            // Both bounds are below `got`, which is a usize.
+            return Ok(data.slice(offset as usize..=last as usize));
+        }
+        Err(StoreError::Failed {
+            operation: OP,
+            key: key.to_owned(),
+            detail: format!("server returned {got} bytes for a range of {length}"),
+            transient: false,
+        })
+    }
+
+    async fn list_async(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        const OP: &str = "ListObjectsV2";
+        let full_prefix = format!("{}{prefix}", self.key_base);
+        let mut found = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let output = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full_prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|error| self.map_error(OP, prefix, Missing::IsFailure, &error))?;
+            for object in output.contents() {
+                let Some(key) = object.key().and_then(|full| self.relative_key(full)) else {
+                    continue;
+                };
+                let size_bytes =
+                    object.size().and_then(|size| u64::try_from(size).ok()).unwrap_or(0);
+                found.push(ObjectInfo { key: key.to_owned(), size_bytes });
+            }
+            match output.next_continuation_token() {
+                Some(next) if output.is_truncated() == Some(true) && !next.is_empty() => {
+                    token = Some(next.to_owned());
+                }
+                _ => break,
+            }
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        found.dedup_by(|a, b| a.key == b.key);
+        Ok(found)
+    }
+
+    async fn multipart_list_async(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError> {
+        const OP: &str = "ListMultipartUploads";
+        let full_prefix = format!("{}{prefix}", self.key_base);
+        let mut uploads = Vec::new();
+        let mut key_marker: Option<String> = None;
+        let mut upload_id_marker: Option<String> = None;
+        loop {
+            let output = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&full_prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(upload_id_marker.take())
+                .send()
+                .await
+                .map_err(|error| self.map_error(OP, prefix, Missing::IsFailure, &error))?;
+            for upload in output.uploads() {
+                let (Some(full), Some(id)) = (upload.key(), upload.upload_id()) else { continue };
+                let Some(key) = self.relative_key(full) else { continue };
+                uploads.push(PendingUpload {
+                    key: key.to_owned(),
+                    upload_id: UploadId(id.to_owned()),
+                });
+            }
+            if output.is_truncated() != Some(true) {
+                break;
+            }
+            let next_key = output.next_key_marker().filter(|marker| !marker.is_empty());
+            let next_id = output.next_upload_id_marker().filter(|marker| !marker.is_empty());
+            if next_key.is_none() && next_id.is_none() {
+                break;
+            }
+            key_marker = next_key.map(str::to_owned);
+            upload_id_marker = next_id.map(str::to_owned);
+        }
+        uploads.sort_by(|a, b| (&a.key, &a.upload_id.0).cmp(&(&b.key, &b.upload_id.0)));
+        uploads.dedup();
+        Ok(uploads)
+    }
+}
+
+impl ObjectStore for S3Store {
+    fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        const OP: &str = "PutObject";
+        let full = self.full_key(OP, key)?;
+        self.run(OP, key, async {
+            let _ = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .body(ByteStream::from(data))
+                .customize()
+                // Unsigned payload: SigV4 would otherwise hash every body with SHA-256 on both
+                // sides (about 1 CPU-second per GiB each). Ferry objects carry their own checksums
+                // and are verified on restore, so the payload hash adds cost, not safety.
+                .disable_payload_signing()
+                .send()
+                .await
+                .map_err(|error| self.map_error(OP, key, Missing::IsFailure, &error))?;
+            Ok(())
+        })
+    }
+
+    fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        const OP: &str = "GetObject";
+        let full = self.full_key(OP, key)?;
+        self.run(OP, key, async {
+            let output = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send()
+                .await
+                .map_err(|error| self.map_error(OP, key, Missing::IsNotFound, &error))?;
+            let expected = output.content_length().and_then(|size| u64::try_from(size).ok());
+            let data = self.collect_body(OP, key, output.body).await?;
+            match expected {
+                Some(expected) if expected != data.len() as u64 => Err(StoreError::ShortRead {
+                    key: key.to_owned(),
+                    offset: 0,
+                    wanted: expected,
+                    got: data.len() as u64,
+                }),
+                _ => Ok(data),
+            }
+        })
+    }
+
+    fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Bytes, StoreError> {
+        self.run("GetObject", key, self.get_range_async(key, offset, length))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.run("ListObjectsV2", prefix, self.list_async(prefix))
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        const OP: &str = "DeleteObject";
+        let full = self.full_key(OP, key)?;
+        self.run(OP, key, async {
+            match self.client.delete_object().bucket(&self.bucket).key(&full).send().await {
+                Ok(_) => Ok(()),
+                // S3 answers 204 for a missing key; some servers answer 404.
+                Err(SdkError::ServiceError(context))
+                    if context.raw().status().as_u16() == 404
+                        && context.err().code() != Some("NoSuchBucket") =>
+                {
+                    Ok(())
+                }
+                Err(error) => Err(self.map_error(OP, key, Missing::IsFailure, &error)),
+            }
+        })
+    }
+
+    fn multipart_begin(&self, key: &str) -> Result<UploadId, StoreError> {
+        const OP: &str = "CreateMultipartUpload";
+        let full = self.full_key(OP, key)?;
+        self.run(OP, key, async {
+            let output = self
+                .client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send()
+                .await
+                .map_err(|error| self.map_error(OP, key, Missing::IsFailure, &error))?;
+            match output.upload_id() {
+                Some(id) if !id.is_empty() => Ok(UploadId(id.to_owned())),
+                _ => Err(StoreError::Failed {
+                    operation: OP,
+                    key: key.to_owned(),
+                    detail: "server returned no upload id".to_owned(),
+                    transient: false,
+                }),
+            }
+        })
+    }
+
+    fn multipart_put_part(
+        &self,
+        key: &str,
+        upload_id: &UploadId,
+        part_number: u32,
+        data: Bytes,
+    ) -> Result<PartReceipt, StoreError> {
+        const OP: &str = "UploadPart";
+        let full = self.full_key(OP, key)?;
+        let number = part_number_i32(OP, key, part_number)?;
+        self.run(OP, key, async {
+            let output = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id.0)
+                .part_number(number)
+                .body(ByteStream::from(data))
+                .customize()
+                // See `put`: ferry verifies its own data, the SigV4 payload hash is pure cost.
+                .disable_payload_signing()
+                .send()
+                .await
+                .map_err(|error| self.map_error(OP, key, Missing::IsFailure, &error))?;
+            match output.e_tag() {
+                Some(etag) if !etag.is_empty() => {
+                    Ok(PartReceipt { part_number, etag: etag.to_owned() })
+                }
+                _ => Err(StoreError::Failed {
+                    operation: OP,
+                    key: key.to_owned(),
+                    detail: format!("server returned no etag for part {part_number}"),
+                    transient: false,
+                }),
+            }
+        })
+    }
+
+    fn multipart_complete(
+        &self,
+        key: &str,
+        upload_id: &UploadId,
+        parts: &[PartReceipt],
+    ) -> Result<(), StoreError> {
+        const OP: &str = "CompleteMultipartUpload";
+        let full = self.full_key(OP, key)?;
+        let mut completed = Vec::with_capacity(parts.len());
+        for part in parts {
+            // Part number and ETag only: per-part checksums would make Complete fail on servers
+            // where Create declared no checksum algorithm.
+            completed.push(
+                CompletedPart::builder()
+                    .part_number(part_number_i32(OP, key, part.part_number)?)
+                    .e_tag(&part.etag)
+                    .build(),
+            );
+        }
+        let upload = CompletedMultipartUpload::builder().set_parts(Some(completed)).build();
+        self.run(OP, key, async {
+            let _ = self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id.0)
+                .multipart_upload(upload)
+                .send()
+                .await
+                .map_err(|error| self.map_error(OP, key, Missing::IsFailure, &error))?;
+            Ok(())
+        })
+    }
+
+    fn multipart_abort(&self, key: &str, upload_id: &UploadId) -> Result<(), StoreError> {
+        const OP: &str = "AbortMultipartUpload";
+        let full = self.full_key(OP, key)?;
+        self.run(OP, key, async {
+            let result = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id.0)
+                .send()
+                .await;
+            match result {
+                Ok(_) => Ok(()),
+                Err(SdkError::ServiceError(context))
+                    if context.err().code() == Some("NoSuchUpload")
+                        || (context.raw().status().as_u16() == 404
+                            && context.err().code() != Some("NoSuchBucket")) =>
+                {
+                    Ok(())
+                }
+                Err(error) => Err(self.map_error(OP, key, Missing::IsFailure, &error)),
+            }
+        })
+    }
+
+    fn multipart_list(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError> {
+        self.run("ListMultipartUploads", prefix, self.multipart_list_async(prefix))
+    }
+
+    fn describe(&self) -> String {
+        let base = self.key_base.trim_end_matches('/');
+        let location = if base.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{base}", self.bucket)
+        };
+        format!("{location} at {}", self.endpoint)
+    }
+}
+
+fn part_number_i32(
+    operation: &'static str,
+    key: &str,
+    part_number: u32,
+) -> Result<i32, StoreError> {
+    if part_number == 0 || part_number > MAX_PART_NUMBER {
+        return Err(StoreError::Failed {
+            operation,
+            key: key.to_owned(),
+            detail: format!("part number {part_number} outside 1..={MAX_PART_NUMBER}"),
+            transient: false,
+        });
+    }
+    i32::try_from(part_number).map_err(|_| StoreError::Failed {
+        operation,
+        key: key.to_owned(),
+        detail: format!("part number {part_number} out of range"),
+        transient: false,
+    })
+}
+
+/// Checks the options and returns the normalised prefix (no leading or trailing `/`).
+fn validate_options(options: &S3Options) -> Result<String, StoreError> {
+    let config = |message: String| Err(StoreError::Config(message));
+    if options.bucket.is_empty() {
+        return config("s3 bucket name is empty".to_owned());
+    }
+    if options.bucket.contains('/') {
+        return config(format!("s3 bucket name {:?} contains '/'", options.bucket));
+    }
+    if options.region.is_empty() {
+        return config("s3 region is empty".to_owned());
+    }
+    if options.access_key_id.is_empty() || options.secret_access_key.is_empty() {
+        return config(
+            "s3 credentials are missing (access key id or secret access key)".to_owned(),
+        );
+    }
+    if options.max_attempts == 0 {
+        return config("s3 max_attempts must be at least 1".to_owned());
+    }
+    if options.connect_timeout.is_zero() || options.operation_timeout.is_zero() {
+        return config("s3 timeouts must be greater than zero".to_owned());
+    }
+    if let Some(url) = &options.endpoint_url {
+        let lower = url.to_ascii_lowercase();
+        let rest = lower.strip_prefix("http://").or_else(|| lower.strip_prefix("https://"));
+        match rest {
+            Some(host) if !host.is_empty() && !host.starts_with('/') => {}
+            _ => {
+                return config(format!(
+                    "s3 endpoint url {url:?} must look like http://host[:port] or https://host[:port]"
+                ));
+            }
+        }
+        if url.contains('@') {
+            return config("s3 endpoint url must not contain credentials".to_owned());
+        }
+    }
+    let prefix = options.prefix.trim_matches('/');
+    if !prefix.is_empty() && prefix.split('/').any(str::is_empty) {
+        return config(format!("s3 prefix {:?} has an empty path segment", options.prefix));
+    }
+    Ok(prefix.to_owned())
+}
+
+/// Builds the HTTP client: rustls (ring) with the system roots plus `ca_bundle`, an unbounded
+/// connection pool (hyper's default: no per-host limit, so one connection per request in flight).
+fn build_http_client(
+    options: &S3Options,
+) -> Result<aws_sdk_s3::config::SharedHttpClient, StoreError> {
+    let trust_store = if options.uses_tls() {
+        if !options.verify_tls {
+            // aws-smithy-http-client offers no hook for a custom rustls `ServerCertVerifier`
+            // (awslabs/aws-sdk-rust#1175); accepting any certificate needs a hand-built hyper
+            // connector, i.e. direct dependencies this crate does not have yet.
+            return Err(StoreError::Config(
+                "verify_tls = false (accept any tls certificate) is not supported yet; \
+                 trust the server's ca with ca_bundle instead"
+                    .to_owned(),
+            ));
+        }
+        let mut store = TrustStore::default();
+        if let Some(path) = &options.ca_bundle {
+            store = store.with_pem_certificate(read_ca_bundle(path)?);
+        }
+        store
+    } else {
+        // Plain http: no certificate is ever checked, so do not load the system roots.
+        TrustStore::empty()
+    };
+    let context = TlsContext::builder()
+        .with_trust_store(trust_store)
+        .build()
+        .map_err(|error| StoreError::Config(format!("invalid tls settings: {error}")))?;
+    Ok(aws_smithy_http_client::Builder::new()
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
+        .tls_context(context)
+        .build_https())
+}
+
+/// Reads a PEM CA bundle and checks that it holds at least one usable certificate (the HTTP
+/// client panics on invalid PEM later, so it must be validated here).
+fn read_ca_bundle(path: &std::path::Path) -> Result<Vec<u8>, StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let pem = std::fs::read(path).map_err(|error| {
+        StoreError::Config(format!("cannot read ca bundle {}: {error}", path.display()))
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|error| {
+            StoreError::Config(format!("invalid pem in ca bundle {}: {error}", path.display()))
+        })?;
+        roots.add(cert).map_err(|error| {
+            StoreError::Config(format!("unusable certificate in {}: {error}", path.display()))
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(StoreError::Config(format!(
+            "ca bundle {} holds no certificate",
+            path.display()
+        )));
+    }
+    Ok(pem)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use super::*;
+
+    /// Options for the Garage (or other S3) test server from the environment written by
+    /// `scripts/garage.sh start`, with a fresh prefix per test.
+    fn test_options(test: &str) -> Option<S3Options> {
+        let Ok(endpoint) = std::env::var("FERRY_TEST_S3_ENDPOINT") else {
+            println!("skipped: FERRY_TEST_S3_ENDPOINT not set");
+            return None;
+        };
+        let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} not set"));
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let mut options = S3Options::new(
+            var("FERRY_TEST_S3_BUCKET"),
+            format!("ferry-tests/{}-{nanos}/{test}", std::process::id()),
+            std::env::var("FERRY_TEST_S3_REGION").unwrap_or_else(|_| "garage".to_owned()),
+            var("AWS_ACCESS_KEY_ID"),
+            var("AWS_SECRET_ACCESS_KEY"),
+        );
+        options.endpoint_url = Some(endpoint);
+        options.operation_timeout = Duration::from_secs(30);
+        Some(options)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Bytes {
+        Bytes::from(
+            (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn debug_redacts_the_secret() {
+        let options = S3Options::new("b", "p", "garage", "GKabc", "very-secret-value");
+        let text = format!("{options:?}");
+        assert!(!text.contains("very-secret-value"), "{text}");
+        assert!(text.contains("<redacted>"));
+        let mut options = options;
+        options.endpoint_url = Some("http://127.0.0.1:1".to_owned());
+        let store = S3Store::new(options).unwrap();
+        let text = format!("{store:?}");
+        assert!(!text.contains("very-secret-value"), "{text}");
+        assert_eq!(store.describe(), "s3://b/p at http://127.0.0.1:1");
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let base = || {
+            let mut options = S3Options::new("b", "/a/b/", "garage", "ak", "sk");
+            options.endpoint_url = Some("http://127.0.0.1:1".to_owned());
+            options
+        };
+        let store = S3Store::new(base()).unwrap();
+        assert_eq!(store.describe(), "s3://b/a/b at http://127.0.0.1:1");
+        assert_eq!(store.full_key("x", "k/1").unwrap(), "a/b/k/1");
+        assert!(store.full_key("x", "").is_err());
+
+        let mut no_prefix = base();
+        no_prefix.prefix = String::new();
+        let store = S3Store::new(no_prefix).unwrap();
+        assert_eq!(store.describe(), "s3://b at http://127.0.0.1:1");
+        assert_eq!(store.full_key("x", "k").unwrap(), "k");
+
+        let cases: Vec<Box<dyn Fn(&mut S3Options)>> = vec![
+            Box::new(|o| o.bucket.clear()),
+            Box::new(|o| o.region.clear()),
+            Box::new(|o| o.secret_access_key.clear()),
+            Box::new(|o| o.max_attempts = 0),
+            Box::new(|o| o.prefix = "a//b".to_owned()),
+            Box::new(|o| o.endpoint_url = Some("127.0.0.1:39000".to_owned())),
+            Box::new(|o| o.endpoint_url = Some("http://".to_owned())),
+            Box::new(|o| o.endpoint_url = Some("https://u:p@host".to_owned())),
+            Box::new(|o| {
+                o.endpoint_url = Some("https://s3.example.com".to_owned());
+                o.verify_tls = false;
+            }),
+            Box::new(|o| {
+                o.endpoint_url = Some("https://s3.example.com".to_owned());
+                o.ca_bundle = Some(PathBuf::from("/nonexistent/ca.pem"));
+            }),
+            Box::new(|o| {
+                o.endpoint_url = Some("https://s3.example.com".to_owned());
+                o.ca_bundle = Some(PathBuf::from(file!()));
+            }),
+        ];
+        for (index, change) in cases.iter().enumerate() {
+            let mut options = base();
+            change(&mut options);
+            let result = S3Store::new(options);
+            assert!(matches!(result, Err(StoreError::Config(_))), "case {index}: {result:?}");
+        }
+        // verify_tls = false is irrelevant over plain http.
+        let mut plain = base();
+        plain.verify_tls = false;
+        assert!(S3Store::new(plain).is_ok());
+        // https with the system roots builds.
+        let mut https = base();
+        https.endpoint_url = Some("https://s3.example.com".to_owned());
+        assert!(S3Store::new(https).is_ok());
+    }
+
+    #[test]
+    fn nothing_listening_is_unreachable_quickly() {
+        let mut options = S3Options::new("b", "p", "garage", "ak", "sk");
+        options.endpoint_url = Some("http://127.0.0.1:1".to_owned());
+        options.connect_timeout = Duration::from_secs(1);
+        options.operation_timeout = Duration::from_secs(5);
+        options.max_attempts = 2;
+        let store = S3Store::new(options).unwrap();
+        let started = Instant::now();
+        let error = store.put("k", Bytes::from_static(b"x")).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+        match &error {
+            StoreError::Unreachable { endpoint, operation, key, detail } => {
+                assert_eq!(endpoint, "http://127.0.0.1:1");
+                assert_eq!(*operation, "PutObject");
+                assert_eq!(key, "k");
+                assert!(detail.to_lowercase().contains("refused"), "{detail}");
+            }
+            other => panic!("expected unreachable, got {other:?}"),
+        }
+        assert_eq!(crate::error::Classify::status(&error), crate::error::Status::Transient);
+        assert!(matches!(store.get("k"), Err(StoreError::Unreachable { .. })));
+        assert!(matches!(store.list(""), Err(StoreError::Unreachable { .. })));
+    }
+
+    #[test]
+    fn called_inside_a_runtime_fails_instead_of_panicking() {
+        let mut options = S3Options::new("b", "p", "garage", "ak", "sk");
+        options.endpoint_url = Some("http://127.0.0.1:1".to_owned());
+        let store = S3Store::new(options).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let result = runtime.block_on(async { store.get("k") });
+        assert!(matches!(result, Err(StoreError::Failed { transient: false, .. })), "{result:?}");
+        drop(runtime);
+    }
+
+    #[test]
+    fn garage_objects() {
+        let Some(options) = test_options("objects") else { return };
+        let store = S3Store::new(options).unwrap();
+        let data = pattern(100_000, 7);
+        store.put("a/obj", data.clone()).unwrap();
+        assert_eq!(store.get("a/obj").unwrap(), data);
+        assert_eq!(store.get_range("a/obj", 1000, 500).unwrap(), data.slice(1000..1500));
+        assert_eq!(store.get_range("a/obj", 99_999, 1).unwrap(), data.slice(99_999..));
+        assert_eq!(store.get_range("a/obj", 5, 0).unwrap().len(), 0);
+        match store.get_range("a/obj", 99_990, 20) {
+            Err(StoreError::ShortRead { wanted: 20, got: 10, .. }) => {}
+            other => panic!("expected short read, got {other:?}"),
+        }
+        match store.get_range("a/obj", 200_000, 20) {
+            Err(StoreError::ShortRead { got: 0, .. }) => {}
+            other => panic!("expected short read, got {other:?}"),
+        }
+        assert!(matches!(store.get("missing"), Err(StoreError::NotFound { .. })));
+        assert!(matches!(store.get_range("missing", 0, 10), Err(StoreError::NotFound { .. })));
+        assert!(matches!(store.get_range("missing", 0, 0), Err(StoreError::NotFound { .. })));
+
+        // Replace, empty object.
+        store.put("a/obj", Bytes::from_static(b"v2")).unwrap();
+        assert_eq!(store.get("a/obj").unwrap(), Bytes::from_static(b"v2"));
+        store.put("empty", Bytes::new()).unwrap();
+        assert_eq!(store.get("empty").unwrap().len(), 0);
+
+        // Listing with pagination (more than 1000 keys would be slow; Garage pages at 1000, so
+        // use enough keys to be meaningful and check order and relativity).
+        for i in 0..25 {
+            store.put(&format!("l/{i:03}"), Bytes::from(vec![0_u8; i])).unwrap();
+        }
+        let listed = store.list("l/").unwrap();
+        assert_eq!(listed.len(), 25);
+        assert_eq!(listed[0], ObjectInfo { key: "l/000".into(), size_bytes: 0 });
+        assert_eq!(listed[24], ObjectInfo { key: "l/024".into(), size_bytes: 24 });
+        let all: Vec<String> = store.list("").unwrap().into_iter().map(|info| info.key).collect();
+        assert_eq!(all.len(), 27);
+        assert_eq!(&all[..2], ["a/obj", "empty"]);
+        assert!(store.list("zzz").unwrap().is_empty());
+
+        // Delete, twice.
+        store.delete("a/obj").unwrap();
+        store.delete("a/obj").unwrap();
+        assert!(matches!(store.get("a/obj"), Err(StoreError::NotFound { .. })));
+        for info in store.list("").unwrap() {
+            store.delete(&info.key).unwrap();
+        }
+        assert!(store.list("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn garage_list_paginates() {
+        let Some(options) = test_options("paginate") else { return };
+        let store = Arc::new(S3Store::new(options).unwrap());
+        // Garage returns at most 1000 keys per page.
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = Arc::clone(&store);
+                std::thread::spawn(move || {
+                    for i in (t..1010).step_by(8) {
+                        store.put(&format!("k/{i:05}"), Bytes::new()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let listed = store.list("k/").unwrap();
+        assert_eq!(listed.len(), 1010);
+        assert!(listed.windows(2).all(|w| w[0].key < w[1].key));
+        for info in listed {
+            store.delete(&info.key).unwrap();
+        }
+    }
+
+    #[test]
+    fn garage_multipart() {
+        let Some(options) = test_options("multipart") else { return };
+        let store = Arc::new(S3Store::new(options).unwrap());
+        let upload = store.multipart_begin("packs/p1").unwrap();
+        let other = store.multipart_begin("index/i1").unwrap();
+        let pending = store.multipart_list("packs/").unwrap();
+        assert_eq!(pending, [PendingUpload { key: "packs/p1".into(), upload_id: upload.clone() }]);
+        assert_eq!(store.multipart_list("").unwrap().len(), 2);
+
+        // 16 parts of 1 MiB from 16 threads at once.
+        let part_size = 1 << 20;
+        let threads: Vec<_> = (1..=16_u32)
+            .map(|number| {
+                let store = Arc::clone(&store);
+                let upload = upload.clone();
+                std::thread::spawn(move || {
+                    let data = pattern(part_size, number as u8);
+                    store.multipart_put_part("packs/p1", &upload, number, data).unwrap()
+                })
+            })
+            .collect();
+        let mut receipts: Vec<PartReceipt> =
+            threads.into_iter().map(|thread| thread.join().unwrap()).collect();
+        receipts.sort_by_key(|receipt| receipt.part_number);
+        // Re-uploading a part replaces it.
+        receipts[0] =
+            store.multipart_put_part("packs/p1", &upload, 1, pattern(part_size, 99)).unwrap();
+        assert!(matches!(store.get("packs/p1"), Err(StoreError::NotFound { .. })));
+        store.multipart_complete("packs/p1", &upload, &receipts).unwrap();
+
+        let object = store.get("packs/p1").unwrap();
+        assert_eq!(object.len(), 16 * part_size);
+        assert_eq!(object.slice(..part_size), pattern(part_size, 99));
+        assert_eq!(object.slice(15 * part_size..), pattern(part_size, 16));
+        let range = store.get_range("packs/p1", (part_size - 10) as u64, 20).unwrap();
+        assert_eq!(range, object.slice(part_size - 10..part_size + 10));
+        assert_eq!(store.multipart_list("packs/").unwrap(), []);
+
+        // Abort, twice; parts of an aborted upload are refused.
+        store.multipart_abort("index/i1", &other).unwrap();
+        store.multipart_abort("index/i1", &other).unwrap();
+        assert!(store.multipart_put_part("index/i1", &other, 1, Bytes::new()).is_err());
+        store.multipart_abort("index/i1", &UploadId("no-such-upload".into())).unwrap();
+        assert!(store.multipart_list("").unwrap().is_empty());
+        assert!(store.multipart_put_part("k", &other, 0, Bytes::new()).is_err());
+        store.delete("packs/p1").unwrap();
+    }
+
+    #[test]
+    fn garage_wrong_secret_is_access_denied() {
+        let Some(mut options) = test_options("denied") else { return };
+        options.secret_access_key = "definitely-not-the-secret-key".to_owned();
+        let store = S3Store::new(options).unwrap();
+        let error = store.put("k", Bytes::from_static(b"x")).unwrap_err();
+        match &error {
+            StoreError::AccessDenied { operation: "PutObject", detail, .. } => {
+                assert!(!detail.contains("definitely-not-the-secret-key"));
+            }
+            other => panic!("expected access denied, got {other:?}"),
+        }
+        assert!(matches!(store.get("k"), Err(StoreError::AccessDenied { .. })));
+        assert!(matches!(store.list(""), Err(StoreError::AccessDenied { .. })));
+    }
+
+    #[test]
+    fn garage_missing_bucket_is_permanent_failure() {
+        let Some(mut options) = test_options("nobucket") else { return };
+        options.bucket = "ferry-no-such-bucket".to_owned();
+        let store = S3Store::new(options).unwrap();
+        match store.put("k", Bytes::from_static(b"x")) {
+            Err(StoreError::Failed { transient: false, detail, .. }) => {
+                assert!(detail.contains("ferry-no-such-bucket"), "{detail}");
+            }
+            // Garage may refuse a key access to an unknown bucket instead.
+            Err(StoreError::AccessDenied { .. }) => {}
+            other => panic!("expected a permanent failure, got {other:?}"),
+        }
+    }
+}

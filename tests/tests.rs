@@ -1,0 +1,13 @@
+//! Integration tests: the built `ferry` binary against real parts — image files, loop devices
+//! (`losetup --direct-io=on`), a local directory repository and a real Garage S3 server.
+//!
+//! Garage tests need `FERRY_TEST_S3_ENDPOINT` (set by `scripts/test.sh`, which starts Garage);
+//! without it they log that they were skipped, unless `FERRY_TEST_REQUIRE_S3=1` makes that a
+//! failure. Loop-device tests need root; `FERRY_TEST_REQUIRE_LOOP=1` makes their absence a failure.
+
+mod util;
+
+// Round trips through each store, each engine, each content kind, files and loop devices.
+mod backup_restore;
+// The command-line contract: exit codes, JSON events, refusals, failures of the store.
+mod cli;
