@@ -4,6 +4,8 @@
 //! - `compress`: zstd level 1 on text-like and on random data (the raw-detection path);
 //! - `manifest_encode`: a 1 TiB volume's manifest (262,144 chunk entries) to an envelope.
 
+#![allow(missing_docs)]
+
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -26,7 +28,8 @@ fn random(len: usize) -> Vec<u8> {
 }
 
 fn text(len: usize) -> Vec<u8> {
-    let words = ["volume ", "block ", "backup ", "the ", "of ", "snapshot ", "2026-11-26 ", "INFO\n"];
+    let words =
+        ["volume ", "block ", "backup ", "the ", "of ", "snapshot ", "2026-11-26 ", "INFO\n"];
     let mut out = Vec::with_capacity(len + 16);
     let mut state = 7u64;
     while out.len() < len {
@@ -61,7 +64,11 @@ fn stages(c: &mut Criterion) {
         format_version: 1,
         backup_id: "20261126T120000Z-00000000".into(),
         repository_id: "0".repeat(32),
-        source: SourceInfo { path: "/dev/nvme0n1".into(), kind: "block_device".into(), logical_block_bytes: 4096 },
+        source: SourceInfo {
+            path: "/dev/nvme0n1".into(),
+            kind: "block_device".into(),
+            logical_block_bytes: 4096,
+        },
         volume_size_bytes: chunk_count * CHUNK as u64,
         chunk_size_bytes: CHUNK as u32,
         started_at: Timestamp(0),

@@ -161,7 +161,10 @@ pub fn run(
     };
     let opened = io::open(&options.source, false, false)?;
     if !opened.direct {
-        warn(format!("{}: O_DIRECT refused, reading through the page cache", options.source.display()));
+        warn(format!(
+            "{}: O_DIRECT refused, reading through the page cache",
+            options.source.display()
+        ));
     }
     let info = io::probe(&opened.file)?;
     if info.size_bytes == 0 {
@@ -182,7 +185,8 @@ pub fn run(
         dedup: Mutex::new(known.into_iter().map(|(hash, pack)| (hash, Some(pack))).collect()),
         open_uploads: Mutex::new(HashMap::new()),
     };
-    let budget = Budget::new(chunk_size_bytes, options.worker_count.max(1), options.parts_in_flight);
+    let budget =
+        Budget::new(chunk_size_bytes, options.worker_count.max(1), options.parts_in_flight);
     let (table, stats, engine) =
         run_pipeline(repo, options, &opened.file, &info, &shared, &budget, chunk_count, cancel)?;
 
@@ -190,7 +194,7 @@ pub fn run(
     let mut packs = BTreeSet::new();
     for hash in table.iter().flatten() {
         let pack = dedup.get(hash).copied().flatten();
-        packs.insert(pack.expect("every chunk of a finished backup is stored in a pack"));
+        let _ = packs.insert(pack.expect("every chunk of a finished backup is stored in a pack"));
     }
     drop(dedup);
     let source = SourceInfo {
@@ -263,9 +267,18 @@ fn run_pipeline(
         queue_depth: options.queue_depth,
     };
 
+    let read_options = &read_options;
     let (collected, engine) = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| {
-            let result = io::read_source(file, info, &read_options, &free_rx, &chunk_tx, &shared.abort);
+        let reader_free_rx = free_rx.clone();
+        let reader = scope.spawn(move || {
+            let result = io::read_source(
+                file,
+                info,
+                read_options,
+                &reader_free_rx,
+                &chunk_tx,
+                &shared.abort,
+            );
             drop(chunk_tx);
             match result {
                 Ok(stats) => Some(stats.engine),
@@ -280,7 +293,16 @@ fn run_pipeline(
             let (compressed_tx, spare_rx, report_tx) =
                 (compressed_tx.clone(), spare_rx.clone(), report_tx.clone());
             let _ = scope.spawn(move || {
-                work_chunks(repo, shared, options.compression_level, &chunk_rx, &free_tx, &compressed_tx, &spare_rx, &report_tx);
+                work_chunks(
+                    repo,
+                    shared,
+                    options.compression_level,
+                    &chunk_rx,
+                    &free_tx,
+                    &compressed_tx,
+                    &spare_rx,
+                    &report_tx,
+                );
             });
         }
         drop((chunk_rx, free_tx, free_rx, compressed_tx, spare_rx));
@@ -292,7 +314,9 @@ fn run_pipeline(
         {
             let report_tx = report_tx.clone();
             let _ = scope.spawn(move || {
-                if let Err(error) = pack_chunks(shared, &compressed_rx, &spare_tx, &part_tx, &report_tx) {
+                if let Err(error) =
+                    pack_chunks(shared, &compressed_rx, &spare_tx, &part_tx, &report_tx)
+                {
                     shared.fail(error);
                 }
             });
@@ -322,7 +346,9 @@ fn settle(
             }
             return Err(match failure {
                 Some(error) if error.kind != ErrorKind::Cancelled || !cancelled => error,
-                _ => EngineError::new(ErrorKind::Cancelled, "backup cancelled; no manifest written"),
+                _ => {
+                    EngineError::new(ErrorKind::Cancelled, "backup cancelled; no manifest written")
+                }
             });
         }
         assert!(seen.iter().all(|&s| s), "every chunk of the source was processed");
@@ -469,7 +495,8 @@ fn pack_chunks(
             return Ok(());
         }
         let pack = open.get_or_insert_with(OpenPack::new);
-        let header = format::encode_record_header(&chunk.hash, chunk.encoding, chunk.raw_bytes, &chunk.data);
+        let header =
+            format::encode_record_header(&chunk.hash, chunk.encoding, chunk.raw_bytes, &chunk.data);
         let stored_bytes = u32::try_from(chunk.data.len()).expect("chunks are below 4 GiB");
         pack.entries.push(IndexEntry {
             hash: chunk.hash,
@@ -496,7 +523,11 @@ fn pack_chunks(
     Ok(())
 }
 
-fn flush_part(shared: &Shared<'_>, pack: &mut OpenPack, part_tx: &Sender<PartJob>) -> Result<(), EngineError> {
+fn flush_part(
+    shared: &Shared<'_>,
+    pack: &mut OpenPack,
+    part_tx: &Sender<PartJob>,
+) -> Result<(), EngineError> {
     let upload = match &pack.upload {
         Some(upload) => Arc::clone(upload),
         None => {
@@ -602,7 +633,12 @@ fn upload_parts(shared: &Shared<'_>, part_rx: &Receiver<PartJob>, report_tx: &Se
         }
         let length = job.data.len() as u64;
         let upload = &job.upload;
-        let receipt = match shared.store.multipart_put_part(&upload.key, &upload.upload_id, job.part_number, job.data) {
+        let receipt = match shared.store.multipart_put_part(
+            &upload.key,
+            &upload.upload_id,
+            job.part_number,
+            job.data,
+        ) {
             Ok(receipt) => receipt,
             Err(error) => {
                 shared.fail(EngineError::from(error).context(format!("pack {}", upload.pack)));

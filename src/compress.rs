@@ -47,7 +47,8 @@ impl Compressor {
             return Encoding::Raw;
         }
         out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
-        let written = self.inner.compress_to_buffer(raw, out).expect("zstd with a bound-sized buffer");
+        let written =
+            self.inner.compress_to_buffer(raw, out).expect("zstd with a bound-sized buffer");
         if written >= raw.len() {
             out.clear();
             out.extend_from_slice(raw);

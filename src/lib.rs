@@ -4,16 +4,25 @@
 //!
 //! A backup reads a device with O_DIRECT (`io`), cuts it into fixed-size chunks, skips all-zero
 //! chunks, names every other chunk by its keyed BLAKE3 hash (`chunk`), skips chunks the repository
-//! already holds, zstd-compresses the rest in parallel (`compress`), appends them to pack objects
-//! uploaded with S3 multipart (`store`), and commits the backup by writing its manifest last
-//! (`format`, `backup`). A restore reads the manifest, fetches the packs it needs with parallel
-//! ranged GETs, verifies every chunk, and writes it back with O_DIRECT (`restore`).
+//! already holds (`repo`), zstd-compresses the rest in parallel (`compress`), appends them to pack
+//! objects uploaded with S3 multipart (`store`), and commits the backup by writing its manifest
+//! last (`format`, `backup`). A restore reads the manifest, fetches the packs it needs with
+//! parallel ranged GETs, verifies every chunk, and writes it back with O_DIRECT (`restore`).
 //!
 //! `cli` is the command-line front end; `src/bin/bench.rs` measures the stages.
 
 #![deny(unsafe_code)]
 
+pub mod backup;
+pub mod chunk;
+pub mod cli;
+pub mod compress;
 pub mod error;
+pub mod format;
 #[allow(unsafe_code)]
 pub mod io;
+pub mod limits;
+pub mod progress;
+pub mod repo;
+pub mod restore;
 pub mod store;

@@ -45,7 +45,10 @@ impl Repository {
     ///
     /// # Errors
     /// `Refused` when the store already holds a repository, store errors otherwise.
-    pub fn init(store: Box<dyn ObjectStore>, chunk_size_bytes: u32) -> Result<Repository, EngineError> {
+    pub fn init(
+        store: Box<dyn ObjectStore>,
+        chunk_size_bytes: u32,
+    ) -> Result<Repository, EngineError> {
         match store.get(CONFIG_KEY) {
             Ok(_) => {
                 return Err(EngineError::new(
@@ -122,7 +125,10 @@ impl Repository {
     ///
     /// # Errors
     /// `Integrity` when an index is missing or corrupt, store errors otherwise.
-    pub fn load_locations(&self, packs: &[PackId]) -> Result<HashMap<ChunkHash, Location>, EngineError> {
+    pub fn load_locations(
+        &self,
+        packs: &[PackId],
+    ) -> Result<HashMap<ChunkHash, Location>, EngineError> {
         let mut map = HashMap::new();
         for index in self.load_indexes(packs)? {
             for entry in index.entries {
@@ -173,7 +179,10 @@ impl Repository {
     /// the manifest does not verify, store errors otherwise.
     pub fn load_manifest(&self, backup_id: &str) -> Result<Manifest, EngineError> {
         if !format::backup_id_valid(backup_id) {
-            return Err(EngineError::new(ErrorKind::Usage, format!("invalid backup id {backup_id:?}")));
+            return Err(EngineError::new(
+                ErrorKind::Usage,
+                format!("invalid backup id {backup_id:?}"),
+            ));
         }
         let key = format::manifest_key(backup_id);
         let bytes = self.store.get(&key).map_err(|error| match error {
@@ -189,7 +198,10 @@ impl Repository {
         if manifest.backup_id != backup_id || manifest.repository_id != self.config.repository_id {
             return Err(EngineError::new(
                 ErrorKind::Integrity,
-                format!("manifest {key} belongs to backup {} of repository {}", manifest.backup_id, manifest.repository_id),
+                format!(
+                    "manifest {key} belongs to backup {} of repository {}",
+                    manifest.backup_id, manifest.repository_id
+                ),
             ));
         }
         Ok(manifest)

@@ -131,7 +131,10 @@ pub fn run(
             if !locations.contains_key(hash) {
                 return Err(EngineError::new(
                     ErrorKind::Integrity,
-                    format!("backup {} references chunk {hash}, which no index of its packs holds", manifest.backup_id),
+                    format!(
+                        "backup {} references chunk {hash}, which no index of its packs holds",
+                        manifest.backup_id
+                    ),
                 ));
             }
             placements.entry(*hash).or_default().push(chunk_index as u64);
@@ -139,7 +142,10 @@ pub fn run(
     }
     let (opened, target_created) = prepare_target(manifest, options)?;
     if !opened.direct {
-        warn(format!("{}: O_DIRECT refused, writing through the page cache", options.target.display()));
+        warn(format!(
+            "{}: O_DIRECT refused, writing through the page cache",
+            options.target.display()
+        ));
     }
     let info = io::probe(&opened.file)?;
     if info.size_bytes < manifest.volume_size_bytes {
@@ -169,7 +175,8 @@ pub fn run(
     };
     let jobs = plan_ranges(&locations, &shared.placements);
     let sparse = options.sparse || target_created;
-    let (write_stats, hole_counts) = run_threads(&shared, &opened.file, options, jobs, sparse, cancel)?;
+    let (write_stats, hole_counts) =
+        run_threads(&shared, &opened.file, options, jobs, sparse, cancel)?;
     write_tail(&shared, options, sparse)?;
     Ok(RestoreStats {
         volume_size_bytes: manifest.volume_size_bytes,
@@ -185,7 +192,10 @@ pub fn run(
 }
 
 /// Checks the target and opens it for writing, creating a missing file at the volume's size.
-fn prepare_target(manifest: &Manifest, options: &RestoreOptions) -> Result<(io::OpenedFile, bool), EngineError> {
+fn prepare_target(
+    manifest: &Manifest,
+    options: &RestoreOptions,
+) -> Result<(io::OpenedFile, bool), EngineError> {
     let target = &options.target;
     let refused = |message: String| EngineError::new(ErrorKind::Refused, message);
     match std::fs::metadata(target) {
@@ -196,7 +206,9 @@ fn prepare_target(manifest: &Manifest, options: &RestoreOptions) -> Result<(io::
             })?;
             Ok((opened, true))
         }
-        Err(error) => Err(EngineError::new(ErrorKind::Device, format!("{}: {error}", target.display()))),
+        Err(error) => {
+            Err(EngineError::new(ErrorKind::Device, format!("{}: {error}", target.display())))
+        }
         Ok(metadata) => {
             use std::os::unix::fs::FileTypeExt;
             let file_type = metadata.file_type();
@@ -211,7 +223,10 @@ fn prepare_target(manifest: &Manifest, options: &RestoreOptions) -> Result<(io::
                 let opened = io::open(target, true, false)?;
                 if metadata.len() < manifest.volume_size_bytes {
                     opened.file.set_len(manifest.volume_size_bytes).map_err(|error| {
-                        EngineError::new(ErrorKind::Device, format!("sizing {}: {error}", target.display()))
+                        EngineError::new(
+                            ErrorKind::Device,
+                            format!("sizing {}: {error}", target.display()),
+                        )
                     })?;
                 }
                 // An empty file we extend reads as zeros, so holes need no writes.
@@ -227,7 +242,10 @@ fn prepare_target(manifest: &Manifest, options: &RestoreOptions) -> Result<(io::
             } else {
                 Err(EngineError::new(
                     ErrorKind::Usage,
-                    format!("target {} is neither a regular file nor a block device", target.display()),
+                    format!(
+                        "target {} is neither a regular file nor a block device",
+                        target.display()
+                    ),
                 ))
             }
         }
@@ -236,7 +254,10 @@ fn prepare_target(manifest: &Manifest, options: &RestoreOptions) -> Result<(io::
 
 /// Groups the needed records into ranged GETs: records adjacent in a pack share one GET of up to
 /// `DOWNLOAD_RANGE_BYTES_MAX`.
-fn plan_ranges(locations: &HashMap<ChunkHash, Location>, placements: &HashMap<ChunkHash, Vec<u64>>) -> Vec<RangeJob> {
+fn plan_ranges(
+    locations: &HashMap<ChunkHash, Location>,
+    placements: &HashMap<ChunkHash, Vec<u64>>,
+) -> Vec<RangeJob> {
     let mut needed: Vec<Location> = placements.keys().map(|hash| locations[hash]).collect();
     needed.sort_by_key(|location| (location.pack, location.entry.offset));
     let mut jobs: Vec<RangeJob> = Vec::new();
@@ -250,7 +271,12 @@ fn plan_ranges(locations: &HashMap<ChunkHash, Location>, placements: &HashMap<Ch
                 continue;
             }
         }
-        jobs.push(RangeJob { pack: location.pack, offset: entry.offset, length: entry.record_bytes(), entries: vec![entry] });
+        jobs.push(RangeJob {
+            pack: location.pack,
+            offset: entry.offset,
+            length: entry.record_bytes(),
+            entries: vec![entry],
+        });
     }
     jobs
 }
@@ -270,16 +296,21 @@ fn run_threads(
         free_tx.send(AlignedBuf::new(budget.chunk_buffer_bytes)).expect("pool has room");
     }
     let (ops_tx, ops_rx) = bounded::<WriteOp>(budget.chunk_buffer_count);
-    let write_options = io::WriteOptions { engine: options.engine, queue_depth: options.queue_depth };
+    let write_options =
+        io::WriteOptions { engine: options.engine, queue_depth: options.queue_depth };
     let next_job = AtomicUsize::new(0);
     let (writer_result, hole_counts) = std::thread::scope(|scope| {
-        let writer = scope.spawn(|| io::write_target(file, &shared.info, &write_options, &ops_rx, &free_tx, &shared.abort));
+        let writer = scope.spawn(|| {
+            io::write_target(file, &shared.info, &write_options, &ops_rx, &free_tx, &shared.abort)
+        });
         for _ in 0..downloader_count {
             let (ops_tx, free_rx) = (ops_tx.clone(), free_rx.clone());
             let (jobs, next_job) = (&jobs, &next_job);
             let _ = scope.spawn(move || {
                 while !shared.abort.load(Ordering::Relaxed) {
-                    let Some(job) = jobs.get(next_job.fetch_add(1, Ordering::Relaxed)) else { break };
+                    let Some(job) = jobs.get(next_job.fetch_add(1, Ordering::Relaxed)) else {
+                        break;
+                    };
                     if let Err(error) = fetch_range(shared, job, &free_rx, &ops_tx) {
                         shared.fail(error);
                     }
@@ -296,14 +327,21 @@ fn run_threads(
         return Err(error);
     }
     if cancel.load(Ordering::SeqCst) {
-        return Err(EngineError::new(ErrorKind::Cancelled, "restore cancelled; the target is incomplete"));
+        return Err(EngineError::new(
+            ErrorKind::Cancelled,
+            "restore cancelled; the target is incomplete",
+        ));
     }
     let write_stats = writer_result?;
     Ok((write_stats, hole_counts))
 }
 
 /// Waits for the writer, relaying cancellation into the pipeline.
-fn watch<T>(shared: &Shared<'_>, cancel: &AtomicBool, writer: &std::thread::ScopedJoinHandle<'_, T>) {
+fn watch<T>(
+    shared: &Shared<'_>,
+    cancel: &AtomicBool,
+    writer: &std::thread::ScopedJoinHandle<'_, T>,
+) {
     while !writer.is_finished() {
         if cancel.load(Ordering::Relaxed) {
             shared.abort.store(true, Ordering::SeqCst);
@@ -346,7 +384,12 @@ fn queue_holes(shared: &Shared<'_>, ops_tx: &Sender<WriteOp>, sparse: bool) -> (
 }
 
 /// One downloader step: GET a range, verify and decompress each record, queue its writes.
-fn fetch_range(shared: &Shared<'_>, job: &RangeJob, free_rx: &Receiver<AlignedBuf>, ops_tx: &Sender<WriteOp>) -> Result<(), EngineError> {
+fn fetch_range(
+    shared: &Shared<'_>,
+    job: &RangeJob,
+    free_rx: &Receiver<AlignedBuf>,
+    ops_tx: &Sender<WriteOp>,
+) -> Result<(), EngineError> {
     let key = job.pack.pack_key();
     let bytes = shared.repo.store.get_range(&key, job.offset, job.length)?;
     Progress::add(&shared.progress.bytes_downloaded, bytes.len() as u64);
@@ -357,7 +400,8 @@ fn fetch_range(shared: &Shared<'_>, job: &RangeJob, free_rx: &Receiver<AlignedBu
         position += record_len;
         let what = format!("pack {key} record at offset {}", entry.offset);
         let (header, stored) = format::decode_record(&what, record)?;
-        let integrity = |detail: String| EngineError::new(ErrorKind::Integrity, format!("{what}: {detail}"));
+        let integrity =
+            |detail: String| EngineError::new(ErrorKind::Integrity, format!("{what}: {detail}"));
         if header.hash != entry.hash || header.raw_bytes != entry.raw_bytes {
             return Err(integrity("record does not match its index entry".into()));
         }
@@ -366,7 +410,8 @@ fn fetch_range(shared: &Shared<'_>, job: &RangeJob, free_rx: &Receiver<AlignedBu
         if raw_bytes > buf.capacity() {
             return Err(integrity(format!("{raw_bytes}-byte chunk exceeds the chunk size")));
         }
-        compress::decompress(header.encoding, stored, raw_bytes, buf.as_mut_slice()).map_err(integrity)?;
+        compress::decompress(header.encoding, stored, raw_bytes, buf.as_mut_slice())
+            .map_err(integrity)?;
         // Pair assertion: the hash taken before upload must match the bytes about to be written.
         if shared.repo.hasher.hash(&buf.as_mut_slice()[..raw_bytes]) != entry.hash {
             return Err(integrity(format!("chunk does not hash to {}", entry.hash)));
@@ -378,7 +423,13 @@ fn fetch_range(shared: &Shared<'_>, job: &RangeJob, free_rx: &Receiver<AlignedBu
 }
 
 /// Queues the write of a verified chunk at every index that holds it.
-fn queue_chunk_writes(shared: &Shared<'_>, hash: &ChunkHash, buf: AlignedBuf, free_rx: &Receiver<AlignedBuf>, ops_tx: &Sender<WriteOp>) -> Result<(), EngineError> {
+fn queue_chunk_writes(
+    shared: &Shared<'_>,
+    hash: &ChunkHash,
+    buf: AlignedBuf,
+    free_rx: &Receiver<AlignedBuf>,
+    ops_tx: &Sender<WriteOp>,
+) -> Result<(), EngineError> {
     let chunk = u64::from(shared.manifest.chunk_size_bytes);
     let indexes = &shared.placements[hash];
     let mut source = Some(buf);
@@ -414,7 +465,11 @@ fn queue_chunk_writes(shared: &Shared<'_>, hash: &ChunkHash, buf: AlignedBuf, fr
 }
 
 /// Writes the bytes past the last whole logical block with a plain write, then syncs.
-fn write_tail(shared: &Shared<'_>, options: &RestoreOptions, sparse: bool) -> Result<(), EngineError> {
+fn write_tail(
+    shared: &Shared<'_>,
+    options: &RestoreOptions,
+    sparse: bool,
+) -> Result<(), EngineError> {
     let tail_len = shared.manifest.volume_size_bytes - shared.tail_offset;
     if tail_len == 0 {
         return Ok(());
@@ -428,9 +483,13 @@ fn write_tail(shared: &Shared<'_>, options: &RestoreOptions, sparse: bool) -> Re
     };
     assert_eq!(tail.len() as u64, tail_len);
     let device_error = |error: std::io::Error| {
-        EngineError::new(ErrorKind::Device, format!("writing the last {tail_len} bytes of {}: {error}", options.target.display()))
+        EngineError::new(
+            ErrorKind::Device,
+            format!("writing the last {tail_len} bytes of {}: {error}", options.target.display()),
+        )
     };
-    let file = std::fs::OpenOptions::new().write(true).open(&options.target).map_err(device_error)?;
+    let file =
+        std::fs::OpenOptions::new().write(true).open(&options.target).map_err(device_error)?;
     file.write_all_at(&tail, shared.tail_offset).map_err(device_error)?;
     file.sync_all().map_err(device_error)
 }

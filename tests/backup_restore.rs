@@ -22,7 +22,9 @@ fn round_trip(repo: &Repo, scratch: &Scratch, mix: &str, size: u64, engine: &str
 fn all_kinds(repo: &Repo, scratch: &Scratch) {
     // 3 chunks + an odd tail, so the last chunk is short and ends inside a 512-byte block.
     let odd = 3 * 256 * KIB + 12_345;
-    for (mix, size) in [("random", odd), ("text", odd), ("zeros", odd), ("mixed", 9 * MIB + 4096 + 512)] {
+    for (mix, size) in
+        [("random", odd), ("text", odd), ("zeros", odd), ("mixed", 9 * MIB + 4096 + 512)]
+    {
         for engine in ["uring", "pread"] {
             round_trip(repo, scratch, mix, size, engine);
         }

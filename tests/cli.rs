@@ -51,13 +51,18 @@ fn usage_errors_have_their_own_codes() {
     let message = repo.ferry(&["backup", "--source", "/nonexistent/device"]).fails(3);
     assert!(message.contains("/nonexistent/device"), "{message}");
     // Bad arguments are rejected by the parser with exit code 2.
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry")).args(["backup", "--bogus"]).output().unwrap();
+    let status =
+        Command::new(env!("CARGO_BIN_EXE_ferry")).args(["backup", "--bogus"]).output().unwrap();
     assert_eq!(status.status.code(), Some(2));
     // A malformed backup id.
     repo.ferry(&["show", "../config"]).fails(2);
     // No repository given at all.
     let run = crate::util::Run::from(
-        Command::new(env!("CARGO_BIN_EXE_ferry")).args(["--json", "list"]).env_remove("FERRY_REPO").output().unwrap(),
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["--json", "list"])
+            .env_remove("FERRY_REPO")
+            .output()
+            .unwrap(),
     );
     assert!(run.fails(2).contains("--repo"));
 }
@@ -103,7 +108,8 @@ fn corrupt_pack_in_local_repository_is_detected() {
     let repo = Repo::Local(root.clone());
     repo.init("256K");
     corrupt_pack_is_detected(&repo, &scratch, |_| {
-        let pack_dir = std::fs::read_dir(root.join("packs")).unwrap().next().unwrap().unwrap().path();
+        let pack_dir =
+            std::fs::read_dir(root.join("packs")).unwrap().next().unwrap().unwrap().path();
         let pack = std::fs::read_dir(pack_dir).unwrap().next().unwrap().unwrap().path();
         let mut bytes = std::fs::read(&pack).unwrap();
         let middle = bytes.len() / 2;
@@ -123,9 +129,9 @@ fn corrupt_pack_in_garage_is_detected() {
         let rest = url.strip_prefix("s3://").unwrap();
         let (bucket, prefix) = rest.split_once('/').unwrap();
         let mut options = S3Options::new(
-            bucket.into(),
-            prefix.into(),
-            "garage".into(),
+            bucket,
+            prefix,
+            "garage",
             std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
             std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
         );
@@ -145,9 +151,13 @@ fn unreachable_store_and_wrong_keys_fail_clearly() {
     repo.init("256K");
     // Wrong secret key: the store refuses, exit code 4, message says access was denied.
     let started = Instant::now();
-    let run = repo.ferry_env(&["list"], &[("AWS_SECRET_ACCESS_KEY", "wrong-secret-key-0123456789")]);
+    let run =
+        repo.ferry_env(&["list"], &[("AWS_SECRET_ACCESS_KEY", "wrong-secret-key-0123456789")]);
     let message = run.fails(4);
-    assert!(message.to_lowercase().contains("access denied") || message.contains("403"), "{message}");
+    assert!(
+        message.to_lowercase().contains("access denied") || message.contains("403"),
+        "{message}"
+    );
     // Nothing listening: exit code 4, in bounded time, no panic.
     let Repo::S3 { url, .. } = repo else { unreachable!() };
     let dead = Repo::S3 { url, endpoint: "http://127.0.0.1:1".into() };

@@ -82,9 +82,37 @@ impl Rng {
 }
 
 const WORDS: &[&str] = &[
-    "volume", "block", "backup", "restore", "snapshot", "clone", "cluster", "replica", "the", "of",
-    "and", "a", "to", "in", "is", "data", "storage", "object", "bucket", "chunk", "manifest", "pack",
-    "index", "error", "INFO", "WARN", "2026-11-26T10:00:00Z", "nvme", "tcp", "lightbits", "ferry",
+    "volume",
+    "block",
+    "backup",
+    "restore",
+    "snapshot",
+    "clone",
+    "cluster",
+    "replica",
+    "the",
+    "of",
+    "and",
+    "a",
+    "to",
+    "in",
+    "is",
+    "data",
+    "storage",
+    "object",
+    "bucket",
+    "chunk",
+    "manifest",
+    "pack",
+    "index",
+    "error",
+    "INFO",
+    "WARN",
+    "2026-11-26T10:00:00Z",
+    "nvme",
+    "tcp",
+    "lightbits",
+    "ferry",
 ];
 
 fn fill_text(rng: &mut Rng, out: &mut [u8]) {
@@ -118,7 +146,13 @@ fn gen_image(path: &PathBuf, size: u64, mix: &str, seed: u64) -> Result<()> {
         let roll = rng.next() % 100;
         let kind = match mix {
             "mixed" => usize::from(roll >= 40) + usize::from(roll >= 70),
-            "sparse" => if roll < 95 { 0 } else { 1 + usize::from(roll >= 98) },
+            "sparse" => {
+                if roll < 95 {
+                    0
+                } else {
+                    1 + usize::from(roll >= 98)
+                }
+            }
             "random" => 2,
             "text" => 1,
             "zeros" => 0,
@@ -154,7 +188,7 @@ fn stage(path: &PathBuf, name: &str) -> Result<()> {
     let started = Instant::now();
     for chunk in data.chunks(ferry::limits::CHUNK_SIZE_BYTES_DEFAULT as usize) {
         if name == "hash" {
-            std::hint::black_box(hasher.hash(chunk));
+            let _ = std::hint::black_box(hasher.hash(chunk));
         } else {
             let _ = compressor.compress(chunk, &mut out);
             stored += out.len() as u64;
@@ -192,10 +226,21 @@ impl ObjectStore for NullStore {
     fn multipart_begin(&self, _key: &str) -> Result<UploadId, StoreError> {
         Ok(UploadId("null".into()))
     }
-    fn multipart_put_part(&self, _key: &str, _id: &UploadId, part_number: u32, _data: Bytes) -> Result<PartReceipt, StoreError> {
+    fn multipart_put_part(
+        &self,
+        _key: &str,
+        _id: &UploadId,
+        part_number: u32,
+        _data: Bytes,
+    ) -> Result<PartReceipt, StoreError> {
         Ok(PartReceipt { part_number, etag: String::new() })
     }
-    fn multipart_complete(&self, _key: &str, _id: &UploadId, _parts: &[PartReceipt]) -> Result<(), StoreError> {
+    fn multipart_complete(
+        &self,
+        _key: &str,
+        _id: &UploadId,
+        _parts: &[PartReceipt],
+    ) -> Result<(), StoreError> {
         Ok(())
     }
     fn multipart_abort(&self, _key: &str, _id: &UploadId) -> Result<(), StoreError> {
@@ -212,7 +257,8 @@ impl ObjectStore for NullStore {
 fn pipeline(path: &PathBuf, engine: &str) -> Result<()> {
     let repo = Repository::init(Box::new(NullStore), ferry::limits::CHUNK_SIZE_BYTES_DEFAULT)?;
     let mut options = BackupOptions::new(path.clone());
-    options.engine = if engine == "pread" { ferry::io::Engine::Pread } else { ferry::io::Engine::Uring };
+    options.engine =
+        if engine == "pread" { ferry::io::Engine::Pread } else { ferry::io::Engine::Uring };
     let progress = Progress::default();
     let cancel = AtomicBool::new(false);
     let started = Instant::now();

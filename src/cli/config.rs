@@ -106,7 +106,9 @@ pub fn open_store(args: &StoreArgs) -> Result<Box<dyn ObjectStore>, EngineError>
     }
     let path = location.strip_prefix("file://").unwrap_or(&location);
     if path.is_empty() || path.contains("://") {
-        return Err(usage(format!("repository {location:?} is neither s3://BUCKET/PREFIX nor a directory")));
+        return Err(usage(format!(
+            "repository {location:?} is neither s3://BUCKET/PREFIX nor a directory"
+        )));
     }
     Ok(Box::new(LocalStore::new(path)?))
 }
@@ -117,12 +119,18 @@ fn open_s3(rest: &str, args: &StoreArgs, section: &S3Section) -> Result<S3Store,
         return Err(usage("s3 repository needs a bucket: s3://BUCKET/PREFIX"));
     }
     let access_key_id = env("AWS_ACCESS_KEY_ID").or(section.access_key_id.clone());
-    let secret = match (env("AWS_SECRET_ACCESS_KEY"), &section.secret_access_key, &section.secret_access_key_file) {
+    let secret = match (
+        env("AWS_SECRET_ACCESS_KEY"),
+        &section.secret_access_key,
+        &section.secret_access_key_file,
+    ) {
         (Some(secret), _, _) => Some(secret),
         (None, Some(secret), _) => Some(secret.clone()),
         (None, None, Some(file)) => Some(
             std::fs::read_to_string(file)
-                .map_err(|error| usage(format!("secret access key file {}: {error}", file.display())))?
+                .map_err(|error| {
+                    usage(format!("secret access key file {}: {error}", file.display()))
+                })?
                 .trim()
                 .to_string(),
         ),

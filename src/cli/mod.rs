@@ -253,7 +253,10 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &AtomicBool) -> Result<(), Engin
         Command::Delete(args) => {
             let repo = Repository::open(store)?;
             repo.delete_backup(&args.backup_id)?;
-            output.result(json!({"backup_id": args.backup_id}), &format!("deleted backup {}", args.backup_id));
+            output.result(
+                json!({"backup_id": args.backup_id}),
+                &format!("deleted backup {}", args.backup_id),
+            );
             Ok(())
         }
     }
@@ -280,7 +283,13 @@ fn with_progress<T>(output: &Output, progress: &Progress, job: impl FnOnce() -> 
     })
 }
 
-fn run_backup(cli: &Cli, args: &BackupArgs, repo: Repository, output: &Output, cancel: &AtomicBool) -> Result<(), EngineError> {
+fn run_backup(
+    cli: &Cli,
+    args: &BackupArgs,
+    repo: Repository,
+    output: &Output,
+    cancel: &AtomicBool,
+) -> Result<(), EngineError> {
     let mut options = BackupOptions::new(args.source.clone());
     options.engine = engine(cli);
     options.compression_level = args.compression_level;
@@ -289,17 +298,28 @@ fn run_backup(cli: &Cli, args: &BackupArgs, repo: Repository, output: &Output, c
         options.worker_count = workers;
     }
     options.backup_id = args.backup_id.clone();
-    output.start(json!({"repository": repo.store.describe(), "source": args.source.display().to_string()}));
+    output.start(
+        json!({"repository": repo.store.describe(), "source": args.source.display().to_string()}),
+    );
     let progress = Progress::default();
     let warn = |message: String| output.warning(&message);
-    let outcome = with_progress(output, &progress, || backup::run(&repo, &options, &progress, cancel, &warn))?;
+    let outcome = with_progress(output, &progress, || {
+        backup::run(&repo, &options, &progress, cancel, &warn)
+    })?;
     let manifest = &outcome.manifest;
     let stats = &manifest.stats;
     let seconds = stats.duration_ms as f64 / 1000.0;
     let summary = format!(
         "backup {} of {} ({} bytes) in {seconds:.1} s: {} chunks, {} zero, {} already stored, {} new ({} bytes stored in {} packs)",
-        manifest.backup_id, manifest.source.path, manifest.volume_size_bytes, stats.chunk_count,
-        stats.zero_chunk_count, stats.dedup_chunk_count, stats.new_chunk_count, stats.new_stored_bytes, stats.pack_count
+        manifest.backup_id,
+        manifest.source.path,
+        manifest.volume_size_bytes,
+        stats.chunk_count,
+        stats.zero_chunk_count,
+        stats.dedup_chunk_count,
+        stats.new_chunk_count,
+        stats.new_stored_bytes,
+        stats.pack_count
     );
     output.result(
         json!({"backup_id": manifest.backup_id, "volume_size_bytes": manifest.volume_size_bytes,
@@ -310,7 +330,13 @@ fn run_backup(cli: &Cli, args: &BackupArgs, repo: Repository, output: &Output, c
     Ok(())
 }
 
-fn run_restore(cli: &Cli, args: &RestoreArgs, repo: Repository, output: &Output, cancel: &AtomicBool) -> Result<(), EngineError> {
+fn run_restore(
+    cli: &Cli,
+    args: &RestoreArgs,
+    repo: Repository,
+    output: &Output,
+    cancel: &AtomicBool,
+) -> Result<(), EngineError> {
     let manifest = repo.load_manifest(&args.backup_id)?;
     let mut options = RestoreOptions::new(args.target.clone());
     options.engine = engine(cli);
@@ -321,11 +347,16 @@ fn run_restore(cli: &Cli, args: &RestoreArgs, repo: Repository, output: &Output,
                         "target": args.target.display().to_string()}));
     let progress = Progress::default();
     let warn = |message: String| output.warning(&message);
-    let stats = with_progress(output, &progress, || restore::run(&repo, &manifest, &options, &progress, cancel, &warn))?;
+    let stats = with_progress(output, &progress, || {
+        restore::run(&repo, &manifest, &options, &progress, cancel, &warn)
+    })?;
     let summary = format!(
         "restored backup {} to {} ({} bytes) in {:.1} s, {} bytes downloaded",
-        manifest.backup_id, args.target.display(), stats.volume_size_bytes,
-        stats.duration_ms as f64 / 1000.0, stats.bytes_downloaded
+        manifest.backup_id,
+        args.target.display(),
+        stats.volume_size_bytes,
+        stats.duration_ms as f64 / 1000.0,
+        stats.bytes_downloaded
     );
     output.result(json!({"backup_id": manifest.backup_id, "stats": stats}), &summary);
     Ok(())

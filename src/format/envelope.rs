@@ -81,7 +81,9 @@ pub fn decode_object(kind: ObjectKind, what: &str, bytes: &[u8]) -> Result<Vec<u
     if actual != checksum {
         return Err(FormatError::Corrupt {
             what: what.to_string(),
-            detail: format!("xxh3-128 checksum mismatch: header {checksum:032x}, data {actual:032x}"),
+            detail: format!(
+                "xxh3-128 checksum mismatch: header {checksum:032x}, data {actual:032x}"
+            ),
         });
     }
     if decoded_len > DECODED_BYTES_MAX {

@@ -11,7 +11,9 @@ mod record;
 mod time;
 
 pub use envelope::{ObjectKind, decode_object, encode_object};
-pub use record::{Encoding, RECORD_HEADER_BYTES, RecordHeader, decode_record, encode_record_header};
+pub use record::{
+    Encoding, RECORD_HEADER_BYTES, RecordHeader, decode_record, encode_record_header,
+};
 pub use time::{Timestamp, unix_now};
 
 use std::fmt;
@@ -69,7 +71,9 @@ pub enum FormatError {
         detail: String,
     },
     /// The repository was written by an unsupported format version.
-    #[error("repository format version {found} is not supported (this ferry reads version {FORMAT_VERSION})")]
+    #[error(
+        "repository format version {found} is not supported (this ferry reads version {FORMAT_VERSION})"
+    )]
     Version {
         /// The version found.
         found: u32,
@@ -456,7 +460,11 @@ mod tests {
             format_version: 1,
             backup_id: "b".into(),
             repository_id: "r".into(),
-            source: SourceInfo { path: "/dev/x".into(), kind: "file".into(), logical_block_bytes: 512 },
+            source: SourceInfo {
+                path: "/dev/x".into(),
+                kind: "file".into(),
+                logical_block_bytes: 512,
+            },
             volume_size_bytes: 10_000,
             chunk_size_bytes: 4096,
             started_at: Timestamp(0),
@@ -466,7 +474,7 @@ mod tests {
             stats: BackupStats::default(),
         };
         manifest.validate().unwrap();
-        manifest.chunks.pop();
+        let _ = manifest.chunks.pop();
         assert!(manifest.validate().is_err());
         let bytes = encode_document(ObjectKind::Manifest, &manifest);
         let back: Manifest = decode_document(ObjectKind::Manifest, "m", &bytes).unwrap();

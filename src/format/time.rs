@@ -39,7 +39,14 @@ impl Timestamp {
         let year = yoe + era * 400 + i64::from(month <= 2);
         let small = |v: i64| u32::try_from(v).expect("calendar fields are small");
         let small_rem = |v: u64| u32::try_from(v).expect("calendar fields are small");
-        (year, small(month), small(day), small_rem(rem / 3600), small_rem(rem / 60 % 60), small_rem(rem % 60))
+        (
+            year,
+            small(month),
+            small(day),
+            small_rem(rem / 3600),
+            small_rem(rem / 60 % 60),
+            small_rem(rem % 60),
+        )
     }
 }
 

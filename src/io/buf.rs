@@ -33,7 +33,7 @@ impl AlignedBuf {
     /// If `capacity_bytes` is 0 or not a multiple of `BUF_ALIGN`.
     pub fn new(capacity_bytes: usize) -> AlignedBuf {
         assert!(
-            capacity_bytes > 0 && capacity_bytes % BUF_ALIGN == 0,
+            capacity_bytes > 0 && capacity_bytes.is_multiple_of(BUF_ALIGN),
             "buffer capacity {capacity_bytes} must be a non-zero multiple of {BUF_ALIGN}"
         );
         let layout = Layout::from_size_align(capacity_bytes, BUF_ALIGN)

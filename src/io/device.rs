@@ -83,7 +83,8 @@ fn block_device_sector(file: &File) -> Result<u32, IoError> {
     let mut sector: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes exactly one int through the pointer, which points to `sector`, a
     // live, writable c_int for the duration of the call; the fd is open (borrowed from `file`).
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, std::ptr::from_mut(&mut sector)) };
+    let rc =
+        unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, std::ptr::from_mut(&mut sector)) };
     if rc < 0 {
         return Err(IoError::Probe { step: "BLKSSZGET", source: io::Error::last_os_error() });
     }
@@ -155,10 +156,10 @@ pub fn open(path: &Path, write: bool, create: bool) -> Result<OpenedFile, IoErro
         Ok(file) => return Ok(OpenedFile { file, direct: true }),
         Err(error) => error,
     };
-    if error.raw_os_error() == Some(libc::EINVAL) {
-        if let Ok(file) = attempt(0) {
-            return Ok(OpenedFile { file, direct: false });
-        }
+    if error.raw_os_error() == Some(libc::EINVAL)
+        && let Ok(file) = attempt(0)
+    {
+        return Ok(OpenedFile { file, direct: false });
     }
     Err(IoError::Open { path: path.to_path_buf(), source: error })
 }
@@ -196,6 +197,17 @@ mod tests {
     }
 
     #[test]
+    fn open_falls_back_when_o_direct_is_refused() {
+        // procfs refuses O_DIRECT with EINVAL
+        let opened = open(Path::new("/proc/version"), false, false).expect("open /proc/version");
+        assert!(!opened.direct);
+        assert!(!is_direct(&opened.file).expect("fcntl"));
+        let mut text = String::new();
+        let _ = io::Read::read_to_string(&mut &opened.file, &mut text).expect("read");
+        assert!(text.starts_with("Linux"), "{text}");
+    }
+
+    #[test]
     fn buffered_open_is_not_direct() {
         let dir = TempDir::new("open-buffered");
         let path = dir.path().join("image");
@@ -209,7 +221,9 @@ mod tests {
         let dir = TempDir::new("open-missing");
         let path = dir.path().join("missing");
         let error = open(&path, false, false).expect_err("missing file");
-        assert!(matches!(&error, IoError::Open { source, .. } if source.kind() == io::ErrorKind::NotFound));
+        assert!(
+            matches!(&error, IoError::Open { source, .. } if source.kind() == io::ErrorKind::NotFound)
+        );
         assert!(error.to_string().contains("missing"), "{error}");
     }
 

@@ -106,12 +106,12 @@ impl Alignment {
     pub(crate) fn assert_request(&self, offset: u64, len: usize, addr: *const u8) {
         if self.direct {
             assert!(
-                offset % self.block == 0 && len as u64 % self.block == 0,
+                offset.is_multiple_of(self.block) && (len as u64).is_multiple_of(self.block),
                 "unaligned O_DIRECT request: offset {offset}, length {len}, block {}",
                 self.block
             );
             assert!(
-                (addr as usize) % BUF_ALIGN == 0,
+                (addr as usize).is_multiple_of(BUF_ALIGN),
                 "unaligned O_DIRECT buffer address {addr:p} (need {BUF_ALIGN})"
             );
         }
@@ -159,7 +159,10 @@ impl ReadPlan {
                 "request size {request_size} exceeds {MAX_REQUEST_BYTES}"
             )));
         }
-        if align.direct && (chunk_size % align.granule != 0 || request_size % align.granule != 0) {
+        if align.direct
+            && (!chunk_size.is_multiple_of(align.granule)
+                || !request_size.is_multiple_of(align.granule))
+        {
             return Err(IoError::InvalidOptions(format!(
                 "chunk size {chunk_size} and request size {request_size} must be multiples of {} \
                  for O_DIRECT",
@@ -188,13 +191,23 @@ impl ReadPlan {
         self.chunk_size
     }
 
+    /// The alignment rules the plan was validated against.
+    pub(crate) fn alignment(&self) -> Alignment {
+        self.align
+    }
+
     /// The requests that fill `chunk`, in order.
     pub(crate) fn spans(&self, chunk: &ChunkPlan) -> impl Iterator<Item = Span> + use<> {
         let ChunkPlan { offset, valid, io_len, .. } = *chunk;
         let request_size = self.request_size;
         (0..io_len).step_by(request_size).map(move |start| {
             let len = request_size.min(io_len - start);
-            Span { file_offset: offset + start as u64, buf_offset: start, len, want: len.min(valid - start) }
+            Span {
+                file_offset: offset + start as u64,
+                buf_offset: start,
+                len,
+                want: len.min(valid - start),
+            }
         })
     }
 }
@@ -218,7 +231,7 @@ pub(crate) fn write_spans(
 /// Checks a write operation's range against the alignment rules. The device size is not checked:
 /// a restore into a new image file grows it, and a block device reports `ENOSPC` itself.
 pub(crate) fn check_write(offset: u64, length: u64, align: &Alignment) -> Result<(), IoError> {
-    if offset % align.block != 0 || length % align.block != 0 {
+    if !offset.is_multiple_of(align.block) || !length.is_multiple_of(align.block) {
         return Err(IoError::InvalidOptions(format!(
             "write of {length} bytes at offset {offset} is not aligned to {} bytes",
             align.block
@@ -316,10 +329,18 @@ mod tests {
         let plan = ReadPlan::new(size, MIB, 256 * 1024, direct(4096)).expect("valid");
         let spans: Vec<Span> = plan.spans(&plan.chunk(1)).collect();
         assert_eq!(spans.len(), 2);
-        assert_eq!(spans[0], Span { file_offset: MIB as u64, buf_offset: 0, len: 262_144, want: 262_144 });
+        assert_eq!(
+            spans[0],
+            Span { file_offset: MIB as u64, buf_offset: 0, len: 262_144, want: 262_144 }
+        );
         assert_eq!(
             spans[1],
-            Span { file_offset: MIB as u64 + 262_144, buf_offset: 262_144, len: 40_960, want: 37_856 }
+            Span {
+                file_offset: MIB as u64 + 262_144,
+                buf_offset: 262_144,
+                len: 40_960,
+                want: 37_856
+            }
         );
         assert_eq!(spans.iter().map(|s| s.want).sum::<usize>(), 300_000);
         for span in &spans {
@@ -333,7 +354,10 @@ mod tests {
     fn request_larger_than_chunk_gives_one_span() {
         let plan = ReadPlan::new(10 * MIB as u64, MIB, 4 * MIB, direct(512)).expect("valid");
         let spans: Vec<Span> = plan.spans(&plan.chunk(3)).collect();
-        assert_eq!(spans, vec![Span { file_offset: 3 * MIB as u64, buf_offset: 0, len: MIB, want: MIB }]);
+        assert_eq!(
+            spans,
+            vec![Span { file_offset: 3 * MIB as u64, buf_offset: 0, len: MIB, want: MIB }]
+        );
     }
 
     #[test]
@@ -342,7 +366,9 @@ mod tests {
         assert!(ReadPlan::new(1, MIB, 0, direct(512)).is_err());
         assert!(ReadPlan::new(1, MIB + 512, MIB, direct(512)).is_err());
         assert!(ReadPlan::new(1, MIB, 6144, direct(512)).is_err());
-        assert!(ReadPlan::new(1, 2 * MAX_REQUEST_BYTES, 2 * MAX_REQUEST_BYTES, direct(512)).is_err());
+        assert!(
+            ReadPlan::new(1, 2 * MAX_REQUEST_BYTES, 2 * MAX_REQUEST_BYTES, direct(512)).is_err()
+        );
         // buffered files accept any sizes
         let buffered = Alignment::new(4096, false).expect("ok");
         assert!(ReadPlan::new(1, 1000, 300, buffered).is_ok());
@@ -356,14 +382,24 @@ mod tests {
         assert_eq!(after_transfer(span, 0, 4096), Progress::Eof);
         assert_eq!(
             after_transfer(span, 9000, 4096),
-            Progress::Resubmit(Span { file_offset: 16384, buf_offset: 16384, len: 8192, want: 4153 })
+            Progress::Resubmit(Span {
+                file_offset: 16384,
+                buf_offset: 16384,
+                len: 8192,
+                want: 4153
+            })
         );
         // less than one granule: resubmit the whole span
         assert_eq!(after_transfer(span, 100, 4096), Progress::Resubmit(span));
         // buffered: advance by exactly res
         assert_eq!(
             after_transfer(span, 100, 1),
-            Progress::Resubmit(Span { file_offset: 8292, buf_offset: 8292, len: 16284, want: 12245 })
+            Progress::Resubmit(Span {
+                file_offset: 8292,
+                buf_offset: 8292,
+                len: 16284,
+                want: 12245
+            })
         );
     }
 
@@ -371,8 +407,14 @@ mod tests {
     fn write_spans_split_data_and_reuse_zero_buffer() {
         let data: Vec<Span> = write_spans(4096, 2 * MIB as u64 + 512, MIB, false).collect();
         assert_eq!(data.len(), 3);
-        assert_eq!(data[1], Span { file_offset: 4096 + MIB as u64, buf_offset: MIB, len: MIB, want: MIB });
-        assert_eq!(data[2], Span { file_offset: 4096 + 2 * MIB as u64, buf_offset: 2 * MIB, len: 512, want: 512 });
+        assert_eq!(
+            data[1],
+            Span { file_offset: 4096 + MIB as u64, buf_offset: MIB, len: MIB, want: MIB }
+        );
+        assert_eq!(
+            data[2],
+            Span { file_offset: 4096 + 2 * MIB as u64, buf_offset: 2 * MIB, len: 512, want: 512 }
+        );
         let zero: Vec<Span> = write_spans(0, 3 * MIB as u64, MIB, true).collect();
         assert_eq!(zero.len(), 3);
         assert!(zero.iter().all(|s| s.buf_offset == 0 && s.len == MIB));

@@ -618,7 +618,7 @@ mod tests {
         assert_eq!(keys(&store.list("").unwrap()), ["packs/p1"]);
 
         // Abort frees the upload; aborting twice or an unknown id succeeds.
-        store.multipart_put_part("packs/p2", &second, 1, Bytes::from_static(b"x")).unwrap();
+        let _ = store.multipart_put_part("packs/p2", &second, 1, Bytes::from_static(b"x")).unwrap();
         store.multipart_abort("packs/p2", &second).unwrap();
         store.multipart_abort("packs/p2", &second).unwrap();
         assert!(store.multipart_put_part("packs/p2", &second, 1, Bytes::new()).is_err());

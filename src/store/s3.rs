@@ -3,8 +3,8 @@
 //!
 //! The store owns a small tokio runtime (2 worker threads named `ferry-s3`) and one SDK client;
 //! every trait method blocks the calling OS thread on that runtime, so parallelism comes from how
-//! many threads call at once (the HTTP connection pool is unbounded, one connection per request
-//! in flight). The client is configured for S3-compatible servers: checksums only when an
+//! many threads call at once (the HTTP pool opens one connection per request in flight and keeps
+//! up to 64 idle ones). The client is configured for S3-compatible servers: checksums only when an
 //! operation requires them (servers such as Garage reject the SDK's default trailer checksums),
 //! path-style addressing by default, in-memory bodies, unsigned payloads, standard retries, connect
 //! and per-attempt timeouts, stalled-stream protection. Keys are `prefix/key` in the bucket.
@@ -37,6 +37,8 @@ use super::{ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, Upl
 
 /// Highest part number S3 accepts.
 const MAX_PART_NUMBER: u32 = 10_000;
+/// Idle connections kept per host; at least the number of requests ferry keeps in flight.
+const POOL_MAX_IDLE_PER_HOST: usize = 64;
 /// Idle pooled connections are closed after this long, before servers drop them on their side.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A transfer that moves no bytes for this long is aborted (stalled-stream protection).
@@ -803,7 +805,7 @@ fn validate_options(options: &S3Options) -> Result<String, StoreError> {
             Some(host) if !host.is_empty() && !host.starts_with('/') => {}
             _ => {
                 return config(format!(
-                    "s3 endpoint url {url:?} must look like http://host[:port] or https://host[:port]"
+                    "s3 endpoint url {url:?} must be http://host[:port] or https://host[:port]"
                 ));
             }
         }
@@ -818,8 +820,9 @@ fn validate_options(options: &S3Options) -> Result<String, StoreError> {
     Ok(prefix.to_owned())
 }
 
-/// Builds the HTTP client: rustls (ring) with the system roots plus `ca_bundle`, an unbounded
-/// connection pool (hyper's default: no per-host limit, so one connection per request in flight).
+/// Builds the HTTP client: rustls (ring) with the system roots plus `ca_bundle`. The pool opens
+/// one connection per request in flight (hyper sets no upper bound on open connections) and keeps
+/// up to `POOL_MAX_IDLE_PER_HOST` of them idle for reuse.
 fn build_http_client(
     options: &S3Options,
 ) -> Result<aws_sdk_s3::config::SharedHttpClient, StoreError> {
@@ -827,7 +830,8 @@ fn build_http_client(
         if !options.verify_tls {
             // aws-smithy-http-client offers no hook for a custom rustls `ServerCertVerifier`
             // (awslabs/aws-sdk-rust#1175); accepting any certificate needs a hand-built hyper
-            // connector, i.e. direct dependencies this crate does not have yet.
+            // connector (src/store/insecure_tls.rs), which needs direct dependencies on hyper,
+            // hyper-util, hyper-rustls, aws-smithy-runtime-api and aws-smithy-types.
             return Err(StoreError::Config(
                 "verify_tls = false (accept any tls certificate) is not supported yet; \
                  trust the server's ca with ca_bundle instead"
@@ -849,6 +853,7 @@ fn build_http_client(
         .map_err(|error| StoreError::Config(format!("invalid tls settings: {error}")))?;
     Ok(aws_smithy_http_client::Builder::new()
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
         .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
         .tls_context(context)
         .build_https())
@@ -948,7 +953,8 @@ mod tests {
         assert_eq!(store.describe(), "s3://b at http://127.0.0.1:1");
         assert_eq!(store.full_key("x", "k").unwrap(), "k");
 
-        let cases: Vec<Box<dyn Fn(&mut S3Options)>> = vec![
+        type Change = Box<dyn Fn(&mut S3Options)>;
+        let cases: Vec<Change> = vec![
             Box::new(|o| o.bucket.clear()),
             Box::new(|o| o.region.clear()),
             Box::new(|o| o.secret_access_key.clear()),
@@ -996,6 +1002,7 @@ mod tests {
         let store = S3Store::new(options).unwrap();
         let started = Instant::now();
         let error = store.put("k", Bytes::from_static(b"x")).unwrap_err();
+        println!("{error} (after {:?})", started.elapsed());
         assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
         match &error {
             StoreError::Unreachable { endpoint, operation, key, detail } => {
@@ -1009,6 +1016,23 @@ mod tests {
         assert_eq!(crate::error::Classify::status(&error), crate::error::Status::Transient);
         assert!(matches!(store.get("k"), Err(StoreError::Unreachable { .. })));
         assert!(matches!(store.list(""), Err(StoreError::Unreachable { .. })));
+    }
+
+    #[test]
+    fn silent_server_times_out_as_unreachable() {
+        // Accepts TCP connections (the kernel completes the handshake) but never answers.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut options = S3Options::new("b", "p", "garage", "ak", "sk");
+        options.endpoint_url = Some(format!("http://{}", listener.local_addr().unwrap()));
+        options.operation_timeout = Duration::from_millis(500);
+        options.max_attempts = 2;
+        let store = S3Store::new(options).unwrap();
+        let started = Instant::now();
+        let error = store.get("k").unwrap_err();
+        println!("{error} (after {:?})", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+        assert!(matches!(error, StoreError::Unreachable { operation: "GetObject", .. }), "{error}");
+        drop(listener);
     }
 
     #[test]
@@ -1149,12 +1173,38 @@ mod tests {
         store.delete("packs/p1").unwrap();
     }
 
+    /// Needs an https endpoint in front of the test server whose certificate is signed by the CA
+    /// in `FERRY_TEST_S3_CA_BUNDLE` (not in the system roots).
+    #[test]
+    fn garage_over_tls_with_ca_bundle() {
+        let Some(mut options) = test_options("tls") else { return };
+        let (Ok(endpoint), Ok(ca)) =
+            (std::env::var("FERRY_TEST_S3_TLS_ENDPOINT"), std::env::var("FERRY_TEST_S3_CA_BUNDLE"))
+        else {
+            println!("skipped: FERRY_TEST_S3_TLS_ENDPOINT or FERRY_TEST_S3_CA_BUNDLE not set");
+            return;
+        };
+        options.endpoint_url = Some(endpoint);
+        options.max_attempts = 1;
+        // Without the CA the certificate is refused.
+        let untrusted = S3Store::new(options.clone()).unwrap();
+        let error = untrusted.put("k", Bytes::from_static(b"x")).unwrap_err();
+        println!("{error}");
+        assert!(matches!(error, StoreError::Unreachable { .. }), "{error}");
+        options.ca_bundle = Some(PathBuf::from(ca));
+        let store = S3Store::new(options).unwrap();
+        store.put("k", pattern(70_000, 3)).unwrap();
+        assert_eq!(store.get("k").unwrap(), pattern(70_000, 3));
+        store.delete("k").unwrap();
+    }
+
     #[test]
     fn garage_wrong_secret_is_access_denied() {
         let Some(mut options) = test_options("denied") else { return };
         options.secret_access_key = "definitely-not-the-secret-key".to_owned();
         let store = S3Store::new(options).unwrap();
         let error = store.put("k", Bytes::from_static(b"x")).unwrap_err();
+        println!("{error}");
         match &error {
             StoreError::AccessDenied { operation: "PutObject", detail, .. } => {
                 assert!(!detail.contains("definitely-not-the-secret-key"));
@@ -1170,7 +1220,11 @@ mod tests {
         let Some(mut options) = test_options("nobucket") else { return };
         options.bucket = "ferry-no-such-bucket".to_owned();
         let store = S3Store::new(options).unwrap();
-        match store.put("k", Bytes::from_static(b"x")) {
+        let result = store.put("k", Bytes::from_static(b"x"));
+        if let Err(error) = &result {
+            println!("{error}");
+        }
+        match result {
             Err(StoreError::Failed { transient: false, detail, .. }) => {
                 assert!(detail.contains("ferry-no-such-bucket"), "{detail}");
             }

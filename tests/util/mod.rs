@@ -90,7 +90,8 @@ impl Repo {
         };
         let bucket = std::env::var("FERRY_TEST_S3_BUCKET").unwrap_or_else(|_| "ferry-test".into());
         let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
         let url = format!("s3://{bucket}/tests/{test}-{}-{unique}-{nanos}", std::process::id());
         Some(Repo::S3 { url, endpoint })
     }
@@ -99,7 +100,14 @@ impl Repo {
         match self {
             Repo::Local(path) => vec!["--repo".into(), path.display().to_string()],
             Repo::S3 { url, endpoint } => {
-                vec!["--repo".into(), url.clone(), "--s3-endpoint".into(), endpoint.clone(), "--s3-region".into(), "garage".into()]
+                vec![
+                    "--repo".into(),
+                    url.clone(),
+                    "--s3-endpoint".into(),
+                    endpoint.clone(),
+                    "--s3-region".into(),
+                    "garage".into(),
+                ]
             }
         }
     }
@@ -129,7 +137,8 @@ impl Repo {
 
     /// Restores `backup_id` onto `target` with extra flags; returns the run.
     pub fn restore(&self, backup_id: &str, target: &Path, engine: &str, flags: &[&str]) -> Run {
-        let mut args = vec!["--io-engine", engine, "restore", backup_id, "--target", target.to_str().unwrap()];
+        let mut args =
+            vec!["--io-engine", engine, "restore", backup_id, "--target", target.to_str().unwrap()];
         args.extend_from_slice(flags);
         self.ferry(&args)
     }
@@ -148,16 +157,24 @@ impl From<Output> for Run {
         let stdout = String::from_utf8(output.stdout).unwrap();
         let events = stdout
             .lines()
-            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("stdout line {line:?} is not JSON: {e}")))
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("stdout line {line:?} is not JSON: {e}"))
+            })
             .collect();
-        Run { code: output.status.code().unwrap_or(-1), events, stderr: String::from_utf8_lossy(&output.stderr).into() }
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            events,
+            stderr: String::from_utf8_lossy(&output.stderr).into(),
+        }
     }
 }
 
 impl Run {
     /// The last event, which must be `result` or `error`.
     pub fn last(&self) -> &Value {
-        let last = self.events.last().unwrap_or_else(|| panic!("no events; stderr: {}", self.stderr));
+        let last =
+            self.events.last().unwrap_or_else(|| panic!("no events; stderr: {}", self.stderr));
         let kind = last["event"].as_str().unwrap();
         assert!(kind == "result" || kind == "error", "last event is {kind}");
         last
@@ -172,7 +189,11 @@ impl Run {
 
     /// Asserts failure with `code` and returns the error message.
     pub fn fails(&self, code: i32) -> String {
-        assert_eq!(self.code, code, "expected exit {code}; stderr: {}\nevents: {:?}", self.stderr, self.events);
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}; stderr: {}\nevents: {:?}",
+            self.stderr, self.events
+        );
         let last = self.last();
         assert_eq!(last["event"], "error");
         assert_eq!(last["exit_code"], code);
@@ -199,7 +220,10 @@ impl LoopDevice {
                 Some(LoopDevice { path })
             }
             other => {
-                assert!(std::env::var("FERRY_TEST_REQUIRE_LOOP").is_err(), "losetup failed: {other:?}");
+                assert!(
+                    std::env::var("FERRY_TEST_REQUIRE_LOOP").is_err(),
+                    "losetup failed: {other:?}"
+                );
                 eprintln!("skipped: losetup unavailable: {other:?}");
                 None
             }
