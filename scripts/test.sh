@@ -25,4 +25,6 @@ if [ "$(id -u)" = 0 ]; then
 fi
 
 cargo fmt --all -- --check
-cargo test --release --locked --all-targets -- --test-threads=2
+# Benchmarks are compiled, not run (criterion takes no test-harness flags); perf/ runs them.
+cargo bench --locked --no-run
+cargo test --release --locked -- --test-threads=2
