@@ -10,6 +10,7 @@ scripts/garage.sh install
 
 garage_dir=$(mktemp -d "${TMPDIR:-/tmp}/ferry-garage.XXXXXX")
 cleanup() {
+  if [ -f "$garage_dir/tls-proxy.pid" ]; then kill "$(cat "$garage_dir/tls-proxy.pid")" 2>/dev/null || true; fi
   scripts/garage.sh stop "$garage_dir" || true
   rm -rf "$garage_dir"
 }
@@ -17,6 +18,18 @@ trap cleanup EXIT
 scripts/garage.sh start "$garage_dir"
 # shellcheck disable=SC1091
 source "$garage_dir/env"
+
+# An https endpoint in front of Garage, with a throwaway CA, for the TLS verification tests.
+garage_port=${FERRY_TEST_S3_ENDPOINT##*:}
+tls_port=$((garage_port + 443))
+python3 scripts/tls-proxy.py "$garage_dir" "$tls_port" "$garage_port" > "$garage_dir/tls-proxy.log" 2>&1 &
+for _ in $(seq 1 100); do
+  [ -f "$garage_dir/tls-proxy.pid" ] && break
+  sleep 0.1
+done
+[ -f "$garage_dir/tls-proxy.pid" ] || { cat "$garage_dir/tls-proxy.log"; exit 1; }
+export FERRY_TEST_S3_TLS_ENDPOINT=https://127.0.0.1:$tls_port
+export FERRY_TEST_S3_CA_BUNDLE=$garage_dir/ca.pem
 
 # Make the environment-gated tests mandatory here: skipping them would hide a broken setup.
 export FERRY_TEST_REQUIRE_S3=1

@@ -207,3 +207,30 @@ fn sigint_cancels_a_backup_without_a_manifest() {
     assert_eq!(last["kind"], "cancelled");
     assert_eq!(repo.ferry(&["list"]).ok()["backups"].as_array().unwrap().len(), 0);
 }
+
+/// Over https with a certificate from an untrusted CA: refused by default (exit 4), accepted with
+/// `--s3-no-verify-tls` (the opt-out of Cinder's `backup_s3_verify_ssl = False`).
+#[test]
+fn tls_verification_is_on_by_default_with_an_opt_out() {
+    let Some(Repo::S3 { url, .. }) = Repo::garage("tls") else { return };
+    let Ok(endpoint) = std::env::var("FERRY_TEST_S3_TLS_ENDPOINT") else {
+        assert!(std::env::var("FERRY_TEST_REQUIRE_S3").is_err(), "TLS endpoint missing");
+        return;
+    };
+    let repo = Repo::S3 { url, endpoint };
+    let message = repo.ferry(&["init"]).fails(4);
+    assert!(message.to_lowercase().contains("certificate"), "{message}");
+    repo.ferry(&["--s3-no-verify-tls", "init"]).ok();
+    let scratch = Scratch::new("tls");
+    let source = scratch.join("a.img");
+    gen_image(&source, 3 * MIB, "mixed", 4);
+    let id = repo
+        .ferry(&["--s3-no-verify-tls", "backup", "--source", source.to_str().unwrap()])
+        .ok()["backup_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let target = scratch.join("b.img");
+    repo.ferry(&["--s3-no-verify-tls", "restore", &id, "--target", target.to_str().unwrap()]).ok();
+    crate::util::assert_same(&source, &target, 3 * MIB);
+}

@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use crate::error::{Classify, ErrorKind, Status};
 
+mod insecure_tls;
 pub mod local;
 pub mod s3;
 

@@ -828,14 +828,14 @@ fn build_http_client(
 ) -> Result<aws_sdk_s3::config::SharedHttpClient, StoreError> {
     let trust_store = if options.uses_tls() {
         if !options.verify_tls {
-            // aws-smithy-http-client offers no hook for a custom rustls `ServerCertVerifier`
-            // (awslabs/aws-sdk-rust#1175); accepting any certificate needs a hand-built hyper
-            // connector (src/store/insecure_tls.rs), which needs direct dependencies on hyper,
-            // hyper-util, hyper-rustls, aws-smithy-runtime-api and aws-smithy-types.
-            return Err(StoreError::Config(
-                "verify_tls = false (accept any tls certificate) is not supported yet; \
-                 trust the server's ca with ca_bundle instead"
-                    .to_owned(),
+            // DANGER: accepts any certificate, as the operator asked (verify_tls = false).
+            // aws-smithy-http-client has no hook for a custom verifier (aws-sdk-rust#1175), so
+            // this is a hand-built hyper client (src/store/insecure_tls.rs).
+            return Ok(aws_sdk_s3::config::SharedHttpClient::new(
+                super::insecure_tls::InsecureHttpClient::new(
+                    POOL_IDLE_TIMEOUT,
+                    POOL_MAX_IDLE_PER_HOST,
+                ),
             ));
         }
         let mut store = TrustStore::default();
@@ -963,10 +963,6 @@ mod tests {
             Box::new(|o| o.endpoint_url = Some("127.0.0.1:39000".to_owned())),
             Box::new(|o| o.endpoint_url = Some("http://".to_owned())),
             Box::new(|o| o.endpoint_url = Some("https://u:p@host".to_owned())),
-            Box::new(|o| {
-                o.endpoint_url = Some("https://s3.example.com".to_owned());
-                o.verify_tls = false;
-            }),
             Box::new(|o| {
                 o.endpoint_url = Some("https://s3.example.com".to_owned());
                 o.ca_bundle = Some(PathBuf::from("/nonexistent/ca.pem"));
@@ -1181,6 +1177,10 @@ mod tests {
         let (Ok(endpoint), Ok(ca)) =
             (std::env::var("FERRY_TEST_S3_TLS_ENDPOINT"), std::env::var("FERRY_TEST_S3_CA_BUNDLE"))
         else {
+            assert!(
+                std::env::var("FERRY_TEST_REQUIRE_S3").is_err(),
+                "FERRY_TEST_REQUIRE_S3 is set but the TLS endpoint is not (scripts/test.sh sets it)"
+            );
             println!("skipped: FERRY_TEST_S3_TLS_ENDPOINT or FERRY_TEST_S3_CA_BUNDLE not set");
             return;
         };
@@ -1191,6 +1191,17 @@ mod tests {
         let error = untrusted.put("k", Bytes::from_static(b"x")).unwrap_err();
         println!("{error}");
         assert!(matches!(error, StoreError::Unreachable { .. }), "{error}");
+        // verify_tls = false accepts the untrusted certificate (like backup_s3_verify_ssl = False).
+        let mut insecure = options.clone();
+        insecure.verify_tls = false;
+        let store = S3Store::new(insecure).unwrap();
+        store.put("insecure", pattern(70_000, 4)).unwrap();
+        assert_eq!(store.get("insecure").unwrap(), pattern(70_000, 4));
+        assert_eq!(
+            store.get_range("insecure", 1000, 10).unwrap(),
+            pattern(70_000, 4).slice(1000..1010)
+        );
+        store.delete("insecure").unwrap();
         options.ca_bundle = Some(PathBuf::from(ca));
         let store = S3Store::new(options).unwrap();
         store.put("k", pattern(70_000, 3)).unwrap();
