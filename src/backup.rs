@@ -515,10 +515,10 @@ fn pack_chunks(
             close_pack(shared, open.take().expect("open"), part_tx, report_tx)?;
         }
     }
-    if let Some(pack) = open.take() {
-        if !shared.stopped() {
-            close_pack(shared, pack, part_tx, report_tx)?;
-        }
+    if let Some(pack) = open.take()
+        && !shared.stopped()
+    {
+        close_pack(shared, pack, part_tx, report_tx)?;
     }
     Ok(())
 }
@@ -651,11 +651,11 @@ fn upload_parts(shared: &Shared<'_>, part_rx: &Receiver<PartJob>, report_tx: &Se
             state.receipts.push(receipt);
             take_if_complete(&mut state)
         };
-        if let Some(done) = ready {
-            if let Err(error) = finish_upload(shared, upload, done, report_tx) {
-                shared.fail(error);
-                break;
-            }
+        if let Some(done) = ready
+            && let Err(error) = finish_upload(shared, upload, done, report_tx)
+        {
+            shared.fail(error);
+            break;
         }
     }
 }

@@ -30,7 +30,7 @@ pub const REQUEST_SIZE_BYTES: usize = 1 << 20;
 pub const QUEUE_DEPTH_DEFAULT: usize = 16;
 
 const _: () = assert!(PART_SIZE_BYTES >= 5 << 20, "S3 rejects non-final parts under 5 MiB");
-const _: () = assert!(PACK_SIZE_BYTES_TARGET % PART_SIZE_BYTES == 0);
+const _: () = assert!(PACK_SIZE_BYTES_TARGET.is_multiple_of(PART_SIZE_BYTES));
 const _: () = assert!(
     PACK_SIZE_BYTES_TARGET / PART_SIZE_BYTES + 2 <= 10_000,
     "a pack must fit S3's 10,000-part limit"

@@ -1,6 +1,6 @@
 //! Integration tests: the built `ferry` binary against real parts — image files, loop devices
 
-#![allow(unused_results)]
+#![allow(unused_results, clippy::unwrap_used)]
 //! (`losetup --direct-io=on`), a local directory repository and a real Garage S3 server.
 //!
 //! Garage tests need `FERRY_TEST_S3_ENDPOINT` (set by `scripts/test.sh`, which starts Garage);

@@ -131,7 +131,7 @@ fn fill_text(rng: &mut Rng, out: &mut [u8]) {
     }
 }
 
-fn gen_image(path: &PathBuf, size: u64, mix: &str, seed: u64) -> Result<()> {
+fn gen_image(path: &std::path::Path, size: u64, mix: &str, seed: u64) -> Result<()> {
     let started = Instant::now();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut file = std::io::BufWriter::with_capacity(
@@ -179,7 +179,7 @@ fn gen_image(path: &PathBuf, size: u64, mix: &str, seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn stage(path: &PathBuf, name: &str) -> Result<()> {
+fn stage(path: &std::path::Path, name: &str) -> Result<()> {
     let data = std::fs::read(path)?;
     let hasher = ChunkHasher::new([7; 32]);
     let mut compressor = Compressor::new(ferry::compress::LEVEL_DEFAULT);
@@ -254,9 +254,9 @@ impl ObjectStore for NullStore {
     }
 }
 
-fn pipeline(path: &PathBuf, engine: &str) -> Result<()> {
+fn pipeline(path: &std::path::Path, engine: &str) -> Result<()> {
     let repo = Repository::init(Box::new(NullStore), ferry::limits::CHUNK_SIZE_BYTES_DEFAULT)?;
-    let mut options = BackupOptions::new(path.clone());
+    let mut options = BackupOptions::new(path.to_path_buf());
     options.engine =
         if engine == "pread" { ferry::io::Engine::Pread } else { ferry::io::Engine::Uring };
     let progress = Progress::default();

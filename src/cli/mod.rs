@@ -272,7 +272,7 @@ fn with_progress<T>(output: &Output, progress: &Progress, job: impl FnOnce() -> 
                 std::thread::park_timeout(Duration::from_millis(200));
                 ticks += 1;
                 // JSON events once a second; a terminal's progress line five times a second.
-                if ticks % 5 == 0 || output.live() {
+                if ticks.is_multiple_of(5) || output.live() {
                     output.progress(progress);
                 }
             }
