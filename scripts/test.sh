@@ -40,4 +40,5 @@ fi
 cargo fmt --all -- --check
 # Benchmarks are compiled, not run (criterion takes no test-harness flags); perf/ runs them.
 cargo bench --locked --no-run
+cargo clippy --release --locked --all-targets -- -D warnings
 cargo test --release --locked -- --test-threads=2
