@@ -72,6 +72,61 @@ pub(crate) fn after_transfer(span: Span, res: usize, granule: usize) -> Progress
     })
 }
 
+/// Why a blocking span transfer stopped early.
+#[derive(Debug)]
+pub(crate) enum SyncStop {
+    /// The cancel check answered true.
+    Cancelled,
+    /// `MAX_RETRIES` attempts in a row made no progress.
+    NoProgress(Span),
+    /// Zero bytes transferred before the wanted end.
+    Eof(Span),
+    /// The system call failed.
+    Failed(Span, std::io::Error),
+}
+
+/// Moves one span with blocking calls (the `pread`/`pwrite` engine): `transfer` performs one call
+/// for a span and returns the byte count; short counts are resubmitted as `after_transfer` says,
+/// `EINTR`/`EAGAIN` are retried, and `requests` counts every call.
+pub(crate) fn transfer_sync(
+    first: Span,
+    granule: usize,
+    requests: &mut u64,
+    cancelled: &dyn Fn() -> bool,
+    mut transfer: impl FnMut(Span) -> std::io::Result<usize>,
+) -> Result<(), SyncStop> {
+    let mut span = first;
+    let mut retries = 0u32;
+    loop {
+        if cancelled() {
+            return Err(SyncStop::Cancelled);
+        }
+        *requests += 1;
+        match transfer(span) {
+            Ok(res) => match after_transfer(span, res, granule) {
+                Progress::Done => return Ok(()),
+                Progress::Resubmit(rest) => {
+                    retries = if rest == span { retries + 1 } else { 0 };
+                    span = rest;
+                }
+                Progress::Eof => return Err(SyncStop::Eof(span)),
+            },
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                retries += 1;
+            }
+            Err(error) => return Err(SyncStop::Failed(span, error)),
+        }
+        if retries > MAX_RETRIES {
+            return Err(SyncStop::NoProgress(span));
+        }
+    }
+}
+
 /// Alignment rules for one open file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Alignment {

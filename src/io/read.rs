@@ -16,7 +16,9 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TryRecvError};
 
 use super::device::{DeviceInfo, is_direct};
-use super::plan::{Alignment, ChunkPlan, MAX_RETRIES, Progress, ReadPlan, after_transfer};
+use super::plan::{
+    Alignment, ChunkPlan, MAX_RETRIES, Progress, ReadPlan, SyncStop, after_transfer, transfer_sync,
+};
 use super::uring::{Direction, Driver, Request, SlotBuffer, open_ring};
 use super::{AlignedBuf, Engine, IoError};
 
@@ -293,42 +295,19 @@ fn read_pread(file: &File, plan: &ReadPlan, ends: &Ends<'_>) -> Result<ReadStats
     for index in 0..plan.chunk_count() {
         let mut buf = ends.take_buffer(plan.chunk_size())?;
         let chunk = plan.chunk(index);
-        for first in plan.spans(&chunk) {
-            let mut span = first;
-            let mut retries = 0u32;
-            loop {
-                ends.check_cancel()?;
+        for span in plan.spans(&chunk) {
+            let cancelled = || ends.cancelled();
+            transfer_sync(span, align.granule, &mut requests, &cancelled, |span| {
                 let target = &mut buf.as_mut_slice()[span.buf_offset..span.buf_offset + span.len];
                 align.assert_request(span.file_offset, span.len, target.as_ptr());
-                requests += 1;
-                let res = match file.read_at(target, span.file_offset) {
-                    Ok(res) => res,
-                    Err(error)
-                        if matches!(
-                            error.kind(),
-                            io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                        ) =>
-                    {
-                        retries += 1;
-                        if retries > MAX_RETRIES {
-                            return Err(no_progress(span.file_offset, span.len));
-                        }
-                        continue;
-                    }
-                    Err(error) => return Err(read_error(span.file_offset, span.len, error)),
-                };
-                match after_transfer(span, res, align.granule) {
-                    Progress::Done => break,
-                    Progress::Resubmit(rest) => {
-                        retries = if rest == span { retries + 1 } else { 0 };
-                        if retries > MAX_RETRIES {
-                            return Err(no_progress(span.file_offset, span.len));
-                        }
-                        span = rest;
-                    }
-                    Progress::Eof => return Err(unexpected_eof(span.file_offset, span.len)),
-                }
-            }
+                file.read_at(target, span.file_offset)
+            })
+            .map_err(|stop| match stop {
+                SyncStop::Cancelled => IoError::Cancelled,
+                SyncStop::NoProgress(span) => no_progress(span.file_offset, span.len),
+                SyncStop::Eof(span) => unexpected_eof(span.file_offset, span.len),
+                SyncStop::Failed(span, error) => read_error(span.file_offset, span.len, error),
+            })?;
         }
         buf.set_len(chunk.valid);
         bytes_read += chunk.valid as u64;

@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
 use super::device::{DeviceInfo, is_direct};
-use super::plan::{Alignment, MAX_RETRIES, Progress, after_transfer, check_write, write_spans};
+use super::plan::{
+    Alignment, MAX_RETRIES, Progress, SyncStop, after_transfer, check_write, transfer_sync,
+    write_spans,
+};
 use super::read::CANCEL_POLL;
 use super::uring::{Direction, Driver, MAX_QUEUE_DEPTH, Request, SlotBuffer, open_ring};
 use super::{AlignedBuf, Engine, IoError, MAX_WRITE_REQUEST_BYTES};
@@ -277,45 +280,20 @@ fn write_pwrite(
     let mut requests = 0u64;
     while let Some(op) = next_op(ops, cancel)? {
         let Planned { offset, length, buf } = plan_op(op, &align, free)?;
-        for first in write_spans(offset, length, MAX_WRITE_REQUEST_BYTES, buf.is_none()) {
-            let mut span = first;
-            let mut retries = 0u32;
-            loop {
-                if cancel.load(Ordering::Relaxed) {
-                    return Err(IoError::Cancelled);
-                }
+        for span in write_spans(offset, length, MAX_WRITE_REQUEST_BYTES, buf.is_none()) {
+            let cancelled = || cancel.load(Ordering::Relaxed);
+            transfer_sync(span, align.granule, &mut requests, &cancelled, |span| {
                 let source = buf.as_ref().unwrap_or(&zero).as_slice();
                 let bytes = &source[span.buf_offset..span.buf_offset + span.len];
                 align.assert_request(span.file_offset, span.len, bytes.as_ptr());
-                requests += 1;
-                let res = match file.write_at(bytes, span.file_offset) {
-                    Ok(res) => res,
-                    Err(error)
-                        if matches!(
-                            error.kind(),
-                            io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                        ) =>
-                    {
-                        retries += 1;
-                        if retries > MAX_RETRIES {
-                            return Err(no_progress(span.file_offset, span.len));
-                        }
-                        continue;
-                    }
-                    Err(error) => return Err(write_error(span.file_offset, span.len, error)),
-                };
-                match after_transfer(span, res, align.granule) {
-                    Progress::Done => break,
-                    Progress::Resubmit(rest) => {
-                        retries = if rest == span { retries + 1 } else { 0 };
-                        if retries > MAX_RETRIES {
-                            return Err(no_progress(span.file_offset, span.len));
-                        }
-                        span = rest;
-                    }
-                    Progress::Eof => return Err(wrote_zero(span.file_offset, span.len)),
-                }
-            }
+                file.write_at(bytes, span.file_offset)
+            })
+            .map_err(|stop| match stop {
+                SyncStop::Cancelled => IoError::Cancelled,
+                SyncStop::NoProgress(span) => no_progress(span.file_offset, span.len),
+                SyncStop::Eof(span) => wrote_zero(span.file_offset, span.len),
+                SyncStop::Failed(span, error) => write_error(span.file_offset, span.len, error),
+            })?;
         }
         bytes_written += length;
         if let Some(buf) = buf {
