@@ -300,8 +300,22 @@ fn run_threads(
         io::WriteOptions { engine: options.engine, queue_depth: options.queue_depth };
     let next_job = AtomicUsize::new(0);
     let (writer_result, hole_counts) = std::thread::scope(|scope| {
-        let writer = scope.spawn(|| {
-            io::write_target(file, &shared.info, &write_options, &ops_rx, &free_tx, &shared.abort)
+        // The writer owns the receiving end of the ops and the sending end of the pool, so that
+        // if it stops, blocked downloaders see disconnected channels instead of waiting forever.
+        let writer = scope.spawn(move || {
+            let result = io::write_target(
+                file,
+                &shared.info,
+                &write_options,
+                &ops_rx,
+                &free_tx,
+                &shared.abort,
+            );
+            drop((ops_rx, free_tx));
+            if result.is_err() {
+                shared.abort.store(true, Ordering::SeqCst);
+            }
+            result
         });
         for _ in 0..downloader_count {
             let (ops_tx, free_rx) = (ops_tx.clone(), free_rx.clone());
