@@ -186,15 +186,17 @@ fn sigint_cancels_a_backup_without_a_manifest() {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut events = Vec::new();
-    // Wait for the first progress event: the pipeline is running.
+    // Wait for the start event: the signal handlers are installed and the job is starting; a
+    // 768 MiB backup takes seconds, so the signal lands while it runs.
     for line in lines.by_ref() {
         let event: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
         let kind = event["event"].as_str().unwrap().to_string();
         events.push(event);
-        if kind == "progress" || kind == "result" {
+        if kind == "start" || kind == "result" {
             break;
         }
     }
+    std::thread::sleep(Duration::from_millis(300));
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     for line in lines {
