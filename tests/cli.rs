@@ -208,6 +208,9 @@ fn sigint_cancels_a_backup_without_a_manifest() {
     assert_eq!(last["event"], "error");
     assert_eq!(last["kind"], "cancelled");
     assert_eq!(repo.ferry(&["list"]).ok()["backups"].as_array().unwrap().len(), 0);
+    // Multipart uploads in flight were aborted, not left behind.
+    let pending = std::fs::read_dir(scratch.join("repo/.multipart")).map_or(0, Iterator::count);
+    assert_eq!(pending, 0, "multipart uploads left behind");
 }
 
 /// Over https with a certificate from an untrusted CA: refused by default (exit 4), accepted with
