@@ -54,7 +54,7 @@ def seconds(text):
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 print(f"\n### {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC, commit {commit}, {size} mixed, {cpu}, {subprocess.os.cpu_count()} CPUs\n")
-print("| step | wall s | MB/s of volume | uploaded MiB | new chunks | peak RSS MiB |")
+print("| step | wall s | MB/s of volume | MiB uploaded / downloaded | new chunks | peak RSS MiB |")
 print("|---|---|---|---|---|---|")
 for row in rows:
     name, wall, rss = row.split()
@@ -63,7 +63,7 @@ for row in rows:
     if name.startswith("backup"):
         volume = r["volume_size_bytes"]; up = r["bytes_uploaded"] / 2**20; new = r["stats"]["new_chunk_count"]
     else:
-        volume = r["stats"]["volume_size_bytes"]; up = 0; new = "-"
+        volume = r["stats"]["volume_size_bytes"]; up = r["stats"]["bytes_downloaded"] / 2**20; new = "-"
     print(f"| {name} | {wall_s:.2f} | {volume / 1e6 / wall_s:.0f} | {up:.1f} | {new} | {int(rss) / 1024:.0f} |")
 print("\nrestore byte-identical (cmp): yes")
 PY
