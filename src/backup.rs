@@ -86,8 +86,16 @@ struct Compressed {
 
 /// What the threads report to the collecting thread.
 enum Report {
-    Chunk { chunk_index: u64, hash: Option<ChunkHash>, new: bool },
-    Pack { pack: PackId, hashes: Vec<ChunkHash>, stored_bytes: u64 },
+    /// A chunk of source `source` was processed; `stored` is its stored size when it is new.
+    Chunk {
+        source: usize,
+        chunk_index: u64,
+        length: u64,
+        hash: Option<ChunkHash>,
+        stored: Option<u64>,
+    },
+    /// A pack and its index are stored.
+    Pack { pack: PackId, hashes: Vec<ChunkHash> },
 }
 
 /// A pack whose parts are being uploaded.
@@ -153,29 +161,45 @@ pub fn run(
     cancel: &AtomicBool,
     warn: &dyn Fn(String),
 ) -> Result<BackupOutcome, EngineError> {
+    let sources = [options.source.clone()];
+    let mut outcomes = run_many(repo, options, &sources, progress, cancel, warn)?;
+    Ok(outcomes.pop().expect("one outcome per source"))
+}
+
+/// One source of a run: its device and what the pipeline learned about it.
+struct Source {
+    path: PathBuf,
+    opened: io::OpenedFile,
+    info: io::DeviceInfo,
+    backup_id: String,
+}
+
+/// What the collector gathered for one source.
+struct Collected {
+    table: Vec<Option<ChunkHash>>,
+    seen: Vec<bool>,
+    stats: BackupStats,
+}
+
+/// Backs up every path in `sources` at once (one reader thread each, shared workers, packer,
+/// uploaders and dedup) and commits one manifest per source, in order, once all of them are
+/// complete. The run is all or nothing until the commit: a failure of any source writes no
+/// manifest. `options.source` is ignored; `options.backup_id` is only allowed for one source.
+///
+/// # Errors
+/// As `run`; `Usage` for a backup id given with several sources or a source given twice.
+pub fn run_many(
+    repo: &Repository,
+    options: &BackupOptions,
+    sources: &[PathBuf],
+    progress: &Progress,
+    cancel: &AtomicBool,
+    warn: &dyn Fn(String),
+) -> Result<Vec<BackupOutcome>, EngineError> {
     let started = Instant::now();
     let started_at = format::unix_now();
-    let backup_id = match &options.backup_id {
-        Some(id) => checked_new_id(repo, id)?,
-        None => format!("{}-{}", started_at.compact(), &PackId::random().to_hex()[..8]),
-    };
-    let opened = io::open(&options.source, false, false)?;
-    if !opened.direct {
-        warn(format!(
-            "{}: O_DIRECT refused, reading through the page cache",
-            options.source.display()
-        ));
-    }
-    let info = io::probe(&opened.file)?;
-    if info.size_bytes == 0 {
-        return Err(EngineError::new(
-            ErrorKind::Usage,
-            format!("source {} has size 0", options.source.display()),
-        ));
-    }
-    Progress::add(&progress.bytes_total, info.size_bytes);
+    let sources = open_sources(repo, options, sources, started_at, progress, warn)?;
     let chunk_size_bytes = repo.config.chunk_size_bytes;
-    let chunk_count = format::chunk_count(info.size_bytes, chunk_size_bytes);
     let known = repo.load_all_indexes()?;
     let shared = Shared {
         store: repo.store.as_ref(),
@@ -185,46 +209,96 @@ pub fn run(
         dedup: Mutex::new(known.into_iter().map(|(hash, pack)| (hash, Some(pack))).collect()),
         open_uploads: Mutex::new(HashMap::new()),
     };
-    let budget =
+    let mut budget =
         Budget::new(chunk_size_bytes, options.worker_count.max(1), options.parts_in_flight);
-    let (table, stats, engine) =
-        run_pipeline(repo, options, &opened.file, &info, &shared, &budget, chunk_count, cancel)?;
+    // Every extra reader gets buffers of its own to keep its queue busy.
+    budget.chunk_buffer_count += 2 * (sources.len() - 1);
+    let (collected, engines) = run_pipeline(repo, options, &sources, &shared, &budget, cancel)?;
 
+    let mut manifests = Vec::with_capacity(sources.len());
     let dedup = lock(&shared.dedup);
-    let mut packs = BTreeSet::new();
-    for hash in table.iter().flatten() {
-        let pack = dedup.get(hash).copied().flatten();
-        let _ = packs.insert(pack.expect("every chunk of a finished backup is stored in a pack"));
+    for (source, collected) in sources.iter().zip(collected) {
+        let mut packs = BTreeSet::new();
+        for hash in collected.table.iter().flatten() {
+            let pack = dedup.get(hash).copied().flatten();
+            let _ = packs.insert(pack.expect("every chunk of a finished backup is in a pack"));
+        }
+        let mut manifest = Manifest {
+            format_version: format::FORMAT_VERSION,
+            backup_id: source.backup_id.clone(),
+            repository_id: repo.config.repository_id.clone(),
+            source: SourceInfo {
+                path: source.path.display().to_string(),
+                kind: if source.info.is_block_device { "block_device" } else { "file" }.into(),
+                logical_block_bytes: source.info.logical_block_bytes,
+            },
+            volume_size_bytes: source.info.size_bytes,
+            chunk_size_bytes,
+            started_at,
+            completed_at: format::unix_now(),
+            packs: packs.into_iter().collect(),
+            chunks: collected.table,
+            stats: collected.stats,
+        };
+        manifest.stats.duration_ms =
+            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        manifest.validate()?;
+        manifests.push(manifest);
     }
     drop(dedup);
-    let source = SourceInfo {
-        path: options.source.display().to_string(),
-        kind: if info.is_block_device { "block_device" } else { "file" }.to_string(),
-        logical_block_bytes: info.logical_block_bytes,
-    };
-    let mut manifest = Manifest {
-        format_version: format::FORMAT_VERSION,
-        backup_id: backup_id.clone(),
-        repository_id: repo.config.repository_id.clone(),
-        source,
-        volume_size_bytes: info.size_bytes,
-        chunk_size_bytes,
-        started_at,
-        completed_at: format::unix_now(),
-        packs: packs.into_iter().collect(),
-        chunks: table,
-        stats,
-    };
-    manifest.stats.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    manifest.validate()?;
     if cancel.load(Ordering::SeqCst) {
         return Err(EngineError::new(ErrorKind::Cancelled, "backup cancelled before commit"));
     }
-    // The commit point: everything the manifest references is durable.
-    let encoded = Bytes::from(format::encode_document(ObjectKind::Manifest, &manifest));
-    Progress::add(&progress.bytes_uploaded, encoded.len() as u64);
-    repo.store.put(&format::manifest_key(&backup_id), encoded)?;
-    Ok(BackupOutcome { manifest, engine, direct: opened.direct })
+    let mut outcomes = Vec::with_capacity(manifests.len());
+    for ((manifest, source), engine) in manifests.into_iter().zip(&sources).zip(engines) {
+        // The commit point: everything the manifest references is durable.
+        let encoded = Bytes::from(format::encode_document(ObjectKind::Manifest, &manifest));
+        Progress::add(&progress.bytes_uploaded, encoded.len() as u64);
+        repo.store.put(&format::manifest_key(&manifest.backup_id), encoded)?;
+        outcomes.push(BackupOutcome { manifest, engine, direct: source.opened.direct });
+    }
+    Ok(outcomes)
+}
+
+/// Opens and probes every source before any work starts, and names its backup.
+fn open_sources(
+    repo: &Repository,
+    options: &BackupOptions,
+    paths: &[PathBuf],
+    started_at: format::Timestamp,
+    progress: &Progress,
+    warn: &dyn Fn(String),
+) -> Result<Vec<Source>, EngineError> {
+    let usage = |message: String| EngineError::new(ErrorKind::Usage, message);
+    if paths.is_empty() {
+        return Err(usage("no source to back up".into()));
+    }
+    if options.backup_id.is_some() && paths.len() > 1 {
+        return Err(usage(
+            "--backup-id names one backup; it cannot be used with several sources".into(),
+        ));
+    }
+    let mut sources = Vec::with_capacity(paths.len());
+    for (position, path) in paths.iter().enumerate() {
+        if paths[..position].contains(path) {
+            return Err(usage(format!("source {} is given twice", path.display())));
+        }
+        let opened = io::open(path, false, false)?;
+        if !opened.direct {
+            warn(format!("{}: O_DIRECT refused, reading through the page cache", path.display()));
+        }
+        let info = io::probe(&opened.file)?;
+        if info.size_bytes == 0 {
+            return Err(usage(format!("source {} has size 0", path.display())));
+        }
+        Progress::add(&progress.bytes_total, info.size_bytes);
+        let backup_id = match &options.backup_id {
+            Some(id) => checked_new_id(repo, id)?,
+            None => format!("{}-{}", started_at.compact(), &PackId::random().to_hex()[..8]),
+        };
+        sources.push(Source { path: path.clone(), opened, info, backup_id });
+    }
+    Ok(sources)
 }
 
 fn checked_new_id(repo: &Repository, id: &str) -> Result<String, EngineError> {
@@ -238,122 +312,105 @@ fn checked_new_id(repo: &Repository, id: &str) -> Result<String, EngineError> {
     }
 }
 
-type PipelineResult = (Vec<Option<ChunkHash>>, BackupStats, io::Engine);
-
-#[allow(clippy::too_many_arguments)]
 fn run_pipeline(
     repo: &Repository,
     options: &BackupOptions,
-    file: &std::fs::File,
-    info: &io::DeviceInfo,
+    sources: &[Source],
     shared: &Shared<'_>,
     budget: &Budget,
-    chunk_count: u64,
     cancel: &AtomicBool,
-) -> Result<PipelineResult, EngineError> {
+) -> Result<(Vec<Collected>, Vec<io::Engine>), EngineError> {
     let (free_tx, free_rx) = bounded::<AlignedBuf>(budget.chunk_buffer_count);
     for _ in 0..budget.chunk_buffer_count {
         free_tx.send(AlignedBuf::new(budget.chunk_buffer_bytes)).expect("pool has room");
     }
-    let (chunk_tx, chunk_rx) = bounded::<ReadChunk>(budget.chunk_buffer_count);
+    let (chunk_txs, chunk_rxs): (Vec<_>, Vec<_>) =
+        sources.iter().map(|_| bounded::<ReadChunk>(budget.chunk_buffer_count)).unzip();
     let (compressed_tx, compressed_rx) = bounded::<Compressed>(budget.compressed_queue_count);
     let (spare_tx, spare_rx) = bounded::<Vec<u8>>(budget.compressed_queue_count);
     let (part_tx, part_rx) = bounded::<PartJob>(1);
     let (report_tx, report_rx) = bounded::<Report>(1024);
-    let read_options = io::ReadOptions {
+    let read_options = &io::ReadOptions {
         engine: options.engine,
         chunk_size_bytes: repo.config.chunk_size_bytes as usize,
         request_size_bytes: limits::REQUEST_SIZE_BYTES,
         queue_depth: options.queue_depth,
     };
-
-    let read_options = &read_options;
-    let (collected, engine) = std::thread::scope(|scope| {
-        let reader_free_rx = free_rx.clone();
-        let reader = scope.spawn(move || {
-            let result = io::read_source(
-                file,
-                info,
-                read_options,
-                &reader_free_rx,
-                &chunk_tx,
-                &shared.abort,
-            );
-            drop(chunk_tx);
-            match result {
-                Ok(stats) => Some(stats.engine),
-                Err(error) => {
-                    shared.fail(error.into());
-                    None
-                }
-            }
-        });
+    let (collected, engines) = std::thread::scope(|scope| {
+        let mut readers = Vec::with_capacity(sources.len());
+        for (source, chunk_tx) in sources.iter().zip(chunk_txs) {
+            let free_rx = free_rx.clone();
+            readers.push(scope.spawn(move || {
+                let result = io::read_source(
+                    &source.opened.file,
+                    &source.info,
+                    read_options,
+                    &free_rx,
+                    &chunk_tx,
+                    &shared.abort,
+                );
+                drop(chunk_tx);
+                result.map(|stats| stats.engine).map_err(|error| shared.fail(error.into())).ok()
+            }));
+        }
         for _ in 0..options.worker_count.max(1) {
-            let (chunk_rx, free_tx) = (chunk_rx.clone(), free_tx.clone());
+            let (chunk_rxs, free_tx) = (chunk_rxs.clone(), free_tx.clone());
             let (compressed_tx, spare_rx, report_tx) =
                 (compressed_tx.clone(), spare_rx.clone(), report_tx.clone());
+            let level = options.compression_level;
             let _ = scope.spawn(move || {
-                work_chunks(
-                    repo,
-                    shared,
-                    options.compression_level,
-                    &chunk_rx,
-                    &free_tx,
-                    &compressed_tx,
-                    &spare_rx,
-                    &report_tx,
-                );
+                let outputs = WorkerOutputs { free_tx, compressed_tx, spare_rx, report_tx };
+                work_chunks(repo, shared, level, &chunk_rxs, &outputs);
             });
         }
-        drop((chunk_rx, free_tx, free_rx, compressed_tx, spare_rx));
+        drop((chunk_rxs, free_tx, free_rx, compressed_tx, spare_rx));
         for _ in 0..options.parts_in_flight.max(1) {
             let (part_rx, report_tx) = (part_rx.clone(), report_tx.clone());
             let _ = scope.spawn(move || upload_parts(shared, &part_rx, &report_tx));
         }
         drop(part_rx);
-        {
-            let report_tx = report_tx.clone();
-            let _ = scope.spawn(move || {
-                if let Err(error) =
-                    pack_chunks(shared, &compressed_rx, &spare_tx, &part_tx, &report_tx)
-                {
-                    shared.fail(error);
-                }
-            });
-        }
+        let packer_report_tx = report_tx.clone();
+        let _ = scope.spawn(move || {
+            if let Err(error) =
+                pack_chunks(shared, &compressed_rx, &spare_tx, &part_tx, &packer_report_tx)
+            {
+                shared.fail(error);
+            }
+        });
         drop(report_tx);
-        let collected = collect_reports(shared, &report_rx, chunk_count, cancel);
-        let engine = reader.join().expect("reader thread does not panic");
-        (collected, engine)
+        let chunk_size = repo.config.chunk_size_bytes;
+        let collected = collect_reports(shared, &report_rx, sources, chunk_size, cancel);
+        let engines: Vec<Option<io::Engine>> =
+            readers.into_iter().map(|r| r.join().expect("reader thread does not panic")).collect();
+        (collected, engines)
     });
-    settle(shared, cancel, collected, engine)
+    settle(shared, cancel, collected, engines)
 }
 
 /// Turns the pipeline's outputs into a result, aborting open uploads on failure.
 fn settle(
     shared: &Shared<'_>,
     cancel: &AtomicBool,
-    (table, stats, seen): (Vec<Option<ChunkHash>>, BackupStats, Vec<bool>),
-    engine: Option<io::Engine>,
-) -> Result<PipelineResult, EngineError> {
-    {
-        let failure = lock(&shared.failure).take();
-        let cancelled = cancel.load(Ordering::SeqCst);
-        if failure.is_some() || cancelled || shared.stopped() {
-            for (_, (key, upload_id)) in lock(&shared.open_uploads).drain() {
-                // Best effort: a failed abort leaves an upload for a later repair to find.
-                let _ = shared.store.multipart_abort(&key, &upload_id);
-            }
-            return Err(match failure {
-                Some(error) if error.kind != ErrorKind::Cancelled || !cancelled => error,
-                _ => {
-                    EngineError::new(ErrorKind::Cancelled, "backup cancelled; no manifest written")
-                }
-            });
+    collected: Vec<Collected>,
+    engines: Vec<Option<io::Engine>>,
+) -> Result<(Vec<Collected>, Vec<io::Engine>), EngineError> {
+    let failure = lock(&shared.failure).take();
+    let cancelled = cancel.load(Ordering::SeqCst);
+    if failure.is_some() || cancelled || shared.stopped() {
+        for (_, (key, upload_id)) in lock(&shared.open_uploads).drain() {
+            // Best effort: a failed abort leaves an upload for a later repair to find.
+            let _ = shared.store.multipart_abort(&key, &upload_id);
         }
-        assert!(seen.iter().all(|&s| s), "every chunk of the source was processed");
-        Ok((table, stats, engine.expect("a successful reader reports its engine")))
+        return Err(match failure {
+            Some(error) if error.kind != ErrorKind::Cancelled || !cancelled => error,
+            _ => EngineError::new(ErrorKind::Cancelled, "backup cancelled; no manifest written"),
+        });
     }
+    for source in &collected {
+        assert!(source.seen.iter().all(|&s| s), "every chunk of every source was processed");
+    }
+    let engines = engines.into_iter().map(|e| e.expect("a successful reader reports its engine"));
+    Ok((collected, engines.collect()))
 }
 
 /// The calling thread's loop: records every chunk's result, the packs stored, and relays
@@ -361,13 +418,20 @@ fn settle(
 fn collect_reports(
     shared: &Shared<'_>,
     report_rx: &Receiver<Report>,
-    chunk_count: u64,
+    sources: &[Source],
+    chunk_size: u32,
     cancel: &AtomicBool,
-) -> (Vec<Option<ChunkHash>>, BackupStats, Vec<bool>) {
-    let count = usize::try_from(chunk_count).expect("chunk table fits memory");
-    let mut table = vec![None; count];
-    let mut seen = vec![false; count];
-    let mut stats = BackupStats { chunk_count, ..BackupStats::default() };
+) -> Vec<Collected> {
+    let mut collected: Vec<Collected> = sources
+        .iter()
+        .map(|source| {
+            let chunk_count = format::chunk_count(source.info.size_bytes, chunk_size);
+            let count = usize::try_from(chunk_count).expect("chunk table fits memory");
+            let stats = BackupStats { chunk_count, ..BackupStats::default() };
+            Collected { table: vec![None; count], seen: vec![false; count], stats }
+        })
+        .collect();
+    let mut pack_count = 0;
     loop {
         if cancel.load(Ordering::Relaxed) {
             shared.abort.store(true, Ordering::SeqCst);
@@ -378,53 +442,77 @@ fn collect_reports(
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         };
         match report {
-            Report::Chunk { chunk_index, hash, new } => {
+            Report::Chunk { source, chunk_index, length, hash, stored } => {
+                let entry = &mut collected[source];
                 let position = usize::try_from(chunk_index).expect("index fits");
-                assert!(!seen[position], "chunk {chunk_index} reported twice");
-                seen[position] = true;
-                table[position] = hash;
-                match (hash, new) {
-                    (None, _) => stats.zero_chunk_count += 1,
-                    (Some(_), true) => stats.new_chunk_count += 1,
-                    (Some(_), false) => stats.dedup_chunk_count += 1,
+                assert!(
+                    !entry.seen[position],
+                    "chunk {chunk_index} of source {source} reported twice"
+                );
+                entry.seen[position] = true;
+                entry.table[position] = hash;
+                entry.stats.bytes_read += length;
+                match (hash, stored) {
+                    (None, _) => entry.stats.zero_chunk_count += 1,
+                    (Some(_), Some(stored)) => {
+                        entry.stats.new_chunk_count += 1;
+                        entry.stats.new_raw_bytes += length;
+                        entry.stats.new_stored_bytes += stored;
+                    }
+                    (Some(_), None) => entry.stats.dedup_chunk_count += 1,
                 }
             }
-            Report::Pack { pack, hashes, stored_bytes } => {
+            Report::Pack { pack, hashes } => {
                 let mut dedup = lock(&shared.dedup);
                 for hash in hashes {
                     let _ = dedup.insert(hash, Some(pack));
                 }
-                stats.pack_count += 1;
-                stats.new_stored_bytes += stored_bytes;
+                pack_count += 1;
             }
         }
     }
-    stats.bytes_read = Progress::get(&shared.progress.bytes_read);
-    stats.new_raw_bytes = Progress::get(&shared.progress.bytes_new);
-    (table, stats, seen)
+    for entry in &mut collected {
+        entry.stats.pack_count = pack_count;
+    }
+    collected
 }
 
-/// A chunk worker: zero check, hash, dedup claim, compression.
-#[allow(clippy::too_many_arguments)]
+/// Where a chunk worker sends its results.
+struct WorkerOutputs {
+    free_tx: Sender<AlignedBuf>,
+    compressed_tx: Sender<Compressed>,
+    spare_rx: Receiver<Vec<u8>>,
+    report_tx: Sender<Report>,
+}
+
+/// A chunk worker: takes chunks from any source's reader, then zero check, hash, dedup claim,
+/// compression.
 fn work_chunks(
     repo: &Repository,
     shared: &Shared<'_>,
     compression_level: i32,
-    chunk_rx: &Receiver<ReadChunk>,
-    free_tx: &Sender<AlignedBuf>,
-    compressed_tx: &Sender<Compressed>,
-    spare_rx: &Receiver<Vec<u8>>,
-    report_tx: &Sender<Report>,
+    chunk_rxs: &[Receiver<ReadChunk>],
+    outputs: &WorkerOutputs,
 ) {
     let mut compressor = Compressor::new(compression_level);
-    while let Ok(chunk) = chunk_rx.recv() {
-        if shared.stopped() {
-            break;
-        }
+    let mut select = crossbeam_channel::Select::new();
+    for chunk_rx in chunk_rxs {
+        let _ = select.recv(chunk_rx);
+    }
+    let mut open_count = chunk_rxs.len();
+    while open_count > 0 && !shared.stopped() {
+        let operation = select.select();
+        let source = operation.index();
+        let Ok(chunk) = operation.recv(&chunk_rxs[source]) else {
+            select.remove(source);
+            open_count -= 1;
+            continue;
+        };
         let data = chunk.buf.as_slice();
-        Progress::add(&shared.progress.bytes_read, data.len() as u64);
-        let (hash, new) = if chunk::is_zero(data) {
-            (None, false)
+        let length = data.len() as u64;
+        Progress::add(&shared.progress.bytes_read, length);
+        let (hash, stored) = if chunk::is_zero(data) {
+            (None, None)
         } else {
             let hash = repo.hasher.hash(data);
             let new = match lock(&shared.dedup).entry(hash) {
@@ -434,21 +522,23 @@ fn work_chunks(
                     true
                 }
             };
+            let mut stored = None;
             if new {
-                let mut out = spare_rx.try_recv().unwrap_or_default();
+                let mut out = outputs.spare_rx.try_recv().unwrap_or_default();
                 let encoding = compressor.compress(data, &mut out);
-                Progress::add(&shared.progress.bytes_new, data.len() as u64);
+                Progress::add(&shared.progress.bytes_new, length);
+                stored = Some((RECORD_HEADER_BYTES + out.len()) as u64);
                 let raw_bytes = u32::try_from(data.len()).expect("chunks are below 4 GiB");
                 let compressed = Compressed { hash, raw_bytes, encoding, data: out };
-                if compressed_tx.send(compressed).is_err() {
+                if outputs.compressed_tx.send(compressed).is_err() {
                     break;
                 }
             }
-            (Some(hash), new)
+            (Some(hash), stored)
         };
-        let report = Report::Chunk { chunk_index: chunk.chunk_index, hash, new };
-        let _ = free_tx.send(chunk.buf);
-        if report_tx.send(report).is_err() {
+        let report = Report::Chunk { source, chunk_index: chunk.chunk_index, length, hash, stored };
+        let _ = outputs.free_tx.send(chunk.buf);
+        if outputs.report_tx.send(report).is_err() {
             break;
         }
     }
@@ -621,7 +711,7 @@ fn store_index(
     let encoded = Bytes::from(format::encode_document(ObjectKind::Index, &index));
     Progress::add(&shared.progress.bytes_uploaded, encoded.len() as u64);
     shared.store.put(&pack.index_key(), encoded)?;
-    let _ = report_tx.send(Report::Pack { pack, hashes, stored_bytes: pack_size_bytes });
+    let _ = report_tx.send(Report::Pack { pack, hashes });
     Ok(())
 }
 

@@ -144,3 +144,39 @@ fn restore_over_garbage_zeroes_holes() {
     assert_eq!(result["stats"]["zero_chunks_written"], 0);
     assert_same(&source, &fresh, 8 * MIB + 1000);
 }
+
+/// Several sources in one run: one backup each, shared dedup (a chunk present in two sources is
+/// stored once), and every source restores byte-identically.
+#[test]
+fn several_sources_in_one_run() {
+    let scratch = Scratch::new("multi-source");
+    let repo = Repo::Local(scratch.join("repo"));
+    repo.init("256K");
+    let a = scratch.join("a.img");
+    let b = scratch.join("b.img");
+    gen_image(&a, 6 * MIB + 4096, "mixed", 21);
+    gen_image(&b, 5 * MIB, "random", 22);
+    // The first MiB of b repeats a's first MiB: those chunks are stored once.
+    let mut b_bytes = std::fs::read(&b).unwrap();
+    b_bytes[..MIB as usize].copy_from_slice(&std::fs::read(&a).unwrap()[..MIB as usize]);
+    std::fs::write(&b, &b_bytes).unwrap();
+    let args = ["backup", "--source", a.to_str().unwrap(), "--source", b.to_str().unwrap()];
+    let result = repo.ferry(&args).ok();
+    let backups = result["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 2);
+    let stored: u64 = backups.iter().map(|b| b["stats"]["new_chunk_count"].as_u64().unwrap()).sum();
+    let deduped: u64 = backups.iter().map(|b| b["stats"]["dedup_chunk_count"].as_u64().unwrap()).sum();
+    assert!(deduped >= 4, "the shared MiB (4 chunks of 256 KiB) is stored once: {result}");
+    assert!(stored > 0);
+    for (backup, source) in backups.iter().zip([&a, &b]) {
+        assert_eq!(backup["source"], source.to_str().unwrap());
+        let target = scratch.join(&format!("{}.restored", backup["backup_id"].as_str().unwrap()));
+        repo.restore(backup["backup_id"].as_str().unwrap(), &target, "uring", &[]).ok();
+        let size = std::fs::metadata(source).unwrap().len();
+        assert_same(source, &target, size);
+    }
+    // A backup id cannot name several backups.
+    let mut with_id = args.to_vec();
+    with_id.extend(["--backup-id", "x"]);
+    repo.ferry(&with_id).fails(2);
+}

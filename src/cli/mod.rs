@@ -90,10 +90,11 @@ pub struct InitArgs {
 /// `ferry backup`.
 #[derive(Debug, Args)]
 pub struct BackupArgs {
-    /// Block device or image file to back up.
-    #[arg(long)]
-    pub source: PathBuf,
-    /// Backup id (default: start time plus random suffix).
+    /// Block device or image file to back up; repeat it to back up several at once (one
+    /// reader each, shared dedup, one backup per source).
+    #[arg(long, required = true)]
+    pub source: Vec<PathBuf>,
+    /// Backup id (default: start time plus random suffix); only with a single source.
     #[arg(long)]
     pub backup_id: Option<String>,
     /// zstd compression level (1 is the measured sweet spot; -7..=19).
@@ -290,7 +291,7 @@ fn run_backup(
     output: &Output,
     cancel: &AtomicBool,
 ) -> Result<(), EngineError> {
-    let mut options = BackupOptions::new(args.source.clone());
+    let mut options = BackupOptions::new(args.source[0].clone());
     options.engine = engine(cli);
     options.compression_level = args.compression_level;
     options.parts_in_flight = args.parts_in_flight;
@@ -298,35 +299,45 @@ fn run_backup(
         options.worker_count = workers;
     }
     options.backup_id = args.backup_id.clone();
+    let sources: Vec<String> = args.source.iter().map(|s| s.display().to_string()).collect();
     output.start(
-        json!({"repository": repo.store.describe(), "source": args.source.display().to_string()}),
+        json!({"repository": repo.store.describe(), "source": sources[0], "sources": sources}),
     );
     let progress = Progress::default();
     let warn = |message: String| output.warning(&message);
-    let outcome = with_progress(output, &progress, || {
-        backup::run(&repo, &options, &progress, cancel, &warn)
+    let outcomes = with_progress(output, &progress, || {
+        backup::run_many(&repo, &options, &args.source, &progress, cancel, &warn)
     })?;
-    let manifest = &outcome.manifest;
-    let stats = &manifest.stats;
-    let seconds = stats.duration_ms as f64 / 1000.0;
-    let summary = format!(
-        "backup {} of {} ({} bytes) in {seconds:.1} s: {} chunks, {} zero, {} already stored, {} new ({} bytes stored in {} packs)",
-        manifest.backup_id,
-        manifest.source.path,
-        manifest.volume_size_bytes,
-        stats.chunk_count,
-        stats.zero_chunk_count,
-        stats.dedup_chunk_count,
-        stats.new_chunk_count,
-        stats.new_stored_bytes,
-        stats.pack_count
-    );
-    output.result(
-        json!({"backup_id": manifest.backup_id, "volume_size_bytes": manifest.volume_size_bytes,
-               "io_engine": outcome.engine.name(), "direct_io": outcome.direct,
-               "bytes_uploaded": Progress::get(&progress.bytes_uploaded), "stats": stats}),
-        &summary,
-    );
+    let mut lines = Vec::new();
+    let mut backups = Vec::new();
+    for outcome in &outcomes {
+        let manifest = &outcome.manifest;
+        let stats = &manifest.stats;
+        lines.push(format!(
+            "backup {} of {} ({} bytes) in {:.1} s: {} chunks, {} zero, {} already stored, {} new ({} bytes stored)",
+            manifest.backup_id,
+            manifest.source.path,
+            manifest.volume_size_bytes,
+            stats.duration_ms as f64 / 1000.0,
+            stats.chunk_count,
+            stats.zero_chunk_count,
+            stats.dedup_chunk_count,
+            stats.new_chunk_count,
+            stats.new_stored_bytes,
+        ));
+        backups.push(json!({"backup_id": manifest.backup_id, "source": manifest.source.path,
+            "volume_size_bytes": manifest.volume_size_bytes, "io_engine": outcome.engine.name(),
+            "direct_io": outcome.direct, "stats": stats}));
+    }
+    let mut result =
+        json!({"bytes_uploaded": Progress::get(&progress.bytes_uploaded), "backups": backups});
+    if let [single] = &backups[..] {
+        // One source: its fields also sit at the top level, as the simplest contract.
+        for key in ["backup_id", "source", "volume_size_bytes", "io_engine", "direct_io", "stats"] {
+            result[key] = single[key].clone();
+        }
+    }
+    output.result(result, &lines.join("\n"));
     Ok(())
 }
 
