@@ -38,7 +38,7 @@ if [ "$(id -u)" = 0 ]; then
 fi
 
 cargo fmt --all -- --check
-# Benchmarks are compiled, not run (criterion takes no test-harness flags); perf/ runs them.
-cargo bench --locked --no-run
+# Clippy also type-checks the benchmarks (criterion takes no test-harness flags, so they are not
+# run here; perf/ runs them).
 cargo clippy --release --locked --all-targets -- -D warnings
 cargo test --release --locked -- --test-threads=2
