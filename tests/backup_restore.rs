@@ -165,7 +165,8 @@ fn several_sources_in_one_run() {
     let backups = result["backups"].as_array().unwrap();
     assert_eq!(backups.len(), 2);
     let stored: u64 = backups.iter().map(|b| b["stats"]["new_chunk_count"].as_u64().unwrap()).sum();
-    let deduped: u64 = backups.iter().map(|b| b["stats"]["dedup_chunk_count"].as_u64().unwrap()).sum();
+    let deduped: u64 =
+        backups.iter().map(|b| b["stats"]["dedup_chunk_count"].as_u64().unwrap()).sum();
     assert!(deduped >= 4, "the shared MiB (4 chunks of 256 KiB) is stored once: {result}");
     assert!(stored > 0);
     for (backup, source) in backups.iter().zip([&a, &b]) {

@@ -1,54 +1,109 @@
 //! The `bench` binary: generates sample volumes and measures the data plane's stages.
 //!
-//! Subcommands print one JSON object per run on stdout:
-//! - `gen-image PATH --size BYTES --mix mixed|random|text|zeros|sparse`: writes a sample volume
-//!   (mixed = 40% zeros, 30% text, 30% random, in runs of 1-16 MiB);
-//! - `hash FILE`, `compress FILE`: one stage over a file's chunks, in memory;
+//! Every measuring subcommand prints one JSON object per run on stdout with `bench`, `config`
+//! (the flags in effect), `bytes`, `seconds`, `mb_per_s`, `cpu_seconds` (user + system of the
+//! whole process, from `/proc/self/stat`, 10 ms resolution), `cpu_seconds_per_gib` and
+//! `latency_us` (`what` the latency measures, `count`, `p50`, `p99`, `p99_9`, `max`, from an
+//! HDR histogram in microseconds; `null` where there is no per-operation latency):
+//! - `gen-image PATH --size BYTES --mix mixed|random|text|zeros|sparse [--sparse-file]`: writes
+//!   a sample volume (mixed = 40% zeros, 30% text, 30% random, in runs of 1-16 MiB);
+//!   `--sparse-file` seeks over zero runs instead of writing them, so the file has holes;
+//! - `read DEVICE`: `io::read_source` into a consumer thread that discards and recycles the
+//!   buffers; latency = time between consecutive chunk arrivals at the consumer;
+//! - `hash FILE`, `compress FILE`: one stage over a file's chunks, in memory; latency per chunk;
 //! - `pipeline FILE`: a whole backup into a null store that discards, so the engine alone is
-//!   measured (reader, zero detection, hash, dedup, zstd, packing).
+//!   measured (reader, zero detection, hash, dedup, zstd, packing);
+//! - `upload --size 1G`: one multipart upload of in-memory random parts to the S3 bucket named
+//!   by `FERRY_TEST_S3_*` and `AWS_*`; latency per part; the object is deleted afterwards;
+//! - `restore FILE --target PATH`: backs FILE up into a local repository, then times only the
+//!   restore onto the target, which is overwritten.
 
 #![allow(clippy::print_stdout)]
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
+use crossbeam_channel::bounded;
 use ferry::backup::{self, BackupOptions};
 use ferry::chunk::ChunkHasher;
 use ferry::compress::Compressor;
+use ferry::io::{self, AlignedBuf, Engine};
 use ferry::progress::Progress;
 use ferry::repo::Repository;
-use ferry::store::{ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId};
-use serde_json::json;
+use ferry::restore::{self, RestoreOptions};
+use ferry::store::{
+    LocalStore, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, S3Options, S3Store,
+    StoreError, UploadId,
+};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+
+/// Command-line flags: `--name value` pairs and bare `--name` switches after the subcommand.
+struct Args(Vec<String>);
+
+impl Args {
+    fn value(&self, name: &str) -> Option<&str> {
+        self.0.iter().position(|a| a == name).and_then(|p| self.0.get(p + 1)).map(String::as_str)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|a| a == name)
+    }
+
+    fn bytes(&self, name: &str, default: &str) -> Result<u64> {
+        parse_bytes(self.value(name).unwrap_or(default))
+    }
+
+    fn count(&self, name: &str, default: usize) -> Result<usize> {
+        self.value(name).map_or(Ok(default), |v| v.parse().with_context(|| format!("bad {name}")))
+    }
+
+    fn engine(&self) -> Result<Engine> {
+        match self.value("--io-engine").unwrap_or("uring") {
+            "uring" | "io_uring" => Ok(Engine::Uring),
+            "pread" => Ok(Engine::Pread),
+            other => bail!("unknown --io-engine {other:?} (uring or pread)"),
+        }
+    }
+}
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some(command) = args.first() else { bail!(usage()) };
-    let flag = |name: &str| {
-        args.iter().position(|a| a == name).and_then(|p| args.get(p + 1)).map(String::as_str)
-    };
-    let positional = args.get(1).filter(|a| !a.starts_with("--")).map(PathBuf::from);
+    let args = Args(std::env::args().skip(1).collect());
+    let Some(command) = args.0.first() else { bail!(usage()) };
+    let positional = args.0.get(1).filter(|a| !a.starts_with("--")).map(PathBuf::from);
     let path = || positional.clone().context(usage());
     match command.as_str() {
         "gen-image" => {
-            let size = parse_bytes(flag("--size").unwrap_or("256M"))?;
-            let mix = flag("--mix").unwrap_or("mixed");
-            let seed = flag("--seed").map_or(Ok(1), str::parse::<u64>)?;
-            gen_image(&path()?, size, mix, seed)
+            let size = args.bytes("--size", "256M")?;
+            let mix = args.value("--mix").unwrap_or("mixed");
+            let seed = args.value("--seed").map_or(Ok(1), str::parse::<u64>)?;
+            gen_image(&path()?, size, mix, seed, args.has("--sparse-file"))
         }
+        "read" => read(&path()?, &args),
         "hash" => stage(&path()?, "hash"),
         "compress" => stage(&path()?, "compress"),
-        "pipeline" => pipeline(&path()?, flag("--io-engine").unwrap_or("uring")),
+        "pipeline" => pipeline(&path()?, &args),
+        "upload" => upload(&args),
+        "restore" => restore_bench(&path()?, &args),
         _ => bail!(usage()),
     }
 }
 
 fn usage() -> String {
-    "usage: bench gen-image PATH [--size 2G] [--mix mixed|random|text|zeros|sparse] [--seed N]\n       \
-     bench hash FILE | bench compress FILE | bench pipeline FILE [--io-engine uring|pread]"
+    "usage: bench gen-image PATH [--size 2G] [--mix mixed|random|text|zeros|sparse] [--seed N] \
+     [--sparse-file]\n       \
+     bench read DEVICE [--io-engine uring|pread] [--request-size 1M] [--queue-depth 16] \
+     [--chunk-size 4M]\n       \
+     bench hash FILE | bench compress FILE\n       \
+     bench pipeline FILE [--io-engine uring|pread] [--queue-depth 16]\n       \
+     bench upload [--size 1G] [--part-size 16M] [--parts-in-flight 6]   (FERRY_TEST_S3_*, AWS_*)\n       \
+     bench restore FILE --target PATH [--repo DIR] [--io-engine uring|pread] [--queue-depth 16] \
+     [--downloads-in-flight 6]"
         .to_string()
 }
 
@@ -131,7 +186,7 @@ fn fill_text(rng: &mut Rng, out: &mut [u8]) {
     }
 }
 
-fn gen_image(path: &std::path::Path, size: u64, mix: &str, seed: u64) -> Result<()> {
+fn gen_image(path: &Path, size: u64, mix: &str, seed: u64, sparse_file: bool) -> Result<()> {
     let started = Instant::now();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut file = std::io::BufWriter::with_capacity(
@@ -160,45 +215,187 @@ fn gen_image(path: &std::path::Path, size: u64, mix: &str, seed: u64) -> Result<
         };
         let out = &mut buffer[..usize::try_from(run)?];
         match kind {
-            0 => out.fill(0),
-            1 => fill_text(&mut rng, out),
-            _ => rng.fill(out),
+            0 if sparse_file => {
+                // A hole: the file reads as zeros there without a byte written.
+                let _ = file.seek(SeekFrom::Current(i64::try_from(run)?))?;
+            }
+            0 => {
+                out.fill(0);
+                file.write_all(out)?;
+            }
+            1 => {
+                fill_text(&mut rng, out);
+                file.write_all(out)?;
+            }
+            _ => {
+                rng.fill(out);
+                file.write_all(out)?;
+            }
         }
-        file.write_all(out)?;
         counts[kind] += run;
         written += run;
     }
     file.flush()?;
+    // A trailing hole needs the length set; a file of data already has it.
+    file.get_ref().set_len(size)?;
     file.get_ref().sync_all()?;
     println!(
         "{}",
         json!({"bench": "gen-image", "path": path.display().to_string(), "size_bytes": size, "mix": mix,
+               "sparse_file": sparse_file,
                "zero_bytes": counts[0], "text_bytes": counts[1], "random_bytes": counts[2],
                "seconds": started.elapsed().as_secs_f64()})
     );
     Ok(())
 }
 
-fn stage(path: &std::path::Path, name: &str) -> Result<()> {
+/// Latencies of one kind of operation, in microseconds.
+struct Latency {
+    what: &'static str,
+    histogram: Histogram<u64>,
+}
+
+impl Latency {
+    fn new(what: &'static str) -> Result<Latency> {
+        // 1 µs to 1 hour, 3 significant digits.
+        let histogram = Histogram::new_with_bounds(1, 3_600_000_000, 3)
+            .map_err(|error| anyhow!("histogram: {error}"))?;
+        Ok(Latency { what, histogram })
+    }
+
+    fn record(&mut self, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1);
+        self.histogram.saturating_record(micros);
+    }
+
+    fn merge(&mut self, other: &Latency) -> Result<()> {
+        self.histogram.add(&other.histogram).map_err(|error| anyhow!("histogram: {error}"))
+    }
+
+    fn to_json(&self) -> Value {
+        let h = &self.histogram;
+        json!({"what": self.what, "count": h.len(), "p50": h.value_at_quantile(0.5),
+               "p99": h.value_at_quantile(0.99), "p99_9": h.value_at_quantile(0.999),
+               "max": h.max()})
+    }
+}
+
+/// Prints the one JSON line of a run: the common fields, then `extra`'s fields.
+fn report(
+    name: &str,
+    config: Value,
+    bytes: u64,
+    seconds: f64,
+    cpu: f64,
+    latency: Option<&Latency>,
+    extra: Value,
+) {
+    let mut line = json!({"bench": name, "config": config, "bytes": bytes, "seconds": seconds,
+        "mb_per_s": bytes as f64 / 1e6 / seconds, "cpu_seconds": cpu,
+        "cpu_seconds_per_gib": cpu / (bytes as f64 / f64::from(1u32 << 30)),
+        "latency_us": latency.map(Latency::to_json)});
+    if let (Some(line), Value::Object(extra)) = (line.as_object_mut(), extra) {
+        line.extend(extra);
+    }
+    println!("{line}");
+}
+
+fn stage(path: &Path, name: &str) -> Result<()> {
     let data = std::fs::read(path)?;
     let hasher = ChunkHasher::new([7; 32]);
     let mut compressor = Compressor::new(ferry::compress::LEVEL_DEFAULT);
     let mut out = Vec::new();
     let mut stored = 0u64;
+    let mut latency = Latency::new("per chunk")?;
+    let chunk_size = ferry::limits::CHUNK_SIZE_BYTES_DEFAULT as usize;
+    let cpu_before = cpu_seconds();
     let started = Instant::now();
-    for chunk in data.chunks(ferry::limits::CHUNK_SIZE_BYTES_DEFAULT as usize) {
+    for chunk in data.chunks(chunk_size) {
+        let chunk_started = Instant::now();
         if name == "hash" {
             let _ = std::hint::black_box(hasher.hash(chunk));
         } else {
             let _ = compressor.compress(chunk, &mut out);
             stored += out.len() as u64;
         }
+        latency.record(chunk_started.elapsed());
     }
     let seconds = started.elapsed().as_secs_f64();
-    println!(
-        "{}",
-        json!({"bench": name, "bytes": data.len(), "seconds": seconds,
-               "mb_per_s": data.len() as f64 / 1e6 / seconds, "stored_bytes": stored})
+    let cpu = cpu_seconds() - cpu_before;
+    report(
+        name,
+        json!({"path": path.display().to_string(), "chunk_size": chunk_size}),
+        data.len() as u64,
+        seconds,
+        cpu,
+        Some(&latency),
+        json!({"stored_bytes": stored}),
+    );
+    Ok(())
+}
+
+/// `read_source` into a consumer that discards: the reader alone, as fio measures a device.
+fn read(path: &Path, args: &Args) -> Result<()> {
+    let engine = args.engine()?;
+    let request_size = usize::try_from(args.bytes("--request-size", "1M")?)?;
+    let chunk_size = usize::try_from(args.bytes("--chunk-size", "4M")?)?;
+    let queue_depth = args.count("--queue-depth", 16)?;
+    if chunk_size == 0 || !chunk_size.is_multiple_of(io::BUF_ALIGN) {
+        bail!("--chunk-size must be a non-zero multiple of {}", io::BUF_ALIGN);
+    }
+    let opened = io::open(path, false, false)?;
+    let info = io::probe(&opened.file)?;
+    let options = io::ReadOptions {
+        engine,
+        chunk_size_bytes: chunk_size,
+        request_size_bytes: request_size,
+        queue_depth,
+    };
+    // Enough buffers to keep `queue_depth` requests in flight while the consumer holds two.
+    let buffer_count = (queue_depth * request_size).div_ceil(chunk_size).max(1) + 2;
+    let (free_tx, free_rx) = bounded::<AlignedBuf>(buffer_count);
+    for _ in 0..buffer_count {
+        free_tx.send(AlignedBuf::new(chunk_size))?;
+    }
+    let (out_tx, out_rx) = bounded::<io::ReadChunk>(buffer_count);
+    let cancel = AtomicBool::new(false);
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let (stats, consumed) = std::thread::scope(|scope| {
+        let consumer = scope.spawn(move || -> Result<(Latency, u64)> {
+            let mut latency = Latency::new("between chunk arrivals at the consumer")?;
+            let mut last = Instant::now();
+            let mut bytes = 0u64;
+            for chunk in &out_rx {
+                let now = Instant::now();
+                latency.record(now - last);
+                last = now;
+                bytes += chunk.buf.len() as u64;
+                let _ = std::hint::black_box(chunk.buf.as_slice().first());
+                let _ = free_tx.send(chunk.buf);
+            }
+            Ok((latency, bytes))
+        });
+        let out_tx = out_tx;
+        let stats = io::read_source(&opened.file, &info, &options, &free_rx, &out_tx, &cancel);
+        drop(out_tx);
+        (stats, consumer.join())
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
+    let stats = stats?;
+    let (latency, bytes) = consumed.map_err(|_| anyhow!("consumer thread panicked"))??;
+    report(
+        "read",
+        json!({"path": path.display().to_string(), "io_engine": engine.name(),
+               "request_size": request_size, "queue_depth": queue_depth,
+               "chunk_size": chunk_size, "buffers": buffer_count}),
+        bytes,
+        seconds,
+        cpu,
+        Some(&latency),
+        json!({"io_engine": stats.engine.name(), "direct": opened.direct,
+               "requests": stats.requests, "block_device": info.is_block_device}),
     );
     Ok(())
 }
@@ -254,11 +451,11 @@ impl ObjectStore for NullStore {
     }
 }
 
-fn pipeline(path: &std::path::Path, engine: &str) -> Result<()> {
+fn pipeline(path: &Path, args: &Args) -> Result<()> {
     let repo = Repository::init(Box::new(NullStore), ferry::limits::CHUNK_SIZE_BYTES_DEFAULT)?;
     let mut options = BackupOptions::new(path.to_path_buf());
-    options.engine =
-        if engine == "pread" { ferry::io::Engine::Pread } else { ferry::io::Engine::Uring };
+    options.engine = args.engine()?;
+    options.queue_depth = args.count("--queue-depth", options.queue_depth)?;
     let progress = Progress::default();
     let cancel = AtomicBool::new(false);
     let started = Instant::now();
@@ -267,12 +464,183 @@ fn pipeline(path: &std::path::Path, engine: &str) -> Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu_before;
     let size = outcome.manifest.volume_size_bytes;
-    println!(
-        "{}",
-        json!({"bench": "pipeline", "path": path.display().to_string(), "bytes": size, "seconds": seconds,
-               "mb_per_s": size as f64 / 1e6 / seconds, "cpu_seconds": cpu,
-               "cpu_seconds_per_gib": cpu / (size as f64 / f64::from(1u32 << 30)),
-               "io_engine": outcome.engine.name(), "stats": outcome.manifest.stats})
+    report(
+        "pipeline",
+        json!({"path": path.display().to_string(), "io_engine": options.engine.name(),
+               "queue_depth": options.queue_depth, "workers": options.worker_count}),
+        size,
+        seconds,
+        cpu,
+        None,
+        json!({"path": path.display().to_string(), "io_engine": outcome.engine.name(),
+               "direct": outcome.direct, "stats": outcome.manifest.stats}),
+    );
+    Ok(())
+}
+
+/// The S3 bucket of the test environment: `FERRY_TEST_S3_ENDPOINT`, `FERRY_TEST_S3_BUCKET`,
+/// `FERRY_TEST_S3_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`.
+fn test_s3_store() -> Result<S3Store> {
+    let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
+    let mut options = S3Options::new(
+        var("FERRY_TEST_S3_BUCKET")?,
+        "",
+        std::env::var("FERRY_TEST_S3_REGION").unwrap_or_else(|_| "garage".to_string()),
+        var("AWS_ACCESS_KEY_ID")?,
+        var("AWS_SECRET_ACCESS_KEY")?,
+    );
+    options.endpoint_url = std::env::var("FERRY_TEST_S3_ENDPOINT").ok();
+    Ok(S3Store::new(options)?)
+}
+
+/// One multipart upload of `--size` bytes of random parts, `--parts-in-flight` at once.
+fn upload(args: &Args) -> Result<()> {
+    let size = args.bytes("--size", "1G")?;
+    let part_size = args.bytes("--part-size", "16M")?;
+    let in_flight = args.count("--parts-in-flight", 6)?.max(1);
+    if part_size == 0 || size == 0 {
+        bail!("--size and --part-size must be positive");
+    }
+    let part_count = u32::try_from(size.div_ceil(part_size))?;
+    let store = test_s3_store()?;
+    // A few distinct random parts, reused round-robin (the store sees no duplicate detection).
+    let mut rng = Rng(0x5EED_0000 ^ u64::from(std::process::id()));
+    let samples: Vec<Bytes> = (0..in_flight + 1)
+        .map(|_| {
+            let mut part = vec![0u8; usize::try_from(part_size).unwrap_or(usize::MAX)];
+            rng.fill(&mut part);
+            Bytes::from(part)
+        })
+        .collect();
+    let key = format!(
+        "bench-upload/{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis()
+    );
+    let next = AtomicU32::new(1);
+    let receipts = Mutex::new(Vec::new());
+    let latency = Mutex::new(Latency::new("per part upload")?);
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let upload_id = store.multipart_begin(&key)?;
+    let outcome: Result<()> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..in_flight)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    let mut mine = Latency::new("per part upload")?;
+                    loop {
+                        let number = next.fetch_add(1, Ordering::Relaxed);
+                        if number > part_count {
+                            break;
+                        }
+                        let offset = u64::from(number - 1) * part_size;
+                        let length = usize::try_from(part_size.min(size - offset))?;
+                        let data = samples[number as usize % samples.len()].slice(..length);
+                        let part_started = Instant::now();
+                        let receipt = store.multipart_put_part(&key, &upload_id, number, data)?;
+                        mine.record(part_started.elapsed());
+                        ferry::repo::lock(&receipts).push(receipt);
+                    }
+                    ferry::repo::lock(&latency).merge(&mine)
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().map_err(|_| anyhow!("upload thread panicked"))??;
+        }
+        Ok(())
+    });
+    let mut receipts = receipts.into_inner().map_err(|_| anyhow!("poisoned"))?;
+    receipts.sort_by_key(|r| r.part_number);
+    let completed =
+        outcome.and_then(|()| Ok(store.multipart_complete(&key, &upload_id, &receipts)?));
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
+    if let Err(error) = completed {
+        let _ = store.multipart_abort(&key, &upload_id);
+        return Err(error);
+    }
+    store.delete(&key)?;
+    let latency = latency.into_inner().map_err(|_| anyhow!("poisoned"))?;
+    report(
+        "upload",
+        json!({"size": size, "part_size": part_size, "parts_in_flight": in_flight}),
+        size,
+        seconds,
+        cpu,
+        Some(&latency),
+        json!({"parts": part_count, "store": store.describe()}),
+    );
+    Ok(())
+}
+
+/// Backs FILE up into a local repository, then times the restore onto `--target` alone.
+fn restore_bench(path: &Path, args: &Args) -> Result<()> {
+    let target = PathBuf::from(args.value("--target").context("restore needs --target PATH")?);
+    let (repo_dir, temporary) = match args.value("--repo") {
+        Some(dir) => (PathBuf::from(dir), false),
+        None => {
+            let nanos =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+            let dir = std::env::temp_dir()
+                .join(format!("ferry-bench-restore-{}-{nanos}", std::process::id()));
+            (dir, true)
+        }
+    };
+    let result = restore_timed(path, &target, &repo_dir, args);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&repo_dir);
+    }
+    result
+}
+
+fn restore_timed(path: &Path, target: &Path, repo_dir: &Path, args: &Args) -> Result<()> {
+    std::fs::create_dir_all(repo_dir)?;
+    let chunk_size = ferry::limits::CHUNK_SIZE_BYTES_DEFAULT;
+    // An existing repository is reused (the backup then uploads only what is new).
+    let repo = match Repository::open(Box::new(LocalStore::new(repo_dir)?)) {
+        Ok(repo) => repo,
+        Err(_) => Repository::init(Box::new(LocalStore::new(repo_dir)?), chunk_size)?,
+    };
+    let backup_started = Instant::now();
+    let outcome = backup::run(
+        &repo,
+        &BackupOptions::new(path.to_path_buf()),
+        &Progress::default(),
+        &AtomicBool::new(false),
+        &|w| eprintln!("warning: {w}"),
+    )?;
+    let backup_seconds = backup_started.elapsed().as_secs_f64();
+    let mut options = RestoreOptions::new(target.to_path_buf());
+    options.engine = args.engine()?;
+    options.force = true;
+    options.queue_depth = args.count("--queue-depth", options.queue_depth)?;
+    options.downloads_in_flight =
+        args.count("--downloads-in-flight", options.downloads_in_flight)?;
+    let progress = Progress::default();
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let stats = restore::run(
+        &repo,
+        &outcome.manifest,
+        &options,
+        &progress,
+        &AtomicBool::new(false),
+        &|w| eprintln!("warning: {w}"),
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
+    report(
+        "restore",
+        json!({"path": path.display().to_string(), "target": target.display().to_string(),
+               "repo": repo_dir.display().to_string(), "io_engine": options.engine.name(),
+               "queue_depth": options.queue_depth,
+               "downloads_in_flight": options.downloads_in_flight, "force": true}),
+        stats.volume_size_bytes,
+        seconds,
+        cpu,
+        None,
+        json!({"backup_seconds": backup_seconds, "stats": stats}),
     );
     Ok(())
 }
