@@ -44,8 +44,8 @@ pub struct BackupOptions {
     pub worker_count: usize,
     /// Pack parts uploading at once.
     pub parts_in_flight: usize,
-    /// Read requests in flight on the device.
-    pub queue_depth: usize,
+    /// Read requests in flight on the device (default: measured per device, `io::read_shape`).
+    pub queue_depth: Option<usize>,
     /// Backup id to use instead of a generated one.
     pub backup_id: Option<String>,
 }
@@ -59,7 +59,7 @@ impl BackupOptions {
             compression_level: crate::compress::LEVEL_DEFAULT,
             worker_count: std::thread::available_parallelism().map_or(2, |n| n.get()),
             parts_in_flight: limits::PARTS_IN_FLIGHT_DEFAULT,
-            queue_depth: limits::QUEUE_DEPTH_DEFAULT,
+            queue_depth: None,
             backup_id: None,
         }
     }
@@ -352,21 +352,27 @@ fn run_pipeline(
     let (spare_tx, spare_rx) = bounded::<Vec<u8>>(budget.compressed_queue_count);
     let (part_tx, part_rx) = bounded::<PartJob>(1);
     let (report_tx, report_rx) = bounded::<Report>(1024);
-    let read_options = &io::ReadOptions {
-        engine: options.engine,
-        chunk_size_bytes: repo.config.chunk_size_bytes as usize,
-        request_size_bytes: limits::REQUEST_SIZE_BYTES,
-        queue_depth: options.queue_depth,
-    };
+    let chunk_size_bytes = repo.config.chunk_size_bytes as usize;
     let (collected, engines) = std::thread::scope(|scope| {
         let mut readers = Vec::with_capacity(sources.len());
         for (source, chunk_tx) in sources.iter().zip(chunk_txs) {
             let free_rx = free_rx.clone();
+            // Request size and depth measured per device kind (`io::read_shape`), unless the
+            // caller chose a depth.
+            let shape = io::read_shape(&source.opened.file, &source.info, chunk_size_bytes);
+            let read_options = io::ReadOptions {
+                engine: options.engine,
+                chunk_size_bytes,
+                request_size_bytes: shape.request_size_bytes,
+                queue_depth: options.queue_depth.unwrap_or(shape.queue_depth),
+            };
             readers.push(scope.spawn(move || {
+                // One pinned reader per device; readers spread over the CPUs.
+                let _ = io::pin_current_thread(None);
                 let result = io::read_source(
                     &source.opened.file,
                     &source.info,
-                    read_options,
+                    &read_options,
                     &free_rx,
                     &chunk_tx,
                     &shared.abort,

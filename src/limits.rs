@@ -24,9 +24,8 @@ pub const PARTS_IN_FLIGHT_DEFAULT: usize = 6;
 pub const DOWNLOADS_IN_FLIGHT_DEFAULT: usize = 6;
 /// Largest ranged GET issued by restore (several pack records are coalesced into one GET).
 pub const DOWNLOAD_RANGE_BYTES_MAX: u64 = 16 << 20;
-/// One O_DIRECT request: 1 MiB (at most BIO_MAX_VECS pages, no bio splitting).
-pub const REQUEST_SIZE_BYTES: usize = 1 << 20;
-/// io_uring requests in flight per device.
+/// io_uring write requests in flight during restore. Reads choose their request size and depth
+/// per device with `io::read_shape` (measurements in its module docs).
 pub const QUEUE_DEPTH_DEFAULT: usize = 16;
 
 const _: () = assert!(PART_SIZE_BYTES >= 5 << 20, "S3 rejects non-final parts under 5 MiB");

@@ -455,7 +455,9 @@ fn pipeline(path: &Path, args: &Args) -> Result<()> {
     let repo = Repository::init(Box::new(NullStore), ferry::limits::CHUNK_SIZE_BYTES_DEFAULT)?;
     let mut options = BackupOptions::new(path.to_path_buf());
     options.engine = args.engine()?;
-    options.queue_depth = args.count("--queue-depth", options.queue_depth)?;
+    if args.value("--queue-depth").is_some() {
+        options.queue_depth = Some(args.count("--queue-depth", 16)?);
+    }
     let progress = Progress::default();
     let cancel = AtomicBool::new(false);
     let started = Instant::now();

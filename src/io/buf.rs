@@ -2,12 +2,14 @@
 //! `BUF_ALIGN`, as `O_DIRECT` requires, with a separate count of valid bytes.
 //!
 //! The buffer never reallocates, so its address stays fixed while the kernel reads or writes it.
-//! It does not pool or register itself: pooling is the caller's free-buffer channel, and
-//! registration with io_uring is a later step.
+//! Every buffer carries a process-unique `id`, so io_uring registration can tell a recycled buffer
+//! from a new allocation that happens to reuse a freed address. It does not pool or register
+//! itself: pooling is the caller's free-buffer channel, registration is done by the ring driver.
 
 use std::alloc::{self, Layout};
 use std::fmt;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::BUF_ALIGN;
 
@@ -16,6 +18,8 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     capacity: usize,
     len: usize,
+    /// Process-unique identity of this allocation (never reused).
+    id: u64,
 }
 
 // SAFETY: `AlignedBuf` uniquely owns its allocation (like `Box<[u8]>`); the raw pointer is never
@@ -42,7 +46,9 @@ impl AlignedBuf {
         // `alloc_zeroed`.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, capacity: capacity_bytes, len: 0 }
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        AlignedBuf { ptr, capacity: capacity_bytes, len: 0, id }
     }
 
     /// Size of the allocation in bytes.
@@ -89,6 +95,12 @@ impl AlignedBuf {
     /// parts of the buffer are still in flight.
     pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
+    }
+
+    /// Process-unique identity of the allocation: two buffers never share an id, even when one
+    /// reuses the address of a freed one.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 }
 
@@ -146,6 +158,16 @@ mod tests {
         buf.set_len(1);
         let back = std::thread::spawn(move || buf).join().expect("thread returns the buffer");
         assert_eq!(back.as_slice(), &[7]);
+    }
+
+    #[test]
+    fn ids_are_unique() {
+        let a = AlignedBuf::new(BUF_ALIGN);
+        let b = AlignedBuf::new(BUF_ALIGN);
+        assert_ne!(a.id(), b.id());
+        let id = a.id();
+        let moved = std::thread::spawn(move || a).join().expect("thread returns the buffer");
+        assert_eq!(moved.id(), id);
     }
 
     #[test]

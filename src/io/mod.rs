@@ -7,13 +7,20 @@
 //! `ioctl`/`statx`/`fcntl` calls, and handing buffers to the kernel. Every buffer given to the
 //! kernel is owned by an in-flight table until its completion has been reaped, and no function
 //! returns while a request is still in flight. This module deliberately knows nothing about
-//! chunk hashing, zero detection or compression, does not spawn threads (the caller dedicates one
-//! thread per device) and does not register buffers or files with the ring yet.
+//! chunk hashing, zero detection or compression. The caller dedicates one thread per device (and
+//! may pin it with `pin_current_thread`); the only threads spawned here are the scoped helper
+//! threads of the `pread` fallback, which end before `read_source` returns.
+//!
+//! io_uring transfers register the file and the buffers (see `Registration`); setting the
+//! environment variable `FERRY_IO_NO_REGISTER=1` turns registration off for `read_source` and
+//! `write_target`, and `read_source_with`/`write_target_with` choose it per call.
 
 mod buf;
 mod device;
 mod plan;
 mod read;
+mod sched;
+mod tune;
 mod uring;
 mod write;
 
@@ -27,8 +34,12 @@ use crate::error::{Classify, ErrorKind};
 
 pub use buf::AlignedBuf;
 pub use device::{DeviceInfo, OpenedFile, open, probe};
-pub use read::{ReadChunk, ReadOptions, ReadStats, read_source};
-pub use write::{WriteOp, WriteOptions, WriteStats, write_target};
+pub use read::{ReadChunk, ReadOptions, ReadStats, read_source, read_source_with};
+pub use tune::{
+    DEFAULT_READ_REQUEST_BYTES, MAX_RECOMMENDED_QUEUE_DEPTH, MIN_RECOMMENDED_QUEUE_DEPTH,
+    ReadShape, TARGET_IN_FLIGHT_BYTES, read_shape,
+};
+pub use write::{WriteOp, WriteOptions, WriteStats, write_target, write_target_with};
 
 /// Alignment, in bytes, of every buffer address and of every buffer capacity.
 pub const BUF_ALIGN: usize = 4096;
@@ -42,7 +53,8 @@ pub const MAX_WRITE_REQUEST_BYTES: usize = 1 << 20;
 pub enum Engine {
     /// One io_uring per calling thread, with several requests in flight.
     Uring,
-    /// Sequential `pread`/`pwrite` on the calling thread.
+    /// Blocking `pread` (up to 4 scoped helper threads, one request each, for `queue_depth > 1`)
+    /// and sequential `pwrite` on the calling thread.
     Pread,
 }
 
@@ -54,6 +66,43 @@ impl Engine {
             Engine::Pread => "pread",
         }
     }
+}
+
+/// Environment variable that, set to `1`, makes `read_source` and `write_target` skip buffer and
+/// file registration (plain `Read`/`Write` requests), for comparisons and tests.
+pub const NO_REGISTER_ENV: &str = "FERRY_IO_NO_REGISTER";
+
+/// Whether io_uring requests use registered (fixed) buffers and a registered file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// Register the file and every buffer on first use (`ReadFixed`/`WriteFixed`,
+    /// `types::Fixed(0)`); whatever the kernel refuses (`RLIMIT_MEMLOCK`, old kernel) falls back
+    /// to plain requests, and the stats say what was used.
+    Auto,
+    /// Never register: plain `Read`/`Write` on the raw fd.
+    Off,
+}
+
+impl Registration {
+    /// `Off` when `FERRY_IO_NO_REGISTER` is `1`, else `Auto`.
+    pub fn from_env() -> Registration {
+        match std::env::var_os(NO_REGISTER_ENV) {
+            Some(value) if value == "1" => Registration::Off,
+            _ => Registration::Auto,
+        }
+    }
+}
+
+/// Pins the calling thread to one CPU with `sched_setaffinity` and returns true on success.
+///
+/// `Some(cpu)` pins to that CPU (which the cpuset must allow). `None` picks the allowed CPU (from the thread's current
+/// affinity mask) with the fewest threads pinned by earlier `None` calls in this process, lowest
+/// number first: the first reader goes to the first allowed CPU, the second to the next one, and
+/// so on round-robin, so several device readers spread over the cores. Returns false (and leaves
+/// the affinity unchanged) when the CPU does not exist, the cpuset does not allow it, or the call
+/// fails. Meant for the caller's dedicated reader/writer thread; nothing in this module calls it.
+pub fn pin_current_thread(cpu: Option<usize>) -> bool {
+    sched::pin_current_thread(cpu)
 }
 
 /// True when an io_uring can be set up here. The probe (one `io_uring_setup`) runs once per

@@ -1,6 +1,7 @@
 //! `read_source`: reads a whole source, chunk by chunk, into buffers taken from the caller's
 //! free-buffer channel and sends each filled chunk downstream, with io_uring (several requests in
-//! flight across chunks) or sequential `pread`.
+//! flight across chunks) or `pread` on up to `MAX_PREAD_THREADS` scoped helper threads (one
+//! request in flight per thread).
 //!
 //! Chunks may be sent out of order; each is sent exactly once. The reader never returns while a
 //! request is in flight. It does not inspect chunk contents and does not retry failed requests
@@ -10,7 +11,8 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, TryRecvError};
@@ -19,8 +21,8 @@ use super::device::{DeviceInfo, is_direct};
 use super::plan::{
     Alignment, ChunkPlan, MAX_RETRIES, Progress, ReadPlan, SyncStop, after_transfer, transfer_sync,
 };
-use super::uring::{Direction, Driver, Request, SlotBuffer, open_ring};
-use super::{AlignedBuf, Engine, IoError};
+use super::uring::{Direction, Driver, RegistrationStats, Request, SlotBuffer, open_ring};
+use super::{AlignedBuf, Engine, IoError, Registration};
 
 /// How often a blocked channel operation re-checks the cancel flag.
 pub(crate) const CANCEL_POLL: Duration = Duration::from_millis(20);
@@ -34,7 +36,8 @@ pub struct ReadOptions {
     pub chunk_size_bytes: usize,
     /// Size of one read request (a multiple of `max(logical block, BUF_ALIGN)` for `O_DIRECT`).
     pub request_size_bytes: usize,
-    /// Requests in flight at most (io_uring only; at least 1).
+    /// Requests in flight at most (at least 1); the `pread` engine uses
+    /// `min(queue_depth, 4)` threads.
     pub queue_depth: usize,
 }
 
@@ -59,9 +62,30 @@ pub struct ReadStats {
     pub bytes_read: u64,
     /// Read requests issued, resubmissions included.
     pub requests: u64,
+    /// Requests that used a registered (fixed) buffer; 0 with `pread`, with
+    /// `Registration::Off`, or when the kernel refused registration.
+    pub fixed_buffer_requests: u64,
+    /// True when every request used a registered buffer (and there was at least one).
+    pub registered_buffers: bool,
+    /// True when the file was registered with the ring and requests used `types::Fixed(0)`.
+    pub registered_file: bool,
 }
 
-/// Reads the whole source `[0, info.size_bytes)` on the calling thread.
+impl ReadStats {
+    fn new(engine: Engine, bytes_read: u64, requests: u64, reg: RegistrationStats) -> ReadStats {
+        ReadStats {
+            engine,
+            bytes_read,
+            requests,
+            fixed_buffer_requests: reg.fixed_buffer_requests,
+            registered_buffers: requests > 0 && reg.fixed_buffer_requests == requests,
+            registered_file: reg.file,
+        }
+    }
+}
+
+/// Reads the whole source `[0, info.size_bytes)` on the calling thread (the `pread` engine with
+/// `queue_depth > 1` adds up to `MAX_PREAD_THREADS` scoped helper threads, joined before return).
 ///
 /// For every chunk it takes a free buffer from `free` (blocking; capacity at least
 /// `chunk_size_bytes`), fills it, and sends a `ReadChunk` on `out`. Chunks may be sent out of
@@ -69,11 +93,25 @@ pub struct ReadStats {
 /// `IoError::Cancelled`; if `free` or `out` is disconnected it returns `IoError::Disconnected`
 /// (or `Cancelled` when the cancel flag is also set). In-flight requests are always reaped before
 /// returning. `Engine::Uring` falls back to `pread` when ring setup fails with `EPERM`, `ENOSYS`
-/// or `ENOMEM`; the stats name the engine that ran.
+/// or `ENOMEM`; the stats name the engine that ran. Registration follows
+/// `Registration::from_env()` (on unless `FERRY_IO_NO_REGISTER=1`).
 pub fn read_source(
     file: &File,
     info: &DeviceInfo,
     options: &ReadOptions,
+    free: &Receiver<AlignedBuf>,
+    out: &Sender<ReadChunk>,
+    cancel: &AtomicBool,
+) -> Result<ReadStats, IoError> {
+    read_source_with(file, info, options, Registration::from_env(), free, out, cancel)
+}
+
+/// `read_source` with an explicit choice of buffer/file registration for the io_uring engine.
+pub fn read_source_with(
+    file: &File,
+    info: &DeviceInfo,
+    options: &ReadOptions,
+    registration: Registration,
     free: &Receiver<AlignedBuf>,
     out: &Sender<ReadChunk>,
     cancel: &AtomicBool,
@@ -88,21 +126,24 @@ pub fn read_source(
         options.request_size_bytes,
         align,
     )?;
-    let ends = Ends { free, out, cancel };
+    let ends = Ends { free, out, cancel, halt: None };
     match open_ring(options.engine, options.queue_depth)? {
         Some(ring) => {
-            let driver = Driver::new(ring, file, Direction::Read, align, None);
+            let driver = Driver::new(ring, file, Direction::Read, align, None, registration);
             read_uring(driver, &plan, options.queue_depth, &ends)
         }
-        None => read_pread(file, &plan, &ends),
+        None => read_pread(file, &plan, options.queue_depth, &ends),
     }
 }
 
 /// The reader's channel ends and cancel flag.
+#[derive(Clone, Copy)]
 struct Ends<'a> {
     free: &'a Receiver<AlignedBuf>,
     out: &'a Sender<ReadChunk>,
     cancel: &'a AtomicBool,
+    /// Raised when a sibling `pread` thread failed: stop quietly (its error is reported).
+    halt: Option<&'a AtomicBool>,
 }
 
 impl Ends<'_> {
@@ -115,8 +156,13 @@ impl Ends<'_> {
         self.cancel.load(Ordering::Relaxed)
     }
 
+    fn halted(&self) -> bool {
+        self.halt.is_some_and(|halt| halt.load(Ordering::Relaxed))
+    }
+
+    /// `Cancelled` when the cancel flag (or the sibling halt flag) is raised.
     fn check_cancel(&self) -> Result<(), IoError> {
-        if self.cancelled() { Err(IoError::Cancelled) } else { Ok(()) }
+        if self.cancelled() || self.halted() { Err(IoError::Cancelled) } else { Ok(()) }
     }
 
     /// Blocks for a free buffer with at least `capacity` bytes, polling the cancel flag.
@@ -285,24 +331,105 @@ fn read_uring(
             }
         }
     }
-    Ok(ReadStats { engine: Engine::Uring, bytes_read, requests: driver.submitted() })
+    Ok(ReadStats::new(Engine::Uring, bytes_read, driver.submitted(), driver.registration()))
 }
 
-fn read_pread(file: &File, plan: &ReadPlan, ends: &Ends<'_>) -> Result<ReadStats, IoError> {
+/// Most helper threads the `pread` engine uses (each has one request in flight).
+pub(crate) const MAX_PREAD_THREADS: usize = 4;
+
+/// State shared by the `pread` helper threads.
+struct PreadShared<'a> {
+    file: &'a File,
+    plan: &'a ReadPlan,
+    /// Next chunk index; the lock is held while waiting for a free buffer, so chunks are claimed
+    /// in the order buffers arrive, as with a single thread.
+    next: Mutex<u64>,
+    /// Raised by the first thread that fails, so the others stop.
+    halt: AtomicBool,
+    /// The first failure.
+    error: Mutex<Option<IoError>>,
+    bytes_read: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// The `pread` engine: `min(queue_depth, MAX_PREAD_THREADS, chunks)` threads (the calling thread
+/// alone when that is 1), each reading whole chunks with one blocking request at a time.
+fn read_pread(
+    file: &File,
+    plan: &ReadPlan,
+    queue_depth: usize,
+    ends: &Ends<'_>,
+) -> Result<ReadStats, IoError> {
+    let chunk_count = usize::try_from(plan.chunk_count()).unwrap_or(usize::MAX);
+    let threads = queue_depth.min(MAX_PREAD_THREADS).min(chunk_count).max(1);
+    let shared = PreadShared {
+        file,
+        plan,
+        next: Mutex::new(0),
+        halt: AtomicBool::new(false),
+        error: Mutex::new(None),
+        bytes_read: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+    };
+    let worker = |shared: &PreadShared<'_>| {
+        let ends = Ends { halt: Some(&shared.halt), ..*ends };
+        if let Err(error) = pread_chunks(shared, &ends) {
+            let mut first = shared.error.lock().unwrap_or_else(|poison| poison.into_inner());
+            if first.is_none() {
+                *first = Some(error);
+            }
+            drop(first);
+            shared.halt.store(true, Ordering::Relaxed);
+        }
+    };
+    if threads == 1 {
+        worker(&shared);
+    } else {
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                let _ = scope.spawn(|| worker(&shared));
+            }
+        });
+    }
+    let PreadShared { error, bytes_read, requests, .. } = shared;
+    if let Some(error) = error.into_inner().unwrap_or_else(|poison| poison.into_inner()) {
+        return Err(error);
+    }
+    Ok(ReadStats::new(
+        Engine::Pread,
+        bytes_read.into_inner(),
+        requests.into_inner(),
+        RegistrationStats::default(),
+    ))
+}
+
+/// One `pread` helper: claims chunks until none is left, reads and sends each.
+fn pread_chunks(shared: &PreadShared<'_>, ends: &Ends<'_>) -> Result<(), IoError> {
+    let plan = shared.plan;
     let align = plan.alignment();
-    let mut bytes_read = 0u64;
-    let mut requests = 0u64;
-    for index in 0..plan.chunk_count() {
-        let mut buf = ends.take_buffer(plan.chunk_size())?;
+    loop {
+        let (index, mut buf) = {
+            let mut next = shared.next.lock().unwrap_or_else(|poison| poison.into_inner());
+            if *next == plan.chunk_count() {
+                return Ok(());
+            }
+            let buf = ends.take_buffer(plan.chunk_size())?;
+            let index = *next;
+            *next += 1;
+            (index, buf)
+        };
         let chunk = plan.chunk(index);
+        let mut requests = 0u64;
         for span in plan.spans(&chunk) {
-            let cancelled = || ends.cancelled();
-            transfer_sync(span, align.granule, &mut requests, &cancelled, |span| {
+            let cancelled = || ends.cancelled() || ends.halted();
+            let result = transfer_sync(span, align.granule, &mut requests, &cancelled, |span| {
                 let target = &mut buf.as_mut_slice()[span.buf_offset..span.buf_offset + span.len];
                 align.assert_request(span.file_offset, span.len, target.as_ptr());
-                file.read_at(target, span.file_offset)
-            })
-            .map_err(|stop| match stop {
+                shared.file.read_at(target, span.file_offset)
+            });
+            let _ = shared.requests.fetch_add(requests, Ordering::Relaxed);
+            requests = 0;
+            result.map_err(|stop| match stop {
                 SyncStop::Cancelled => IoError::Cancelled,
                 SyncStop::NoProgress(span) => no_progress(span.file_offset, span.len),
                 SyncStop::Eof(span) => unexpected_eof(span.file_offset, span.len),
@@ -310,8 +437,7 @@ fn read_pread(file: &File, plan: &ReadPlan, ends: &Ends<'_>) -> Result<ReadStats
             })?;
         }
         buf.set_len(chunk.valid);
-        bytes_read += chunk.valid as u64;
+        let _ = shared.bytes_read.fetch_add(chunk.valid as u64, Ordering::Relaxed);
         ends.send(ReadChunk { chunk_index: chunk.index, offset: chunk.offset, buf })?;
     }
-    Ok(ReadStats { engine: Engine::Pread, bytes_read, requests })
 }

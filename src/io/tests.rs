@@ -97,6 +97,57 @@ fn expected_engine(requested: Engine) -> Engine {
     if requested == Engine::Uring && uring_available() { Engine::Uring } else { Engine::Pread }
 }
 
+/// Every way of reading or writing: io_uring with and without registration, and `pread`.
+fn modes() -> [(Engine, Registration); 3] {
+    [
+        (Engine::Uring, Registration::Auto),
+        (Engine::Uring, Registration::Off),
+        (Engine::Pread, Registration::Auto),
+    ]
+}
+
+/// Checks what the stats say about registration against what was asked for.
+fn check_registration(
+    (engine, registration): (Engine, Registration),
+    requests: u64,
+    fixed_buffer_requests: u64,
+    registered_buffers: bool,
+    registered_file: bool,
+) {
+    if expected_engine(engine) == Engine::Uring && registration == Registration::Auto {
+        // root has CAP_IPC_LOCK and the kernel is recent: registration must succeed here
+        assert!(registered_file, "file registered");
+        assert!(registered_buffers, "all requests fixed");
+        assert_eq!(fixed_buffer_requests, requests);
+    } else {
+        assert!(!registered_file, "no file registration for {engine:?}/{registration:?}");
+        assert!(!registered_buffers);
+        assert_eq!(fixed_buffer_requests, 0);
+    }
+}
+
+fn check_read_registration(mode: (Engine, Registration), stats: &ReadStats) {
+    assert_eq!(stats.engine, expected_engine(mode.0));
+    check_registration(
+        mode,
+        stats.requests,
+        stats.fixed_buffer_requests,
+        stats.registered_buffers,
+        stats.registered_file,
+    );
+}
+
+fn check_write_registration(mode: (Engine, Registration), stats: &WriteStats) {
+    assert_eq!(stats.engine, expected_engine(mode.0));
+    check_registration(
+        mode,
+        stats.requests,
+        stats.fixed_buffer_requests,
+        stats.registered_buffers,
+        stats.registered_file,
+    );
+}
+
 fn read_options(engine: Engine, chunk: usize, request: usize, depth: usize) -> ReadOptions {
     ReadOptions { engine, chunk_size_bytes: chunk, request_size_bytes: request, queue_depth: depth }
 }
@@ -108,6 +159,19 @@ fn read_all(
     info: &DeviceInfo,
     options: &ReadOptions,
     buffers: usize,
+) -> (ReadStats, Vec<u8>) {
+    read_all_with(file, info, options, Registration::Auto, buffers, false)
+}
+
+/// `read_all` with a registration choice; with `fresh`, the consumer drops every chunk's buffer
+/// and puts a newly allocated one into the pool (a new allocation may reuse a freed address).
+fn read_all_with(
+    file: &File,
+    info: &DeviceInfo,
+    options: &ReadOptions,
+    registration: Registration,
+    buffers: usize,
+    fresh: bool,
 ) -> (ReadStats, Vec<u8>) {
     let chunk_size = options.chunk_size_bytes;
     let (free_tx, free_rx) = unbounded();
@@ -123,7 +187,7 @@ fn read_all(
         let cancel = &cancel;
         let reader = scope.spawn(move || {
             let out_tx = out_tx;
-            read_source(file, info, options, &free_rx, &out_tx, cancel)
+            read_source_with(file, info, options, registration, &free_rx, &out_tx, cancel)
         });
         for chunk in &out_rx {
             let index = usize::try_from(chunk.chunk_index).expect("small index");
@@ -135,7 +199,12 @@ fn read_all(
             assert_eq!(chunk.buf.len(), valid, "valid length of chunk {index}");
             image[offset..offset + valid].copy_from_slice(chunk.buf.as_slice());
             // the reader may already have returned (and dropped its end) after the last chunk
-            let _ = free_tx.send(chunk.buf);
+            if fresh {
+                drop(chunk.buf);
+                let _ = free_tx.send(AlignedBuf::new(chunk_size));
+            } else {
+                let _ = free_tx.send(chunk.buf);
+            }
         }
         reader.join().expect("reader thread").expect("read_source succeeds")
     });
@@ -151,13 +220,25 @@ fn write_all(
     depth: usize,
     ops: Vec<WriteOp>,
 ) -> WriteStats {
+    write_all_with(file, info, (engine, Registration::Auto), depth, ops)
+}
+
+fn write_all_with(
+    file: &File,
+    info: &DeviceInfo,
+    (engine, registration): (Engine, Registration),
+    depth: usize,
+    ops: Vec<WriteOp>,
+) -> WriteStats {
     let data_ops = ops.iter().filter(|op| matches!(op, WriteOp::Data { .. })).count();
     let (ops_tx, ops_rx) = bounded(2);
     let (free_tx, free_rx) = unbounded();
     let cancel = AtomicBool::new(false);
     let options = WriteOptions { engine, queue_depth: depth };
     let stats = thread::scope(|scope| {
-        let writer = scope.spawn(|| write_target(file, info, &options, &ops_rx, &free_tx, &cancel));
+        let writer = scope.spawn(|| {
+            write_target_with(file, info, &options, registration, &ops_rx, &free_tx, &cancel)
+        });
         for op in ops {
             ops_tx.send(op).expect("writer receives ops");
         }
@@ -167,6 +248,19 @@ fn write_all(
     drop(free_tx);
     assert_eq!(free_rx.iter().count(), data_ops, "every data buffer returned");
     stats
+}
+
+/// Bytes of data and of zero ranges in `ops`.
+fn op_bytes(ops: &[WriteOp]) -> (u64, u64) {
+    let mut data = 0;
+    let mut zeros = 0;
+    for op in ops {
+        match op {
+            WriteOp::Data { buf, .. } => data += buf.len() as u64,
+            WriteOp::Zero { length, .. } => zeros += *length,
+        }
+    }
+    (data, zeros)
 }
 
 /// A data op carrying `bytes` (padded buffer capacity, `len() == bytes.len()`).
@@ -204,6 +298,15 @@ fn mixed_ops(expected: &mut [u8], block: usize, seed: u64, swap: bool) -> Vec<Wr
             }
         })
         .collect()
+}
+
+#[test]
+fn registration_defaults_to_auto_without_the_env_variable() {
+    match std::env::var_os(NO_REGISTER_ENV) {
+        None => assert_eq!(Registration::from_env(), Registration::Auto),
+        Some(value) if value == "1" => assert_eq!(Registration::from_env(), Registration::Off),
+        Some(_) => assert_eq!(Registration::from_env(), Registration::Auto),
+    }
 }
 
 #[test]
@@ -245,10 +348,12 @@ fn regular_file_round_trip_both_engines() {
         assert!(opened.direct, "ext4 supports O_DIRECT");
         let info = probe(&opened.file).expect("probe");
         assert_eq!(info.size_bytes, size as u64);
-        for engine in engines() {
+        for mode in modes() {
+            let engine = mode.0;
             let options = read_options(engine, chunk, request, depth);
-            let (stats, image) = read_all(&opened.file, &info, &options, buffers);
-            assert_eq!(stats.engine, expected_engine(engine));
+            let (stats, image) =
+                read_all_with(&opened.file, &info, &options, mode.1, buffers, false);
+            check_read_registration(mode, &stats);
             assert_eq!(stats.bytes_read, size as u64);
             let min_requests = 3 * chunk.div_ceil(request) as u64 + 1;
             assert!(stats.requests >= min_requests, "{} < {min_requests}", stats.requests);
@@ -460,18 +565,19 @@ fn write_then_read_back_regular_file() {
             is_block_device: false,
         };
         let ops = mixed_ops(&mut expected, block.max(BUF_ALIGN), 2, false);
-        let touched: u64 = ops
-            .iter()
-            .map(|op| match op {
-                WriteOp::Data { buf, .. } => buf.len() as u64,
-                WriteOp::Zero { length, .. } => *length,
-            })
-            .sum();
+        let (data, zeros) = op_bytes(&ops);
+        let touched = data + zeros;
+        assert!(zeros > 0 && data > 0);
         assert!(touched < size as u64 - MIB as u64, "some ranges stay untouched");
         let stats = write_all(&opened.file, &info, engine, 8, ops);
         assert_eq!(stats.engine, expected_engine(engine));
         assert_eq!(stats.bytes_written, touched);
-        assert!(stats.requests >= 8, "{} requests", stats.requests);
+        // 2 MiB + 3 blocks and 5 blocks of data: at least 4 requests; zeros need none
+        assert!(stats.requests >= 4, "{} requests", stats.requests);
+        assert_eq!(stats.requests, 4, "no request for zeros");
+        assert_eq!(stats.zeroed_fallocate_bytes, zeros, "ext4 zeroes with fallocate");
+        assert_eq!(stats.zeroed_blkzeroout_bytes, 0);
+        assert_eq!(stats.zeroed_written_bytes, 0);
         let written = std::fs::read(&path).expect("read back");
         assert_eq!(written.len(), size);
         assert!(written == expected, "target differs ({engine:?})");
@@ -572,29 +678,35 @@ fn loop_device_round_trip(block: u32) {
                 is_block_device: true
             }
         );
-        for engine in engines() {
-            let (stats, image) =
-                read_all(&opened.file, &info, &read_options(engine, chunk, 512 * KIB, 8), 3);
-            assert_eq!(stats.engine, expected_engine(engine));
+        for mode in modes() {
+            let options = read_options(mode.0, chunk, 512 * KIB, 8);
+            let (stats, image) = read_all_with(&opened.file, &info, &options, mode.1, 3, false);
+            check_read_registration(mode, &stats);
             assert_eq!(stats.bytes_read, size as u64);
-            assert!(image == expected, "loop device image differs ({engine:?})");
+            assert!(image == expected, "loop device image differs ({mode:?})");
         }
-        for (round, engine) in engines().into_iter().enumerate() {
-            // the second round swaps data and zero ranges and sends the ops in reverse order, so
-            // every touched byte changes in both rounds
-            let swap = round == 1;
+        for (round, mode) in modes().into_iter().enumerate() {
+            // odd rounds swap data and zero ranges and send the ops in reverse order, so every
+            // touched byte changes in every round
+            let swap = round % 2 == 1;
             let mut ops = mixed_ops(&mut expected, block as usize, 20 + round as u64, swap);
             if swap {
                 ops.reverse();
             }
-            let stats = write_all(&opened.file, &info, engine, 8, ops);
-            assert_eq!(stats.engine, expected_engine(engine));
+            let (data, zeros) = op_bytes(&ops);
+            let stats = write_all_with(&opened.file, &info, mode, 8, ops);
+            check_write_registration(mode, &stats);
+            assert_eq!(stats.bytes_written, data + zeros);
+            assert_eq!(stats.zeroed_blkzeroout_bytes, zeros, "block device zeroes with ioctl");
+            assert_eq!(stats.zeroed_fallocate_bytes, 0);
+            assert_eq!(stats.zeroed_written_bytes, 0);
+            assert!(stats.requests >= data.div_ceil(MIB as u64));
             for read_engine in engines() {
                 let (_, image) =
                     read_all(&opened.file, &info, &read_options(read_engine, chunk, MIB, 4), 2);
                 assert!(
                     image == expected,
-                    "loop device after write differs ({engine:?}/{read_engine:?})"
+                    "loop device after write differs ({mode:?}/{read_engine:?})"
                 );
             }
         }
@@ -612,4 +724,173 @@ fn loop_device_512_round_trip() {
 #[test]
 fn loop_device_4096_round_trip() {
     loop_device_round_trip(4096);
+}
+
+#[test]
+fn registered_reads_survive_buffers_replaced_by_new_allocations() {
+    // more buffers than the fixed table has entries, each chunk's buffer freed and replaced by a
+    // new allocation: entries are reused and evicted, and a new buffer at a freed address must not
+    // hit the stale registration of the old one
+    let dir = TempDir::new("read-fresh");
+    let path = dir.path().join("image");
+    let chunk = 64 * KIB;
+    let size = 300 * chunk + 4096;
+    let source = pattern(11, 0, size);
+    std::fs::write(&path, &source).expect("write image");
+    let opened = open(&path, false, false).expect("open image");
+    let info = probe(&opened.file).expect("probe");
+    let table = uring::FIXED_TABLE_ENTRIES as usize;
+    for (buffers, fresh) in [(table + 6, false), (4, true), (table + 6, true)] {
+        let mode = (Engine::Uring, Registration::Auto);
+        let options = read_options(Engine::Uring, chunk, 16 * KIB, 16);
+        let (stats, image) = read_all_with(&opened.file, &info, &options, mode.1, buffers, fresh);
+        assert_eq!(stats.bytes_read, size as u64);
+        assert!(image == source, "image differs (buffers {buffers}, fresh {fresh})");
+        if expected_engine(Engine::Uring) == Engine::Uring {
+            assert!(stats.registered_file);
+            assert!(stats.fixed_buffer_requests > 0, "registered buffers were used");
+        }
+    }
+}
+
+#[test]
+fn pread_with_depth_reads_every_chunk_once_in_any_order() {
+    // 4 helper threads, more chunks than buffers, request size not dividing the file size
+    let dir = TempDir::new("read-pread-depth");
+    let path = dir.path().join("image");
+    let size = 37 * 256 * KIB + 3 * 4096 + 100;
+    let source = pattern(12, 0, size);
+    std::fs::write(&path, &source).expect("write image");
+    let opened = open(&path, false, false).expect("open image");
+    let info = probe(&opened.file).expect("probe");
+    for (depth, buffers) in [(4, 3), (16, 8), (2, 1)] {
+        let options = read_options(Engine::Pread, 256 * KIB, 96 * KIB, depth);
+        let (stats, image) = read_all(&opened.file, &info, &options, buffers);
+        assert_eq!(stats.engine, Engine::Pread);
+        assert_eq!(stats.bytes_read, size as u64);
+        assert!(stats.requests >= 112, "{} requests", stats.requests);
+        assert!(image == source, "pread image differs (depth {depth})");
+    }
+}
+
+#[test]
+fn zero_ops_fall_back_to_writes_when_fast_zeroing_is_unsupported() {
+    // tmpfs supports neither O_DIRECT nor FALLOC_FL_ZERO_RANGE (EOPNOTSUPP): zeros are written
+    let dir = Path::new("/dev/shm");
+    if !dir.is_dir() {
+        eprintln!("skipped: no /dev/shm");
+        return;
+    }
+    let path = dir.join(format!("ferry-io-zero-{}", std::process::id()));
+    let size = 3 * MIB;
+    std::fs::write(&path, pattern(13, 0, size)).expect("write tmpfs file");
+    for engine in engines() {
+        let opened = open(&path, true, false).expect("open tmpfs file");
+        let info = probe(&opened.file).expect("probe");
+        let ops = vec![
+            WriteOp::Zero { offset: 4096, length: MIB as u64 + 8192 },
+            WriteOp::Zero { offset: 2 * MIB as u64, length: 4096 },
+        ];
+        let stats = write_all(&opened.file, &info, engine, 4, ops);
+        let written = std::fs::read(&path).expect("read back");
+        let zeroed = |range: std::ops::Range<usize>| written[range].iter().all(|&b| b == 0);
+        assert!(zeroed(4096..MIB + 12288) && zeroed(2 * MIB..2 * MIB + 4096));
+        assert!(written[..4096].iter().all(|&b| b != 0), "bytes before the range kept");
+        assert!(written[2 * MIB + 4096..].iter().all(|&b| b != 0), "bytes after kept");
+        assert_eq!(stats.bytes_written, MIB as u64 + 12288);
+        assert_eq!(stats.zeroed_written_bytes, MIB as u64 + 12288, "{engine:?}");
+        assert_eq!(stats.zeroed_fallocate_bytes, 0);
+        assert_eq!(stats.zeroed_blkzeroout_bytes, 0);
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Drops `CAP_IPC_LOCK` from the calling thread's effective capabilities (threads it spawns
+/// inherit that); false when the kernel refused.
+fn drop_ipc_lock_for_this_thread() -> bool {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    const CAP_IPC_LOCK: u32 = 14;
+    let mut header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let mut data = [Data::default(); 2];
+    // SAFETY: version 3 capget reads `header` and writes two `Data` records, both live and
+    // writable for the call; pid 0 is the calling thread.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    data[0].effective &= !(1 << CAP_IPC_LOCK);
+    // SAFETY: version 3 capset reads `header` and two `Data` records, live for the call; it only
+    // changes the calling thread's capabilities.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+    rc == 0
+}
+
+#[test]
+fn registration_refused_by_memlock_limit_falls_back_to_plain_requests() {
+    if !uring_available() {
+        eprintln!("skipped: no io_uring");
+        return;
+    }
+    let mut limit = std::mem::MaybeUninit::<libc::rlimit>::zeroed();
+    // SAFETY: RLIMIT_MEMLOCK with a pointer to a live, writable rlimit the kernel fills.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, limit.as_mut_ptr()) };
+    assert_eq!(rc, 0, "getrlimit");
+    // SAFETY: getrlimit succeeded, so the struct is filled (and was zeroed before).
+    let limit = unsafe { limit.assume_init() }.rlim_cur;
+    let chunk = 4 * MIB;
+    let buffers = 6;
+    if limit == libc::RLIM_INFINITY || limit >= (buffers * chunk) as u64 {
+        eprintln!("skipped: RLIMIT_MEMLOCK {limit} would allow every registration");
+        return;
+    }
+    let dir = TempDir::new("read-memlock");
+    let path = dir.path().join("image");
+    let size = 12 * chunk + 8192;
+    let source = pattern(14, 0, size);
+    std::fs::write(&path, &source).expect("write image");
+    let opened = open(&path, false, false).expect("open image");
+    let info = probe(&opened.file).expect("probe");
+    let stats = thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if !drop_ipc_lock_for_this_thread() {
+                    return None;
+                }
+                let options = read_options(Engine::Uring, chunk, MIB, 16);
+                let (stats, image) = read_all_with(
+                    &opened.file,
+                    &info,
+                    &options,
+                    Registration::Auto,
+                    buffers,
+                    false,
+                );
+                assert!(image == source, "image differs after registration fallback");
+                Some(stats)
+            })
+            .join()
+            .expect("reader thread")
+    });
+    let Some(stats) = stats else {
+        eprintln!("skipped: could not drop CAP_IPC_LOCK");
+        return;
+    };
+    assert_eq!(stats.engine, Engine::Uring);
+    assert_eq!(stats.bytes_read, size as u64);
+    assert!(stats.registered_file, "file registration needs no locked memory");
+    assert!(!stats.registered_buffers, "the memlock limit refused some buffers");
+    assert!(stats.fixed_buffer_requests < stats.requests, "{stats:?}");
+    eprintln!("memlock fallback: {stats:?}");
 }
