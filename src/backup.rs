@@ -378,7 +378,10 @@ fn run_pipeline(
                     &shared.abort,
                 );
                 drop(chunk_tx);
-                result.map(|stats| stats.engine).map_err(|error| shared.fail(error.into())).ok()
+                let context = format!("source {}", source.path.display());
+                let fail =
+                    |error: io::IoError| shared.fail(EngineError::from(error).context(context));
+                result.map(|stats| stats.engine).map_err(fail).ok()
             }));
         }
         for _ in 0..options.worker_count.max(1) {

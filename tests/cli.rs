@@ -239,3 +239,36 @@ fn tls_verification_is_on_by_default_with_an_opt_out() {
     repo.ferry(&["--s3-no-verify-tls", "restore", &id, "--target", target.to_str().unwrap()]).ok();
     crate::util::assert_same(&source, &target, 3 * MIB);
 }
+
+/// A source that fails mid-read (here: an image file truncated while it is being read) ends
+/// the backup with a device error (exit 3) naming the failed read, and no backup is visible.
+#[test]
+fn source_failing_mid_read_leaves_no_backup() {
+    let scratch = Scratch::new("failing-source");
+    let repo = Repo::Local(scratch.join("repo"));
+    repo.init("1M");
+    let source = scratch.join("shrinking.img");
+    gen_image(&source, 512 * MIB, "text", 13);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .arg("--json")
+        .args(repo.args())
+        .args(["backup", "--workers", "1", "--source", source.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "start");
+    std::thread::sleep(Duration::from_millis(100));
+    std::fs::OpenOptions::new().write(true).open(&source).unwrap().set_len(MIB).unwrap();
+    let events: Vec<serde_json::Value> =
+        lines.map(|line| serde_json::from_str(&line.unwrap()).unwrap()).collect();
+    let status = child.wait().unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(status.code(), Some(3), "events: {events:?}");
+    assert_eq!(last["kind"], "device");
+    let message = last["message"].as_str().unwrap();
+    assert!(message.contains("read") && message.contains("shrinking.img"), "{message}");
+    assert_eq!(repo.ferry(&["list"]).ok()["backups"].as_array().unwrap().len(), 0);
+}
