@@ -1,8 +1,7 @@
 //! The orchestrator contract: exit codes per failure class, JSON Lines events (start first,
 //! result or error last), refusals that protect data, and clear errors when the store fails.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::util::{Repo, Scratch, gen_image};
@@ -176,15 +175,7 @@ fn sigint_cancels_a_backup_without_a_manifest() {
     repo.init("1M");
     let source = scratch.join("big.img");
     gen_image(&source, 768 * MIB, "text", 9);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .arg("--json")
-        .args(repo.args())
-        .args(["backup", "--workers", "1", "--source", source.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = repo.spawn_backup(&source);
     let mut events = Vec::new();
     // Wait for the start event: the signal handlers are installed and the job is starting; a
     // 768 MiB backup takes seconds, so the signal lands while it runs.
@@ -249,15 +240,7 @@ fn source_failing_mid_read_leaves_no_backup() {
     repo.init("1M");
     let source = scratch.join("shrinking.img");
     gen_image(&source, 512 * MIB, "text", 13);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .arg("--json")
-        .args(repo.args())
-        .args(["backup", "--workers", "1", "--source", source.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = repo.spawn_backup(&source);
     let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(first["event"], "start");
     std::thread::sleep(Duration::from_millis(100));

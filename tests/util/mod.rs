@@ -126,6 +126,25 @@ impl Repo {
         Run::from(command.output().unwrap())
     }
 
+    /// Starts `ferry --json ... backup --workers 1 --source SOURCE` and returns the child with
+    /// its stdout lines, for tests that act on a backup while it runs.
+    pub fn spawn_backup(
+        &self,
+        source: &Path,
+    ) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .arg("--json")
+            .args(self.args())
+            .args(["backup", "--workers", "1", "--source", source.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        (child, lines)
+    }
+
     pub fn init(&self, chunk_size: &str) {
         self.ferry(&["init", "--chunk-size", chunk_size]).ok();
     }
