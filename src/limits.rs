@@ -54,8 +54,10 @@ impl Budget {
     /// `parts_in_flight` uploads.
     pub fn new(chunk_size_bytes: u32, worker_count: usize, parts_in_flight: usize) -> Budget {
         let chunk_buffer_bytes = (chunk_size_bytes as usize).next_multiple_of(4096);
-        // The reader needs enough buffers to keep its queue full while every worker holds one.
-        let chunk_buffer_count = (worker_count * 2 + 4).max(8);
+        // The reader needs enough buffers to keep its queue full while every worker holds one, and
+        // read-ahead to overlap zstd-bound stretches of a volume with device-bound ones (runs of
+        // text between zeros): 24 × 4 MiB measured 0.86 × the wall time of 8 on a mixed image.
+        let chunk_buffer_count = (worker_count * 2 + 4).max(24);
         let budget = Budget {
             chunk_buffer_count,
             chunk_buffer_bytes,

@@ -63,6 +63,12 @@ impl Args {
         self.value(name).map_or(Ok(default), |v| v.parse().with_context(|| format!("bad {name}")))
     }
 
+    fn level(&self) -> Result<i32> {
+        self.value("--level").map_or(Ok(ferry::compress::LEVEL_DEFAULT), |v| {
+            v.parse().with_context(|| format!("bad --level {v:?}"))
+        })
+    }
+
     fn engine(&self) -> Result<Engine> {
         match self.value("--io-engine").unwrap_or("uring") {
             "uring" | "io_uring" => Ok(Engine::Uring),
@@ -85,8 +91,8 @@ fn main() -> Result<()> {
             gen_image(&path()?, size, mix, seed, args.has("--sparse-file"))
         }
         "read" => read(&path()?, &args),
-        "hash" => stage(&path()?, "hash"),
-        "compress" => stage(&path()?, "compress"),
+        "hash" => stage(&path()?, "hash", args.level()?),
+        "compress" => stage(&path()?, "compress", args.level()?),
         "pipeline" => pipeline(&path()?, &args),
         "upload" => upload(&args),
         "restore" => restore_bench(&path()?, &args),
@@ -99,8 +105,8 @@ fn usage() -> String {
      [--sparse-file]\n       \
      bench read DEVICE [--io-engine uring|pread] [--request-size 1M] [--queue-depth 16] \
      [--chunk-size 4M]\n       \
-     bench hash FILE | bench compress FILE\n       \
-     bench pipeline FILE [--io-engine uring|pread] [--queue-depth 16]\n       \
+     bench hash FILE | bench compress FILE [--level 1]\n       \
+     bench pipeline FILE [--io-engine uring|pread] [--queue-depth 16] [--level 1]\n       \
      bench upload [--size 1G] [--part-size 16M] [--parts-in-flight 6]   (FERRY_TEST_S3_*, AWS_*)\n       \
      bench restore FILE --target PATH [--repo DIR] [--io-engine uring|pread] [--queue-depth 16] \
      [--downloads-in-flight 6]"
@@ -300,10 +306,10 @@ fn report(
     println!("{line}");
 }
 
-fn stage(path: &Path, name: &str) -> Result<()> {
+fn stage(path: &Path, name: &str, level: i32) -> Result<()> {
     let data = std::fs::read(path)?;
     let hasher = ChunkHasher::new([7; 32]);
-    let mut compressor = Compressor::new(ferry::compress::LEVEL_DEFAULT);
+    let mut compressor = Compressor::new(level);
     let mut out = Vec::new();
     let mut stored = 0u64;
     let mut latency = Latency::new("per chunk")?;
@@ -324,7 +330,7 @@ fn stage(path: &Path, name: &str) -> Result<()> {
     let cpu = cpu_seconds() - cpu_before;
     report(
         name,
-        json!({"path": path.display().to_string(), "chunk_size": chunk_size}),
+        json!({"path": path.display().to_string(), "chunk_size": chunk_size, "level": level}),
         data.len() as u64,
         seconds,
         cpu,
@@ -455,6 +461,7 @@ fn pipeline(path: &Path, args: &Args) -> Result<()> {
     let repo = Repository::init(Box::new(NullStore), ferry::limits::CHUNK_SIZE_BYTES_DEFAULT)?;
     let mut options = BackupOptions::new(path.to_path_buf());
     options.engine = args.engine()?;
+    options.compression_level = args.level()?;
     if args.value("--queue-depth").is_some() {
         options.queue_depth = Some(args.count("--queue-depth", 16)?);
     }
@@ -469,7 +476,8 @@ fn pipeline(path: &Path, args: &Args) -> Result<()> {
     report(
         "pipeline",
         json!({"path": path.display().to_string(), "io_engine": options.engine.name(),
-               "queue_depth": options.queue_depth, "workers": options.worker_count}),
+               "queue_depth": options.queue_depth, "workers": options.worker_count,
+               "level": options.compression_level}),
         size,
         seconds,
         cpu,

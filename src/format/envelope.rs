@@ -3,7 +3,7 @@
 //! stored payload, followed by the payload (zstd-compressed JSON, or raw JSON for the config).
 //! Decoding verifies all of it before returning a byte.
 
-use xxhash_rust::xxh3::xxh3_128;
+use twox_hash::XxHash3_128;
 
 use super::{FORMAT_VERSION, FormatError};
 
@@ -45,7 +45,7 @@ pub fn encode_object(kind: ObjectKind, payload: &[u8]) -> Vec<u8> {
     out.push(kind as u8);
     out.push(encoding);
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(&xxh3_128(&stored).to_le_bytes());
+    out.extend_from_slice(&XxHash3_128::oneshot(&stored).to_le_bytes());
     out.extend_from_slice(&stored);
     out
 }
@@ -77,7 +77,7 @@ pub fn decode_object(kind: ObjectKind, what: &str, bytes: &[u8]) -> Result<Vec<u
     let decoded_len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
     let checksum = u128::from_le_bytes(bytes[20..36].try_into().expect("16 bytes"));
     let stored = &bytes[HEADER_BYTES..];
-    let actual = xxh3_128(stored);
+    let actual = XxHash3_128::oneshot(stored);
     if actual != checksum {
         return Err(FormatError::Corrupt {
             what: what.to_string(),

@@ -7,7 +7,7 @@
 //! raw length (4), stored length (4), keyed BLAKE3 hash (32), xxh3-64 of stored bytes (8),
 //! xxh3-64 of the preceding 56 header bytes (8).
 
-use xxhash_rust::xxh3::xxh3_64;
+use twox_hash::XxHash3_64;
 
 use super::{ChunkHash, FormatError};
 
@@ -53,8 +53,8 @@ pub fn encode_record_header(
     let stored_bytes = u32::try_from(stored.len()).expect("a chunk is far below 4 GiB");
     header[12..16].copy_from_slice(&stored_bytes.to_le_bytes());
     header[16..48].copy_from_slice(&hash.0);
-    header[48..56].copy_from_slice(&xxh3_64(stored).to_le_bytes());
-    let header_checksum = xxh3_64(&header[..56]);
+    header[48..56].copy_from_slice(&XxHash3_64::oneshot(stored).to_le_bytes());
+    let header_checksum = XxHash3_64::oneshot(&header[..56]);
     header[56..64].copy_from_slice(&header_checksum.to_le_bytes());
     header
 }
@@ -81,7 +81,7 @@ pub fn decode_record<'a>(
     if &header[0..4] != MAGIC {
         return Err(corrupt("record magic mismatch".into()));
     }
-    if xxh3_64(&header[..56]) != u64_at(56) {
+    if XxHash3_64::oneshot(&header[..56]) != u64_at(56) {
         return Err(corrupt("record header checksum mismatch".into()));
     }
     let encoding = match header[4] {
@@ -98,7 +98,7 @@ pub fn decode_record<'a>(
         });
     }
     let data_checksum = u64_at(48);
-    let actual = xxh3_64(data);
+    let actual = XxHash3_64::oneshot(data);
     if actual != data_checksum {
         return Err(corrupt(format!(
             "xxh3-64 mismatch: header {data_checksum:016x}, data {actual:016x}"
@@ -119,6 +119,26 @@ pub fn decode_record<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The checksums are part of the on-disk format: pin XXH3 against known answers (computed
+    // with the reference-compatible xxhash-rust 0.8.21), for short inputs and for the long-input
+    // path that runs on SIMD (AVX2 or SSE2, picked at run time).
+    #[test]
+    fn xxh3_matches_known_answers() {
+        let data: Vec<u8> =
+            (0..(1u32 << 20) + 7).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let cases: [(usize, u64, u128); 4] = [
+            (0, 0x2d06_8005_38d3_94c2, 0x99aa_06d3_0147_98d8_6001_c324_468d_497f),
+            (100, 0xad1e_77ff_670a_2548, 0x0938_6db4_4501_f7e4_aced_ade9_575c_6f25),
+            (4096, 0x84d9_e7ce_664c_8217, 0x0c26_3f43_5125_4510_84d9_e7ce_664c_8217),
+            (data.len(), 0xa80b_ea05_3044_86e6, 0x8119_ab39_9ae5_fb2c_a80b_ea05_3044_86e6),
+        ];
+        for (len, xxh3_64, xxh3_128) in cases {
+            assert_eq!(XxHash3_64::oneshot(&data[..len]), xxh3_64, "xxh3-64 of {len} bytes");
+            let wide = twox_hash::XxHash3_128::oneshot(&data[..len]);
+            assert_eq!(wide, xxh3_128, "xxh3-128 of {len} bytes");
+        }
+    }
 
     // A record round-trips, and any flipped byte in header or data is reported.
     #[test]

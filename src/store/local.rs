@@ -367,7 +367,7 @@ fn part_file_name(part_number: u32) -> String {
 /// The ETag of a part: its xxh3-128, so completion can detect a receipt that does not match the
 /// stored part.
 fn etag_of(data: &[u8]) -> String {
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(data))
+    format!("{:032x}", twox_hash::XxHash3_128::oneshot(data))
 }
 
 fn random_hex(operation: &'static str, key: &str, bytes: usize) -> Result<String, StoreError> {
