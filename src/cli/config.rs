@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{EngineError, ErrorKind};
-use crate::store::{LocalStore, ObjectStore, S3Options, S3Store};
+use crate::store::{LocalStore, ObjectStore, RetryPolicy, Retrying, S3Options, S3Store};
 
 /// The config file.
 #[derive(Debug, Default, Deserialize)]
@@ -42,8 +42,13 @@ pub struct S3Section {
     pub path_style: Option<bool>,
     /// Extra CA bundle (PEM) to trust.
     pub ca_bundle: Option<PathBuf>,
-    /// Per-attempt request timeout in seconds.
+    /// Per-attempt request timeout in seconds (default 60).
     pub request_timeout_secs: Option<u64>,
+    /// Attempts per request, the first included (default 10).
+    pub max_attempts: Option<u32>,
+    /// No retry starts later than this many seconds after a request's first attempt
+    /// (default 300).
+    pub retry_max_secs: Option<u64>,
 }
 
 impl std::fmt::Debug for S3Section {
@@ -101,8 +106,15 @@ pub fn open_store(args: &StoreArgs) -> Result<Box<dyn ObjectStore>, EngineError>
     let location = args.repo.clone().or_else(|| env("FERRY_REPO")).or(config.repository.clone()).ok_or_else(|| {
         usage("no repository given: pass --repo s3://BUCKET/PREFIX or --repo DIR (or set FERRY_REPO)")
     })?;
+    let mut policy = RetryPolicy::default();
+    if let Some(attempts) = config.s3.max_attempts {
+        policy.max_attempts = attempts.max(1);
+    }
+    if let Some(seconds) = config.s3.retry_max_secs {
+        policy.max_elapsed = Duration::from_secs(seconds);
+    }
     if let Some(rest) = location.strip_prefix("s3://") {
-        return Ok(Box::new(open_s3(rest, args, &config.s3)?));
+        return Ok(Box::new(Retrying::new(open_s3(rest, args, &config.s3)?, policy)));
     }
     let path = location.strip_prefix("file://").unwrap_or(&location);
     if path.is_empty() || path.contains("://") {
@@ -110,7 +122,7 @@ pub fn open_store(args: &StoreArgs) -> Result<Box<dyn ObjectStore>, EngineError>
             "repository {location:?} is neither s3://BUCKET/PREFIX nor a directory"
         )));
     }
-    Ok(Box::new(LocalStore::new(path)?))
+    Ok(Box::new(Retrying::new(LocalStore::new(path)?, policy)))
 }
 
 fn open_s3(rest: &str, args: &StoreArgs, section: &S3Section) -> Result<S3Store, EngineError> {

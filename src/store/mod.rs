@@ -15,9 +15,11 @@ use crate::error::{Classify, ErrorKind, Status};
 
 mod insecure_tls;
 pub mod local;
+pub mod retry;
 pub mod s3;
 
 pub use local::LocalStore;
+pub use retry::{RetryPolicy, Retrying};
 pub use s3::{S3Options, S3Store};
 
 /// One object in a listing.

@@ -6,11 +6,11 @@
 //! many threads call at once (the HTTP pool opens one connection per request in flight and keeps
 //! up to 64 idle ones). The client is configured for S3-compatible servers: checksums only when an
 //! operation requires them (servers such as Garage reject the SDK's default trailer checksums),
-//! path-style addressing by default, in-memory bodies, unsigned payloads, standard retries, connect
-//! and per-attempt timeouts, stalled-stream protection. Keys are `prefix/key` in the bucket.
+//! path-style addressing by default, in-memory bodies, unsigned payloads, connect and per-attempt
+//! timeouts, stalled-stream protection. Keys are `prefix/key` in the bucket.
 //!
-//! This module deliberately does not: retry beyond the SDK's per-request attempts (callers retry
-//! whole parts on `Status::Transient`), stream bodies (parts are `Bytes` in memory), verify object
+//! This module deliberately does not: retry (one SDK attempt per call; `store::Retrying` retries
+//! what `map_error` classifies as transient), stream bodies (parts are `Bytes` in memory), verify object
 //! content (ferry objects carry their own checksums), read credentials from the environment (the
 //! caller passes them in `S3Options`), or disable TLS certificate verification (see
 //! `S3Options::verify_tls`).
@@ -74,13 +74,15 @@ pub struct S3Options {
     /// Timeout of one attempt of one request; size it for the largest part at the slowest
     /// acceptable throughput.
     pub operation_timeout: Duration,
-    /// Attempts per request, including the first (the SDK retries transient failures).
+    /// Attempts per request inside the SDK, the first included. 1 by default: ferry retries
+    /// in `store::Retrying`, which classifies every failure and bounds attempts and time.
     pub max_attempts: u32,
 }
 
 impl S3Options {
     /// Options with ferry's defaults: no explicit endpoint, path-style addressing, TLS
-    /// verification on, 3 s connect timeout, 120 s per attempt, 4 attempts.
+    /// verification on, 3 s connect timeout, 60 s per attempt, 1 attempt (retries are
+    /// `store::Retrying`'s).
     pub fn new(
         bucket: impl Into<String>,
         prefix: impl Into<String>,
@@ -99,8 +101,8 @@ impl S3Options {
             access_key_id: access_key_id.into(),
             secret_access_key: secret_access_key.into(),
             connect_timeout: Duration::from_secs(3),
-            operation_timeout: Duration::from_secs(120),
-            max_attempts: 4,
+            operation_timeout: Duration::from_secs(60),
+            max_attempts: 1,
         }
     }
 
