@@ -7,9 +7,13 @@
 #
 #   REPS=3           repetitions; the tool groups rotate their order from one repetition to the next
 #   NOTE="..."       a line copied into the results file (e.g. "smoke run on a busy machine")
+#   FERRY_BIN_DIR=DIR  take ferry and bench from DIR instead of `cargo build --release` of this tree
+#                (e.g. binaries built from a clean `git archive` while the tree is being edited)
 #   FERRY_GARAGE_S3_PORT=39200   port of the throwaway Garage (scripts/garage.sh moves up when busy)
 #   FERRY_TEST_S3_ENDPOINT, FERRY_TEST_S3_BUCKET, FERRY_TEST_S3_REGION, AWS_ACCESS_KEY_ID,
 #   AWS_SECRET_ACCESS_KEY        use this S3 endpoint instead of starting a Garage
+#   RCLONE_S3_DISABLE_CHECKSUM=true etc.  any rclone flag as an environment variable (rclone's
+#                default computes the file's MD5 before a multipart upload; that is measured)
 #
 # Per repetition, each step after `sync; echo 3 > /proc/sys/vm/drop_caches`, timed with
 # `/usr/bin/time -f '%e %U %S %M'` (wall, user, sys, peak RSS; user+sys includes children):
@@ -40,7 +44,7 @@ reps=${REPS:-3}
 note=${NOTE:-}
 part=16M
 streams=6
-invocation="REPS=$reps perf/peers.sh $*"
+invocation="${FERRY_BIN_DIR:+FERRY_BIN_DIR=$FERRY_BIN_DIR }REPS=$reps perf/peers.sh $*"
 stamp=$(date -u +%Y%m%d-%H%M)
 results=perf/results
 md="$results/peers-$stamp.md"
@@ -54,7 +58,7 @@ part_bytes=$(numfmt --from=iec "$part")
 if ! command -v rclone >/dev/null || ! command -v restic >/dev/null; then
     apt-get install -y rclone restic >&2
 fi
-rclone_version=$(rclone version | head -n 1)
+rclone_version=$(rclone version | sed -n 1p)
 restic_version=$(restic version)
 
 base=/var/tmp/ferry-peers
@@ -71,9 +75,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-cargo build --release --bins >&2
+bin_dir=${FERRY_BIN_DIR:-}
+if [[ -z "$bin_dir" ]]; then
+    cargo build --release --bins >&2
+    bin_dir=target/release
+fi
 # Private copies: others building in the same tree may replace target/release/* mid-run.
-cp target/release/ferry target/release/bench "$work/"
+cp "$bin_dir/ferry" "$bin_dir/bench" "$work/"
 ferry_bin="$work/ferry"
 bench_bin="$work/bench"
 
@@ -94,7 +102,7 @@ bucket=$FERRY_TEST_S3_BUCKET
 region=$FERRY_TEST_S3_REGION
 garage_version="external endpoint"
 if [[ -n "$garage_pid" ]]; then
-    garage_version=$("$(readlink -f "/proc/$garage_pid/exe")" --version 2>/dev/null | head -n 1 || true)
+    garage_version=$("$(readlink -f "/proc/$garage_pid/exe")" --version 2>/dev/null | sed -n 1p || true)
 fi
 
 # rclone: one remote, "peers:", from the environment only.
@@ -106,6 +114,9 @@ export RCLONE_CONFIG_PEERS_ENV_AUTH=true
 export RCLONE_CONFIG_PEERS_ENDPOINT="$endpoint"
 export RCLONE_CONFIG_PEERS_REGION="$region"
 export RCLONE_CONFIG_PEERS_FORCE_PATH_STYLE=true
+# rclone 1.60's AWS session fails on any AWS_CA_BUNDLE ("LoadCustomCABundleError: unable to load
+# custom CA bundle, HTTPClient's transport unsupported type"), so rclone runs without it.
+rclone=(env -u AWS_CA_BUNDLE rclone)
 # ferry: endpoint and region from a config file, credentials from AWS_*.
 cat >"$work/ferry.toml" <<EOF
 [s3]
@@ -213,7 +224,7 @@ last_status() { python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).
 group_random() {
     local rep=$1
     local pool=("$bench_bin" upload --size "$size" --part-size "$part" --parts-in-flight "$streams")
-    local rc=(rclone copyto -q "$work/random.bin" "peers:$bucket/peers-rclone/random-$rep.bin"
+    local rc=("${rclone[@]}" copyto -q "$work/random.bin" "peers:$bucket/peers-rclone/random-$rep.bin"
               --s3-chunk-size "$part" --s3-upload-concurrency "$streams" --s3-upload-cutoff "$part")
     if ((rep % 2)); then
         measure ferry-pool upload-random "$rep" "$size_bytes" "${pool[@]}"
@@ -222,19 +233,19 @@ group_random() {
         measure rclone upload-random "$rep" "$size_bytes" "${rc[@]}"
         measure ferry-pool upload-random "$rep" "$size_bytes" "${pool[@]}"
     fi
-    rclone deletefile "peers:$bucket/peers-rclone/random-$rep.bin" >&2 || true
+    "${rclone[@]}" deletefile "peers:$bucket/peers-rclone/random-$rep.bin" >&2 || true
 }
 
 group_rclone() {
     local rep=$1
     local key="peers:$bucket/peers-rclone/volume-$rep.img"
-    measure rclone upload "$rep" "$image_bytes" rclone copyto -q "$work/volume.img" "$key" \
+    measure rclone upload "$rep" "$image_bytes" "${rclone[@]}" copyto -q "$work/volume.img" "$key" \
         --s3-chunk-size "$part" --s3-upload-concurrency "$streams" --s3-upload-cutoff "$part"
     [[ $(last_status) == 0 ]] || return 0
-    measure rclone download "$rep" "$image_bytes" rclone copyto -q "$key" "$work/rclone.img" \
+    measure rclone download "$rep" "$image_bytes" "${rclone[@]}" copyto -q "$key" "$work/rclone.img" \
         --multi-thread-streams "$streams" --multi-thread-cutoff "$part"
     if [[ $(last_status) == 0 ]]; then verify rclone download "$rep" "$work/rclone.img"; fi
-    rclone deletefile "$key" >&2 || true
+    "${rclone[@]}" deletefile "$key" >&2 || true
 }
 
 group_ferry() {
@@ -277,7 +288,9 @@ for rep in $(seq 1 "$reps"); do
 done
 
 dirty=""
-if git status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock | grep -q .; then
+if [[ -n "${FERRY_BIN_DIR:-}" ]]; then
+    dirty=" checked out; binaries from FERRY_BIN_DIR=$FERRY_BIN_DIR"
+elif git status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock | grep -q .; then
     dirty=" (+ uncommitted changes in src)"
 fi
 P_INVOCATION="$invocation" P_COMMIT="$(git rev-parse --short HEAD)$dirty" \

@@ -27,6 +27,7 @@ use crate::format::{
 };
 use crate::io::{self, AlignedBuf, ReadChunk};
 use crate::limits::{self, Budget};
+use crate::maintain;
 use crate::progress::Progress;
 use crate::repo::{Repository, lock};
 use crate::store::{ObjectStore, PartReceipt, UploadId};
@@ -221,6 +222,15 @@ pub fn run_many(
     let started_at = format::unix_now();
     let sources = open_sources(repo, options, sources, started_at, progress, warn)?;
     let chunk_size_bytes = repo.config.chunk_size_bytes;
+    // The lease tells later jobs this one is running; upkeep aborts uploads a killed job left.
+    let lease = maintain::take_lease(repo, "backup")?;
+    let upkeep = maintain::abort_abandoned_uploads(repo, &lease)?;
+    if !upkeep.aborted_uploads.is_empty() {
+        warn(format!(
+            "aborted {} multipart upload(s) left by an interrupted backup",
+            upkeep.aborted_uploads.len()
+        ));
+    }
     let known = repo.load_all_indexes()?;
     let shared = Shared {
         store: repo.store.as_ref(),

@@ -46,12 +46,21 @@ pub struct EngineError {
     pub kind: ErrorKind,
     /// The full message, outermost context first.
     pub message: String,
+    /// Structured details for the JSON `error` event (for example what `verify` found).
+    pub details: Option<serde_json::Value>,
 }
 
 impl EngineError {
     /// Builds an error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        EngineError { kind, message: message.into() }
+        EngineError { kind, message: message.into(), details: None }
+    }
+
+    /// Attaches structured details (a JSON object merged into the `error` event).
+    #[must_use]
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
     }
 
     /// Prefixes the message with `context` (for example the backup id or the device path).
@@ -98,6 +107,6 @@ pub fn chain(error: &dyn std::error::Error) -> String {
 
 impl<E: Classify> From<E> for EngineError {
     fn from(error: E) -> Self {
-        EngineError { kind: error.kind(), message: chain(&error) }
+        EngineError { kind: error.kind(), message: chain(&error), details: None }
     }
 }

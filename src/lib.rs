@@ -22,7 +22,9 @@ pub mod format;
 #[allow(unsafe_code)]
 pub mod io;
 pub mod limits;
+pub mod maintain;
 pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod store;
+pub mod verify;

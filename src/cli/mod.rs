@@ -14,12 +14,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use crate::backup::{self, BackupOptions};
-use crate::error::EngineError;
+use crate::error::{EngineError, ErrorKind};
 use crate::io::Engine;
 use crate::limits;
+use crate::maintain;
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::restore::{self, RestoreOptions};
+use crate::verify;
 use config::StoreArgs;
 use output::{ExitCode, Output};
 
@@ -77,6 +79,40 @@ pub enum Command {
     Show(IdArgs),
     /// Delete a backup's manifest (pack space is reclaimed by a later pass).
     Delete(IdArgs),
+    /// Check backups without restoring them: every pack and chunk present with the right size;
+    /// with --read-data, download and re-hash all or a sample of the chunks.
+    Verify(VerifyArgs),
+    /// Abort multipart uploads left by interrupted backups, remove their leases, and (when no
+    /// other job runs) delete packs that no index describes.
+    Repair,
+}
+
+/// `ferry verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Backups to verify.
+    #[arg(required_unless_present = "all")]
+    pub backup_ids: Vec<String>,
+    /// Verify every backup in the repository.
+    #[arg(long, conflicts_with = "backup_ids")]
+    pub all: bool,
+    /// Also download and re-hash chunks: all of them, or PERCENT of them chosen at random.
+    #[arg(long, value_name = "PERCENT", num_args = 0..=1, default_missing_value = "100",
+          require_equals = true, value_parser = parse_percent)]
+    pub read_data: Option<f64>,
+    /// Seed of the --read-data sample (default: random; reported in the result).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Ranged GETs in flight.
+    #[arg(long, default_value_t = limits::DOWNLOADS_IN_FLIGHT_DEFAULT, value_parser = parse_count)]
+    pub downloads_in_flight: usize,
+}
+
+fn parse_percent(text: &str) -> Result<f64, String> {
+    match text.trim_end_matches('%').parse::<f64>() {
+        Ok(value) if value > 0.0 && value <= 100.0 => Ok(value),
+        _ => Err(format!("{text:?} is not a percentage above 0 and at most 100")),
+    }
 }
 
 /// `ferry init`.
@@ -177,6 +213,8 @@ pub fn run() -> u8 {
         Command::List => "list",
         Command::Show(_) => "show",
         Command::Delete(_) => "delete",
+        Command::Verify(_) => "verify",
+        Command::Repair => "repair",
     };
     let output = Output::new(cli.json, name);
     let cancel = Arc::new(AtomicBool::new(false));
@@ -260,7 +298,89 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &AtomicBool) -> Result<(), Engin
             );
             Ok(())
         }
+        Command::Verify(args) => run_verify(args, &Repository::open(store)?, output, cancel),
+        Command::Repair => {
+            let repo = Repository::open(store)?;
+            output.start(json!({"repository": describe}));
+            let report = maintain::repair(&repo)?;
+            let summary = format!(
+                "aborted {} abandoned upload(s), removed {} dead lease(s), deleted {} orphan \
+                 pack(s) ({} bytes){}",
+                report.aborted_uploads.len(),
+                report.removed_leases,
+                report.deleted_orphan_packs.len(),
+                report.orphan_bytes,
+                if report.orphans_checked { "" } else { "; other jobs running: packs not checked" }
+            );
+            output.result(json!({"repair": report}), &summary);
+            Ok(())
+        }
     }
+}
+
+fn run_verify(
+    args: &VerifyArgs,
+    repo: &Repository,
+    output: &Output,
+    cancel: &AtomicBool,
+) -> Result<(), EngineError> {
+    let ids = if args.all { repo.list_backups()? } else { args.backup_ids.clone() };
+    output.start(json!({"repository": repo.store.describe(), "backup_ids": ids}));
+    let options = verify::VerifyOptions {
+        read_data_percent: args.read_data,
+        downloads_in_flight: args.downloads_in_flight,
+        seed: args.seed.unwrap_or_else(|| {
+            let mut bytes = [0u8; 8];
+            getrandom::fill(&mut bytes).expect("the OS has randomness");
+            u64::from_le_bytes(bytes)
+        }),
+    };
+    let progress = Progress::default();
+    let mut reports = Vec::new();
+    let mut lines = Vec::new();
+    for id in &ids {
+        let manifest = repo.load_manifest(id)?;
+        let report = with_progress(output, &progress, || {
+            verify::run(repo, &manifest, &options, &progress, cancel)
+        })?;
+        lines.push(format!(
+            "{id}: {} packs, {} chunks, {} read ({} bytes): {}",
+            report.pack_count,
+            report.chunk_count,
+            report.chunks_read,
+            report.bytes_read,
+            if report.problems.is_empty() {
+                "ok".to_string()
+            } else {
+                format!("{} problem(s)", report.problems.len())
+            }
+        ));
+        for problem in &report.problems {
+            lines.push(format!("  {}: {}", problem.object, problem.detail));
+        }
+        reports.push(report);
+    }
+    let problems: Vec<&verify::Problem> = reports.iter().flat_map(|r| &r.problems).collect();
+    if problems.is_empty() {
+        output.result(json!({"verified": reports}), &lines.join("\n"));
+        return Ok(());
+    }
+    let error = EngineError::new(
+        ErrorKind::Integrity,
+        format!(
+            "{} problem(s) found: {}",
+            problems.len(),
+            problems
+                .iter()
+                .map(|p| format!("{}: {}", p.object, p.detail))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    );
+    if !output.is_json() {
+        eprintln!("{}", lines.join("\n"));
+    }
+    Err(error.with_details(json!({"verified": reports})))
 }
 
 /// Runs `job` while a reporter thread emits progress; returns the job's result.

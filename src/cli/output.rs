@@ -75,6 +75,11 @@ impl Output {
         }
     }
 
+    /// Whether events go out as JSON Lines.
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
     /// True when a progress line is drawn on a terminal.
     pub fn live(&self) -> bool {
         self.progress_line
@@ -167,12 +172,16 @@ impl Output {
     pub fn error(&self, error: &EngineError) -> ExitCode {
         let code = ExitCode::from_kind(error.kind);
         if self.json {
-            self.emit(json!({
+            let mut event = json!({
                 "event": "error",
                 "kind": error.kind,
                 "exit_code": code as u8,
                 "message": error.message,
-            }));
+            });
+            if let Some(details) = &error.details {
+                merge(&mut event, details.clone());
+            }
+            self.emit(event);
         } else {
             self.clear_line();
         }

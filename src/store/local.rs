@@ -307,7 +307,12 @@ impl ObjectStore for LocalStore {
                 Err(error) => return Err(io_failed(OP, prefix, &key_path, &error)),
             };
             if key.starts_with(prefix) {
-                uploads.push(PendingUpload { key, upload_id: UploadId(id) });
+                let initiated_unix = fs::metadata(&key_path)
+                    .and_then(|meta| meta.modified())
+                    .ok()
+                    .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|elapsed| elapsed.as_secs());
+                uploads.push(PendingUpload { key, upload_id: UploadId(id), initiated_unix });
             }
         }
         uploads.sort_by(|a, b| (&a.key, &a.upload_id.0).cmp(&(&b.key, &b.upload_id.0)));
@@ -596,7 +601,8 @@ mod tests {
         let other = store.multipart_begin("index/i1").unwrap();
         let listed = store.multipart_list("packs/").unwrap();
         assert_eq!(listed.len(), 2);
-        assert_eq!(listed[0], PendingUpload { key: "packs/p1".into(), upload_id: id.clone() });
+        assert_eq!((listed[0].key.as_str(), &listed[0].upload_id), ("packs/p1", &id));
+        assert!(listed[0].initiated_unix.is_some());
         assert_eq!(store.multipart_list("").unwrap().len(), 3);
 
         let r2 =

@@ -52,6 +52,8 @@ pub struct PendingUpload {
     pub key: String,
     /// The upload id.
     pub upload_id: UploadId,
+    /// When the upload was started (Unix seconds), when the store says.
+    pub initiated_unix: Option<u64>,
 }
 
 /// A blocking object store. Every method may be called from many threads at once.

@@ -520,9 +520,12 @@ impl S3Store {
             for upload in output.uploads() {
                 let (Some(full), Some(id)) = (upload.key(), upload.upload_id()) else { continue };
                 let Some(key) = self.relative_key(full) else { continue };
+                let initiated_unix =
+                    upload.initiated().and_then(|time| u64::try_from(time.secs()).ok());
                 uploads.push(PendingUpload {
                     key: key.to_owned(),
                     upload_id: UploadId(id.to_owned()),
+                    initiated_unix,
                 });
             }
             if output.is_truncated() != Some(true) {
@@ -1129,7 +1132,9 @@ mod tests {
         let upload = store.multipart_begin("packs/p1").unwrap();
         let other = store.multipart_begin("index/i1").unwrap();
         let pending = store.multipart_list("packs/").unwrap();
-        assert_eq!(pending, [PendingUpload { key: "packs/p1".into(), upload_id: upload.clone() }]);
+        assert_eq!(pending.len(), 1);
+        assert_eq!((pending[0].key.as_str(), &pending[0].upload_id), ("packs/p1", &upload));
+        assert!(pending[0].initiated_unix.is_some(), "Garage reports when an upload started");
         assert_eq!(store.multipart_list("").unwrap().len(), 2);
 
         // 16 parts of 1 MiB from 16 threads at once.
