@@ -31,6 +31,7 @@ use crate::maintain;
 use crate::progress::Progress;
 use crate::repo::{Repository, lock};
 use crate::store::{ObjectStore, PartReceipt, UploadId};
+use crate::throttle::Throttle;
 
 /// What to back up and how.
 #[derive(Debug, Clone)]
@@ -49,6 +50,12 @@ pub struct BackupOptions {
     pub queue_depth: Option<usize>,
     /// Backup id to use instead of a generated one.
     pub backup_id: Option<String>,
+    /// Pack objects are closed once they hold this many bytes.
+    pub pack_size_bytes: u64,
+    /// Limit on the bytes read per second from the sources together.
+    pub limit_read_bytes_per_sec: Option<u64>,
+    /// Limit on the bytes uploaded per second.
+    pub limit_upload_bytes_per_sec: Option<u64>,
 }
 
 impl BackupOptions {
@@ -62,6 +69,9 @@ impl BackupOptions {
             parts_in_flight: limits::PARTS_IN_FLIGHT_DEFAULT,
             queue_depth: None,
             backup_id: None,
+            pack_size_bytes: limits::PACK_SIZE_BYTES_TARGET as u64,
+            limit_read_bytes_per_sec: None,
+            limit_upload_bytes_per_sec: None,
         }
     }
 }
@@ -137,6 +147,10 @@ struct Shared<'a> {
     /// Part buffers whose upload finished, for the packer to fill again: fresh 16 MiB buffers
     /// would cost a page fault per 4 KiB (a third of the pipeline's CPU in `perf record`).
     part_spares: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
+    /// Packs close at this size.
+    pack_size_bytes: u64,
+    /// `--limit-upload`, applied to pack data before each part or pack PUT.
+    upload_limit: Option<Throttle>,
 }
 
 impl Shared<'_> {
@@ -240,6 +254,10 @@ pub fn run_many(
         dedup: Mutex::new(known.into_iter().map(|(hash, pack)| (hash, Some(pack))).collect()),
         open_uploads: Mutex::new(HashMap::new()),
         part_spares: bounded(options.parts_in_flight + 2),
+        pack_size_bytes: options.pack_size_bytes.max(1),
+        // No burst: each part or pack starts when the previous bookings have run out, so
+        // uploads are spaced evenly at the limit.
+        upload_limit: options.limit_upload_bytes_per_sec.map(|rate| Throttle::new(rate, 0)),
     };
     let mut budget =
         Budget::new(chunk_size_bytes, options.worker_count.max(1), options.parts_in_flight);
@@ -364,9 +382,28 @@ fn run_pipeline(
     let (report_tx, report_rx) = bounded::<Report>(1024);
     let chunk_size_bytes = repo.config.chunk_size_bytes as usize;
     let (collected, engines) = std::thread::scope(|scope| {
+        // `--limit-read`: a pacer hands free buffers to the readers at the limit, so every read
+        // request waits its turn instead of the buffer pool filling at full speed.
+        let read_rx = match options.limit_read_bytes_per_sec {
+            None => free_rx.clone(),
+            Some(rate) => {
+                let (paced_tx, paced_rx) = bounded::<AlignedBuf>(1);
+                let free_rx = free_rx.clone();
+                let _ = scope.spawn(move || {
+                    let limit = Throttle::new(rate, 0);
+                    while let Ok(buf) = free_rx.recv() {
+                        limit.take(chunk_size_bytes as u64, &shared.abort);
+                        if shared.stopped() || paced_tx.send(buf).is_err() {
+                            break;
+                        }
+                    }
+                });
+                paced_rx
+            }
+        };
         let mut readers = Vec::with_capacity(sources.len());
         for (source, chunk_tx) in sources.iter().zip(chunk_txs) {
-            let free_rx = free_rx.clone();
+            let free_rx = read_rx.clone();
             // Request size and depth measured per device kind (`io::read_shape`), unless the
             // caller chose a depth.
             let shape = io::read_shape(&source.opened.file, &source.info, chunk_size_bytes);
@@ -404,7 +441,7 @@ fn run_pipeline(
                 work_chunks(repo, shared, level, &chunk_rxs, &outputs);
             });
         }
-        drop((chunk_rxs, free_tx, free_rx, compressed_tx, spare_rx));
+        drop((chunk_rxs, free_tx, free_rx, read_rx, compressed_tx, spare_rx));
         for _ in 0..options.parts_in_flight.max(1) {
             let (part_rx, report_tx) = (part_rx.clone(), report_tx.clone());
             let _ = scope.spawn(move || upload_parts(shared, &part_rx, &report_tx));
@@ -642,7 +679,7 @@ fn pack_chunks(
         if pack.part.len() >= limits::PART_SIZE_BYTES {
             flush_part(shared, pack, part_tx)?;
         }
-        if pack.size_bytes >= limits::PACK_SIZE_BYTES_TARGET as u64 {
+        if pack.size_bytes >= shared.pack_size_bytes {
             close_pack(shared, open.take().expect("open"), part_tx, report_tx)?;
         }
     }
@@ -691,6 +728,9 @@ fn close_pack(
         // A pack that fits one part is a single PUT: one request instead of three.
         let data = Bytes::from(std::mem::take(&mut pack.part));
         let length = data.len() as u64;
+        if let Some(limit) = &shared.upload_limit {
+            limit.take(length, &shared.abort);
+        }
         shared.store.put(&pack.pack.pack_key(), data.clone())?;
         shared.recycle_part(data);
         Progress::add(&shared.progress.bytes_uploaded, length);
@@ -766,6 +806,9 @@ fn upload_parts(shared: &Shared<'_>, part_rx: &Receiver<PartJob>, report_tx: &Se
         }
         let length = job.data.len() as u64;
         let upload = &job.upload;
+        if let Some(limit) = &shared.upload_limit {
+            limit.take(length, &shared.abort);
+        }
         let receipt = match shared.store.multipart_put_part(
             &upload.key,
             &upload.upload_id,

@@ -27,4 +27,5 @@ pub mod progress;
 pub mod repo;
 pub mod restore;
 pub mod store;
+pub mod throttle;
 pub mod verify;

@@ -143,6 +143,40 @@ pub struct BackupArgs {
     /// Chunk worker threads (default: one per CPU).
     #[arg(long, value_parser = parse_count)]
     pub workers: Option<usize>,
+    /// Close pack objects at this size (1M to 4G; suffixes K, M, G).
+    #[arg(long, default_value = "128M", value_parser = parse_pack_size)]
+    pub pack_size: u64,
+    /// Read at most this many MB/s (10^6 bytes) from the sources together, to spare a
+    /// production volume.
+    #[arg(long, value_name = "MB_PER_S", value_parser = parse_rate)]
+    pub limit_read: Option<u64>,
+    /// Upload at most this many MB/s (10^6 bytes) to the object store.
+    #[arg(long, value_name = "MB_PER_S", value_parser = parse_rate)]
+    pub limit_upload: Option<u64>,
+}
+
+/// Parses a rate in MB/s (decimal allowed) into bytes per second.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate >= 0.1 && rate.is_finite() => Ok((rate * 1e6) as u64),
+        _ => Err(format!("{text:?} is not a rate in MB/s (at least 0.1)")),
+    }
+}
+
+/// Parses a pack size: bytes with an optional K, M or G suffix, from 1 MiB to 4 GiB.
+fn parse_pack_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim().trim_end_matches("iB").trim_end_matches('B');
+    let (digits, shift) = match trimmed.chars().last() {
+        Some('K' | 'k') => (&trimmed[..trimmed.len() - 1], 10),
+        Some('M' | 'm') => (&trimmed[..trimmed.len() - 1], 20),
+        Some('G' | 'g') => (&trimmed[..trimmed.len() - 1], 30),
+        _ => (trimmed, 0),
+    };
+    let value = digits.parse::<u64>().map_err(|_| format!("{text:?} is not a size"))?;
+    match value.checked_mul(1 << shift) {
+        Some(bytes) if ((1 << 20)..=(4 << 30)).contains(&bytes) => Ok(bytes),
+        _ => Err(format!("pack size {text} must be from 1M to 4G")),
+    }
 }
 
 /// `ferry restore`.
@@ -419,6 +453,9 @@ fn run_backup(
         options.worker_count = workers;
     }
     options.backup_id = args.backup_id.clone();
+    options.pack_size_bytes = args.pack_size;
+    options.limit_read_bytes_per_sec = args.limit_read;
+    options.limit_upload_bytes_per_sec = args.limit_upload;
     let sources: Vec<String> = args.source.iter().map(|s| s.display().to_string()).collect();
     output.start(
         json!({"repository": repo.store.describe(), "source": sources[0], "sources": sources}),
