@@ -8,7 +8,8 @@
 #   REPS=3           repetitions; the tool groups rotate their order from one repetition to the next
 #   NOTE="..."       a line copied into the results file (e.g. "smoke run on a busy machine")
 #   FERRY_BIN_DIR=DIR  take ferry and bench from DIR instead of `cargo build --release` of this tree
-#                (e.g. binaries built from a clean `git archive` while the tree is being edited)
+#                (e.g. binaries built from a clean `git archive` while the tree is being edited);
+#                FERRY_BIN_COMMIT=SHA names their commit in the results
 #   FERRY_GARAGE_S3_PORT=39200   port of the throwaway Garage (scripts/garage.sh moves up when busy)
 #   FERRY_TEST_S3_ENDPOINT, FERRY_TEST_S3_BUCKET, FERRY_TEST_S3_REGION, AWS_ACCESS_KEY_ID,
 #   AWS_SECRET_ACCESS_KEY        use this S3 endpoint instead of starting a Garage
@@ -75,6 +76,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# The commit the numbers belong to, taken before the build (others may commit mid-run).
+if [[ -n "${FERRY_BIN_DIR:-}" ]]; then
+    commit="${FERRY_BIN_COMMIT:-unknown} (binaries from FERRY_BIN_DIR=$FERRY_BIN_DIR)"
+else
+    commit=$(git rev-parse --short HEAD)
+    if git status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock | grep -q .; then
+        commit+=" + uncommitted changes in src"
+    fi
+fi
 bin_dir=${FERRY_BIN_DIR:-}
 if [[ -z "$bin_dir" ]]; then
     cargo build --release --bins >&2
@@ -287,13 +297,7 @@ for rep in $(seq 1 "$reps"); do
     done
 done
 
-dirty=""
-if [[ -n "${FERRY_BIN_DIR:-}" ]]; then
-    dirty=" checked out; binaries from FERRY_BIN_DIR=$FERRY_BIN_DIR"
-elif git status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock | grep -q .; then
-    dirty=" (+ uncommitted changes in src)"
-fi
-P_INVOCATION="$invocation" P_COMMIT="$(git rev-parse --short HEAD)$dirty" \
+P_INVOCATION="$invocation" P_COMMIT="$commit" \
     P_DATE="$(date -u '+%Y-%m-%d %H:%M') UTC" P_NPROC="$(nproc)" P_KERNEL="$(uname -r)" \
     P_MODEL="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
     P_IMAGE="$size mixed (\`bench gen-image --mix mixed --seed 2026\`, $image_bytes bytes)" \

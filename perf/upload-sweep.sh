@@ -13,6 +13,7 @@
 #   FLIGHTS="2 4 6 8 12"   parts in flight
 #   NOTE="..."             a line copied into the results file
 #   FERRY_BIN_DIR=DIR      take bench from DIR instead of `cargo build --release` of this tree
+#   FERRY_BIN_COMMIT=SHA   the commit those binaries were built from (for the results)
 #   FERRY_GARAGE_S3_PORT=39200   port of the throwaway Garage (moves up when busy)
 #   FERRY_TEST_S3_ENDPOINT etc.  use that endpoint instead (then no Garage CPU figures)
 #
@@ -49,6 +50,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# The commit the numbers belong to, taken before the build (others may commit mid-run).
+if [[ -n "${FERRY_BIN_DIR:-}" ]]; then
+    commit="${FERRY_BIN_COMMIT:-unknown} (binaries from FERRY_BIN_DIR=$FERRY_BIN_DIR)"
+else
+    commit=$(git rev-parse --short HEAD)
+    if git status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock | grep -q .; then
+        commit+=" + uncommitted changes in src"
+    fi
+fi
 bin_dir=${FERRY_BIN_DIR:-}
 if [[ -z "$bin_dir" ]]; then
     cargo build --release --bins >&2
@@ -132,13 +142,7 @@ PY
     done
 done
 
-dirty=""
-if [[ -n "${FERRY_BIN_DIR:-}" ]]; then
-    dirty=" checked out; binaries from FERRY_BIN_DIR=$FERRY_BIN_DIR"
-elif git status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock | grep -q .; then
-    dirty=" (+ uncommitted changes in src)"
-fi
-P_INVOCATION="$invocation" P_COMMIT="$(git rev-parse --short HEAD)$dirty" \
+P_INVOCATION="$invocation" P_COMMIT="$commit" \
     P_DATE="$(date -u '+%Y-%m-%d %H:%M') UTC" P_NPROC="$(nproc)" P_KERNEL="$(uname -r)" \
     P_MODEL="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
     P_GARAGE="$garage_version at $FERRY_TEST_S3_ENDPOINT" P_NOTE="$note" P_SIZE="$size" \

@@ -93,11 +93,21 @@ fn corrupt_pack_is_detected(repo: &Repo, scratch: &Scratch, flip: impl Fn(&str))
     let source = scratch.join("a.img");
     gen_image(&source, 3 * MIB, "text", 5);
     let id = repo.backup(&source, "uring")["backup_id"].as_str().unwrap().to_string();
+    repo.ferry(&["verify", &id, "--read-data"]).ok();
     flip(&id);
     let target = scratch.join("restored.img");
     let message = repo.restore(&id, &target, "uring", &[]).fails(5);
     assert!(message.contains("packs/"), "message names the pack: {message}");
     assert!(message.contains("corrupt") || message.contains("mismatch"), "{message}");
+    // verify: sizes are intact, so only reading the data finds the flipped byte, and the
+    // JSON result lists the pack as the bad object.
+    repo.ferry(&["verify", &id]).ok();
+    let run = repo.ferry(&["verify", &id, "--read-data"]);
+    let message = run.fails(5);
+    assert!(message.contains("packs/"), "message names the pack: {message}");
+    let problems = run.last()["verified"][0]["problems"].as_array().unwrap().clone();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0]["object"].as_str().unwrap().starts_with("packs/"), "{problems:?}");
 }
 
 #[test]
@@ -122,7 +132,7 @@ fn corrupt_pack_in_garage_is_detected() {
     let Some(repo) = Repo::garage("corrupt") else { return };
     let scratch = Scratch::new("corrupt-garage");
     repo.init("256K");
-    let Repo::S3 { url, endpoint } = repo.clone() else { unreachable!() };
+    let Repo::S3 { url, endpoint, .. } = repo.clone() else { unreachable!() };
     corrupt_pack_is_detected(&repo, &scratch, |_| {
         use ferry::store::{ObjectStore, S3Options, S3Store};
         let rest = url.strip_prefix("s3://").unwrap();
@@ -159,7 +169,7 @@ fn unreachable_store_and_wrong_keys_fail_clearly() {
     );
     // Nothing listening: exit code 4, in bounded time, no panic.
     let Repo::S3 { url, .. } = repo else { unreachable!() };
-    let dead = Repo::S3 { url, endpoint: "http://127.0.0.1:1".into() };
+    let dead = Repo::S3 { url, endpoint: "http://127.0.0.1:1".into(), config: None };
     let run = dead.ferry(&["list"]);
     let message = run.fails(4);
     assert!(message.contains("unreachable"), "{message}");
@@ -213,7 +223,7 @@ fn tls_verification_is_on_by_default_with_an_opt_out() {
         assert!(std::env::var("FERRY_TEST_REQUIRE_S3").is_err(), "TLS endpoint missing");
         return;
     };
-    let repo = Repo::S3 { url, endpoint };
+    let repo = Repo::S3 { url, endpoint, config: None };
     let message = repo.ferry(&["init"]).fails(4);
     assert!(message.to_lowercase().contains("certificate"), "{message}");
     repo.ferry(&["--s3-no-verify-tls", "init"]).ok();

@@ -13,3 +13,5 @@ mod util;
 mod backup_restore;
 // The command-line contract: exit codes, JSON events, refusals, failures of the store.
 mod cli;
+// S3 faults injected by a proxy, kill -9 mid-backup and mid-restore, rate limits.
+mod faults;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -74,7 +76,7 @@ pub fn assert_same(a: &Path, b: &Path, length: u64) {
 #[derive(Clone, Debug)]
 pub enum Repo {
     Local(PathBuf),
-    S3 { url: String, endpoint: String },
+    S3 { url: String, endpoint: String, config: Option<PathBuf> },
 }
 
 impl Repo {
@@ -93,21 +95,25 @@ impl Repo {
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
         let url = format!("s3://{bucket}/tests/{test}-{}-{unique}-{nanos}", std::process::id());
-        Some(Repo::S3 { url, endpoint })
+        Some(Repo::S3 { url, endpoint, config: None })
     }
 
     pub fn args(&self) -> Vec<String> {
         match self {
             Repo::Local(path) => vec!["--repo".into(), path.display().to_string()],
-            Repo::S3 { url, endpoint } => {
-                vec![
+            Repo::S3 { url, endpoint, config } => {
+                let mut args = vec![
                     "--repo".into(),
                     url.clone(),
                     "--s3-endpoint".into(),
                     endpoint.clone(),
                     "--s3-region".into(),
                     "garage".into(),
-                ]
+                ];
+                if let Some(config) = config {
+                    args.extend(["--config".into(), config.display().to_string()]);
+                }
+                args
             }
         }
     }
