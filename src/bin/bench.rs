@@ -513,7 +513,7 @@ fn upload(args: &Args) -> Result<()> {
     }
     let part_count = u32::try_from(size.div_ceil(part_size))?;
     let store = test_s3_store()?;
-    // A few distinct random parts, reused round-robin (the store sees no duplicate detection).
+    // A few random parts, reused round-robin, each copy stamped with its part number.
     let mut rng = Rng(0x5EED_0000 ^ u64::from(std::process::id()));
     let samples: Vec<Bytes> = (0..in_flight + 1)
         .map(|_| {
@@ -545,7 +545,13 @@ fn upload(args: &Args) -> Result<()> {
                         }
                         let offset = u64::from(number - 1) * part_size;
                         let length = usize::try_from(part_size.min(size - offset))?;
-                        let data = samples[number as usize % samples.len()].slice(..length);
+                        // Garage stores blocks by content hash and skips ones it has: stamp
+                        // the part number into every 64 KiB so each part is new data.
+                        let mut data = samples[number as usize % samples.len()][..length].to_vec();
+                        for block in data.chunks_mut(64 << 10).filter(|b| b.len() >= 4) {
+                            block[..4].copy_from_slice(&number.to_le_bytes());
+                        }
+                        let data = Bytes::from(data);
                         let part_started = Instant::now();
                         let receipt = store.multipart_put_part(&key, &upload_id, number, data)?;
                         mine.record(part_started.elapsed());
