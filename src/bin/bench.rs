@@ -436,7 +436,7 @@ impl ObjectStore for NullStore {
         part_number: u32,
         _data: Bytes,
     ) -> Result<PartReceipt, StoreError> {
-        Ok(PartReceipt { part_number, etag: String::new() })
+        Ok(PartReceipt { part_number, etag: String::new(), checksum_crc32c: None })
     }
     fn multipart_complete(
         &self,

@@ -217,7 +217,7 @@ impl ObjectStore for LocalStore {
         let dir = self.existing_upload(OP, key, upload_id)?;
         let part_path = dir.join(part_file_name(part_number));
         write_atomic(OP, key, &dir, &part_path, &[&data])?;
-        Ok(PartReceipt { part_number, etag: etag_of(&data) })
+        Ok(PartReceipt { part_number, etag: etag_of(&data), checksum_crc32c: None })
     }
 
     fn multipart_complete(
@@ -640,7 +640,8 @@ mod tests {
         assert!(store.multipart_complete("k", &id, &[]).is_err());
         let part = store.multipart_put_part("k", &id, 1, Bytes::from_static(b"a")).unwrap();
         assert!(store.multipart_complete("k", &id, &[part.clone(), part.clone()]).is_err());
-        let missing = PartReceipt { part_number: 3, etag: part.etag.clone() };
+        let missing =
+            PartReceipt { part_number: 3, etag: part.etag.clone(), checksum_crc32c: None };
         assert!(store.multipart_complete("k", &id, &[part, missing]).is_err());
         let evil = UploadId("../../etc".into());
         assert!(store.multipart_abort("k", &evil).is_err());

@@ -42,6 +42,8 @@ pub struct PartReceipt {
     pub part_number: u32,
     /// The ETag the store returned for the part.
     pub etag: String,
+    /// The part's CRC32C as sent (base64), when the store checks one; handed back on completion.
+    pub checksum_crc32c: Option<String>,
 }
 
 /// An in-progress multipart upload found by `ObjectStore::multipart_list` (abandoned uploads are
