@@ -17,9 +17,11 @@ pub const PART_SIZE_BYTES: usize = 16 << 20;
 /// A pack is closed once it holds this many bytes: 128 MiB, eight parts. Packs of tens to
 /// hundreds of MiB keep object count and request cost low at TiB scale.
 pub const PACK_SIZE_BYTES_TARGET: usize = 128 << 20;
-/// Parts in flight to the object store. The reference measurements on this 2-core machine with
-/// Garage co-located peak at 4-8 in flight.
-pub const PARTS_IN_FLIGHT_DEFAULT: usize = 6;
+/// Parts in flight to the object store. `perf/upload-sweep.sh 1G` against Garage on this
+/// 2-core machine (perf/results/upload-sweep-20261126-1459.md): 16 MiB × 2/4/6/8/12 in flight
+/// gave 228/240/221/227/196 MB/s, so 4 is as fast as any and needs the least memory (8 MiB
+/// parts were no faster; 32 MiB parts were 20% slower and cost twice the client CPU).
+pub const PARTS_IN_FLIGHT_DEFAULT: usize = 4;
 /// Ranged GETs in flight during restore.
 pub const DOWNLOADS_IN_FLIGHT_DEFAULT: usize = 6;
 /// Largest ranged GET issued by restore (several pack records are coalesced into one GET).
