@@ -39,6 +39,8 @@
 # Work files live under /var/tmp/ferry-peers; they, the loop device and Garage go at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=perf/lib.sh
+source perf/lib.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 size=${1:-2G}
 reps=${REPS:-3}
@@ -76,44 +78,18 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# The commit the numbers belong to, taken before the build (others may commit mid-run).
-if [[ -n "${FERRY_BIN_DIR:-}" ]]; then
-    commit="${FERRY_BIN_COMMIT:-unknown} (binaries from FERRY_BIN_DIR=$FERRY_BIN_DIR)"
-else
-    commit=$(git rev-parse --short HEAD)
-    if git status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock | grep -q .; then
-        commit+=" + uncommitted changes in src"
-    fi
-fi
-bin_dir=${FERRY_BIN_DIR:-}
-if [[ -z "$bin_dir" ]]; then
-    cargo build --release --bins >&2
-    bin_dir=target/release
-fi
-# Private copies: others building in the same tree may replace target/release/* mid-run.
-cp "$bin_dir/ferry" "$bin_dir/bench" "$work/"
+perf_commit_label
+perf_private_bins ferry bench
 ferry_bin="$work/ferry"
 bench_bin="$work/bench"
 
-garage_pid=""
-if [[ -z "${FERRY_TEST_S3_ENDPOINT:-}" ]]; then
-    scripts/garage.sh install >&2
-    garage_dir="$work/garage"
-    FERRY_GARAGE_S3_PORT=${FERRY_GARAGE_S3_PORT:-39200} scripts/garage.sh start "$garage_dir" >&2
-    # shellcheck disable=SC1091
-    source "$garage_dir/env"
-    garage_pid=$(cat "$garage_dir/garage.pid")
-fi
+perf_start_garage
 : "${AWS_ACCESS_KEY_ID:?}" "${AWS_SECRET_ACCESS_KEY:?}"
 export FERRY_TEST_S3_BUCKET=${FERRY_TEST_S3_BUCKET:-ferry-test}
 export FERRY_TEST_S3_REGION=${FERRY_TEST_S3_REGION:-garage}
 endpoint=$FERRY_TEST_S3_ENDPOINT
 bucket=$FERRY_TEST_S3_BUCKET
 region=$FERRY_TEST_S3_REGION
-garage_version="external endpoint"
-if [[ -n "$garage_pid" ]]; then
-    garage_version=$("$(readlink -f "/proc/$garage_pid/exe")" --version 2>/dev/null | sed -n 1p || true)
-fi
 
 # rclone: one remote, "peers:", from the environment only.
 export RCLONE_CONFIG="$work/rclone.conf"

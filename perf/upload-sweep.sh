@@ -22,6 +22,8 @@
 # (which stores blocks by content hash) sees repeated blocks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=perf/lib.sh
+source perf/lib.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 size=${1:-1G}
 reps=${REPS:-2}
@@ -50,33 +52,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# The commit the numbers belong to, taken before the build (others may commit mid-run).
-if [[ -n "${FERRY_BIN_DIR:-}" ]]; then
-    commit="${FERRY_BIN_COMMIT:-unknown} (binaries from FERRY_BIN_DIR=$FERRY_BIN_DIR)"
-else
-    commit=$(git rev-parse --short HEAD)
-    if git status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock | grep -q .; then
-        commit+=" + uncommitted changes in src"
-    fi
-fi
-bin_dir=${FERRY_BIN_DIR:-}
-if [[ -z "$bin_dir" ]]; then
-    cargo build --release --bins >&2
-    bin_dir=target/release
-fi
-cp "$bin_dir/bench" "$work/bench"
+perf_commit_label
+perf_private_bins bench
 
-garage_pid=""
-garage_version="external endpoint"
-if [[ -z "${FERRY_TEST_S3_ENDPOINT:-}" ]]; then
-    scripts/garage.sh install >&2
-    garage_dir="$work/garage"
-    FERRY_GARAGE_S3_PORT=${FERRY_GARAGE_S3_PORT:-39200} scripts/garage.sh start "$garage_dir" >&2
-    # shellcheck disable=SC1091
-    source "$garage_dir/env"
-    garage_pid=$(cat "$garage_dir/garage.pid")
-    garage_version=$("$(readlink -f "/proc/$garage_pid/exe")" --version 2>/dev/null | sed -n 1p || true)
-fi
+perf_start_garage
 
 clk_tck=$(getconf CLK_TCK)
 garage_cpu() { # CPU-s (user+sys) used so far by the Garage process, or -1 when not ours
