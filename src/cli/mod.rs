@@ -163,18 +163,10 @@ fn parse_rate(text: &str) -> Result<u64, String> {
     }
 }
 
-/// Parses a pack size: bytes with an optional K, M or G suffix, from 1 MiB to 4 GiB.
+/// Parses a pack size: from 1 MiB to 4 GiB.
 fn parse_pack_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim().trim_end_matches("iB").trim_end_matches('B');
-    let (digits, shift) = match trimmed.chars().last() {
-        Some('K' | 'k') => (&trimmed[..trimmed.len() - 1], 10),
-        Some('M' | 'm') => (&trimmed[..trimmed.len() - 1], 20),
-        Some('G' | 'g') => (&trimmed[..trimmed.len() - 1], 30),
-        _ => (trimmed, 0),
-    };
-    let value = digits.parse::<u64>().map_err(|_| format!("{text:?} is not a size"))?;
-    match value.checked_mul(1 << shift) {
-        Some(bytes) if ((1 << 20)..=(4 << 30)).contains(&bytes) => Ok(bytes),
+    match parse_bytes(text)? {
+        bytes if ((1 << 20)..=(4 << 30)).contains(&bytes) => Ok(bytes),
         _ => Err(format!("pack size {text} must be from 1M to 4G")),
     }
 }
@@ -212,16 +204,22 @@ fn parse_count(text: &str) -> Result<usize, String> {
     }
 }
 
-/// Parses sizes like `4194304`, `4M`, `4MiB`, `512K`.
-fn parse_size(text: &str) -> Result<u32, String> {
+/// Parses a byte count: digits with an optional K, M or G suffix (binary; `B`/`iB` allowed).
+fn parse_bytes(text: &str) -> Result<u64, String> {
     let trimmed = text.trim().trim_end_matches("iB").trim_end_matches('B');
     let (digits, shift) = match trimmed.chars().last() {
         Some('K' | 'k') => (&trimmed[..trimmed.len() - 1], 10),
         Some('M' | 'm') => (&trimmed[..trimmed.len() - 1], 20),
+        Some('G' | 'g') => (&trimmed[..trimmed.len() - 1], 30),
         _ => (trimmed, 0),
     };
-    let value = digits.parse::<u64>().map_err(|_| format!("{text:?} is not a size"))? << shift;
-    let value = u32::try_from(value).map_err(|_| format!("{text:?} is too large"))?;
+    let value = digits.parse::<u64>().map_err(|_| format!("{text:?} is not a size"))?;
+    value.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// Parses a chunk size like `4194304`, `4M`, `4MiB`, `512K`: a power of two from 64K to 64M.
+fn parse_size(text: &str) -> Result<u32, String> {
+    let value = u32::try_from(parse_bytes(text)?).unwrap_or(0);
     if !value.is_power_of_two()
         || !(limits::CHUNK_SIZE_BYTES_MIN..=limits::CHUNK_SIZE_BYTES_MAX).contains(&value)
     {
