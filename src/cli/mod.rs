@@ -484,8 +484,8 @@ fn run_backup(
             "volume_size_bytes": manifest.volume_size_bytes, "io_engine": outcome.engine.name(),
             "direct_io": outcome.direct, "stats": stats}));
     }
-    let mut result =
-        json!({"bytes_uploaded": Progress::get(&progress.bytes_uploaded), "backups": backups});
+    let mut result = json!({"bytes_uploaded": Progress::get(&progress.bytes_uploaded),
+        "retries": repo.store.retry_count(), "backups": backups});
     if let [single] = &backups[..] {
         // One source: its fields also sit at the top level, as the simplest contract.
         for key in ["backup_id", "source", "volume_size_bytes", "io_engine", "direct_io", "stats"] {
@@ -524,6 +524,10 @@ fn run_restore(
         stats.duration_ms as f64 / 1000.0,
         stats.bytes_downloaded
     );
-    output.result(json!({"backup_id": manifest.backup_id, "stats": stats}), &summary);
+    output.result(
+        json!({"backup_id": manifest.backup_id, "stats": stats,
+               "retries": repo.store.retry_count()}),
+        &summary,
+    );
     Ok(())
 }

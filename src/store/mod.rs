@@ -131,6 +131,11 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// `StoreError` on failure.
     fn multipart_list(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError>;
 
+    /// Transient failures retried so far by this store (0 for stores that do not retry).
+    fn retry_count(&self) -> u64 {
+        0
+    }
+
     /// A short description for logs and events, e.g. `s3://bucket/prefix at http://...` or a path.
     /// Never contains credentials.
     fn describe(&self) -> String;

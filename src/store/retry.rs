@@ -155,6 +155,12 @@ impl<S: ObjectStore> Retrying<S> {
                 return Err(error);
             }
             let _ = self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            // For people watching stderr; the count also goes into the job's result.
+            eprintln!(
+                "ferry: retrying in {} ms (attempt {} of {limit}): {error}",
+                delay.as_millis(),
+                failures + 1
+            );
             std::thread::sleep(delay);
         }
     }
@@ -246,6 +252,10 @@ impl<S: ObjectStore> ObjectStore for Retrying<S> {
 
     fn multipart_list(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError> {
         self.call(|_| self.inner.multipart_list(prefix))
+    }
+
+    fn retry_count(&self) -> u64 {
+        self.stats.retries.load(Ordering::Relaxed)
     }
 
     fn describe(&self) -> String {
