@@ -413,7 +413,8 @@ fn fetch_range(
         let record = &bytes[position..position + record_len];
         position += record_len;
         let what = format!("pack {key} record at offset {}", entry.offset);
-        let (header, stored) = format::decode_record(&what, record)?;
+        // The data's xxh3 is not checked here: the keyed BLAKE3 of the decoded chunk below is.
+        let (header, stored) = format::decode_record_header(&what, record)?;
         let integrity =
             |detail: String| EngineError::new(ErrorKind::Integrity, format!("{what}: {detail}"));
         if header.hash != entry.hash || header.raw_bytes != entry.raw_bytes {
@@ -425,10 +426,10 @@ fn fetch_range(
             return Err(integrity(format!("{raw_bytes}-byte chunk exceeds the chunk size")));
         }
         compress::decompress(header.encoding, stored, raw_bytes, buf.as_mut_slice())
-            .map_err(integrity)?;
+            .map_err(|detail| integrity(format!("corrupt: {detail}")))?;
         // Pair assertion: the hash taken before upload must match the bytes about to be written.
         if shared.repo.hasher.hash(&buf.as_mut_slice()[..raw_bytes]) != entry.hash {
-            return Err(integrity(format!("chunk does not hash to {}", entry.hash)));
+            return Err(integrity(format!("corrupt: chunk does not hash to {}", entry.hash)));
         }
         buf.set_len(raw_bytes);
         queue_chunk_writes(shared, &entry.hash, buf, free_rx, ops_tx)?;

@@ -12,7 +12,8 @@ mod time;
 
 pub use envelope::{ObjectKind, decode_object, encode_object};
 pub use record::{
-    Encoding, RECORD_HEADER_BYTES, RecordHeader, decode_record, encode_record_header,
+    Encoding, RECORD_HEADER_BYTES, RecordHeader, decode_record, decode_record_header,
+    encode_record_header,
 };
 pub use time::{Timestamp, unix_now};
 

@@ -68,6 +68,30 @@ pub fn decode_record<'a>(
     what: &str,
     bytes: &'a [u8],
 ) -> Result<(RecordHeader, &'a [u8]), FormatError> {
+    let (header, data) = decode_record_header(what, bytes)?;
+    let actual = XxHash3_64::oneshot(data);
+    if actual != header.data_checksum {
+        return Err(FormatError::Corrupt {
+            what: what.to_string(),
+            detail: format!(
+                "xxh3-64 mismatch: header {:016x}, data {actual:016x}",
+                header.data_checksum
+            ),
+        });
+    }
+    Ok((header, data))
+}
+
+/// `decode_record` without the xxh3 of the stored data, for a caller that verifies the decoded
+/// chunk against its keyed BLAKE3 name anyway (restore): that check is strictly stronger, and
+/// skipping the weaker one saves a pass over every byte.
+///
+/// # Errors
+/// `FormatError` when the header does not verify or the length is wrong.
+pub fn decode_record_header<'a>(
+    what: &str,
+    bytes: &'a [u8],
+) -> Result<(RecordHeader, &'a [u8]), FormatError> {
     let corrupt = |detail: String| FormatError::Corrupt { what: what.to_string(), detail };
     if bytes.len() < RECORD_HEADER_BYTES {
         return Err(FormatError::Truncated {
@@ -98,12 +122,6 @@ pub fn decode_record<'a>(
         });
     }
     let data_checksum = u64_at(48);
-    let actual = XxHash3_64::oneshot(data);
-    if actual != data_checksum {
-        return Err(corrupt(format!(
-            "xxh3-64 mismatch: header {data_checksum:016x}, data {actual:016x}"
-        )));
-    }
     let mut hash = [0u8; 32];
     hash.copy_from_slice(&header[16..48]);
     let record = RecordHeader {

@@ -13,8 +13,7 @@
 //! (they never appear in listings).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -139,21 +138,17 @@ impl ObjectStore for LocalStore {
     fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Bytes, StoreError> {
         const OP: &str = "get_range";
         let path = self.object_path(OP, key)?;
-        let file = File::open(&path).map_err(|error| io_error(OP, key, &path, &error))?;
+        let mut file = File::open(&path).map_err(|error| io_error(OP, key, &path, &error))?;
         let wanted = usize::try_from(length)
             .map_err(|_| failed(OP, key, format!("range length {length} too large")))?;
-        let mut buffer = vec![0_u8; wanted];
-        let mut filled = 0_usize;
-        while filled < wanted {
-            // `filled` fits in u64 because it is at most `length`.
-            let position = offset.saturating_add(filled as u64);
-            match file.read_at(&mut buffer[filled..], position) {
-                Ok(0) => break,
-                Ok(read) => filled += read,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => return Err(io_error(OP, key, &path, &error)),
-            }
-        }
+        // Read into spare capacity: a zero-filled buffer would cost a memset of every range.
+        let mut buffer = Vec::with_capacity(wanted);
+        let _ =
+            file.seek(SeekFrom::Start(offset)).map_err(|error| io_error(OP, key, &path, &error))?;
+        let filled = (&mut file)
+            .take(length)
+            .read_to_end(&mut buffer)
+            .map_err(|error| io_error(OP, key, &path, &error))?;
         if filled < wanted {
             return Err(StoreError::ShortRead {
                 key: key.to_owned(),
