@@ -31,8 +31,13 @@ done
 export FERRY_TEST_S3_TLS_ENDPOINT=https://127.0.0.1:$tls_port
 export FERRY_TEST_S3_CA_BUNDLE=$garage_dir/ca.pem
 
+# Cinder's own S3 backup driver, the judge of --format cinder (tests/cinder.rs).
+FERRY_CINDER_PY=$(scripts/cinder/setup.sh | tail -n1)
+export FERRY_CINDER_PY
+
 # Make the environment-gated tests mandatory here: skipping them would hide a broken setup.
 export FERRY_TEST_REQUIRE_S3=1
+export FERRY_TEST_REQUIRE_CINDER=1
 if [ "$(id -u)" = 0 ]; then
   export FERRY_TEST_REQUIRE_LOOP=1
 fi

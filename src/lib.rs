@@ -15,6 +15,7 @@
 
 pub mod backup;
 pub mod chunk;
+pub mod cinder;
 pub mod cli;
 pub mod compress;
 pub mod error;

@@ -20,6 +20,9 @@ pub struct ConfigFile {
     /// S3 settings.
     #[serde(default)]
     pub s3: S3Section,
+    /// Cinder's `backup_s3_*` options, under their cinder.conf names (`--format cinder`).
+    #[serde(default)]
+    pub cinder: super::cinder::CinderSection,
 }
 
 /// The `[s3]` table of the config file.
@@ -101,8 +104,22 @@ pub fn load_config_file(path: Option<&Path>) -> Result<ConfigFile, EngineError> 
 /// # Errors
 /// `Usage` for a missing or malformed repository location or missing credentials; store errors.
 pub fn open_store(args: &StoreArgs) -> Result<Box<dyn ObjectStore>, EngineError> {
-    let config_path = args.config.clone().or_else(|| env("FERRY_CONFIG").map(PathBuf::from));
-    let config = load_config_file(config_path.as_deref())?;
+    open_store_with(args, &load_config_file(config_path(args).as_deref())?)
+}
+
+/// The config file `--config` or `FERRY_CONFIG` names.
+pub fn config_path(args: &StoreArgs) -> Option<PathBuf> {
+    args.config.clone().or_else(|| env("FERRY_CONFIG").map(PathBuf::from))
+}
+
+/// `open_store` with the config file already loaded.
+///
+/// # Errors
+/// As `open_store`.
+pub fn open_store_with(
+    args: &StoreArgs,
+    config: &ConfigFile,
+) -> Result<Box<dyn ObjectStore>, EngineError> {
     let location = args.repo.clone().or_else(|| env("FERRY_REPO")).or(config.repository.clone()).ok_or_else(|| {
         usage("no repository given: pass --repo s3://BUCKET/PREFIX or --repo DIR (or set FERRY_REPO)")
     })?;

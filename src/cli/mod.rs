@@ -2,6 +2,7 @@
 //! device or bucket, runs one job, renders events (`output`), and maps the outcome to a
 //! documented exit code. The orchestrator contract (JSON Lines events, exit codes) lives here.
 
+pub mod cinder;
 pub mod config;
 pub mod output;
 
@@ -85,6 +86,8 @@ pub enum Command {
     /// Abort multipart uploads left by interrupted backups, remove their leases, and (when no
     /// other job runs) delete packs that no index describes.
     Repair,
+    /// Print the base64 record `cinder backup-import` takes for a Cinder-format backup.
+    CinderRecord(cinder::RecordArgs),
 }
 
 /// `ferry verify`.
@@ -153,6 +156,9 @@ pub struct BackupArgs {
     /// Upload at most this many MB/s (10^6 bytes) to the object store.
     #[arg(long, value_name = "MB_PER_S", value_parser = parse_rate)]
     pub limit_upload: Option<u64>,
+    /// `--format cinder` and its flags.
+    #[command(flatten)]
+    pub cinder: cinder::BackupFlags,
 }
 
 /// Parses a rate in MB/s (decimal allowed) into bytes per second.
@@ -188,6 +194,9 @@ pub struct RestoreArgs {
     /// Ranged GETs in flight.
     #[arg(long, default_value_t = limits::DOWNLOADS_IN_FLIGHT_DEFAULT, value_parser = parse_count)]
     pub downloads_in_flight: usize,
+    /// `--format cinder` and its flags.
+    #[command(flatten)]
+    pub cinder: cinder::RestoreFlags,
 }
 
 /// A command taking one backup id.
@@ -247,6 +256,7 @@ pub fn run() -> u8 {
         Command::Delete(_) => "delete",
         Command::Verify(_) => "verify",
         Command::Repair => "repair",
+        Command::CinderRecord(_) => "cinder-record",
     };
     let output = Output::new(cli.json, name);
     let cancel = Arc::new(AtomicBool::new(false));
@@ -279,6 +289,9 @@ fn engine(cli: &Cli) -> Engine {
 }
 
 fn dispatch(cli: &Cli, output: &Output, cancel: &AtomicBool) -> Result<(), EngineError> {
+    if let Some(result) = cinder::dispatch(cli, output, cancel) {
+        return result;
+    }
     let store = config::open_store(&store_args(cli))?;
     let describe = store.describe();
     match &cli.command {
@@ -347,6 +360,7 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &AtomicBool) -> Result<(), Engin
             output.result(json!({"repair": report}), &summary);
             Ok(())
         }
+        Command::CinderRecord(_) => unreachable!("handled by cinder::dispatch"),
     }
 }
 

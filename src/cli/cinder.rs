@@ -1,0 +1,373 @@
+//! `--format cinder`: `ferry backup` and `ferry restore` in OpenStack Cinder's S3 backup layout,
+//! and `ferry cinder-record`. Parses the Cinder flags and the `[cinder]` config table (Cinder's
+//! own option names and defaults), opens the bucket, and runs `cinder::job`.
+//!
+//! The bucket is the repository: `--repo s3://BUCKET` (no prefix: Cinder's keys start at the
+//! bucket root), else `FERRY_REPO`, else `backup_s3_store_bucket` (default `volumebackups`).
+//! No `ferry init` is needed: a Cinder bucket holds no ferry repository.
+
+use std::sync::atomic::AtomicBool;
+
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::config::{self, ConfigFile, StoreArgs};
+use super::output::Output;
+use super::{Cli, Command, engine, store_args, with_progress};
+use crate::cinder::{self, Algorithm, Geometry};
+use crate::error::{EngineError, ErrorKind};
+use crate::progress::Progress;
+use crate::store::ObjectStore;
+
+/// `--format` of `backup` and `restore`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Format {
+    /// ferry's own deduplicating repository.
+    #[default]
+    Native,
+    /// OpenStack Cinder's S3 backup driver layout (cinder-backup can restore it).
+    Cinder,
+}
+
+/// The Cinder flags of `ferry backup`.
+#[derive(Debug, Args)]
+pub struct BackupFlags {
+    /// Backup layout: ferry's repository, or Cinder's S3 driver layout.
+    #[arg(long, value_enum, default_value = "native")]
+    pub format: Format,
+    /// Cinder backup UUID (--format cinder).
+    #[arg(long, value_name = "UUID")]
+    pub cinder_backup_id: Option<String>,
+    /// Cinder volume UUID (--format cinder).
+    #[arg(long, value_name = "UUID")]
+    pub cinder_volume_id: Option<String>,
+    /// Make an incremental on top of this Cinder backup (--format cinder).
+    #[arg(long, value_name = "UUID")]
+    pub incremental_parent: Option<String>,
+    /// Compression: zlib, gzip, bz2, bzip2, zstd, none (default backup_compression_algorithm,
+    /// else zlib) (--format cinder).
+    #[arg(long, value_name = "NAME")]
+    pub compression: Option<String>,
+    /// Largest uncompressed object (default backup_s3_object_size, else 52428800).
+    #[arg(long, value_name = "BYTES")]
+    pub cinder_object_size: Option<u64>,
+    /// SHA-256 block size for incrementals (default backup_s3_block_size, else 32768).
+    #[arg(long, value_name = "BYTES")]
+    pub cinder_block_size: Option<u64>,
+    /// Objects uploading at once (--format cinder).
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = super::parse_count)]
+    pub cinder_uploads: usize,
+}
+
+/// The Cinder flags of `ferry restore`.
+#[derive(Debug, Args)]
+pub struct RestoreFlags {
+    /// Backup layout: ferry's repository, or Cinder's S3 driver layout.
+    #[arg(long, value_enum, default_value = "native")]
+    pub format: Format,
+    /// The Cinder volume UUID the backup was taken of (--format cinder).
+    #[arg(long, value_name = "UUID")]
+    pub cinder_volume_id: Option<String>,
+}
+
+/// `ferry cinder-record`.
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// The Cinder backup UUID.
+    pub backup_id: String,
+    /// The Cinder volume UUID it was taken of.
+    #[arg(long, value_name = "UUID")]
+    pub cinder_volume_id: String,
+}
+
+/// The `[cinder]` table of the config file: cinder.conf's `[DEFAULT]` backup options under their
+/// own names. Options ferry has no use for are accepted so a cinder.conf excerpt pastes in.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CinderSection {
+    /// S3 endpoint URL.
+    pub backup_s3_endpoint_url: Option<String>,
+    /// Access key id.
+    pub backup_s3_store_access_key: Option<String>,
+    /// Secret access key.
+    pub backup_s3_store_secret_key: Option<String>,
+    /// Bucket (default `volumebackups`).
+    pub backup_s3_store_bucket: Option<String>,
+    /// Largest uncompressed object (default 52428800).
+    pub backup_s3_object_size: Option<u64>,
+    /// SHA-256 block size (default 32768).
+    pub backup_s3_block_size: Option<u64>,
+    /// Accepted, ignored (ferry reports progress its own way).
+    pub backup_s3_enable_progress_timer: Option<bool>,
+    /// Refused when set: ferry does not use an HTTP proxy.
+    pub backup_s3_http_proxy: Option<String>,
+    /// Refused when set: ferry does not use an HTTPS proxy.
+    pub backup_s3_https_proxy: Option<String>,
+    /// Per-request timeout in seconds (default 60).
+    pub backup_s3_timeout: Option<f64>,
+    /// Accepted, ignored (concurrency is --cinder-uploads / --downloads-in-flight).
+    pub backup_s3_max_pool_connections: Option<u64>,
+    /// Retries after the first attempt (default 4).
+    pub backup_s3_retry_max_attempts: Option<u32>,
+    /// Accepted, ignored (ferry's retry layer backs off with jitter).
+    pub backup_s3_retry_mode: Option<String>,
+    /// Verify TLS certificates (default true).
+    pub backup_s3_verify_ssl: Option<bool>,
+    /// CA bundle to trust.
+    pub backup_s3_ca_cert_file: Option<std::path::PathBuf>,
+    /// Accepted, ignored (the SDK checksums every request).
+    pub backup_s3_md5_validation: Option<bool>,
+    /// Refused when set: SSE-C is not supported.
+    pub backup_s3_sse_customer_key: Option<String>,
+    /// Refused when set: SSE-C is not supported.
+    pub backup_s3_sse_customer_algorithm: Option<String>,
+    /// Compression (default `zlib`).
+    pub backup_compression_algorithm: Option<String>,
+    /// Accepted, ignored (ferry never creates buckets).
+    pub backup_create_containers: Option<bool>,
+    /// Accepted, ignored.
+    pub backup_timer_interval: Option<u64>,
+    /// Accepted, ignored.
+    pub backup_object_number_per_notification: Option<u64>,
+    /// Accepted, ignored (ferry writes `volume_meta` null).
+    pub backup_metadata_version: Option<u64>,
+    /// Availability zone in the object prefix (default `nova`).
+    pub storage_availability_zone: Option<String>,
+}
+
+impl std::fmt::Debug for CinderSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CinderSection")
+            .field("backup_s3_endpoint_url", &self.backup_s3_endpoint_url)
+            .field("backup_s3_store_bucket", &self.backup_s3_store_bucket)
+            .field(
+                "backup_s3_store_secret_key",
+                &self.backup_s3_store_secret_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+fn usage(message: impl Into<String>) -> EngineError {
+    EngineError::new(ErrorKind::Usage, message)
+}
+
+/// Handles the command when it is Cinder's: `Some(result)` for `--format cinder` and
+/// `cinder-record`, `None` for everything else.
+pub(super) fn dispatch(
+    cli: &Cli,
+    output: &Output,
+    cancel: &AtomicBool,
+) -> Option<Result<(), EngineError>> {
+    match &cli.command {
+        Command::Backup(args) if args.cinder.format == Format::Cinder => {
+            Some(run_backup(cli, args, output, cancel))
+        }
+        Command::Backup(args) => reject_native(
+            [
+                ("--cinder-backup-id", args.cinder.cinder_backup_id.is_some()),
+                ("--cinder-volume-id", args.cinder.cinder_volume_id.is_some()),
+                ("--incremental-parent", args.cinder.incremental_parent.is_some()),
+                ("--compression", args.cinder.compression.is_some()),
+                ("--cinder-object-size", args.cinder.cinder_object_size.is_some()),
+                ("--cinder-block-size", args.cinder.cinder_block_size.is_some()),
+            ]
+            .as_slice(),
+        ),
+        Command::Restore(args) if args.cinder.format == Format::Cinder => {
+            Some(run_restore(cli, args, output, cancel))
+        }
+        Command::Restore(args) => reject_native(
+            [("--cinder-volume-id", args.cinder.cinder_volume_id.is_some())].as_slice(),
+        ),
+        Command::CinderRecord(args) => Some(run_record(cli, args, output)),
+        _ => None,
+    }
+}
+
+fn reject_native(flags: &[(&str, bool)]) -> Option<Result<(), EngineError>> {
+    flags
+        .iter()
+        .find(|(_, given)| *given)
+        .map(|(flag, _)| Err(usage(format!("{flag} needs --format cinder"))))
+}
+
+/// Opens the bucket: the config file's `[cinder]` options fill what `[s3]` leaves unset.
+fn open_bucket(cli: &Cli) -> Result<(Box<dyn ObjectStore>, String, ConfigFile), EngineError> {
+    let mut args: StoreArgs = store_args(cli);
+    let mut config = config::load_config_file(config::config_path(&args).as_deref())?;
+    let c = &config.cinder;
+    if c.backup_s3_sse_customer_key.is_some() || c.backup_s3_sse_customer_algorithm.is_some() {
+        return Err(usage("backup_s3_sse_customer_key/algorithm (SSE-C) is not supported"));
+    }
+    if c.backup_s3_http_proxy.as_deref().is_some_and(|p| !p.is_empty())
+        || c.backup_s3_https_proxy.as_deref().is_some_and(|p| !p.is_empty())
+    {
+        return Err(usage("backup_s3_http_proxy/backup_s3_https_proxy are not supported"));
+    }
+    let location = args
+        .repo
+        .clone()
+        .or_else(|| std::env::var("FERRY_REPO").ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| {
+            let bucket =
+                c.backup_s3_store_bucket.clone().unwrap_or_else(|| cinder::DEFAULT_BUCKET.into());
+            format!("s3://{bucket}")
+        });
+    let Some(rest) = location.strip_prefix("s3://") else {
+        return Err(usage(format!(
+            "--format cinder needs an S3 bucket: --repo s3://BUCKET, not {location:?}"
+        )));
+    };
+    let bucket = rest.trim_end_matches('/');
+    if bucket.is_empty() || bucket.contains('/') {
+        return Err(usage(format!(
+            "--format cinder writes at the bucket root as Cinder does: --repo s3://BUCKET, not \
+             {location:?}"
+        )));
+    }
+    let s3 = &mut config.s3;
+    s3.endpoint_url = s3.endpoint_url.take().or(c.backup_s3_endpoint_url.clone());
+    s3.access_key_id = s3.access_key_id.take().or(c.backup_s3_store_access_key.clone());
+    s3.secret_access_key = s3.secret_access_key.take().or(c.backup_s3_store_secret_key.clone());
+    s3.verify_tls = s3.verify_tls.or(c.backup_s3_verify_ssl);
+    s3.ca_bundle = s3.ca_bundle.take().or(c.backup_s3_ca_cert_file.clone());
+    s3.request_timeout_secs =
+        s3.request_timeout_secs.or(c.backup_s3_timeout.map(|t| t.ceil().max(1.0) as u64));
+    s3.max_attempts = s3.max_attempts.or(c.backup_s3_retry_max_attempts.map(|r| r + 1));
+    let bucket = bucket.to_owned();
+    args.repo = Some(format!("s3://{bucket}"));
+    config.repository = None;
+    Ok((config::open_store_with(&args, &config)?, bucket, config))
+}
+
+fn required<'a>(value: &'a Option<String>, flag: &str) -> Result<&'a str, EngineError> {
+    value.as_deref().ok_or_else(|| usage(format!("--format cinder needs {flag}")))
+}
+
+fn run_backup(
+    cli: &Cli,
+    args: &super::BackupArgs,
+    output: &Output,
+    cancel: &AtomicBool,
+) -> Result<(), EngineError> {
+    let flags = &args.cinder;
+    let backup_id = required(&flags.cinder_backup_id, "--cinder-backup-id UUID")?;
+    let volume_id = required(&flags.cinder_volume_id, "--cinder-volume-id UUID")?;
+    let [source] = args.source.as_slice() else {
+        return Err(usage("--format cinder backs up one --source at a time"));
+    };
+    // Validate everything before opening the bucket.
+    let pre = config::load_config_file(config::config_path(&store_args(cli)).as_deref())?;
+    let c = &pre.cinder;
+    let name = flags
+        .compression
+        .clone()
+        .or(c.backup_compression_algorithm.clone())
+        .unwrap_or_else(|| "zlib".into());
+    let algorithm = Algorithm::from_name(&name)?;
+    let geometry = Geometry::new(
+        flags.cinder_object_size.or(c.backup_s3_object_size).unwrap_or(cinder::DEFAULT_OBJECT_SIZE),
+        flags.cinder_block_size.or(c.backup_s3_block_size).unwrap_or(cinder::DEFAULT_BLOCK_SIZE),
+    )?;
+    let (store, bucket, config) = open_bucket(cli)?;
+    let job = cinder::job::BackupJob {
+        source: source.clone(),
+        engine: engine(cli),
+        backup_id: backup_id.to_owned(),
+        volume_id: volume_id.to_owned(),
+        parent_id: flags.incremental_parent.clone(),
+        algorithm,
+        geometry,
+        availability_zone: config
+            .cinder
+            .storage_availability_zone
+            .clone()
+            .unwrap_or_else(|| cinder::names::DEFAULT_AVAILABILITY_ZONE.into()),
+        name: None,
+        description: None,
+        workers: args
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        uploads: flags.cinder_uploads,
+    };
+    output.start(json!({"repository": store.describe(), "format": "cinder", "bucket": bucket,
+        "source": source.display().to_string(), "backup_id": backup_id, "volume_id": volume_id,
+        "parent_id": job.parent_id, "compression": algorithm.name(),
+        "object_size_bytes": geometry.object_size()}));
+    let progress = Progress::default();
+    let warn = |message: String| output.warning(&message);
+    let outcome = with_progress(output, &progress, || {
+        cinder::job::backup(store.as_ref(), &job, &progress, cancel, &warn)
+    })?;
+    let summary = format!(
+        "cinder backup {backup_id} of {} ({} bytes) in {:.1} s: {} objects under {} in bucket {bucket}",
+        source.display(),
+        outcome.volume_size_bytes,
+        outcome.duration_ms as f64 / 1000.0,
+        outcome.object_count,
+        outcome.prefix
+    );
+    output.result(
+        json!({"backup_id": backup_id, "volume_id": volume_id, "bucket": bucket,
+               "format": "cinder", "compression": algorithm.name(), "stats": outcome}),
+        &summary,
+    );
+    Ok(())
+}
+
+fn run_restore(
+    cli: &Cli,
+    args: &super::RestoreArgs,
+    output: &Output,
+    cancel: &AtomicBool,
+) -> Result<(), EngineError> {
+    let volume_id = required(&args.cinder.cinder_volume_id, "--cinder-volume-id UUID")?;
+    let (store, bucket, _) = open_bucket(cli)?;
+    let job = cinder::job::RestoreJob {
+        backup_id: args.backup_id.clone(),
+        volume_id: volume_id.to_owned(),
+        target: args.target.clone(),
+        force: args.force,
+        engine: engine(cli),
+        downloads: args.downloads_in_flight,
+    };
+    output.start(json!({"repository": store.describe(), "format": "cinder", "bucket": bucket,
+        "backup_id": job.backup_id, "volume_id": volume_id,
+        "target": job.target.display().to_string()}));
+    let progress = Progress::default();
+    let warn = |message: String| output.warning(&message);
+    let outcome = with_progress(output, &progress, || {
+        cinder::job::restore(store.as_ref(), &job, &progress, cancel, &warn)
+    })?;
+    let summary = format!(
+        "restored cinder backup {} (chain {}) to {} ({} bytes) in {:.1} s, {} bytes downloaded",
+        job.backup_id,
+        outcome.chain.join(" -> "),
+        job.target.display(),
+        outcome.volume_size_bytes,
+        outcome.duration_ms as f64 / 1000.0,
+        outcome.bytes_downloaded
+    );
+    output.result(
+        json!({"backup_id": job.backup_id, "format": "cinder", "stats": outcome}),
+        &summary,
+    );
+    Ok(())
+}
+
+fn run_record(cli: &Cli, args: &RecordArgs, output: &Output) -> Result<(), EngineError> {
+    let (store, bucket, _) = open_bucket(cli)?;
+    let record =
+        cinder::job::record(store.as_ref(), &bucket, &args.cinder_volume_id, &args.backup_id)?;
+    let encoded = record.encode();
+    let decoded: serde_json::Value =
+        serde_json::from_slice(&record.to_json()).unwrap_or(serde_json::Value::Null);
+    output.result(
+        json!({"backup_id": args.backup_id, "backup_service": cinder::record::S3_BACKUP_SERVICE,
+               "backup_url": encoded, "record": decoded}),
+        &encoded,
+    );
+    Ok(())
+}
