@@ -20,6 +20,8 @@ pub struct ConfigFile {
     /// S3 settings.
     #[serde(default)]
     pub s3: S3Section,
+    /// Lightbits cluster settings (`--lightbits-volume`, `reclaim`).
+    pub lightbits: Option<super::lightbits::LightbitsSection>,
 }
 
 /// The `[s3]` table of the config file.

@@ -290,6 +290,7 @@ impl Journal {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') {
+                remove_dead_temp(&entry.path(), &name);
                 continue;
             }
             if let Some(id) = name.strip_suffix(".json")
@@ -301,6 +302,16 @@ impl Journal {
         records
             .sort_by(|a, b| (a.resource.undo_rank(), &a.id).cmp(&(b.resource.undo_rank(), &b.id)));
         Ok(records)
+    }
+}
+
+/// Removes `.<record>.tmp-<pid>`, the temp file of a write that a killed process never renamed,
+/// once that process is gone (best effort: it is never read, so a leftover is only clutter).
+fn remove_dead_temp(path: &Path, name: &str) {
+    let Some((_, pid)) = name.rsplit_once(".tmp-") else { return };
+    let Ok(pid) = pid.parse::<u32>() else { return };
+    if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+        let _ignored = fs::remove_file(path);
     }
 }
 
