@@ -528,3 +528,31 @@ fn lightbits_errors_have_clear_messages_and_codes() {
     assert_eq!(message.code, 2);
     sim.assert_clean(&[(&source, json!([other_host]))], "after the errors");
 }
+
+/// SIGTERM while the clone is attached and being read: ferry stops the data plane, then its
+/// guards detach, delete the clone and clear the journal before it exits with code 6.
+#[test]
+fn lightbits_sigterm_cleans_up_before_exit_6() {
+    let Some(sim) = Sim::start("sigterm") else { return };
+    let content = sample(&sim, "content.img", 6);
+    let source = sim.volume("vol-t", &content, &[]);
+    let acl = sim.volume_json(&source)["acl"]["values"].clone();
+    sim.ferry(&["init", "--chunk-size", "64K"]).ok();
+    let child = sim
+        .command("config.toml", &["backup", "--lightbits-volume", "vol-t", "--limit-read", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sim.state()["attachments"].as_array().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "never attached");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let run = Run::from(child.wait_with_output().unwrap());
+    let message = run.fails(6);
+    assert!(message.contains("cancel"), "{message}");
+    sim.assert_clean(&[(&source, acl)], "after SIGTERM");
+}
