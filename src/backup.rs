@@ -56,6 +56,9 @@ pub struct BackupOptions {
     pub limit_read_bytes_per_sec: Option<u64>,
     /// Limit on the bytes uploaded per second.
     pub limit_upload_bytes_per_sec: Option<u64>,
+    /// What the manifest names as the source instead of the device path (for example
+    /// `lightbits:<project>/<volume> (clone <uuid>)`); only with a single source.
+    pub source_label: Option<String>,
 }
 
 impl BackupOptions {
@@ -72,6 +75,7 @@ impl BackupOptions {
             pack_size_bytes: limits::PACK_SIZE_BYTES_TARGET as u64,
             limit_read_bytes_per_sec: None,
             limit_upload_bytes_per_sec: None,
+            source_label: None,
         }
     }
 }
@@ -278,7 +282,10 @@ pub fn run_many(
             backup_id: source.backup_id.clone(),
             repository_id: repo.config.repository_id.clone(),
             source: SourceInfo {
-                path: source.path.display().to_string(),
+                path: options
+                    .source_label
+                    .clone()
+                    .unwrap_or_else(|| source.path.display().to_string()),
                 kind: if source.info.is_block_device { "block_device" } else { "file" }.into(),
                 logical_block_bytes: source.info.logical_block_bytes,
             },
@@ -323,7 +330,7 @@ fn open_sources(
     if paths.is_empty() {
         return Err(usage("no source to back up".into()));
     }
-    if options.backup_id.is_some() && paths.len() > 1 {
+    if (options.backup_id.is_some() || options.source_label.is_some()) && paths.len() > 1 {
         return Err(usage(
             "--backup-id names one backup; it cannot be used with several sources".into(),
         ));

@@ -28,6 +28,9 @@ pub enum ErrorKind {
     /// The job was refused to protect data: target too small, target holds data without
     /// `--force`, repository already initialised.
     Refused,
+    /// The storage cluster's control API failed: unreachable, token refused, a resource stuck or
+    /// failed, a local journal of cluster resources that cannot be written.
+    Cluster,
 }
 
 /// Whether repeating the failed operation can succeed.

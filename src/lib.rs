@@ -22,6 +22,7 @@ pub mod error;
 pub mod format;
 #[allow(unsafe_code)]
 pub mod io;
+pub mod lightbits;
 pub mod limits;
 pub mod maintain;
 pub mod progress;

@@ -328,7 +328,10 @@ fn run_restore(
     let job = cinder::job::RestoreJob {
         backup_id: args.backup_id.clone(),
         volume_id: volume_id.to_owned(),
-        target: args.target.clone(),
+        target: args
+            .target
+            .clone()
+            .ok_or_else(|| usage("--format cinder restores need --target PATH"))?,
         force: args.force,
         engine: engine(cli),
         downloads: args.downloads_in_flight,

@@ -23,6 +23,8 @@ pub struct ConfigFile {
     /// Cinder's `backup_s3_*` options, under their cinder.conf names (`--format cinder`).
     #[serde(default)]
     pub cinder: super::cinder::CinderSection,
+    /// Lightbits cluster settings (`--lightbits-volume`, `reclaim`).
+    pub lightbits: Option<super::lightbits::LightbitsSection>,
 }
 
 /// The `[s3]` table of the config file.

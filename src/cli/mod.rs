@@ -4,6 +4,7 @@
 
 pub mod cinder;
 pub mod config;
+pub mod lightbits;
 pub mod output;
 
 use std::path::PathBuf;
@@ -88,6 +89,9 @@ pub enum Command {
     Repair,
     /// Print the base64 record `cinder backup-import` takes for a Cinder-format backup.
     CinderRecord(cinder::RecordArgs),
+    /// Undo what interrupted Lightbits jobs left on the cluster (clones, snapshots, ACL entries,
+    /// attachments), as recorded in the local journal.
+    Reclaim,
 }
 
 /// `ferry verify`.
@@ -131,8 +135,11 @@ pub struct InitArgs {
 pub struct BackupArgs {
     /// Block device or image file to back up; repeat it to back up several at once (one
     /// reader each, shared dedup, one backup per source).
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "lightbits_volume", conflicts_with = "lightbits_volume")]
     pub source: Vec<PathBuf>,
+    /// `--lightbits-volume`.
+    #[command(flatten)]
+    pub lightbits: lightbits::VolumeArgs,
     /// Backup id (default: start time plus random suffix); only with a single source.
     #[arg(long)]
     pub backup_id: Option<String>,
@@ -183,8 +190,11 @@ pub struct RestoreArgs {
     /// The backup to restore.
     pub backup_id: String,
     /// Block device or file to write (a missing file is created).
-    #[arg(long)]
-    pub target: PathBuf,
+    #[arg(long, required_unless_present = "lightbits_volume", conflicts_with = "lightbits_volume")]
+    pub target: Option<PathBuf>,
+    /// `--lightbits-volume`.
+    #[command(flatten)]
+    pub lightbits: lightbits::VolumeArgs,
     /// Overwrite a target that already holds data.
     #[arg(long)]
     pub force: bool,
@@ -257,6 +267,7 @@ pub fn run() -> u8 {
         Command::Verify(_) => "verify",
         Command::Repair => "repair",
         Command::CinderRecord(_) => "cinder-record",
+        Command::Reclaim => "reclaim",
     };
     let output = Output::new(cli.json, name);
     let cancel = Arc::new(AtomicBool::new(false));
@@ -288,9 +299,12 @@ fn engine(cli: &Cli) -> Engine {
     }
 }
 
-fn dispatch(cli: &Cli, output: &Output, cancel: &AtomicBool) -> Result<(), EngineError> {
+fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), EngineError> {
     if let Some(result) = cinder::dispatch(cli, output, cancel) {
         return result;
+    }
+    if let Command::Reclaim = &cli.command {
+        return lightbits::run_reclaim(cli, output);
     }
     let store = config::open_store(&store_args(cli))?;
     let describe = store.describe();
@@ -344,6 +358,7 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &AtomicBool) -> Result<(), Engin
             Ok(())
         }
         Command::Verify(args) => run_verify(args, &Repository::open(store)?, output, cancel),
+        Command::Reclaim => unreachable!("handled before the store is opened"),
         Command::Repair => {
             let repo = Repository::open(store)?;
             output.start(json!({"repository": describe}));
@@ -455,9 +470,9 @@ fn run_backup(
     args: &BackupArgs,
     repo: Repository,
     output: &Output,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
 ) -> Result<(), EngineError> {
-    let mut options = BackupOptions::new(args.source[0].clone());
+    let mut options = BackupOptions::new(args.source.first().cloned().unwrap_or_default());
     options.engine = engine(cli);
     options.compression_level = args.compression_level;
     options.parts_in_flight = args.parts_in_flight;
@@ -468,14 +483,36 @@ fn run_backup(
     options.pack_size_bytes = args.pack_size;
     options.limit_read_bytes_per_sec = args.limit_read;
     options.limit_upload_bytes_per_sec = args.limit_upload;
-    let sources: Vec<String> = args.source.iter().map(|s| s.display().to_string()).collect();
+    let (result, summary) = match &args.lightbits.lightbits_volume {
+        Some(volume) => {
+            lightbits::backup(cli, volume, options, output, cancel, |options, paths| {
+                run_backup_job(&repo, options, paths, output, cancel)
+            })?
+        }
+        None => run_backup_job(&repo, &options, &args.source, output, cancel)?,
+    };
+    output.result(result, &summary);
+    Ok(())
+}
+
+fn run_backup_job(
+    repo: &Repository,
+    options: &BackupOptions,
+    paths: &[PathBuf],
+    output: &Output,
+    cancel: &AtomicBool,
+) -> Result<lightbits::JobReport, EngineError> {
+    let mut sources: Vec<String> = paths.iter().map(|s| s.display().to_string()).collect();
+    if let Some(label) = &options.source_label {
+        sources = vec![label.clone()];
+    }
     output.start(
         json!({"repository": repo.store.describe(), "source": sources[0], "sources": sources}),
     );
     let progress = Progress::default();
     let warn = |message: String| output.warning(&message);
     let outcomes = with_progress(output, &progress, || {
-        backup::run_many(&repo, &options, &args.source, &progress, cancel, &warn)
+        backup::run_many(repo, options, paths, &progress, cancel, &warn)
     })?;
     let mut lines = Vec::new();
     let mut backups = Vec::new();
@@ -506,8 +543,7 @@ fn run_backup(
             result[key] = single[key].clone();
         }
     }
-    output.result(result, &lines.join("\n"));
-    Ok(())
+    Ok((result, lines.join("\n")))
 }
 
 fn run_restore(
@@ -515,33 +551,50 @@ fn run_restore(
     args: &RestoreArgs,
     repo: Repository,
     output: &Output,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
 ) -> Result<(), EngineError> {
     let manifest = repo.load_manifest(&args.backup_id)?;
-    let mut options = RestoreOptions::new(args.target.clone());
+    let mut options = RestoreOptions::new(args.target.clone().unwrap_or_default());
     options.engine = engine(cli);
     options.force = args.force;
     options.sparse = args.sparse;
     options.downloads_in_flight = args.downloads_in_flight;
+    let (result, summary) = match &args.lightbits.lightbits_volume {
+        Some(volume) => lightbits::restore(cli, volume, args.force, output, cancel, |device| {
+            options.target = device.to_path_buf();
+            run_restore_job(&repo, &manifest, &options, output, cancel)
+        })?,
+        None => run_restore_job(&repo, &manifest, &options, output, cancel)?,
+    };
+    output.result(result, &summary);
+    Ok(())
+}
+
+fn run_restore_job(
+    repo: &Repository,
+    manifest: &crate::format::Manifest,
+    options: &RestoreOptions,
+    output: &Output,
+    cancel: &AtomicBool,
+) -> Result<lightbits::JobReport, EngineError> {
     output.start(json!({"repository": repo.store.describe(), "backup_id": manifest.backup_id,
-                        "target": args.target.display().to_string()}));
+                        "target": options.target.display().to_string()}));
     let progress = Progress::default();
     let warn = |message: String| output.warning(&message);
     let stats = with_progress(output, &progress, || {
-        restore::run(&repo, &manifest, &options, &progress, cancel, &warn)
+        restore::run(repo, manifest, options, &progress, cancel, &warn)
     })?;
     let summary = format!(
         "restored backup {} to {} ({} bytes) in {:.1} s, {} bytes downloaded",
         manifest.backup_id,
-        args.target.display(),
+        options.target.display(),
         stats.volume_size_bytes,
         stats.duration_ms as f64 / 1000.0,
         stats.bytes_downloaded
     );
-    output.result(
+    Ok((
         json!({"backup_id": manifest.backup_id, "stats": stats,
                "retries": repo.store.retry_count()}),
-        &summary,
-    );
-    Ok(())
+        summary,
+    ))
 }

@@ -35,6 +35,8 @@ pub enum ExitCode {
     NotFound = 7,
     /// Refused to protect data (target too small, target holds data without --force, ...).
     Refused = 8,
+    /// The storage cluster (Lightbits) control API failed.
+    Cluster = 9,
 }
 
 impl ExitCode {
@@ -49,6 +51,7 @@ impl ExitCode {
             ErrorKind::Cancelled => ExitCode::Cancelled,
             ErrorKind::NotFound => ExitCode::NotFound,
             ErrorKind::Refused => ExitCode::Refused,
+            ErrorKind::Cluster => ExitCode::Cluster,
         }
     }
 }

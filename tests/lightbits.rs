@@ -1,0 +1,558 @@
+//! `--lightbits-volume` and `ferry reclaim` against the project's Lightbits simulator
+//! (`scripts/lightbits-sim.py`), which serves the REST API and attaches volumes as loop devices
+//! when ferry writes a discovery-client file. Needs root (losetup); skipped with a message
+//! otherwise, unless `FERRY_TEST_REQUIRE_LOOP` is set.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::util::{Run, Scratch, gen_image};
+
+const HOST_NQN: &str = "nqn.2014-08.org.nvmexpress:uuid:ferry-test-host";
+const VOLUME_BYTES: u64 = 16 << 20;
+const BLOCK_BYTES: u64 = 4096;
+
+/// A running simulator with its directories, and a ferry config pointing at it.
+struct Sim {
+    child: Child,
+    scratch: Scratch,
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        // SIGTERM lets the simulator detach its loop devices.
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn root_with_loop() -> bool {
+    let uid = Command::new("id").arg("-u").output().map(|o| o.stdout).unwrap_or_default();
+    let ok = String::from_utf8_lossy(&uid).trim() == "0" && Path::new("/dev/loop-control").exists();
+    if !ok {
+        assert!(
+            std::env::var("FERRY_TEST_REQUIRE_LOOP").is_err(),
+            "FERRY_TEST_REQUIRE_LOOP is set but this is not root with loop devices"
+        );
+        eprintln!("skipped: the Lightbits simulator needs root and loop devices");
+    }
+    ok
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let n = group.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift) for write number `seed`.
+fn pattern(seed: u64, length: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn sha256_file(path: &Path) -> String {
+    let output = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8(output.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+impl Sim {
+    fn start(tag: &str) -> Option<Sim> {
+        if !root_with_loop() {
+            return None;
+        }
+        let scratch = Scratch::new(&format!("lightbits-{tag}"));
+        for dir in ["state", "discovery", "by-id", "sys/class/block", "journal", "repo-dir"] {
+            std::fs::create_dir_all(scratch.join(dir)).unwrap();
+        }
+        std::fs::write(scratch.join("token"), "sim-token\n").unwrap();
+        std::fs::write(scratch.join("wrong-token"), "not-the-token\n").unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lightbits-sim.py");
+        let log = std::fs::File::create(scratch.join("sim.log")).unwrap();
+        let child = Command::new("python3")
+            .arg(script)
+            .args(["--port", "0", "--create-delay", "0.2", "--delete-delay", "0.2"])
+            .arg("--port-file")
+            .arg(scratch.join("port"))
+            .arg("--token-file")
+            .arg(scratch.join("token"))
+            .arg("--state-dir")
+            .arg(scratch.join("state"))
+            .arg("--discovery-dir")
+            .arg(scratch.join("discovery"))
+            .arg("--by-id-dir")
+            .arg(scratch.join("by-id"))
+            .arg("--sysfs-dir")
+            .arg(scratch.join("sys/class/block"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        let port = loop {
+            if let Ok(text) = std::fs::read_to_string(scratch.join("port")) {
+                break text.trim().to_owned();
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "simulator did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .new_agent();
+        let sim = Sim { child, scratch, base: format!("127.0.0.1:{port}"), agent };
+        sim.write_config("config.toml", &format!("http://{}", sim.base), "token", "");
+        Some(sim)
+    }
+
+    /// Writes a ferry config with a local repository and a `[lightbits]` table.
+    fn write_config(&self, name: &str, api: &str, token: &str, extra: &str) -> PathBuf {
+        let path = self.scratch.join(name);
+        let text = format!(
+            "repository = {repo:?}\n[lightbits]\napi_addresses = [{api:?}]\nproject = \"default\"\n\
+             token_file = {token:?}\nhostnqn = {HOST_NQN:?}\ndiscovery_dir = {discovery:?}\n\
+             by_id_dir = {by_id:?}\nsysfs_root = {sys:?}\njournal_dir = {journal:?}\n\
+             poll_interval_secs = 0.1\nwait_timeout_secs = 5\ndevice_timeout_secs = 10\n\
+             request_timeout_secs = 5\noperation_timeout_secs = 10\nattempts_max = 3\n{extra}",
+            repo = self.scratch.join("repo-dir").display().to_string(),
+            token = self.scratch.join(token).display().to_string(),
+            discovery = self.scratch.join("discovery").display().to_string(),
+            by_id = self.scratch.join("by-id").display().to_string(),
+            sys = self.scratch.join("sys").display().to_string(),
+            journal = self.scratch.join("journal").display().to_string(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn command(&self, config: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        command.arg("--json").arg("--config").arg(self.scratch.join(config)).args(args);
+        command
+    }
+
+    fn ferry_with(&self, config: &str, args: &[&str]) -> Run {
+        Run::from(self.command(config, args).output().unwrap())
+    }
+
+    fn ferry(&self, args: &[&str]) -> Run {
+        self.ferry_with("config.toml", args)
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = format!("http://{}{path}", self.base);
+        let request = ureq::http::Request::builder().method(method).uri(url);
+        let request = request.body(body.map(|b| b.to_string()).unwrap_or_default()).unwrap();
+        let mut response = self.agent.run(request).unwrap();
+        let text = response.body_mut().read_to_string().unwrap();
+        assert!(response.status().is_success(), "{method} {path}: {}: {text}", response.status());
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn state(&self) -> Value {
+        self.call("GET", "/sim/state", None)
+    }
+
+    /// Creates an Available volume holding `content` (a file), with `acl`; returns its UUID.
+    fn volume(&self, name: &str, content: &Path, acl: &[&str]) -> String {
+        let body = json!({"project": "default", "name": name,
+                          "from_file": content.display().to_string(), "acl": acl});
+        self.call("POST", "/sim/volumes", Some(body))["UUID"].as_str().unwrap().to_string()
+    }
+
+    fn volume_json(&self, uuid: &str) -> Value {
+        self.state()["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["UUID"] == uuid)
+            .cloned()
+            .unwrap_or_else(|| panic!("volume {uuid} gone"))
+    }
+
+    fn fault(&self, rule: Value) {
+        let _ = self.call("POST", "/sim/faults", Some(rule));
+    }
+
+    fn clear_faults(&self) {
+        let _ = self.call("DELETE", "/sim/faults", None);
+    }
+
+    fn journal_entries(&self) -> Vec<String> {
+        entries(&self.scratch.join("journal"))
+    }
+
+    /// Asserts the cluster and this host hold nothing of ferry's: no clone, no snapshot, no
+    /// attachment, no discovery file, no journal record, and the volumes' ACLs as given.
+    fn assert_clean(&self, acls: &[(&str, Value)], context: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = self.state();
+            let clones: Vec<&Value> = state["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|v| v["name"].as_str().unwrap().starts_with("ferry-"))
+                .collect();
+            let snapshots = state["snapshots"].as_array().unwrap();
+            let attachments = state["attachments"].as_array().unwrap();
+            let discovery = entries(&self.scratch.join("discovery"));
+            let journal = self.journal_entries();
+            let acls_ok = acls.iter().all(|(uuid, acl)| {
+                let volume = self.volume_json(uuid);
+                volume["acl"]["values"] == *acl
+            });
+            let clean = clones.is_empty()
+                && snapshots.is_empty()
+                && attachments.is_empty()
+                && discovery.is_empty()
+                && journal.is_empty()
+                && acls_ok;
+            if clean {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{context}: left behind: clones {clones:?}, snapshots {snapshots:?}, \
+                 attachments {attachments:?}, discovery files {discovery:?}, journal {journal:?}, \
+                 acls ok {acls_ok}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|read| read.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// A sample volume file of `VOLUME_BYTES`.
+fn sample(sim: &Sim, name: &str, seed: u64) -> PathBuf {
+    let path = sim.scratch.join(name);
+    gen_image(&path, VOLUME_BYTES, "random", seed);
+    path
+}
+
+/// Backup of an in-use volume while a writer keeps writing through the simulator: the backup
+/// equals the volume after exactly some prefix of the writes (the snapshot's point in time),
+/// and nothing is left behind. Then a restore straight into another existing volume, read back
+/// through the simulator, with its ACL restored exactly.
+#[test]
+fn lightbits_backup_in_use_then_restore_into_volume() {
+    let Some(sim) = Sim::start("in-use") else { return };
+    let initial = sample(&sim, "initial.img", 1);
+    let source = sim.volume("vol-a", &initial, &["nqn.2014-08.org.nvmexpress:uuid:app-host"]);
+    let source_acl = json!(["nqn.2014-08.org.nvmexpress:uuid:app-host"]);
+    sim.ferry(&["init", "--chunk-size", "64K"]).ok();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let (stop, writes_done) = (Arc::clone(&stop), Arc::clone(&writes_done));
+        let (base, agent) = (sim.base.clone(), sim.agent.clone());
+        let source = source.clone();
+        std::thread::spawn(move || {
+            let mut writes = Vec::new();
+            let blocks = VOLUME_BYTES / BLOCK_BYTES;
+            let mut index = 0u64;
+            while !stop.load(Ordering::Relaxed) || writes.len() < 5 {
+                index += 1;
+                let offset = (index * 37 % blocks) * BLOCK_BYTES;
+                let data = pattern(index, BLOCK_BYTES as usize);
+                let body = json!({"offset": offset, "data_b64": base64(&data)}).to_string();
+                let url = format!("http://{base}/sim/volumes/{source}/write");
+                let mut response = agent.post(&url).send(body).unwrap();
+                let answer: Value =
+                    serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+                assert_eq!(answer["seq"], index);
+                writes.push((offset, data));
+                writes_done.store(index, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            writes
+        })
+    };
+    while writes_done.load(Ordering::Relaxed) < 5 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let result = sim.ferry(&["backup", "--lightbits-volume", "vol-a"]).ok();
+    let after_backup = writes_done.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert!(writes.len() as u64 > after_backup, "the writer kept writing after the backup");
+    let backup_id = result["backup_id"].as_str().unwrap().to_string();
+    let label = result["source"].as_str().unwrap();
+    assert!(label.starts_with("lightbits:default/vol-a (clone "), "source label {label}");
+    sim.assert_clean(&[(&source, source_acl.clone())], "after the backup");
+
+    // The restored image must be the initial content plus exactly a prefix of the writes.
+    let restored = sim.scratch.join("restored.img");
+    let restored_str = restored.to_str().unwrap();
+    sim.ferry(&["restore", &backup_id, "--target", restored_str]).ok();
+    let image = std::fs::read(&restored).unwrap();
+    let mut expected = std::fs::read(&initial).unwrap();
+    let mut prefixes = Vec::new();
+    for count in 0..=writes.len() {
+        if count > 0 {
+            let (offset, data) = &writes[count - 1];
+            let offset = usize::try_from(*offset).unwrap();
+            expected[offset..offset + data.len()].copy_from_slice(data);
+        }
+        if expected == image {
+            prefixes.push(count);
+        }
+    }
+    assert_eq!(prefixes.len(), 1, "image matches prefixes {prefixes:?} of {}", writes.len());
+    assert!(prefixes[0] >= 5, "the writes before the backup are in it: {prefixes:?}");
+    assert!(prefixes[0] <= after_backup as usize, "no write after the backup is in it");
+
+    // Restore straight into an existing volume that holds other data and is attached nowhere.
+    let other = sample(&sim, "other.img", 2);
+    let target = sim.volume("vol-b", &other, &[]);
+    let target_before = sim.volume_json(&target);
+    let run = sim.ferry(&["restore", &backup_id, "--lightbits-volume", "vol-b"]);
+    let message = run.fails(8);
+    assert!(message.contains("--force"), "{message}");
+    sim.assert_clean(&[(&target, target_before["acl"]["values"].clone())], "refused restore");
+    sim.ferry(&["restore", &backup_id, "--lightbits-volume", &target, "--force"]).ok();
+    let digest = sim.call("GET", &format!("/sim/volumes/{target}/sha256"), None);
+    assert_eq!(digest["sha256"], sha256_file(&restored), "the volume holds the backup");
+    let target_after = sim.volume_json(&target);
+    assert_eq!(target_after["acl"], target_before["acl"]);
+    assert_eq!(target_after["IPAcl"], target_before["IPAcl"]);
+    sim.assert_clean(&[(&target, target_before["acl"]["values"].clone())], "after the restore");
+}
+
+/// Injected failures at every step of the backup flow: each run ends with the expected exit
+/// code and leaves no clone, snapshot, ACL entry, attachment, discovery file or journal record;
+/// where cleanup itself is made to fail, `ferry reclaim` finishes it once the fault is gone.
+#[test]
+fn lightbits_injected_failures_leave_nothing() {
+    let Some(sim) = Sim::start("faults") else { return };
+    let content = sample(&sim, "content.img", 3);
+    let source = sim.volume("vol-f", &content, &[]);
+    let acl = sim.volume_json(&source)["acl"]["values"].clone();
+    sim.ferry(&["init", "--chunk-size", "64K"]).ok();
+    let clone_post = |extra: Value| {
+        let mut rule = json!({"method": "POST", "path": "/volumes", "clone": true});
+        rule.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        rule
+    };
+    // (rule, exit code, whether cleanup is expected to need a reclaim)
+    let cases = [
+        (json!({"method": "POST", "path": "/snapshots", "status": 500, "count": -1}), 9, false),
+        (json!({"method": "POST", "path": "/snapshots", "status": 503, "count": -1}), 9, false),
+        (json!({"method": "POST", "path": "/snapshots", "status": 503, "count": 1}), 0, false),
+        (json!({"kind": "fail", "method": "POST", "path": "/snapshots"}), 9, false),
+        (clone_post(json!({"status": 500, "count": -1})), 9, false),
+        (clone_post(json!({"status": 503, "count": -1})), 9, false),
+        (clone_post(json!({"status": 503, "count": 2})), 0, false),
+        (clone_post(json!({"kind": "error_after", "status": 500})), 0, false),
+        (clone_post(json!({"kind": "stuck"})), 9, false),
+        (clone_post(json!({"kind": "fail"})), 9, false),
+        (json!({"method": "DELETE", "path": "/volumes/", "status": 500}), 0, false),
+        (json!({"method": "DELETE", "path": "/snapshots/", "status": 500}), 0, false),
+        (json!({"method": "DELETE", "path": "/snapshots/", "status": 500, "count": -1}), 9, true),
+        (json!({"method": "DELETE", "path": "/volumes/", "status": 503, "count": -1}), 9, true),
+    ];
+    for (rule, code, needs_reclaim) in cases {
+        let context = rule.to_string();
+        sim.fault(rule);
+        let run = sim.ferry(&["backup", "--lightbits-volume", "vol-f"]);
+        if code == 0 {
+            run.ok();
+        } else {
+            let message = run.fails(code);
+            assert!(!message.is_empty(), "{context}");
+        }
+        sim.clear_faults();
+        if needs_reclaim {
+            assert!(!sim.journal_entries().is_empty(), "{context}: the leftover is journalled");
+            let report = sim.ferry(&["reclaim"]).ok();
+            assert!(!report["reclaim"]["items"].as_array().unwrap().is_empty(), "{context}");
+        }
+        sim.assert_clean(&[(&source, acl.clone())], &context);
+    }
+}
+
+/// Starts `ferry backup --lightbits-volume` (read-limited so that it lasts), kills it with
+/// SIGKILL once `ready` holds, then checks that `recover` (a reclaim, or the next backup) leaves
+/// the cluster as it was.
+fn kill_at(sim: &Sim, source: &str, what: &str, ready: &dyn Fn(&Sim) -> bool, reclaim: bool) {
+    let acl = sim.volume_json(source)["acl"]["values"].clone();
+    let mut child = sim
+        .command("config.toml", &["backup", "--lightbits-volume", "vol-k", "--limit-read", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready(sim) {
+        assert!(Instant::now() < deadline, "{what}: never reached");
+        assert!(child.try_wait().unwrap().is_none(), "{what}: ferry ended before the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(!sim.journal_entries().is_empty(), "{what}: the killed run left journal records");
+    if reclaim {
+        let report = sim.ferry(&["reclaim"]).ok();
+        assert!(!report["reclaim"]["items"].as_array().unwrap().is_empty(), "{what}");
+    } else {
+        let run = sim.ferry(&["backup", "--lightbits-volume", "vol-k"]);
+        run.ok();
+        let reclaimed = run.events.iter().any(|event| {
+            event["event"] == "warning" && event["message"].as_str().unwrap().contains("reclaimed")
+        });
+        assert!(reclaimed, "{what}: the next backup reclaimed first: {:?}", run.events);
+    }
+    sim.assert_clean(&[(source, acl)], what);
+}
+
+/// kill -9 of ferry at each step of a backup: once the snapshot exists, once the clone exists,
+/// once the clone is attached, and mid-data; then `ferry reclaim` (or the next backup) leaves
+/// the cluster as it was. Also kill -9 of a restore into a volume: the reclaim restores its ACL.
+#[test]
+fn lightbits_kill9_then_reclaim() {
+    let Some(sim) = Sim::start("kill") else { return };
+    let content = sample(&sim, "content.img", 4);
+    let source = sim.volume("vol-k", &content, &[]);
+    let source_acl = sim.volume_json(&source)["acl"]["values"].clone();
+    sim.ferry(&["init", "--chunk-size", "64K"]).ok();
+    let has = |key: &'static str| move |sim: &Sim| !sim.state()[key].as_array().unwrap().is_empty();
+    let clone_exists = |sim: &Sim| {
+        sim.state()["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"].as_str().unwrap().starts_with("ferry-clone-"))
+    };
+    let mid_data = |sim: &Sim| {
+        // The read limit of 2 MB/s puts the reader well inside the 16 MiB volume after 1 s.
+        !sim.state()["attachments"].as_array().unwrap().is_empty() && {
+            std::thread::sleep(Duration::from_secs(1));
+            true
+        }
+    };
+    kill_at(&sim, &source, "snapshot exists", &has("snapshots"), true);
+    kill_at(&sim, &source, "clone exists", &clone_exists, true);
+    kill_at(&sim, &source, "attached", &has("attachments"), true);
+    kill_at(&sim, &source, "mid-data", &mid_data, false);
+
+    // A restore killed while the target is attached: reclaim restores the ACL exactly.
+    let backups = sim.ferry(&["list"]).ok();
+    let backup_id = backups["backups"][0]["backup_id"].as_str().unwrap().to_string();
+    let target = sim.volume("vol-r", &content, &[]);
+    let target_acl = sim.volume_json(&target)["acl"]["values"].clone();
+    let mut child = sim
+        .command("config.toml", &["restore", &backup_id, "--lightbits-volume", "vol-r", "--force"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sim.volume_json(&target)["acl"]["values"] == target_acl {
+        assert!(Instant::now() < deadline, "the restore never changed the ACL");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    sim.ferry(&["reclaim"]).ok();
+    sim.assert_clean(&[(&source, source_acl), (&target, target_acl)], "killed restore");
+}
+
+/// Wrong token, unknown volume, a volume attached elsewhere without --force, and an unreachable
+/// cluster: each a clear message and its exit code, and nothing left behind.
+#[test]
+fn lightbits_errors_have_clear_messages_and_codes() {
+    let Some(sim) = Sim::start("errors") else { return };
+    let content = sample(&sim, "content.img", 5);
+    let other_host = "nqn.2014-08.org.nvmexpress:uuid:other-host";
+    let source = sim.volume("vol-e", &content, &[other_host]);
+    sim.ferry(&["init", "--chunk-size", "64K"]).ok();
+    let backup = sim.ferry(&["backup", "--lightbits-volume", "vol-e"]).ok();
+    let backup_id = backup["backup_id"].as_str().unwrap();
+
+    let api = format!("http://{}", sim.base);
+    sim.write_config("wrong-token.toml", &api, "wrong-token", "");
+    let message =
+        sim.ferry_with("wrong-token.toml", &["backup", "--lightbits-volume", "vol-e"]).fails(9);
+    assert!(message.contains("refused the token"), "{message}");
+    assert!(!message.contains("not-the-token"), "the token is never shown: {message}");
+
+    let message = sim.ferry(&["backup", "--lightbits-volume", "no-such-volume"]).fails(7);
+    assert!(message.contains("no-such-volume") && message.contains("not found"), "{message}");
+
+    let message = sim.ferry(&["restore", backup_id, "--lightbits-volume", "vol-e"]).fails(8);
+    assert!(message.contains("attached elsewhere") && message.contains("--force"), "{message}");
+
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    sim.write_config("unreachable.toml", &format!("http://{closed_port}"), "token", "");
+    let message =
+        sim.ferry_with("unreachable.toml", &["backup", "--lightbits-volume", "vol-e"]).fails(9);
+    assert!(message.contains("no lightbits api address answered"), "{message}");
+    let message = sim.ferry_with("unreachable.toml", &["reclaim"]);
+    message.ok();
+
+    let message = sim.ferry(&["backup", "--source", "/dev/null", "--lightbits-volume", "x"]);
+    assert_eq!(message.code, 2);
+    sim.assert_clean(&[(&source, json!([other_host]))], "after the errors");
+}
+
+/// SIGTERM while the clone is attached and being read: ferry stops the data plane, then its
+/// guards detach, delete the clone and clear the journal before it exits with code 6.
+#[test]
+fn lightbits_sigterm_cleans_up_before_exit_6() {
+    let Some(sim) = Sim::start("sigterm") else { return };
+    let content = sample(&sim, "content.img", 6);
+    let source = sim.volume("vol-t", &content, &[]);
+    let acl = sim.volume_json(&source)["acl"]["values"].clone();
+    sim.ferry(&["init", "--chunk-size", "64K"]).ok();
+    let child = sim
+        .command("config.toml", &["backup", "--lightbits-volume", "vol-t", "--limit-read", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sim.state()["attachments"].as_array().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "never attached");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let run = Run::from(child.wait_with_output().unwrap());
+    let message = run.fails(6);
+    assert!(message.contains("cancel"), "{message}");
+    sim.assert_clean(&[(&source, acl)], "after SIGTERM");
+}
