@@ -116,10 +116,46 @@ pub struct Encoded<'a> {
 /// # Errors
 /// [`CinderError::Compress`] if a library fails on the in-memory buffer.
 pub fn encode(algorithm: Algorithm, raw: &[u8]) -> Result<Encoded<'_>, CinderError> {
-    if algorithm.codec() == Codec::Raw {
+    encode_with(algorithm, raw, ZLIB_LEVEL, false)
+}
+
+/// Bytes per sample of `looks_incompressible`.
+const SAMPLE_BYTES: usize = 16 << 10;
+
+/// Three samples (start, middle, end) that zlib at level 1 cannot shrink below 97%: the object
+/// is random-like, and compressing it whole would only confirm that.
+fn looks_incompressible(raw: &[u8]) -> bool {
+    if raw.len() < SAMPLE_BYTES * 8 {
+        return false;
+    }
+    [0, raw.len() / 2, raw.len() - SAMPLE_BYTES].iter().all(|&start| {
+        let sample = &raw[start..start + SAMPLE_BYTES];
+        let mut c = flate2::Compress::new(flate2::Compression::new(1), true);
+        let mut out = Vec::with_capacity(SAMPLE_BYTES + 1024);
+        match c.compress_vec(sample, &mut out, flate2::FlushCompress::Finish) {
+            Ok(flate2::Status::StreamEnd) => out.len() * 100 >= SAMPLE_BYTES * 97,
+            _ => false,
+        }
+    })
+}
+
+/// `encode` with ferry's speed choices: `zlib_level` for zlib/gzip (Cinder uses 6; every level
+/// decodes the same), and with `skip_incompressible` an object whose samples do not compress is
+/// stored raw (`none`) without a full pass; Cinder would compress it and, as it does not shrink,
+/// store it raw too.
+///
+/// # Errors
+/// [`CinderError::Compress`] if a library fails on the in-memory buffer.
+pub fn encode_with(
+    algorithm: Algorithm,
+    raw: &[u8],
+    zlib_level: u32,
+    skip_incompressible: bool,
+) -> Result<Encoded<'_>, CinderError> {
+    if algorithm.codec() == Codec::Raw || (skip_incompressible && looks_incompressible(raw)) {
         return Ok(Encoded { compression: Algorithm::None, body: Cow::Borrowed(raw) });
     }
-    let compressed = compress(algorithm, raw)?;
+    let compressed = compress_level(algorithm, raw, zlib_level)?;
     if compressed.len() >= raw.len() {
         return Ok(Encoded { compression: Algorithm::None, body: Cow::Borrowed(raw) });
     }
@@ -132,11 +168,23 @@ pub fn encode(algorithm: Algorithm, raw: &[u8]) -> Result<Encoded<'_>, CinderErr
 /// # Errors
 /// [`CinderError::Compress`] if a library fails on the in-memory buffer.
 pub fn compress(algorithm: Algorithm, raw: &[u8]) -> Result<Vec<u8>, CinderError> {
+    compress_level(algorithm, raw, ZLIB_LEVEL)
+}
+
+/// `compress` with a zlib level of the caller's choice (zlib and gzip only).
+///
+/// # Errors
+/// [`CinderError::Compress`] if a library fails on the in-memory buffer.
+pub fn compress_level(
+    algorithm: Algorithm,
+    raw: &[u8],
+    zlib_level: u32,
+) -> Result<Vec<u8>, CinderError> {
     let fail = |reason: String| CinderError::Compress { algorithm, reason };
     match algorithm.codec() {
         Codec::Raw => Ok(raw.to_vec()),
         Codec::Zlib => {
-            let mut c = flate2::Compress::new(flate2::Compression::new(ZLIB_LEVEL), true);
+            let mut c = flate2::Compress::new(flate2::Compression::new(zlib_level.min(9)), true);
             // compressBound of zlib: always enough for one Finish call.
             let bound = raw.len() + (raw.len() >> 12) + (raw.len() >> 14) + (raw.len() >> 25) + 64;
             let mut out = Vec::with_capacity(bound);
@@ -376,5 +424,27 @@ mod tests {
             decompress(Algorithm::Zlib, &z, Some(5)),
             Err(CinderError::LengthMismatch { .. })
         ));
+    }
+
+    // Random objects are recognised from samples and stored raw; text is compressed at the
+    // chosen level and decodes to the original.
+    #[test]
+    fn encode_with_skips_random_and_compresses_text() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let random: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        let encoded = encode_with(Algorithm::Zlib, &random, 1, true).unwrap();
+        assert_eq!(encoded.compression, Algorithm::None);
+        let text = b"the quick brown fox jumps over the lazy volume ".repeat(1 << 15);
+        let encoded = encode_with(Algorithm::Gzip, &text, 1, true).unwrap();
+        assert_eq!(encoded.compression, Algorithm::Gzip);
+        let back = decompress(Algorithm::Gzip, &encoded.body, Some(text.len() as u64)).unwrap();
+        assert_eq!(back, text);
     }
 }

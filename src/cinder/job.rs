@@ -34,7 +34,7 @@ use super::record::BackupRecord;
 use super::restore::{ChainLink, RestoreWrite, plan_restore, required_len, visible_ranges};
 use super::{
     Algorithm, CinderError, Extent, Geometry, Hash, Metadata, ObjectEntry, Sha256File, UtcTime,
-    block_hashes, changed_extents, check_incremental, encode, md5_hex,
+    block_hashes, changed_extents, check_incremental, encode_with, md5_hex,
 };
 use crate::error::{EngineError, ErrorKind};
 use crate::io::{self, AlignedBuf, ReadChunk, WriteOp};
@@ -180,6 +180,8 @@ pub struct BackupJob {
     pub workers: usize,
     /// Objects uploading at once.
     pub uploads: usize,
+    /// zlib level for `zlib`/`gzip` (Cinder's is 6).
+    pub zlib_level: u32,
 }
 
 /// What a finished backup reports.
@@ -470,7 +472,7 @@ fn process_chunk(
     for extent in extents {
         let start = (extent.offset - chunk.offset) as usize;
         let raw = &data[start..start + extent.length as usize];
-        let encoded = encode(job.algorithm, raw)?;
+        let encoded = encode_with(job.algorithm, raw, job.zlib_level, true)?;
         let body = match encoded.body {
             std::borrow::Cow::Borrowed(raw) => Bytes::copy_from_slice(raw),
             std::borrow::Cow::Owned(compressed) => Bytes::from(compressed),

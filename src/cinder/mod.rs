@@ -34,7 +34,7 @@ mod time;
 #[cfg(test)]
 mod tests;
 
-pub use codec::{Algorithm, Codec, Encoded, decompress, encode};
+pub use codec::{Algorithm, Codec, Encoded, decompress, encode, encode_with};
 pub use error::CinderError;
 pub use incremental::{
     Extent, Geometry, changed_extents, check_incremental, full_layout, incremental_layout,
