@@ -119,7 +119,11 @@ pub(crate) fn options(addresses: Vec<String>) -> ClientOptions {
 }
 
 pub(crate) fn client(addresses: Vec<String>) -> Client {
-    let token_file = std::env::temp_dir().join(format!("lbctl-token-{}", std::process::id()));
+    // One file per client: tests run in parallel, and a file being rewritten reads as empty.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let token_file =
+        std::env::temp_dir().join(format!("ferry-lightbits-token-{}-{unique}", std::process::id()));
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     Client::new(ClientOptions { token: TokenSource::File(token_file), ..options(addresses) })
         .unwrap()
