@@ -33,20 +33,11 @@ impl UtcTime {
         assert!(micros < 1_000_000, "micros out of range: {micros}");
         let days = secs.div_euclid(86_400);
         let rem = secs.rem_euclid(86_400);
-        // Howard Hinnant's days_from_civil inverse (proleptic Gregorian).
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
+        let (year, month, day) = crate::format::civil_from_days(days);
         UtcTime {
             year: i32::try_from(year).unwrap_or(i32::MAX),
-            month: small(month),
-            day: small(day),
+            month: small(i64::from(month)),
+            day: small(i64::from(day)),
             hour: small(rem / 3600),
             minute: small(rem / 60 % 60),
             second: small(rem % 60),

@@ -15,7 +15,7 @@ pub use record::{
     Encoding, RECORD_HEADER_BYTES, RecordHeader, decode_record, decode_record_header,
     encode_record_header,
 };
-pub use time::{Timestamp, unix_now};
+pub use time::{Timestamp, civil_from_days, unix_now};
 
 use std::fmt;
 

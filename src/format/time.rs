@@ -27,27 +27,26 @@ impl Timestamp {
     fn civil(&self) -> (i64, u32, u32, u32, u32, u32) {
         let days = i64::try_from(self.0 / 86_400).expect("timestamps fit i64");
         let rem = self.0 % 86_400;
-        // Howard Hinnant's days-to-civil algorithm.
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        let small = |v: i64| u32::try_from(v).expect("calendar fields are small");
+        let (year, month, day) = civil_from_days(days);
         let small_rem = |v: u64| u32::try_from(v).expect("calendar fields are small");
-        (
-            year,
-            small(month),
-            small(day),
-            small_rem(rem / 3600),
-            small_rem(rem / 60 % 60),
-            small_rem(rem % 60),
-        )
+        (year, month, day, small_rem(rem / 3600), small_rem(rem / 60 % 60), small_rem(rem % 60))
     }
+}
+
+/// (year, month 1..=12, day 1..=31) of `days` since 1970-01-01, proleptic Gregorian
+/// (Howard Hinnant's days-to-civil algorithm).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let small = |v: i64| u32::try_from(v).expect("calendar fields are small");
+    (year, small(month), small(day))
 }
 
 impl fmt::Display for Timestamp {
