@@ -44,3 +44,12 @@ perf_start_garage() {
     garage_pid=$(cat "$garage_dir/garage.pid")
     garage_version=$("$(readlink -f "/proc/$garage_pid/exe")" --version 2>/dev/null | sed -n 1p || true)
 }
+
+# CPU-s (user+sys) used so far by the Garage process started above, or -1 when not ours.
+garage_cpu() {
+    if [[ -n "$garage_pid" && -r "/proc/$garage_pid/stat" ]]; then
+        awk -v t="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); print ($12 + $13) / t }' "/proc/$garage_pid/stat"
+    else
+        echo -1
+    fi
+}

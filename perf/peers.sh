@@ -137,14 +137,6 @@ PY
 loop=$(losetup --direct-io=on --find --show "$work/volume.img")
 echo "loop device $loop over $work/volume.img ($image_bytes bytes)" >&2
 
-clk_tck=$(getconf CLK_TCK)
-garage_cpu() { # CPU-s (user+sys) used so far by the Garage process, or -1 when not ours
-    if [[ -n "$garage_pid" && -r "/proc/$garage_pid/stat" ]]; then
-        awk -v t="$clk_tck" '{ sub(/^.*\) /, ""); print ($12 + $13) / t }' "/proc/$garage_pid/stat"
-    else
-        echo -1
-    fi
-}
 
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
@@ -165,32 +157,10 @@ measure() {
         tail -n 5 "$work/err.txt" >&2
         failures=$((failures + 1))
     fi
-    python3 - "$tool" "$op" "$rep" "$bytes" "$status" "$g0" "$g1" "$work/time.txt" "$work/out.txt" "$work/err.txt" "$*" >>"$jsonl" <<'PY'
-import json, sys
-tool, op, rep, nbytes, status, g0, g1, time_path, out_path, err_path, command = sys.argv[1:]
-wall = user = sys_s = rss = None
-for line in open(time_path):
-    parts = line.split()
-    if len(parts) == 4:
-        try:
-            wall, user, sys_s, rss = float(parts[0]), float(parts[1]), float(parts[2]), int(parts[3])
-        except ValueError:
-            pass
-result = None
-for line in reversed(open(out_path, errors="replace").read().strip().splitlines()):
-    try:
-        result = json.loads(line)
-        break
-    except json.JSONDecodeError:
-        continue
-g0, g1 = float(g0), float(g1)
-rec = {"tool": tool, "op": op, "rep": int(rep), "bytes": int(nbytes), "status": int(status),
-       "command": command, "wall_s": wall, "user_s": user, "sys_s": sys_s, "max_rss_kib": rss,
-       "garage_cpu_s": round(g1 - g0, 2) if g0 >= 0 and g1 >= 0 else None, "result": result}
-if int(status) != 0:
-    rec["stderr_tail"] = open(err_path, errors="replace").read()[-2000:]
-print(json.dumps(rec, separators=(",", ":")))
-PY
+    python3 perf/record.py "$work/time.txt" "$work/out.txt" "$work/err.txt" "$g0" "$g1" \
+        "$(python3 -c 'import json, sys; print(json.dumps({"tool": sys.argv[1], "op": sys.argv[2],
+"rep": int(sys.argv[3]), "bytes": int(sys.argv[4]), "status": int(sys.argv[5]),
+"command": sys.argv[6]}))' "$tool" "$op" "$rep" "$bytes" "$status" "$*")" >>"$jsonl"
 }
 
 # verify TOOL OP REP FILE: cmp FILE with the image, record the outcome, remove FILE.

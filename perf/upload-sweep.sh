@@ -57,14 +57,6 @@ perf_private_bins bench
 
 perf_start_garage
 
-clk_tck=$(getconf CLK_TCK)
-garage_cpu() { # CPU-s (user+sys) used so far by the Garage process, or -1 when not ours
-    if [[ -n "$garage_pid" && -r "/proc/$garage_pid/stat" ]]; then
-        awk -v t="$clk_tck" '{ sub(/^.*\) /, ""); print ($12 + $13) / t }' "/proc/$garage_pid/stat"
-    else
-        echo -1
-    fi
-}
 
 grid=()
 for p in "${parts[@]}"; do
@@ -93,31 +85,10 @@ for rep in $(seq 1 "$reps"); do
             tail -n 5 "$work/err.txt" >&2
             failures=$((failures + 1))
         fi
-        python3 - "$rep" "$p" "$n" "$status" "$g0" "$g1" "$work/time.txt" "$work/out.txt" "${cmd[*]}" >>"$jsonl" <<'PY'
-import json, sys
-rep, part, flight, status, g0, g1, time_path, out_path, command = sys.argv[1:]
-wall = user = sys_s = rss = None
-for line in open(time_path):
-    f = line.split()
-    if len(f) == 4:
-        try:
-            wall, user, sys_s, rss = float(f[0]), float(f[1]), float(f[2]), int(f[3])
-        except ValueError:
-            pass
-result = None
-for line in reversed(open(out_path, errors="replace").read().strip().splitlines()):
-    try:
-        result = json.loads(line)
-        break
-    except json.JSONDecodeError:
-        continue
-g0, g1 = float(g0), float(g1)
-print(json.dumps({"rep": int(rep), "part_size": part, "parts_in_flight": int(flight),
-                  "status": int(status), "command": command, "wall_s": wall, "user_s": user,
-                  "sys_s": sys_s, "max_rss_kib": rss,
-                  "garage_cpu_s": round(g1 - g0, 2) if g0 >= 0 and g1 >= 0 else None,
-                  "result": result}, separators=(",", ":")))
-PY
+        python3 perf/record.py "$work/time.txt" "$work/out.txt" "$work/err.txt" "$g0" "$g1" \
+            "$(python3 -c 'import json, sys; print(json.dumps({"rep": int(sys.argv[1]),
+"part_size": sys.argv[2], "parts_in_flight": int(sys.argv[3]), "status": int(sys.argv[4]),
+"command": sys.argv[5]}))' "$rep" "$p" "$n" "$status" "${cmd[*]}")" >>"$jsonl"
     done
 done
 
