@@ -9,9 +9,11 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ferry::chunk::{ChunkHasher, is_zero};
-use ferry::compress::Compressor;
-use ferry::format::{self, BackupStats, ChunkHash, Manifest, ObjectKind, SourceInfo, Timestamp};
+use ferry::native::chunk::{ChunkHasher, is_zero};
+use ferry::native::compress::Compressor;
+use ferry::native::layout::{
+    self, BackupStats, ChunkHash, Manifest, ObjectKind, SourceInfo, Timestamp,
+};
 
 const CHUNK: usize = 4 << 20;
 
@@ -82,7 +84,7 @@ fn stages(c: &mut Criterion) {
     let mut group = c.benchmark_group("format");
     let _ = group.sample_size(10);
     let _ = group.bench_function("manifest_encode_1tib", |b| {
-        b.iter(|| format::encode_document(ObjectKind::Manifest, black_box(&manifest)))
+        b.iter(|| layout::encode_document(ObjectKind::Manifest, black_box(&manifest)))
     });
     group.finish();
 }

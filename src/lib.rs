@@ -13,21 +13,15 @@
 
 #![deny(unsafe_code)]
 
-pub mod backup;
-pub mod chunk;
 pub mod cinder;
 pub mod cli;
-pub mod compress;
 pub mod error;
-pub mod format;
 #[allow(unsafe_code)]
 pub mod io;
 pub mod lightbits;
 pub mod limits;
-pub mod maintain;
+pub mod native;
+pub mod plane;
 pub mod progress;
-pub mod repo;
-pub mod restore;
 pub mod store;
 pub mod throttle;
-pub mod verify;

@@ -29,13 +29,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use crossbeam_channel::bounded;
-use ferry::backup::{self, BackupOptions};
-use ferry::chunk::ChunkHasher;
-use ferry::compress::Compressor;
 use ferry::io::{self, AlignedBuf, Engine};
+use ferry::native::backup::{self, BackupOptions};
+use ferry::native::chunk::ChunkHasher;
+use ferry::native::compress::Compressor;
+use ferry::native::repo::Repository;
+use ferry::native::restore::{self, RestoreOptions};
 use ferry::progress::Progress;
-use ferry::repo::Repository;
-use ferry::restore::{self, RestoreOptions};
 use ferry::store::{
     LocalStore, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, S3Options, S3Store,
     StoreError, UploadId,
@@ -64,7 +64,7 @@ impl Args {
     }
 
     fn level(&self) -> Result<i32> {
-        self.value("--level").map_or(Ok(ferry::compress::LEVEL_DEFAULT), |v| {
+        self.value("--level").map_or(Ok(ferry::native::compress::LEVEL_DEFAULT), |v| {
             v.parse().with_context(|| format!("bad --level {v:?}"))
         })
     }
@@ -555,9 +555,9 @@ fn upload(args: &Args) -> Result<()> {
                         let part_started = Instant::now();
                         let receipt = store.multipart_put_part(&key, &upload_id, number, data)?;
                         mine.record(part_started.elapsed());
-                        ferry::repo::lock(&receipts).push(receipt);
+                        ferry::native::repo::lock(&receipts).push(receipt);
                     }
-                    ferry::repo::lock(&latency).merge(&mine)
+                    ferry::native::repo::lock(&latency).merge(&mine)
                 })
             })
             .collect();

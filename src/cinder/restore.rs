@@ -1,344 +1,450 @@
-//! Restore planning: the writes `ChunkedBackupDriver.restore` applies for a chain of backups, and
-//! the checks `_restore_v1` makes before reading any object.
+//! The Cinder-format restore job: a backup chain → device, built from the shared `plane`
+//! scaffolding like `native::restore`.
+//!
+//! Threads (scoped): `plane` fetchers (GET an object, decode it as a stream into pieces, verify,
+//! queue the writes of the ranges no later object overwrites, `visible_ranges`), one pinned
+//! writer (O_DIRECT), and the calling thread relaying cancellation. Objects may complete in any
+//! order; because every byte is written by exactly the object Cinder would have written it with
+//! last, the result is Cinder's sequential result.
+//!
+//! Nothing is written that has not verified. Every block a restore writes is checked against the
+//! restored backup's `_sha256file` (SHA-256 per block, the volume's final state, so it covers
+//! every link of a chain) before it is written: stronger than the per-object MD5 in `_metadata`
+//! and, with SHA-NI, cheaper. Where the `_sha256file` cannot vouch for an object (missing, of
+//! another size, or ranges not on its block boundaries), the object is decoded whole and its MD5
+//! checked against `_metadata` before any of its bytes are written. Decoded lengths must match.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
 
-use super::DRIVER_VERSION;
-use super::codec::Algorithm;
-use super::error::CinderError;
-use super::incremental::Extent;
-use super::metadata::Metadata;
-use super::names::{metadata_name, sha256file_name};
+use crossbeam_channel::{Receiver, Sender, bounded};
+use md5::{Digest as _, Md5};
+use sha2::Sha256;
 
-/// Piece size of Cinder's sparse restore (`_write_nonzero`): all-zero 1 MiB pieces, counted from
-/// the object's offset, are skipped instead of written.
-pub const SPARSE_PIECE_BYTES: u64 = 1 << 20;
+use super::bucket::{integrity, load_chain, load_sha256file};
+use super::layout::plan::required_len;
+use super::{
+    Algorithm, ChainLink, CinderError, Codec, Extent, Hash, RestoreWrite, plan_restore,
+    visible_ranges,
+};
+use crate::error::{EngineError, ErrorKind};
+use crate::io::{self, AlignedBuf, WriteOp};
+use crate::limits::{self, Budget};
+use crate::plane::{self, Edges, JobControl, Target};
+use crate::progress::Progress;
+use crate::store::ObjectStore;
 
-/// One backup of a chain: its `_metadata`, its prefix (`service_metadata`) and the keys a
-/// `ListObjectsV2` with that prefix returned.
-#[derive(Debug, Clone, Copy)]
-pub struct ChainLink<'a> {
-    /// The backup's object prefix.
-    pub prefix: &'a str,
-    /// The parsed `_metadata`.
-    pub metadata: &'a Metadata,
-    /// Every key under `prefix` in the bucket.
-    pub listing: &'a [String],
+/// Decoded pieces handed to the writer: at most this size.
+const PIECE_BYTES: usize = 4 << 20;
+
+/// What to restore, and where.
+#[derive(Debug, Clone)]
+pub struct RestoreJob {
+    /// The backup to restore (the last link of its chain).
+    pub backup_id: String,
+    /// The volume it was taken of (its objects live under `volume_<id>/`).
+    pub volume_id: String,
+    /// Device or file to write; a missing file is created.
+    pub target: PathBuf,
+    /// Overwrite a target holding data.
+    pub force: bool,
+    /// Skip all-zero pieces: the target is known to read as zeros (`--sparse`).
+    pub sparse: bool,
+    /// Writer engine.
+    pub engine: io::Engine,
+    /// Objects downloading at once (clamped by the budget).
+    pub downloads: usize,
 }
 
-/// One object write of a restore, in the order Cinder applies them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RestoreWrite {
-    /// Position of the backup in the chain (0 = the full backup).
-    pub link: usize,
-    /// Object key.
-    pub object_name: String,
-    /// Volume offset and uncompressed length.
-    pub extent: Extent,
-    /// How the object body is stored.
-    pub compression: Algorithm,
-    /// Whether Cinder skips all-zero [`SPARSE_PIECE_BYTES`] pieces of this object (only for the
-    /// full backup of a chain restored into a new volume, which reads as zeros).
-    pub skip_zero_pieces: bool,
+/// What a finished restore reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreOutcome {
+    /// Backup ids of the chain, base first.
+    pub chain: Vec<String>,
+    /// Bytes the backup covers.
+    pub volume_size_bytes: u64,
+    /// Objects downloaded (objects wholly overwritten by later links are skipped).
+    pub objects_downloaded: u64,
+    /// Objects checked block by block against `_sha256file`.
+    pub objects_verified_sha256: u64,
+    /// Objects checked whole against their `_metadata` MD5.
+    pub objects_verified_md5: u64,
+    /// Bytes downloaded.
+    pub bytes_downloaded: u64,
+    /// Whether the target file was created.
+    pub target_created: bool,
+    /// Whether the target was written with O_DIRECT.
+    pub direct_io: bool,
+    /// Writer engine that ran.
+    pub io_engine: &'static str,
+    /// The restored backup's `volume_meta` (Cinder's volume metadata, a JSON string), to put
+    /// back on the volume.
+    pub volume_meta: Option<String>,
+    /// Wall time.
+    pub duration_ms: u64,
 }
 
-/// `_restore_v1`'s consistency check: the keys under `prefix`, less `<prefix>_metadata` and
-/// `<prefix>_sha256file`, must be exactly the metadata's object names (as sorted lists, so a
-/// duplicate counts). Keys in `listing` not starting with `prefix` are ignored.
+/// How an object is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Every written block against `_sha256file`.
+    Blocks,
+    /// The whole object against its `_metadata` MD5, before any byte is written.
+    Md5,
+}
+
+struct Object<'a> {
+    write: &'a RestoreWrite,
+    ranges: &'a [Extent],
+    md5: &'a str,
+    check: Check,
+}
+
+struct Shared<'a> {
+    store: &'a dyn ObjectStore,
+    progress: &'a Progress,
+    info: io::DeviceInfo,
+    control: JobControl,
+    /// The volume's final block hashes and their block size.
+    blocks: Option<(&'a [Hash], u64)>,
+    zero_block_hash: Hash,
+    /// Skip all-zero pieces: the target reads as zeros.
+    skip_zero: bool,
+    edges: Edges,
+    downloaded: AtomicUsize,
+}
+
+/// The memory budget of `job` restoring objects of at most `object_bytes`.
+pub fn budget(job: &RestoreJob, object_bytes: u64) -> Budget {
+    Budget::cinder_restore(
+        usize::try_from(object_bytes).unwrap_or(usize::MAX / 2),
+        job.downloads.max(1),
+        PIECE_BYTES,
+    )
+}
+
+/// Restores Cinder backup `job.backup_id` (its whole chain) onto `job.target`.
 ///
 /// # Errors
-/// [`CinderError::ObjectListMismatch`] naming up to ten missing and ten unexpected keys.
-pub fn check_listing(
-    prefix: &str,
-    metadata: &Metadata,
-    listing: &[String],
-) -> Result<(), CinderError> {
-    let pruned = [metadata_name(prefix), sha256file_name(prefix)];
-    let mut actual: Vec<&str> = listing
+/// `NotFound`, `Integrity` (listing mismatch, missing, corrupt or unverifiable object), `Refused`
+/// (target holds data without `force`, or is too small), `Usage`, `Device`, `Store`,
+/// `Cancelled`.
+pub fn restore(
+    store: &dyn ObjectStore,
+    job: &RestoreJob,
+    progress: &Progress,
+    cancel: &AtomicBool,
+    warn: &dyn Fn(String),
+) -> Result<RestoreOutcome, EngineError> {
+    let started = Instant::now();
+    let chain = load_chain(store, &job.volume_id, &job.backup_id)?;
+    let links: Vec<ChainLink<'_>> = chain
         .iter()
-        .map(String::as_str)
-        .filter(|k| k.starts_with(prefix) && !pruned.iter().any(|p| p == k))
+        .map(|l| ChainLink {
+            prefix: &l.found.prefix,
+            metadata: &l.metadata,
+            listing: &l.found.listing,
+        })
         .collect();
-    let mut expected: Vec<&str> = metadata.objects.iter().map(|o| o.name.as_str()).collect();
-    actual.sort_unstable();
-    expected.sort_unstable();
-    if actual == expected {
-        return Ok(());
-    }
-    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
-    for k in &expected {
-        *counts.entry(k).or_default() += 1;
-    }
-    for k in &actual {
-        *counts.entry(k).or_default() -= 1;
-    }
-    let pick = |positive: bool| -> Vec<String> {
-        counts
-            .iter()
-            .filter(|&(_, &c)| if positive { c > 0 } else { c < 0 })
-            .take(10)
-            .map(|(k, _)| (*k).to_owned())
-            .collect()
+    let writes = plan_restore(&links, false).map_err(|error| match error {
+        // An unknown name in a stored document is bad data, not a bad argument.
+        CinderError::UnsupportedCompression { .. } => integrity(error.to_string()),
+        other => EngineError::from(other),
+    })?;
+    let needed = required_len(&writes);
+    let last = chain.last().expect("a chain has its backup");
+    let sha = match load_sha256file(store, &last.found.prefix) {
+        Ok(sha) => Some(sha),
+        Err(error) if error.kind == ErrorKind::NotFound => None,
+        Err(error) => return Err(error),
     };
-    Err(CinderError::ObjectListMismatch {
-        prefix: prefix.to_owned(),
-        missing: pick(true),
-        unexpected: pick(false),
+    let blocks = sha
+        .as_ref()
+        .filter(|s| s.chunk_size > 0 && s.sha256s.len() as u64 == needed.div_ceil(s.chunk_size))
+        .map(|s| (s.sha256s.as_slice(), s.chunk_size));
+    if blocks.is_none() {
+        warn(format!(
+            "{}_sha256file does not cover the volume; objects are checked whole against their \
+             _metadata MD5",
+            last.found.prefix
+        ));
+    }
+    let md5s: HashMap<&str, &str> = chain
+        .iter()
+        .flat_map(|l| l.metadata.objects.iter().map(|o| (o.name.as_str(), o.md5.as_str())))
+        .collect();
+    let visible = visible_ranges(&writes);
+    let objects: Vec<Object<'_>> = writes
+        .iter()
+        .zip(&visible)
+        .filter(|(_, ranges)| !ranges.is_empty())
+        .map(|(write, ranges)| Object {
+            write,
+            ranges,
+            md5: md5s.get(write.object_name.as_str()).copied().unwrap_or(""),
+            check: match blocks {
+                Some((_, bs)) if ranges.iter().all(|r| on_blocks(r, bs, needed)) => Check::Blocks,
+                _ => Check::Md5,
+            },
+        })
+        .collect();
+    let largest = writes.iter().map(|w| w.extent.length).max().unwrap_or(0);
+    let budget = budget(job, largest);
+    budget
+        .check("--downloads-in-flight and the backup's object size")
+        .map_err(|message| EngineError::new(ErrorKind::Usage, message))?;
+    let target = plane::prepare_target(&job.target, needed, job.force, warn)?;
+    let result = (|| -> Result<(io::Engine, u64), EngineError> {
+        let skip_zero = target.skip_holes(job.sparse)?;
+        Progress::add(&progress.bytes_total, needed);
+        let shared = Shared {
+            store,
+            progress,
+            info: target.info,
+            control: JobControl::new(),
+            blocks,
+            zero_block_hash: blocks
+                .map(|(_, bs)| Sha256::digest(vec![0u8; bs as usize]).into())
+                .unwrap_or_default(),
+            skip_zero,
+            edges: Edges::default(),
+            downloaded: AtomicUsize::new(0),
+        };
+        let engine = run_threads(&shared, &target, job, &budget, &objects, cancel)?;
+        shared.edges.write(&target.path)?;
+        Ok((engine, shared.downloaded.load(Ordering::Relaxed) as u64))
+    })();
+    if result.is_err() {
+        target.discard_if_created();
+    }
+    let (engine, objects_downloaded) = result?;
+    let by = |check| objects.iter().filter(|o| o.check == check).count() as u64;
+    Ok(RestoreOutcome {
+        chain: chain.iter().map(|l| l.metadata.backup_id.clone()).collect(),
+        volume_size_bytes: needed,
+        objects_downloaded,
+        objects_verified_sha256: by(Check::Blocks),
+        objects_verified_md5: by(Check::Md5),
+        bytes_downloaded: Progress::get(&progress.bytes_downloaded),
+        target_created: target.created,
+        direct_io: target.opened.direct,
+        io_engine: engine.name(),
+        volume_meta: last.metadata.volume_meta.clone(),
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
 }
 
-/// The writes restoring `chain` (full backup first, the requested backup last), in Cinder's order:
-/// backup by backup, each backup's objects in metadata order; later writes overwrite earlier ones.
-///
-/// Checks, before any data is read, what Cinder checks: the requested backup's `version` has a
-/// restore function (Cinder looks only at the requested backup's version and restores every
-/// link with that function), each link's object listing ([`check_listing`]), and every object's
-/// compression name. ferry checks one more thing Cinder gets from its database: when a
-/// metadata `parent_id` is present it must name the previous link (and the base must have none).
-///
-/// # Errors
-/// [`CinderError::EmptyChain`], [`CinderError::UnsupportedVersion`],
-/// [`CinderError::ChainBroken`], [`CinderError::ObjectListMismatch`],
-/// [`CinderError::UnsupportedCompression`].
-pub fn plan_restore(
-    chain: &[ChainLink<'_>],
-    volume_is_new: bool,
-) -> Result<Vec<RestoreWrite>, CinderError> {
-    let requested = chain.last().ok_or(CinderError::EmptyChain)?;
-    if requested.metadata.version != DRIVER_VERSION {
-        return Err(CinderError::UnsupportedVersion {
-            backup_id: requested.metadata.backup_id.clone(),
-            version: requested.metadata.version.clone(),
-        });
-    }
-    let mut writes = Vec::new();
-    for (index, link) in chain.iter().enumerate() {
-        let expected = index.checked_sub(1).map(|p| chain[p].metadata.backup_id.clone());
-        let found = link.metadata.parent_id.clone();
-        let linked = match (&expected, &found) {
-            (None, found) => found.is_none(),
-            (Some(_), None) => true,
-            (Some(e), Some(f)) => e == f,
-        };
-        if !linked {
-            return Err(CinderError::ChainBroken { index, expected, found });
-        }
-        check_listing(link.prefix, link.metadata, link.listing)?;
-        for object in &link.metadata.objects {
-            writes.push(RestoreWrite {
-                link: index,
-                object_name: object.name.clone(),
-                extent: Extent { offset: object.offset, length: object.length },
-                compression: object.algorithm()?,
-                skip_zero_pieces: volume_is_new && index == 0,
-            });
-        }
-    }
-    Ok(writes)
+/// Whether `range` starts on a block and ends on one (or at the volume's end).
+fn on_blocks(range: &Extent, block: u64, volume: u64) -> bool {
+    range.offset.is_multiple_of(block)
+        && (range.end().is_multiple_of(block) || range.end() == volume)
 }
 
-/// The bytes a target volume needs: the end of the furthest write.
-pub fn required_len(writes: &[RestoreWrite]) -> u64 {
-    writes.iter().map(|w| w.extent.end()).max().unwrap_or(0)
+fn run_threads(
+    shared: &Shared<'_>,
+    target: &Target,
+    job: &RestoreJob,
+    budget: &Budget,
+    objects: &[Object<'_>],
+    cancel: &AtomicBool,
+) -> Result<io::Engine, EngineError> {
+    let control = &shared.control;
+    let (free_tx, free_rx) =
+        plane::buffer_pool(budget.chunk_buffer_count, budget.chunk_buffer_bytes);
+    let (ops_tx, ops_rx) = bounded::<WriteOp>(budget.chunk_buffer_count);
+    let write_options =
+        io::WriteOptions { engine: job.engine, queue_depth: limits::QUEUE_DEPTH_DEFAULT };
+    let written = std::thread::scope(|scope| {
+        let writer = plane::spawn_writer(scope, target, write_options, ops_rx, free_tx, control);
+        plane::fetch_parallel(
+            scope,
+            budget.transfers_in_flight,
+            objects,
+            control,
+            || (free_rx.clone(), ops_tx.clone()),
+            |(free_rx, ops_tx), object| fetch_object(shared, object, free_rx, ops_tx),
+        );
+        drop((ops_tx, free_rx));
+        control.watch(cancel, || writer.is_finished());
+        writer.join().expect("writer thread does not panic")
+    });
+    control.outcome(cancel, "restore cancelled; the target is incomplete")?;
+    Ok(written.expect("a writer that did not fail reports what it wrote").engine)
 }
 
-/// For each write, the sub-ranges no later write overwrites, so the writes can be applied in any
-/// order (in parallel) with the result of applying them in order. Ranges are sorted; a write
-/// that is entirely overwritten gets none and need not be downloaded.
-pub fn visible_ranges(writes: &[RestoreWrite]) -> Vec<Vec<Extent>> {
-    // Covered intervals of the later writes seen so far: start -> end, disjoint, merged.
-    let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut out = vec![Vec::new(); writes.len()];
-    for (i, w) in writes.iter().enumerate().rev() {
-        let (start, end) = (w.extent.offset, w.extent.end());
-        if start == end {
+/// A decoder of one object body as a stream of bytes.
+fn decoder<'b>(
+    compression: Algorithm,
+    body: &'b [u8],
+    length: u64,
+) -> Result<Box<dyn std::io::Read + 'b>, CinderError> {
+    Ok(match compression.codec() {
+        Codec::Raw => Box::new(body),
+        Codec::Zlib => Box::new(flate2::read::ZlibDecoder::new(body)),
+        Codec::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(body).map_err(|e| {
+            CinderError::Decompress { algorithm: compression, reason: e.to_string() }
+        })?),
+        // bzip2's "ignore what follows a complete stream" rule lives in `decompress`: decode whole.
+        Codec::Bzip2 => {
+            Box::new(std::io::Cursor::new(super::decompress(compression, body, Some(length))?))
+        }
+    })
+}
+
+/// GETs one object, decodes it piece by piece, verifies, and queues the writes of its visible
+/// ranges.
+fn fetch_object(
+    shared: &Shared<'_>,
+    object: &Object<'_>,
+    free_rx: &Receiver<AlignedBuf>,
+    ops_tx: &Sender<WriteOp>,
+) -> Result<(), EngineError> {
+    let write = object.write;
+    let name = &write.object_name;
+    let body = shared.store.get(name).map_err(|error| match error {
+        crate::store::StoreError::NotFound { .. } => {
+            integrity(format!("object {name} listed in the backup's _metadata is missing"))
+        }
+        other => EngineError::from(other).context(format!("reading {name}")),
+    })?;
+    Progress::add(&shared.progress.bytes_downloaded, body.len() as u64);
+    let _ = shared.downloaded.fetch_add(1, Ordering::Relaxed);
+    let corrupt = |detail: String| integrity(format!("object {name}: {detail}"));
+    let length = write.extent.length;
+    let mut reader =
+        decoder(write.compression, &body, length).map_err(|e| corrupt(e.to_string()))?;
+    if object.check == Check::Md5 {
+        let mut data = Vec::with_capacity(usize::try_from(length).unwrap_or(0));
+        let _ = reader
+            .by_ref()
+            .take(length + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| corrupt(format!("does not decode: {e}")))?;
+        if data.len() as u64 != length {
+            return Err(corrupt(format!(
+                "decodes to {} bytes, _metadata says {length}",
+                data.len()
+            )));
+        }
+        let digest: String = Md5::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
+        if object.md5.is_empty() || digest != object.md5.to_ascii_lowercase() {
+            return Err(corrupt(format!(
+                "MD5 {digest} does not match _metadata's {:?}",
+                object.md5
+            )));
+        }
+        return queue_ranges(shared, object, 0, &data, free_rx, ops_tx);
+    }
+    let block = shared.blocks.map_or(PIECE_BYTES as u64, |(_, bs)| bs);
+    let piece_bytes = usize::try_from((PIECE_BYTES as u64 / block).max(1) * block).expect("fits");
+    let mut piece = vec![0u8; piece_bytes];
+    let mut at = 0u64;
+    while at < length && !shared.control.stopped() {
+        let want = usize::try_from((length - at).min(piece_bytes as u64)).expect("fits");
+        let got = fill(&mut reader, &mut piece[..want])
+            .map_err(|e| corrupt(format!("does not decode: {e}")))?;
+        if got < want {
+            return Err(corrupt(format!(
+                "decodes to {} bytes, _metadata says {length}",
+                at + got as u64
+            )));
+        }
+        verify_blocks(shared, object, at, &piece[..want]).map_err(corrupt)?;
+        queue_ranges(shared, object, at, &piece[..want], free_rx, ops_tx)?;
+        at += want as u64;
+    }
+    Ok(())
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+fn fill(reader: &mut dyn std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(filled)
+}
+
+/// Checks every block of `bytes` (the object's bytes from `at`) that a visible range will write
+/// against the volume's block hashes.
+fn verify_blocks(
+    shared: &Shared<'_>,
+    object: &Object<'_>,
+    at: u64,
+    bytes: &[u8],
+) -> Result<(), String> {
+    let (hashes, block) = shared.blocks.expect("block checks need block hashes");
+    let base = object.write.extent.offset + at;
+    let end = base + bytes.len() as u64;
+    for range in object.ranges {
+        let (from, to) = (range.offset.max(base), range.end().min(end));
+        let mut offset = from;
+        while offset < to {
+            let stop = (offset / block + 1) * block;
+            let slice = &bytes[(offset - base) as usize..(stop.min(end) - base) as usize];
+            let index = usize::try_from(offset / block).expect("fits");
+            let expected = &hashes[index];
+            let same = if *expected == shared.zero_block_hash && slice.len() as u64 == block {
+                crate::native::chunk::is_zero(slice)
+            } else {
+                <[u8; 32]>::from(Sha256::digest(slice)) == *expected
+            };
+            if !same {
+                return Err(format!(
+                    "block {index} (volume offset {offset}) does not match the backup's _sha256file"
+                ));
+            }
+            offset = stop;
+        }
+    }
+    Ok(())
+}
+
+/// Queues the writes of the parts of `bytes` (the object's bytes from `at`) that visible ranges
+/// cover: whole logical blocks through the O_DIRECT writer, the rest as edges.
+fn queue_ranges(
+    shared: &Shared<'_>,
+    object: &Object<'_>,
+    at: u64,
+    bytes: &[u8],
+    free_rx: &Receiver<AlignedBuf>,
+    ops_tx: &Sender<WriteOp>,
+) -> Result<(), EngineError> {
+    let base = object.write.extent.offset + at;
+    let end = base + bytes.len() as u64;
+    let block = u64::from(shared.info.logical_block_bytes).max(1);
+    for range in object.ranges {
+        let (from, to) = (range.offset.max(base), range.end().min(end));
+        if from >= to {
             continue;
         }
-        let mut visible = Vec::new();
-        let mut cursor = start;
-        let first = covered.range(..=start).next_back().map(|(&s, _)| s).unwrap_or(start);
-        for (&s, &e) in covered.range(first..end) {
-            if e <= cursor {
+        let data = &bytes[(from - base) as usize..(to - base) as usize];
+        Progress::add(&shared.progress.bytes_restored, data.len() as u64);
+        let (offset, middle) = shared.edges.split(from, data, block);
+        let mut position = 0usize;
+        let middle = &data[middle];
+        while position < middle.len() {
+            let piece = &middle[position..(position + PIECE_BYTES).min(middle.len())];
+            let piece_offset = offset + position as u64;
+            position += piece.len();
+            if shared.skip_zero && crate::native::chunk::is_zero(piece) {
                 continue;
             }
-            if s > cursor {
-                visible.push(Extent { offset: cursor, length: s - cursor });
-            }
-            cursor = cursor.max(e);
-            if cursor >= end {
-                break;
-            }
-        }
-        if cursor < end {
-            visible.push(Extent { offset: cursor, length: end - cursor });
-        }
-        out[i] = visible;
-        // Merge [start, end) into covered.
-        let mut new_start = start;
-        let mut new_end = end;
-        let touching: Vec<u64> = covered
-            .range(..=end)
-            .rev()
-            .take_while(|&(_, &e)| e >= start)
-            .map(|(&s, _)| s)
-            .collect();
-        for s in touching {
-            if let Some(e) = covered.remove(&s) {
-                new_start = new_start.min(s);
-                new_end = new_end.max(e);
+            let Ok(mut buf) = free_rx.recv() else { return Ok(()) };
+            buf.as_mut_slice()[..piece.len()].copy_from_slice(piece);
+            buf.set_len(piece.len());
+            if ops_tx.send(WriteOp::Data { offset: piece_offset, buf }).is_err() {
+                return Ok(());
             }
         }
-        let _ = covered.insert(new_start, new_end);
     }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cinder::metadata::ObjectEntry;
-
-    fn meta(id: &str, parent: Option<&str>, objects: &[(&str, u64, u64, &str)]) -> Metadata {
-        let mut m = Metadata::new(id, "vol", "2025-03-01 12:00:05+00:00");
-        m.parent_id = parent.map(str::to_owned);
-        m.objects = objects
-            .iter()
-            .map(|&(n, offset, length, c)| ObjectEntry {
-                name: n.to_owned(),
-                offset,
-                length,
-                compression: c.to_owned(),
-                md5: String::new(),
-            })
-            .collect();
-        m
-    }
-
-    fn listing(prefix: &str, names: &[&str]) -> Vec<String> {
-        let mut l: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
-        l.push(metadata_name(prefix));
-        l.push(sha256file_name(prefix));
-        l
-    }
-
-    /// A two-link chain plans base objects first with sparse skipping only on the base, and
-    /// accepts every alias and case of compression names.
-    #[test]
-    fn chain_order_and_flags() {
-        let base = meta("b0", None, &[("p0-00001", 0, 100, "ZLIB"), ("p0-00002", 100, 50, "none")]);
-        let inc = meta("b1", Some("b0"), &[("p1-00001", 20, 10, "bzip2")]);
-        let l0 = listing("p0", &["p0-00002", "p0-00001"]);
-        let l1 = listing("p1", &["p1-00001"]);
-        let chain = [
-            ChainLink { prefix: "p0", metadata: &base, listing: &l0 },
-            ChainLink { prefix: "p1", metadata: &inc, listing: &l1 },
-        ];
-        let w = plan_restore(&chain, true).unwrap();
-        let names: Vec<_> = w.iter().map(|w| w.object_name.as_str()).collect();
-        assert_eq!(names, ["p0-00001", "p0-00002", "p1-00001"]);
-        assert_eq!(w[0].compression, Algorithm::Zlib);
-        assert_eq!(w[2].compression, Algorithm::Bzip2);
-        assert!(w[0].skip_zero_pieces && w[1].skip_zero_pieces && !w[2].skip_zero_pieces);
-        assert!(plan_restore(&chain, false).unwrap().iter().all(|w| !w.skip_zero_pieces));
-        assert_eq!(required_len(&w), 150);
-        let v = visible_ranges(&w);
-        assert_eq!(v[0], [Extent { offset: 0, length: 20 }, Extent { offset: 30, length: 70 }]);
-        assert_eq!(v[1], [Extent { offset: 100, length: 50 }]);
-        assert_eq!(v[2], [Extent { offset: 20, length: 10 }]);
-    }
-
-    /// Missing objects, extra objects and duplicates are refused as Cinder refuses them; keys of
-    /// other prefixes are ignored.
-    #[test]
-    fn listing_checks() {
-        let m = meta("b0", None, &[("p-00001", 0, 1, "none"), ("p-00002", 1, 1, "none")]);
-        let ok = listing("p", &["p-00001", "p-00002"]);
-        check_listing("p", &m, &ok).unwrap();
-        let mut other = ok.clone();
-        other.push("q-00001".into());
-        check_listing("p", &m, &other).unwrap();
-        let missing = listing("p", &["p-00001"]);
-        match check_listing("p", &m, &missing).unwrap_err() {
-            CinderError::ObjectListMismatch { missing, unexpected, .. } => {
-                assert_eq!(missing, ["p-00002"]);
-                assert!(unexpected.is_empty());
-            }
-            e => panic!("{e}"),
-        }
-        let extra = listing("p", &["p-00001", "p-00002", "p-00003"]);
-        match check_listing("p", &m, &extra).unwrap_err() {
-            CinderError::ObjectListMismatch { unexpected, .. } => {
-                assert_eq!(unexpected, ["p-00003"])
-            }
-            e => panic!("{e}"),
-        }
-    }
-
-    /// Versions, broken chains, empty chains and unknown compressions are refused up front.
-    #[test]
-    fn refusals() {
-        let l = listing("p", &[]);
-        let mut m = meta("b0", None, &[]);
-        m.version = "2.0.0".into();
-        let chain = [ChainLink { prefix: "p", metadata: &m, listing: &l }];
-        assert!(matches!(plan_restore(&chain, false), Err(CinderError::UnsupportedVersion { .. })));
-        assert!(matches!(plan_restore(&[], false), Err(CinderError::EmptyChain)));
-        let base = meta("b0", None, &[]);
-        let inc = meta("b1", Some("zz"), &[]);
-        let chain = [
-            ChainLink { prefix: "p", metadata: &base, listing: &l },
-            ChainLink { prefix: "p", metadata: &inc, listing: &l },
-        ];
-        assert!(matches!(
-            plan_restore(&chain, false),
-            Err(CinderError::ChainBroken { index: 1, .. })
-        ));
-        let bad = meta("b0", None, &[("p-00001", 0, 1, "lz4")]);
-        let l = listing("p", &["p-00001"]);
-        let chain = [ChainLink { prefix: "p", metadata: &bad, listing: &l }];
-        assert!(matches!(
-            plan_restore(&chain, false),
-            Err(CinderError::UnsupportedCompression { .. })
-        ));
-    }
-
-    /// visible_ranges agrees with painting the writes in order on a small random volume.
-    #[test]
-    fn visible_ranges_match_painting() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = |m: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % m
-        };
-        for _ in 0..200 {
-            let n = 1 + next(12) as usize;
-            let writes: Vec<RestoreWrite> = (0..n)
-                .map(|i| RestoreWrite {
-                    link: 0,
-                    object_name: i.to_string(),
-                    extent: Extent { offset: next(100), length: next(40) },
-                    compression: Algorithm::None,
-                    skip_zero_pieces: false,
-                })
-                .collect();
-            let mut painted = [usize::MAX; 140];
-            for (i, w) in writes.iter().enumerate() {
-                for b in w.extent.offset..w.extent.end() {
-                    painted[b as usize] = i;
-                }
-            }
-            let mut from_visible = [usize::MAX; 140];
-            for (i, ranges) in visible_ranges(&writes).iter().enumerate() {
-                for r in ranges {
-                    for b in r.offset..r.end() {
-                        assert_eq!(from_visible[b as usize], usize::MAX, "overlap");
-                        from_visible[b as usize] = i;
-                    }
-                }
-            }
-            assert_eq!(painted, from_visible);
-        }
-    }
+    Ok(())
 }

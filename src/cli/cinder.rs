@@ -1,11 +1,12 @@
 //! `--format cinder`: `ferry backup` and `ferry restore` in OpenStack Cinder's S3 backup layout,
 //! and `ferry cinder-record`. Parses the Cinder flags and the `[cinder]` config table (Cinder's
-//! own option names and defaults), opens the bucket, and runs `cinder::job`.
+//! own option names and defaults), opens the bucket, and runs `cinder::backup`, `cinder::restore` or `cinder::bucket::record`.
 //!
 //! The bucket is the repository: `--repo s3://BUCKET` (no prefix: Cinder's keys start at the
 //! bucket root), else `FERRY_REPO`, else `backup_s3_store_bucket` (default `volumebackups`).
 //! No `ferry init` is needed: a Cinder bucket holds no ferry repository.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use clap::{Args, ValueEnum};
@@ -14,9 +15,10 @@ use serde_json::json;
 
 use super::config::{self, ConfigFile, StoreArgs};
 use super::output::Output;
-use super::{Cli, Command, engine, store_args, with_progress};
+use super::{Cli, Command, engine, lightbits, store_args, with_progress};
 use crate::cinder::{self, Algorithm, Geometry};
 use crate::error::{EngineError, ErrorKind};
+use crate::limits;
 use crate::progress::Progress;
 use crate::store::ObjectStore;
 
@@ -55,14 +57,14 @@ pub struct BackupFlags {
     /// SHA-256 block size for incrementals (default backup_s3_block_size, else 32768).
     #[arg(long, value_name = "BYTES")]
     pub cinder_block_size: Option<u64>,
-    /// Objects uploading at once (--format cinder).
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = super::parse_count)]
-    pub cinder_uploads: usize,
-    /// zlib level for `zlib`/`gzip` objects, 1-9. Cinder compresses at 6; level 1 is several
-    /// times faster for a somewhat larger object, and Cinder decodes every level the same.
-    #[arg(long, value_name = "LEVEL", default_value_t = 1,
-          value_parser = clap::value_parser!(u32).range(1..=9))]
-    pub zlib_level: u32,
+    /// Upload requests (single PUTs or 16 MiB parts) in flight (--format cinder; default 4).
+    #[arg(long, value_name = "N", value_parser = super::parse_in_flight)]
+    pub cinder_uploads: Option<usize>,
+    /// zlib level for `zlib`/`gzip` objects, 1-9 (--format cinder; default 1). Cinder
+    /// compresses at 6; level 1 is several times faster for a somewhat larger object, and Cinder
+    /// decodes every level the same.
+    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub zlib_level: Option<u32>,
 }
 
 /// The Cinder flags of `ferry restore`.
@@ -163,39 +165,18 @@ fn usage(message: impl Into<String>) -> EngineError {
 pub(super) fn dispatch(
     cli: &Cli,
     output: &Output,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
 ) -> Option<Result<(), EngineError>> {
     match &cli.command {
         Command::Backup(args) if args.cinder.format == Format::Cinder => {
             Some(run_backup(cli, args, output, cancel))
         }
-        Command::Backup(args) => reject_native(
-            [
-                ("--cinder-backup-id", args.cinder.cinder_backup_id.is_some()),
-                ("--cinder-volume-id", args.cinder.cinder_volume_id.is_some()),
-                ("--incremental-parent", args.cinder.incremental_parent.is_some()),
-                ("--compression", args.cinder.compression.is_some()),
-                ("--cinder-object-size", args.cinder.cinder_object_size.is_some()),
-                ("--cinder-block-size", args.cinder.cinder_block_size.is_some()),
-            ]
-            .as_slice(),
-        ),
         Command::Restore(args) if args.cinder.format == Format::Cinder => {
             Some(run_restore(cli, args, output, cancel))
         }
-        Command::Restore(args) => reject_native(
-            [("--cinder-volume-id", args.cinder.cinder_volume_id.is_some())].as_slice(),
-        ),
         Command::CinderRecord(args) => Some(run_record(cli, args, output)),
         _ => None,
     }
-}
-
-fn reject_native(flags: &[(&str, bool)]) -> Option<Result<(), EngineError>> {
-    flags
-        .iter()
-        .find(|(_, given)| *given)
-        .map(|(flag, _)| Err(usage(format!("{flag} needs --format cinder"))))
 }
 
 /// Opens the bucket: the config file's `[cinder]` options fill what `[s3]` leaves unset.
@@ -255,13 +236,15 @@ fn run_backup(
     cli: &Cli,
     args: &super::BackupArgs,
     output: &Output,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
 ) -> Result<(), EngineError> {
     let flags = &args.cinder;
     let backup_id = required(&flags.cinder_backup_id, "--cinder-backup-id UUID")?;
     let volume_id = required(&flags.cinder_volume_id, "--cinder-volume-id UUID")?;
-    let [source] = args.source.as_slice() else {
-        return Err(usage("--format cinder backs up one --source at a time"));
+    let source = match (args.source.as_slice(), &args.lightbits.lightbits_volume) {
+        ([source], None) => source.clone(),
+        ([], Some(_)) => std::path::PathBuf::new(),
+        _ => return Err(usage("--format cinder backs up one --source at a time")),
     };
     // Validate everything before opening the bucket.
     let pre = config::load_config_file(config::config_path(&store_args(cli)).as_deref())?;
@@ -277,8 +260,8 @@ fn run_backup(
         flags.cinder_block_size.or(c.backup_s3_block_size).unwrap_or(cinder::DEFAULT_BLOCK_SIZE),
     )?;
     let (store, bucket, config) = open_bucket(cli)?;
-    let job = cinder::job::BackupJob {
-        source: source.clone(),
+    let mut job = cinder::backup::BackupJob {
+        source,
         engine: engine(cli),
         backup_id: backup_id.to_owned(),
         volume_id: volume_id.to_owned(),
@@ -292,24 +275,38 @@ fn run_backup(
             .unwrap_or_else(|| cinder::names::DEFAULT_AVAILABILITY_ZONE.into()),
         name: None,
         description: None,
-        zlib_level: flags.zlib_level,
-        workers: args
-            .workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-        uploads: flags.cinder_uploads,
+        volume_meta: None,
+        zlib_level: flags.zlib_level.unwrap_or(1),
+        workers: args.workers.unwrap_or_else(super::default_workers),
+        uploads: flags.cinder_uploads.unwrap_or(limits::PARTS_IN_FLIGHT_DEFAULT),
+        limit_read_bytes_per_sec: args.limit_read,
+        limit_upload_bytes_per_sec: args.limit_upload,
     };
-    output.start(json!({"repository": store.describe(), "format": "cinder", "bucket": bucket,
-        "source": source.display().to_string(), "backup_id": backup_id, "volume_id": volume_id,
-        "parent_id": job.parent_id, "compression": algorithm.name(),
-        "object_size_bytes": geometry.object_size()}));
-    let progress = Progress::default();
-    let warn = |message: String| output.warning(&message);
-    let outcome = with_progress(output, &progress, || {
-        cinder::job::backup(store.as_ref(), &job, &progress, cancel, &warn)
-    })?;
+    let run = |job: &cinder::backup::BackupJob, label: &str| {
+        let read_chunk =
+            cinder::backup::read_chunk_bytes(job.geometry, crate::io::BUF_ALIGN).unwrap_or(0);
+        let budget = cinder::backup::budget(job, read_chunk.max(1));
+        output.start(json!({"repository": store.describe(), "format": "cinder", "bucket": bucket,
+            "source": label, "backup_id": backup_id, "volume_id": volume_id,
+            "parent_id": job.parent_id, "compression": algorithm.name(),
+            "object_size_bytes": geometry.object_size(), "budget": budget}));
+        let progress = Progress::default();
+        let warn = |message: String| output.warning(&message);
+        with_progress(output, &progress, || {
+            cinder::backup::backup(store.as_ref(), job, &progress, cancel, &warn)
+        })
+    };
+    let (outcome, label) = match &args.lightbits.lightbits_volume {
+        Some(volume) => {
+            lightbits::backup(cli, volume, backup_id, output, cancel, |device, label| {
+                job.source = device.to_path_buf();
+                run(&job, &label).map(|outcome| (outcome, label))
+            })?
+        }
+        None => (run(&job, &job.source.display().to_string())?, job.source.display().to_string()),
+    };
     let summary = format!(
-        "cinder backup {backup_id} of {} ({} bytes) in {:.1} s: {} objects under {} in bucket {bucket}",
-        source.display(),
+        "cinder backup {backup_id} of {label} ({} bytes) in {:.1} s: {} objects under {} in bucket {bucket}",
         outcome.volume_size_bytes,
         outcome.duration_ms as f64 / 1000.0,
         outcome.object_count,
@@ -317,7 +314,8 @@ fn run_backup(
     );
     output.result(
         json!({"backup_id": backup_id, "volume_id": volume_id, "bucket": bucket,
-               "format": "cinder", "compression": algorithm.name(), "stats": outcome}),
+               "format": "cinder", "compression": algorithm.name(), "source": label,
+               "stats": outcome}),
         &summary,
     );
     Ok(())
@@ -327,29 +325,37 @@ fn run_restore(
     cli: &Cli,
     args: &super::RestoreArgs,
     output: &Output,
-    cancel: &AtomicBool,
+    cancel: &Arc<AtomicBool>,
 ) -> Result<(), EngineError> {
     let volume_id = required(&args.cinder.cinder_volume_id, "--cinder-volume-id UUID")?;
     let (store, bucket, _) = open_bucket(cli)?;
-    let job = cinder::job::RestoreJob {
+    let mut job = cinder::restore::RestoreJob {
         backup_id: args.backup_id.clone(),
         volume_id: volume_id.to_owned(),
-        target: args
-            .target
-            .clone()
-            .ok_or_else(|| usage("--format cinder restores need --target PATH"))?,
+        target: args.target.clone().unwrap_or_default(),
         force: args.force,
+        sparse: args.sparse,
         engine: engine(cli),
         downloads: args.downloads_in_flight,
     };
-    output.start(json!({"repository": store.describe(), "format": "cinder", "bucket": bucket,
-        "backup_id": job.backup_id, "volume_id": volume_id,
-        "target": job.target.display().to_string()}));
-    let progress = Progress::default();
-    let warn = |message: String| output.warning(&message);
-    let outcome = with_progress(output, &progress, || {
-        cinder::job::restore(store.as_ref(), &job, &progress, cancel, &warn)
-    })?;
+    let run = |job: &cinder::restore::RestoreJob| {
+        output.start(json!({"repository": store.describe(), "format": "cinder", "bucket": bucket,
+            "backup_id": job.backup_id, "volume_id": volume_id,
+            "target": job.target.display().to_string(),
+            "budget": cinder::restore::budget(job, cinder::DEFAULT_OBJECT_SIZE)}));
+        let progress = Progress::default();
+        let warn = |message: String| output.warning(&message);
+        with_progress(output, &progress, || {
+            cinder::restore::restore(store.as_ref(), job, &progress, cancel, &warn)
+        })
+    };
+    let outcome = match &args.lightbits.lightbits_volume {
+        Some(volume) => lightbits::restore(cli, volume, args.force, output, cancel, |device| {
+            job.target = device.to_path_buf();
+            run(&job)
+        })?,
+        None => run(&job)?,
+    };
     let summary = format!(
         "restored cinder backup {} (chain {}) to {} ({} bytes) in {:.1} s, {} bytes downloaded",
         job.backup_id,
@@ -360,7 +366,8 @@ fn run_restore(
         outcome.bytes_downloaded
     );
     output.result(
-        json!({"backup_id": job.backup_id, "format": "cinder", "stats": outcome}),
+        json!({"backup_id": job.backup_id, "format": "cinder", "volume_meta": outcome.volume_meta,
+               "stats": outcome}),
         &summary,
     );
     Ok(())
@@ -369,7 +376,7 @@ fn run_restore(
 fn run_record(cli: &Cli, args: &RecordArgs, output: &Output) -> Result<(), EngineError> {
     let (store, bucket, _) = open_bucket(cli)?;
     let record =
-        cinder::job::record(store.as_ref(), &bucket, &args.cinder_volume_id, &args.backup_id)?;
+        cinder::bucket::record(store.as_ref(), &bucket, &args.cinder_volume_id, &args.backup_id)?;
     let encoded = record.encode();
     let decoded: serde_json::Value =
         serde_json::from_slice(&record.to_json()).unwrap_or(serde_json::Value::Null);

@@ -17,13 +17,12 @@ use serde_json::{Value, json};
 
 use super::Cli;
 use super::output::Output;
-use crate::backup::BackupOptions;
 use crate::error::{EngineError, ErrorKind};
-use crate::format::{self, PackId};
 use crate::lightbits::attach::{AttachMode, AttachOptions};
 use crate::lightbits::client::{Client, ClientOptions, Scheme, TokenSource};
 use crate::lightbits::flow::{self, Control};
 use crate::lightbits::journal::{self, Journal, Outcome, ReclaimReport};
+use crate::native::layout::{self, PackId};
 
 /// `--lightbits-volume`, shared by `backup` and `restore`.
 #[derive(Debug, Clone, Args)]
@@ -297,39 +296,41 @@ fn settle<T>(
 }
 
 /// A backup of `volume` through a point-in-time clone: reclaims dead records, prepares the
-/// clone, runs `job` on its device with the backup id and source label set, and always cleans up.
+/// clone, runs `job` on its device (with the label a manifest records as its source), and always
+/// cleans up.
 ///
 /// # Errors
 /// The prepare's, the job's or the cleanup's error.
 pub fn backup<T>(
     cli: &Cli,
     volume: &str,
-    mut options: BackupOptions,
+    backup_id: &str,
     output: &Output,
     cancel: &Arc<AtomicBool>,
-    job: impl FnOnce(&BackupOptions, &[PathBuf]) -> Result<T, EngineError>,
+    job: impl FnOnce(&Path, String) -> Result<T, EngineError>,
 ) -> Result<T, EngineError> {
-    let control = control(cli, Some(cancel))?;
-    reclaim_dead(&control, output)?;
-    let backup_id = options.backup_id.clone().unwrap_or_else(|| {
-        format!("{}-{}", format::unix_now().compact(), &PackId::random().to_hex()[..8])
-    });
-    if !format::backup_id_valid(&backup_id) {
+    if !layout::backup_id_valid(backup_id) {
         return Err(usage(format!("invalid backup id {backup_id:?}")));
     }
-    let attached = flow::prepare_backup_source(&control, volume, &backup_id)
+    let control = control(cli, Some(cancel))?;
+    reclaim_dead(&control, output)?;
+    let attached = flow::prepare_backup_source(&control, volume, backup_id)
         .map_err(|error| EngineError::from(error).context(format!("lightbits volume {volume}")))?;
-    options.backup_id = Some(backup_id.clone());
-    options.source_label = Some(format!(
+    let label = format!(
         "lightbits:{}/{} (clone {})",
         control.client.options().project,
         attached.source().name,
         attached.clone_volume().uuid
-    ));
+    );
     let device = attached.device_path().to_path_buf();
-    let result = job(&options, &[device]);
+    let result = job(&device, label);
     let cleanup = attached.finish();
     settle(result, cleanup, &format!("backup {backup_id}"), output)
+}
+
+/// A new native backup id: the start time and a random suffix.
+pub fn new_backup_id() -> String {
+    format!("{}-{}", layout::unix_now().compact(), &PackId::random().to_hex()[..8])
 }
 
 /// A restore into the existing `volume`: reclaims dead records, checks and extends its ACL,

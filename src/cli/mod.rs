@@ -15,15 +15,15 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
-use crate::backup::{self, BackupOptions};
 use crate::error::{EngineError, ErrorKind};
 use crate::io::Engine;
 use crate::limits;
-use crate::maintain;
+use crate::native::backup::{self, BackupOptions};
+use crate::native::maintain;
+use crate::native::repo::Repository;
+use crate::native::restore::{self, RestoreOptions};
+use crate::native::verify;
 use crate::progress::Progress;
-use crate::repo::Repository;
-use crate::restore::{self, RestoreOptions};
-use crate::verify;
 use config::StoreArgs;
 use output::{ExitCode, Output};
 
@@ -144,14 +144,14 @@ pub struct BackupArgs {
     #[arg(long)]
     pub backup_id: Option<String>,
     /// zstd compression level (1 is the measured sweet spot; -7..=19).
-    #[arg(long, default_value_t = crate::compress::LEVEL_DEFAULT, allow_negative_numbers = true,
+    #[arg(long, default_value_t = crate::native::compress::LEVEL_DEFAULT, allow_negative_numbers = true,
           value_parser = clap::value_parser!(i32).range(-7..=19))]
     pub compression_level: i32,
-    /// Pack parts uploading concurrently.
-    #[arg(long, default_value_t = limits::PARTS_IN_FLIGHT_DEFAULT, value_parser = parse_count)]
+    /// Pack parts uploading concurrently (1-32).
+    #[arg(long, default_value_t = limits::PARTS_IN_FLIGHT_DEFAULT, value_parser = parse_in_flight)]
     pub parts_in_flight: usize,
-    /// Chunk worker threads (default: one per CPU).
-    #[arg(long, value_parser = parse_count)]
+    /// Worker threads: hashing and compression (default: one per CPU; 1-64).
+    #[arg(long, value_parser = parse_workers)]
     pub workers: Option<usize>,
     /// Close pack objects at this size (1M to 4G; suffixes K, M, G).
     #[arg(long, default_value = "128M", value_parser = parse_pack_size)]
@@ -201,8 +201,8 @@ pub struct RestoreArgs {
     /// Skip writing zero chunks: the target is known to read as zeros.
     #[arg(long)]
     pub sparse: bool,
-    /// Ranged GETs in flight.
-    #[arg(long, default_value_t = limits::DOWNLOADS_IN_FLIGHT_DEFAULT, value_parser = parse_count)]
+    /// GETs in flight (1-32; a Cinder-format restore clamps it to its memory budget).
+    #[arg(long, default_value_t = limits::DOWNLOADS_IN_FLIGHT_DEFAULT, value_parser = parse_in_flight)]
     pub downloads_in_flight: usize,
     /// `--format cinder` and its flags.
     #[command(flatten)]
@@ -220,6 +220,83 @@ fn parse_count(text: &str) -> Result<usize, String> {
     match text.parse::<usize>() {
         Ok(n) if (1..=256).contains(&n) => Ok(n),
         _ => Err(format!("{text:?} is not a number from 1 to 256")),
+    }
+}
+
+/// `--workers`: 1 to `limits::WORKERS_MAX` (past the core count workers only add threads, and
+/// the memory budget stops growing with them).
+fn parse_workers(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=limits::WORKERS_MAX).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a number from 1 to {}", limits::WORKERS_MAX)),
+    }
+}
+
+/// Uploads or downloads in flight: 1 to `limits::IN_FLIGHT_MAX`; each holds a buffer of up to
+/// 16 MiB (more only costs memory: the store is the limit).
+fn parse_in_flight(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=limits::IN_FLIGHT_MAX).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a number from 1 to {}", limits::IN_FLIGHT_MAX)),
+    }
+}
+
+/// One worker per CPU, at most `limits::WORKERS_MAX`.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).min(limits::WORKERS_MAX)
+}
+
+/// Flags of `backup` and `restore` that only one `--format` reads: (clap id, flag). Given with
+/// the other format they are refused (exit 2), never silently ignored.
+const BACKUP_NATIVE_ONLY: &[(&str, &str)] = &[
+    ("backup_id", "--backup-id"),
+    ("compression_level", "--compression-level"),
+    ("pack_size", "--pack-size"),
+    ("parts_in_flight", "--parts-in-flight"),
+];
+const BACKUP_CINDER_ONLY: &[(&str, &str)] = &[
+    ("cinder_backup_id", "--cinder-backup-id"),
+    ("cinder_volume_id", "--cinder-volume-id"),
+    ("incremental_parent", "--incremental-parent"),
+    ("compression", "--compression"),
+    ("cinder_object_size", "--cinder-object-size"),
+    ("cinder_block_size", "--cinder-block-size"),
+    ("cinder_uploads", "--cinder-uploads"),
+    ("zlib_level", "--zlib-level"),
+];
+const RESTORE_CINDER_ONLY: &[(&str, &str)] = &[("cinder_volume_id", "--cinder-volume-id")];
+
+/// Refuses a flag the chosen format does not read.
+fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), EngineError> {
+    let (sub, cinder, native_only, cinder_only): (_, bool, &[(&str, &str)], &[(&str, &str)]) =
+        match (&cli.command, matches.subcommand()) {
+            (Command::Backup(args), Some((_, sub))) => (
+                sub,
+                args.cinder.format == cinder::Format::Cinder,
+                BACKUP_NATIVE_ONLY,
+                BACKUP_CINDER_ONLY,
+            ),
+            (Command::Restore(args), Some((_, sub))) => {
+                (sub, args.cinder.format == cinder::Format::Cinder, &[], RESTORE_CINDER_ONLY)
+            }
+            _ => return Ok(()),
+        };
+    let given = |id: &str| {
+        matches!(
+            sub.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        )
+    };
+    let (refused, format) = if cinder { (native_only, "cinder") } else { (cinder_only, "native") };
+    match refused.iter().find(|(id, _)| given(id)) {
+        Some((_, flag)) => Err(EngineError::new(
+            ErrorKind::Usage,
+            format!(
+                "{flag} does not apply to --format {format}{}",
+                if cinder { "" } else { "; it needs --format cinder" }
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -249,8 +326,12 @@ fn parse_size(text: &str) -> Result<u32, String> {
 
 /// Runs the command line and returns the process exit code.
 pub fn run() -> u8 {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches).map(|cli| (cli, matches)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(error) => {
             let code = if error.use_stderr() { ExitCode::Usage as u8 } else { 0 };
             let _ = error.print();
@@ -276,7 +357,7 @@ pub fn run() -> u8 {
         let _ = signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&cancel));
         let _ = signal_hook::flag::register(signal, Arc::clone(&cancel));
     }
-    match dispatch(&cli, &output, &cancel) {
+    match check_format_flags(&cli, &matches).and_then(|()| dispatch(&cli, &output, &cancel)) {
         Ok(()) => ExitCode::Ok as u8,
         Err(error) => output.error(&error) as u8,
     }
@@ -476,17 +557,18 @@ fn run_backup(
     options.engine = engine(cli);
     options.compression_level = args.compression_level;
     options.parts_in_flight = args.parts_in_flight;
-    if let Some(workers) = args.workers {
-        options.worker_count = workers;
-    }
+    options.worker_count = args.workers.unwrap_or_else(default_workers);
     options.backup_id = args.backup_id.clone();
     options.pack_size_bytes = args.pack_size;
     options.limit_read_bytes_per_sec = args.limit_read;
     options.limit_upload_bytes_per_sec = args.limit_upload;
     let (result, summary) = match &args.lightbits.lightbits_volume {
         Some(volume) => {
-            lightbits::backup(cli, volume, options, output, cancel, |options, paths| {
-                run_backup_job(&repo, options, paths, output, cancel)
+            let backup_id = options.backup_id.clone().unwrap_or_else(lightbits::new_backup_id);
+            lightbits::backup(cli, volume, &backup_id, output, cancel, |device, label| {
+                options.backup_id = Some(backup_id.clone());
+                options.source_label = Some(label);
+                run_backup_job(&repo, &options, &[device.to_path_buf()], output, cancel)
             })?
         }
         None => run_backup_job(&repo, &options, &args.source, output, cancel)?,
@@ -506,9 +588,9 @@ fn run_backup_job(
     if let Some(label) = &options.source_label {
         sources = vec![label.clone()];
     }
-    output.start(
-        json!({"repository": repo.store.describe(), "source": sources[0], "sources": sources}),
-    );
+    let budget = backup::budget(options, repo.config.chunk_size_bytes, paths.len());
+    output.start(json!({"repository": repo.store.describe(), "source": sources[0],
+                        "sources": sources, "budget": budget}));
     let progress = Progress::default();
     let warn = |message: String| output.warning(&message);
     let outcomes = with_progress(output, &progress, || {
@@ -572,13 +654,14 @@ fn run_restore(
 
 fn run_restore_job(
     repo: &Repository,
-    manifest: &crate::format::Manifest,
+    manifest: &crate::native::layout::Manifest,
     options: &RestoreOptions,
     output: &Output,
     cancel: &AtomicBool,
 ) -> Result<lightbits::JobReport, EngineError> {
     output.start(json!({"repository": repo.store.describe(), "backup_id": manifest.backup_id,
-                        "target": options.target.display().to_string()}));
+                        "target": options.target.display().to_string(),
+                        "budget": restore::budget(options, manifest.chunk_size_bytes)}));
     let progress = Progress::default();
     let warn = |message: String| output.warning(&message);
     let stats = with_progress(output, &progress, || {

@@ -201,7 +201,7 @@ pub fn incremental_layout(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cinder::sha256file::block_hashes;
+    use crate::cinder::layout::sha256file::block_hashes;
 
     /// A line-by-line port of the loop in `ChunkedBackupDriver.backup` (extent_off, shaindex)
     /// over real data, the oracle for the planner.

@@ -265,7 +265,7 @@ fn harness(config: &serde_json::Value) -> Vec<u8> {
     let dir = scratch("harness-cfg");
     let cfg = dir.join("cfg.json");
     std::fs::write(&cfg, config.to_string()).unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/src/cinder/cinder_harness.py");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/src/cinder/layout/cinder_harness.py");
     let out = Command::new("python3").arg(script).arg(&cfg).output().unwrap();
     assert!(out.status.success(), "harness: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout

@@ -179,7 +179,7 @@ struct RawSha256File<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cinder::pyjson::Py;
+    use crate::cinder::layout::pyjson::Py;
 
     /// Digests and hex match known SHA-256 values; the last block may be partial.
     #[test]

@@ -9,21 +9,20 @@
 //! written before its record checksum and its keyed hash verify.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::compress;
 use crate::error::{EngineError, ErrorKind};
-use crate::format::{self, ChunkHash, IndexEntry, Manifest, PackId};
-use crate::io::{self, AlignedBuf, DeviceInfo, WriteOp};
+use crate::io::{self, AlignedBuf, WriteOp};
 use crate::limits::{self, Budget};
+use crate::native::compress;
+use crate::native::layout::{self, ChunkHash, IndexEntry, Manifest, PackId};
+use crate::native::repo::{Location, Repository};
+use crate::plane::{self, Edges, JobControl, Target};
 use crate::progress::Progress;
-use crate::repo::{Location, Repository, lock};
 
 /// Where and how to restore.
 #[derive(Debug, Clone)]
@@ -92,21 +91,17 @@ struct Shared<'a> {
     repo: &'a Repository,
     manifest: &'a Manifest,
     progress: &'a Progress,
-    info: DeviceInfo,
     /// Chunk indexes of each hash (one hash may fill several chunks).
     placements: HashMap<ChunkHash, Vec<u64>>,
     /// The bytes past the last whole logical block, written with a plain write at the end.
-    tail: Mutex<Option<Vec<u8>>>,
+    edges: Edges,
     tail_offset: u64,
-    abort: AtomicBool,
-    failure: Mutex<Option<EngineError>>,
+    control: JobControl,
 }
 
-impl Shared<'_> {
-    fn fail(&self, error: EngineError) {
-        let _ = lock(&self.failure).get_or_insert(error);
-        self.abort.store(true, Ordering::SeqCst);
-    }
+/// The memory budget of a restore with `options` of a backup in `chunk_size_bytes` chunks.
+pub fn budget(options: &RestoreOptions, chunk_size_bytes: u32) -> Budget {
+    Budget::native_restore(chunk_size_bytes, options.downloads_in_flight.max(1))
 }
 
 /// Restores `manifest` from `repo` onto `options.target`.
@@ -140,116 +135,69 @@ pub fn run(
             placements.entry(*hash).or_default().push(chunk_index as u64);
         }
     }
-    let (opened, target_created) = prepare_target(manifest, options)?;
-    if !opened.direct {
-        warn(format!(
-            "{}: O_DIRECT refused, writing through the page cache",
-            options.target.display()
-        ));
+    let budget = budget(options, manifest.chunk_size_bytes);
+    budget
+        .check("--downloads-in-flight and the backup's chunk size")
+        .map_err(|message| EngineError::new(ErrorKind::Usage, message))?;
+    let target =
+        plane::prepare_target(&options.target, manifest.volume_size_bytes, options.force, warn)?;
+    let result = restore_onto(
+        repo, manifest, options, &target, placements, &locations, &budget, progress, cancel,
+    );
+    if result.is_err() {
+        target.discard_if_created();
     }
-    let info = io::probe(&opened.file)?;
-    if info.size_bytes < manifest.volume_size_bytes {
-        return Err(EngineError::new(
-            ErrorKind::Refused,
-            format!(
-                "target {} has {} bytes, the backup needs {}",
-                options.target.display(),
-                info.size_bytes,
-                manifest.volume_size_bytes
-            ),
-        ));
-    }
-    Progress::add(&progress.bytes_total, manifest.volume_size_bytes);
-    let block = u64::from(info.logical_block_bytes);
-    let tail_offset = manifest.volume_size_bytes / block * block;
-    let shared = Shared {
-        repo,
-        manifest,
-        progress,
-        info,
-        placements,
-        tail: Mutex::new(None),
-        tail_offset,
-        abort: AtomicBool::new(false),
-        failure: Mutex::new(None),
-    };
-    let jobs = plan_ranges(&locations, &shared.placements);
-    let sparse = options.sparse || target_created;
-    let (write_stats, hole_counts) =
-        run_threads(&shared, &opened.file, options, jobs, sparse, cancel)?;
-    write_tail(&shared, options, sparse)?;
+    let (engine, hole_counts) = result?;
     Ok(RestoreStats {
         volume_size_bytes: manifest.volume_size_bytes,
         bytes_downloaded: Progress::get(&progress.bytes_downloaded),
         data_chunk_count: manifest.chunks.iter().filter(|c| c.is_some()).count() as u64,
         zero_chunks_written: hole_counts.0,
         zero_chunks_skipped: hole_counts.1,
-        target_created,
-        engine: write_stats.engine.name(),
-        direct: opened.direct,
+        target_created: target.created,
+        engine: engine.name(),
+        direct: target.opened.direct,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
 }
 
-/// Checks the target and opens it for writing, creating a missing file at the volume's size.
-fn prepare_target(
+#[allow(clippy::too_many_arguments)]
+fn restore_onto(
+    repo: &Repository,
     manifest: &Manifest,
     options: &RestoreOptions,
-) -> Result<(io::OpenedFile, bool), EngineError> {
-    let target = &options.target;
-    let refused = |message: String| EngineError::new(ErrorKind::Refused, message);
-    match std::fs::metadata(target) {
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let opened = io::open(target, true, true)?;
-            opened.file.set_len(manifest.volume_size_bytes).map_err(|error| {
-                EngineError::new(ErrorKind::Device, format!("sizing {}: {error}", target.display()))
-            })?;
-            Ok((opened, true))
-        }
-        Err(error) => {
-            Err(EngineError::new(ErrorKind::Device, format!("{}: {error}", target.display())))
-        }
-        Ok(metadata) => {
-            use std::os::unix::fs::FileTypeExt;
-            let file_type = metadata.file_type();
-            if file_type.is_file() {
-                if metadata.len() > 0 && !options.force {
-                    return Err(refused(format!(
-                        "target {} already holds {} bytes; pass --force to overwrite it",
-                        target.display(),
-                        metadata.len()
-                    )));
-                }
-                let opened = io::open(target, true, false)?;
-                if metadata.len() < manifest.volume_size_bytes {
-                    opened.file.set_len(manifest.volume_size_bytes).map_err(|error| {
-                        EngineError::new(
-                            ErrorKind::Device,
-                            format!("sizing {}: {error}", target.display()),
-                        )
-                    })?;
-                }
-                // An empty file we extend reads as zeros, so holes need no writes.
-                Ok((opened, metadata.len() == 0))
-            } else if file_type.is_block_device() {
-                if !options.force {
-                    return Err(refused(format!(
-                        "target {} is a block device; pass --force to overwrite it",
-                        target.display()
-                    )));
-                }
-                Ok((io::open(target, true, false)?, false))
-            } else {
-                Err(EngineError::new(
-                    ErrorKind::Usage,
-                    format!(
-                        "target {} is neither a regular file nor a block device",
-                        target.display()
-                    ),
-                ))
-            }
-        }
+    target: &Target,
+    placements: HashMap<ChunkHash, Vec<u64>>,
+    locations: &HashMap<ChunkHash, Location>,
+    budget: &Budget,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<(io::Engine, (u64, u64)), EngineError> {
+    Progress::add(&progress.bytes_total, manifest.volume_size_bytes);
+    let block = u64::from(target.info.logical_block_bytes);
+    let tail_offset = manifest.volume_size_bytes / block * block;
+    let shared = Shared {
+        repo,
+        manifest,
+        progress,
+        placements,
+        edges: Edges::default(),
+        tail_offset,
+        control: JobControl::new(),
+    };
+    let jobs = plan_ranges(locations, &shared.placements);
+    let sparse = target.skip_holes(options.sparse)?;
+    let (write_stats, hole_counts) =
+        run_threads(&shared, target, options, budget, jobs, sparse, cancel)?;
+    let last_is_hole = manifest.chunks.last().is_some_and(Option::is_none);
+    let tail_len = manifest.volume_size_bytes - tail_offset;
+    if tail_len > 0 && last_is_hole && !sparse {
+        shared
+            .edges
+            .push(tail_offset, vec![0u8; usize::try_from(tail_len).expect("below one block")]);
     }
+    shared.edges.write(&target.path)?;
+    Ok((write_stats.engine, hole_counts))
 }
 
 /// Groups the needed records into ranged GETs: records adjacent in a pack share one GET of up to
@@ -283,85 +231,39 @@ fn plan_ranges(
 
 fn run_threads(
     shared: &Shared<'_>,
-    file: &std::fs::File,
+    target: &Target,
     options: &RestoreOptions,
+    budget: &Budget,
     jobs: Vec<RangeJob>,
     sparse: bool,
     cancel: &AtomicBool,
 ) -> Result<(io::WriteStats, (u64, u64)), EngineError> {
-    let downloader_count = options.downloads_in_flight.max(1);
-    let budget = Budget::new(shared.manifest.chunk_size_bytes, downloader_count, 1);
-    let (free_tx, free_rx) = bounded::<AlignedBuf>(budget.chunk_buffer_count);
-    for _ in 0..budget.chunk_buffer_count {
-        free_tx.send(AlignedBuf::new(budget.chunk_buffer_bytes)).expect("pool has room");
-    }
+    let control = &shared.control;
+    let (free_tx, free_rx) =
+        plane::buffer_pool(budget.chunk_buffer_count, budget.chunk_buffer_bytes);
     let (ops_tx, ops_rx) = bounded::<WriteOp>(budget.chunk_buffer_count);
     let write_options =
         io::WriteOptions { engine: options.engine, queue_depth: options.queue_depth };
-    let next_job = AtomicUsize::new(0);
-    let (writer_result, hole_counts) = std::thread::scope(|scope| {
-        // The writer owns the receiving end of the ops and the sending end of the pool, so that
-        // if it stops, blocked downloaders see disconnected channels instead of waiting forever.
-        let writer = scope.spawn(move || {
-            let result = io::write_target(
-                file,
-                &shared.info,
-                &write_options,
-                &ops_rx,
-                &free_tx,
-                &shared.abort,
-            );
-            drop((ops_rx, free_tx));
-            if result.is_err() {
-                shared.abort.store(true, Ordering::SeqCst);
-            }
-            result
-        });
-        for _ in 0..downloader_count {
-            let (ops_tx, free_rx) = (ops_tx.clone(), free_rx.clone());
-            let (jobs, next_job) = (&jobs, &next_job);
-            let _ = scope.spawn(move || {
-                while !shared.abort.load(Ordering::Relaxed) {
-                    let Some(job) = jobs.get(next_job.fetch_add(1, Ordering::Relaxed)) else {
-                        break;
-                    };
-                    if let Err(error) = fetch_range(shared, job, &free_rx, &ops_tx) {
-                        shared.fail(error);
-                    }
-                }
-            });
-        }
+    let (written, hole_counts) = std::thread::scope(|scope| {
+        let writer = plane::spawn_writer(scope, target, write_options, ops_rx, free_tx, control);
+        let jobs = &jobs;
+        plane::fetch_parallel(
+            scope,
+            budget.transfers_in_flight,
+            jobs,
+            control,
+            || (free_rx.clone(), ops_tx.clone()),
+            |(free_rx, ops_tx), job| fetch_range(shared, job, free_rx, ops_tx),
+        );
         drop(free_rx);
         let hole_counts = queue_holes(shared, &ops_tx, sparse);
         drop(ops_tx);
-        watch(shared, cancel, &writer);
+        control.watch(cancel, || writer.is_finished());
         (writer.join().expect("writer thread does not panic"), hole_counts)
     });
-    if let Some(error) = lock(&shared.failure).take() {
-        return Err(error);
-    }
-    if cancel.load(Ordering::SeqCst) {
-        return Err(EngineError::new(
-            ErrorKind::Cancelled,
-            "restore cancelled; the target is incomplete",
-        ));
-    }
-    let write_stats = writer_result?;
-    Ok((write_stats, hole_counts))
-}
-
-/// Waits for the writer, relaying cancellation into the pipeline.
-fn watch<T>(
-    shared: &Shared<'_>,
-    cancel: &AtomicBool,
-    writer: &std::thread::ScopedJoinHandle<'_, T>,
-) {
-    while !writer.is_finished() {
-        if cancel.load(Ordering::Relaxed) {
-            shared.abort.store(true, Ordering::SeqCst);
-        }
-        std::thread::park_timeout(Duration::from_millis(100));
-    }
+    control.outcome(cancel, "restore cancelled; the target is incomplete")?;
+    let written = written.expect("a writer that did not fail reports what it wrote");
+    Ok((written, hole_counts))
 }
 
 /// Queues zero writes for runs of holes (unless the target reads as zeros already).
@@ -385,7 +287,7 @@ fn queue_holes(shared: &Shared<'_>, ops_tx: &Sender<WriteOp>, sparse: bool) -> (
                 let stop = (chunk_index * chunk).min(shared.tail_offset);
                 if stop > offset {
                     let op = WriteOp::Zero { offset, length: stop - offset };
-                    if shared.abort.load(Ordering::Relaxed) || ops_tx.send(op).is_err() {
+                    if shared.control.stopped() || ops_tx.send(op).is_err() {
                         return (0, 0);
                     }
                     Progress::add(&shared.progress.bytes_restored, stop - offset);
@@ -414,7 +316,7 @@ fn fetch_range(
         position += record_len;
         let what = format!("pack {key} record at offset {}", entry.offset);
         // The data's xxh3 is not checked here: the keyed BLAKE3 of the decoded chunk below is.
-        let (header, stored) = format::decode_record_header(&what, record)?;
+        let (header, stored) = layout::decode_record_header(&what, record)?;
         let integrity =
             |detail: String| EngineError::new(ErrorKind::Integrity, format!("{what}: {detail}"));
         if header.hash != entry.hash || header.raw_bytes != entry.raw_bytes {
@@ -466,7 +368,7 @@ fn queue_chunk_writes(
             // The volume ends inside a logical block: keep the bytes past the last whole block
             // for a plain write, and O_DIRECT-write the aligned part.
             let aligned = usize::try_from(shared.tail_offset.saturating_sub(offset)).expect("fits");
-            *lock(&shared.tail) = Some(buf.as_slice()[aligned..].to_vec());
+            shared.edges.push(offset + aligned as u64, buf.as_slice()[aligned..].to_vec());
             buf.set_len(aligned);
             if aligned == 0 {
                 continue;
@@ -477,34 +379,4 @@ fn queue_chunk_writes(
         }
     }
     Ok(())
-}
-
-/// Writes the bytes past the last whole logical block with a plain write, then syncs.
-fn write_tail(
-    shared: &Shared<'_>,
-    options: &RestoreOptions,
-    sparse: bool,
-) -> Result<(), EngineError> {
-    let tail_len = shared.manifest.volume_size_bytes - shared.tail_offset;
-    if tail_len == 0 {
-        return Ok(());
-    }
-    let last_is_hole = shared.manifest.chunks.last().is_some_and(Option::is_none);
-    let tail = match lock(&shared.tail).take() {
-        Some(tail) => tail,
-        None if last_is_hole && sparse => return Ok(()),
-        None if last_is_hole => vec![0u8; usize::try_from(tail_len).expect("below one block")],
-        None => panic!("the last chunk was restored but its tail was not kept"),
-    };
-    assert_eq!(tail.len() as u64, tail_len);
-    let device_error = |error: std::io::Error| {
-        EngineError::new(
-            ErrorKind::Device,
-            format!("writing the last {tail_len} bytes of {}: {error}", options.target.display()),
-        )
-    };
-    let file =
-        std::fs::OpenOptions::new().write(true).open(&options.target).map_err(device_error)?;
-    file.write_all_at(&tail, shared.tail_offset).map_err(device_error)?;
-    file.sync_all().map_err(device_error)
 }

@@ -11,27 +11,26 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::chunk;
-use crate::compress::Compressor;
 use crate::error::{EngineError, ErrorKind};
-use crate::format::{
+use crate::io::{self, ReadChunk};
+use crate::limits::{self, Budget};
+use crate::native::chunk;
+use crate::native::compress::Compressor;
+use crate::native::layout::{
     self, BackupStats, ChunkHash, Encoding, IndexEntry, Manifest, ObjectKind, PackId, PackIndex,
     RECORD_HEADER_BYTES, SourceInfo,
 };
-use crate::io::{self, AlignedBuf, ReadChunk};
-use crate::limits::{self, Budget};
-use crate::maintain;
+use crate::native::maintain;
+use crate::native::repo::Repository;
+use crate::plane::{self, JobControl, PooledObject, UploadJob, Uploader, lock};
 use crate::progress::Progress;
-use crate::repo::{Repository, lock};
-use crate::store::{ObjectStore, PartReceipt, UploadId};
-use crate::throttle::Throttle;
 
 /// What to back up and how.
 #[derive(Debug, Clone)]
@@ -67,7 +66,7 @@ impl BackupOptions {
         BackupOptions {
             source,
             engine: io::Engine::Uring,
-            compression_level: crate::compress::LEVEL_DEFAULT,
+            compression_level: crate::native::compress::LEVEL_DEFAULT,
             worker_count: std::thread::available_parallelism().map_or(2, |n| n.get()),
             parts_in_flight: limits::PARTS_IN_FLIGHT_DEFAULT,
             queue_depth: None,
@@ -113,58 +112,27 @@ enum Report {
     Pack { pack: PackId, hashes: Vec<ChunkHash> },
 }
 
-/// A pack whose parts are being uploaded.
-struct PackUpload {
-    pack: PackId,
-    key: String,
-    upload_id: UploadId,
-    state: Mutex<PackState>,
-}
-
-#[derive(Default)]
-struct PackState {
-    receipts: Vec<PartReceipt>,
-    /// Set by the packer when the pack is closed.
-    part_count: Option<u32>,
-    entries: Vec<IndexEntry>,
-    size_bytes: u64,
-    finalized: bool,
-}
-
-struct PartJob {
-    upload: Arc<PackUpload>,
-    part_number: u32,
-    data: Bytes,
-}
+/// What the job needs once a pack is stored: its index, set when the packer closes it.
+type PackTag = Mutex<Option<(PackId, u64, Vec<IndexEntry>)>>;
 
 /// State shared by every thread of one backup.
 struct Shared<'a> {
-    store: &'a dyn ObjectStore,
+    store: &'a dyn crate::store::ObjectStore,
     progress: &'a Progress,
-    /// Set on the first failure or on cancellation; every thread stops soon after.
-    abort: AtomicBool,
-    failure: Mutex<Option<EngineError>>,
+    control: &'a JobControl,
     /// Known chunks: `Some(pack)` when stored, `None` when claimed by this backup.
     dedup: Mutex<HashMap<ChunkHash, Option<PackId>>>,
-    /// Multipart uploads begun and not completed, aborted if the backup fails.
-    open_uploads: Mutex<HashMap<PackId, (String, UploadId)>>,
-    /// Part buffers whose upload finished, for the packer to fill again: fresh 16 MiB buffers
-    /// would cost a page fault per 4 KiB (a third of the pipeline's CPU in `perf record`).
+    /// Part buffers whose upload finished, for the packer to fill again.
     part_spares: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
     /// Packs close at this size.
     pack_size_bytes: u64,
-    /// `--limit-upload`, applied to pack data before each part or pack PUT.
-    upload_limit: Option<Throttle>,
+    /// The uploader pool's shared state (`--limit-upload`, open multipart uploads).
+    uploader: Uploader<'a>,
 }
 
 impl Shared<'_> {
-    fn fail(&self, error: EngineError) {
-        let _ = lock(&self.failure).get_or_insert(error);
-        self.abort.store(true, Ordering::SeqCst);
-    }
-
     fn stopped(&self) -> bool {
-        self.abort.load(Ordering::Relaxed)
+        self.control.stopped()
     }
 
     /// An empty part buffer, recycled when one is available.
@@ -177,13 +145,17 @@ impl Shared<'_> {
             Err(_) => Vec::with_capacity(part_capacity()),
         }
     }
+}
 
-    /// Takes back an uploaded part's buffer if nothing else holds it any more.
-    fn recycle_part(&self, data: Bytes) {
-        if let Ok(unique) = data.try_into_mut() {
-            let _ = self.part_spares.0.try_send(unique.into());
-        }
-    }
+/// The memory budget of a backup of `source_count` sources with `options` into a repository of
+/// `chunk_size_bytes` chunks.
+pub fn budget(options: &BackupOptions, chunk_size_bytes: u32, source_count: usize) -> Budget {
+    Budget::native_backup(
+        chunk_size_bytes,
+        options.worker_count.max(1),
+        options.parts_in_flight.max(1),
+        source_count.max(1),
+    )
 }
 
 /// Runs one backup of `options.source` into `repo` and commits its manifest.
@@ -208,9 +180,7 @@ pub fn run(
 
 /// One source of a run: its device and what the pipeline learned about it.
 struct Source {
-    path: PathBuf,
-    opened: io::OpenedFile,
-    info: io::DeviceInfo,
+    source: plane::Source,
     backup_id: String,
 }
 
@@ -237,9 +207,13 @@ pub fn run_many(
     warn: &dyn Fn(String),
 ) -> Result<Vec<BackupOutcome>, EngineError> {
     let started = Instant::now();
-    let started_at = format::unix_now();
+    let started_at = layout::unix_now();
     let sources = open_sources(repo, options, sources, started_at, progress, warn)?;
     let chunk_size_bytes = repo.config.chunk_size_bytes;
+    let budget = budget(options, chunk_size_bytes, sources.len());
+    budget
+        .check("--parts-in-flight and the repository's chunk size")
+        .map_err(|message| EngineError::new(ErrorKind::Usage, message))?;
     // The lease tells later jobs this one is running; upkeep aborts uploads a killed job left.
     let lease = maintain::take_lease(repo, "backup")?;
     let upkeep = maintain::abort_abandoned_uploads(repo, &lease)?;
@@ -250,23 +224,20 @@ pub fn run_many(
         ));
     }
     let known = repo.load_all_indexes()?;
+    let control = JobControl::new();
+    let part_spares = bounded(options.parts_in_flight + 2);
+    let uploader =
+        Uploader::new(repo.store.as_ref(), &control, progress, options.limit_upload_bytes_per_sec)
+            .recycling_into(part_spares.0.clone());
     let shared = Shared {
         store: repo.store.as_ref(),
         progress,
-        abort: AtomicBool::new(false),
-        failure: Mutex::new(None),
+        control: &control,
         dedup: Mutex::new(known.into_iter().map(|(hash, pack)| (hash, Some(pack))).collect()),
-        open_uploads: Mutex::new(HashMap::new()),
-        part_spares: bounded(options.parts_in_flight + 2),
+        part_spares,
         pack_size_bytes: options.pack_size_bytes.max(1),
-        // No burst: each part or pack starts when the previous bookings have run out, so
-        // uploads are spaced evenly at the limit.
-        upload_limit: options.limit_upload_bytes_per_sec.map(|rate| Throttle::new(rate, 0)),
+        uploader,
     };
-    let mut budget =
-        Budget::new(chunk_size_bytes, options.worker_count.max(1), options.parts_in_flight);
-    // Every extra reader gets buffers of its own to keep its queue busy.
-    budget.chunk_buffer_count += 2 * (sources.len() - 1);
     let (collected, engines) = run_pipeline(repo, options, &sources, &shared, &budget, cancel)?;
 
     let mut manifests = Vec::with_capacity(sources.len());
@@ -278,21 +249,22 @@ pub fn run_many(
             let _ = packs.insert(pack.expect("every chunk of a finished backup is in a pack"));
         }
         let mut manifest = Manifest {
-            format_version: format::FORMAT_VERSION,
+            format_version: layout::FORMAT_VERSION,
             backup_id: source.backup_id.clone(),
             repository_id: repo.config.repository_id.clone(),
             source: SourceInfo {
                 path: options
                     .source_label
                     .clone()
-                    .unwrap_or_else(|| source.path.display().to_string()),
-                kind: if source.info.is_block_device { "block_device" } else { "file" }.into(),
-                logical_block_bytes: source.info.logical_block_bytes,
+                    .unwrap_or_else(|| source.source.path.display().to_string()),
+                kind: if source.source.info.is_block_device { "block_device" } else { "file" }
+                    .into(),
+                logical_block_bytes: source.source.info.logical_block_bytes,
             },
-            volume_size_bytes: source.info.size_bytes,
+            volume_size_bytes: source.source.info.size_bytes,
             chunk_size_bytes,
             started_at,
-            completed_at: format::unix_now(),
+            completed_at: layout::unix_now(),
             packs: packs.into_iter().collect(),
             chunks: collected.table,
             stats: collected.stats,
@@ -309,10 +281,10 @@ pub fn run_many(
     let mut outcomes = Vec::with_capacity(manifests.len());
     for ((manifest, source), engine) in manifests.into_iter().zip(&sources).zip(engines) {
         // The commit point: everything the manifest references is durable.
-        let encoded = Bytes::from(format::encode_document(ObjectKind::Manifest, &manifest));
+        let encoded = Bytes::from(layout::encode_document(ObjectKind::Manifest, &manifest));
         Progress::add(&progress.bytes_uploaded, encoded.len() as u64);
-        repo.store.put(&format::manifest_key(&manifest.backup_id), encoded)?;
-        outcomes.push(BackupOutcome { manifest, engine, direct: source.opened.direct });
+        repo.store.put(&layout::manifest_key(&manifest.backup_id), encoded)?;
+        outcomes.push(BackupOutcome { manifest, engine, direct: source.source.opened.direct });
     }
     Ok(outcomes)
 }
@@ -322,7 +294,7 @@ fn open_sources(
     repo: &Repository,
     options: &BackupOptions,
     paths: &[PathBuf],
-    started_at: format::Timestamp,
+    started_at: layout::Timestamp,
     progress: &Progress,
     warn: &dyn Fn(String),
 ) -> Result<Vec<Source>, EngineError> {
@@ -340,26 +312,22 @@ fn open_sources(
         if paths[..position].contains(path) {
             return Err(usage(format!("source {} is given twice", path.display())));
         }
-        let opened = io::open(path, false, false)?;
-        if !opened.direct {
-            warn(format!("{}: O_DIRECT refused, reading through the page cache", path.display()));
-        }
-        let info = io::probe(&opened.file)?;
-        if info.size_bytes == 0 {
+        let source = plane::open_source(path, warn)?;
+        if source.info.size_bytes == 0 {
             return Err(usage(format!("source {} has size 0", path.display())));
         }
-        Progress::add(&progress.bytes_total, info.size_bytes);
+        Progress::add(&progress.bytes_total, source.info.size_bytes);
         let backup_id = match &options.backup_id {
             Some(id) => checked_new_id(repo, id)?,
             None => format!("{}-{}", started_at.compact(), &PackId::random().to_hex()[..8]),
         };
-        sources.push(Source { path: path.clone(), opened, info, backup_id });
+        sources.push(Source { source, backup_id });
     }
     Ok(sources)
 }
 
 fn checked_new_id(repo: &Repository, id: &str) -> Result<String, EngineError> {
-    if !format::backup_id_valid(id) {
+    if !layout::backup_id_valid(id) {
         return Err(EngineError::new(ErrorKind::Usage, format!("invalid backup id {id:?}")));
     }
     match repo.load_manifest(id) {
@@ -377,66 +345,40 @@ fn run_pipeline(
     budget: &Budget,
     cancel: &AtomicBool,
 ) -> Result<(Vec<Collected>, Vec<io::Engine>), EngineError> {
-    let (free_tx, free_rx) = bounded::<AlignedBuf>(budget.chunk_buffer_count);
-    for _ in 0..budget.chunk_buffer_count {
-        free_tx.send(AlignedBuf::new(budget.chunk_buffer_bytes)).expect("pool has room");
-    }
+    let control = shared.control;
+    let (free_tx, free_rx) =
+        plane::buffer_pool(budget.chunk_buffer_count, budget.chunk_buffer_bytes);
     let (chunk_txs, chunk_rxs): (Vec<_>, Vec<_>) =
         sources.iter().map(|_| bounded::<ReadChunk>(budget.chunk_buffer_count)).unzip();
     let (compressed_tx, compressed_rx) = bounded::<Compressed>(budget.compressed_queue_count);
     let (spare_tx, spare_rx) = bounded::<Vec<u8>>(budget.compressed_queue_count);
-    let (part_tx, part_rx) = bounded::<PartJob>(1);
+    let (part_tx, part_rx) = bounded::<UploadJob<PackTag>>(1);
     let (report_tx, report_rx) = bounded::<Report>(1024);
     let chunk_size_bytes = repo.config.chunk_size_bytes as usize;
     let (collected, engines) = std::thread::scope(|scope| {
-        // `--limit-read`: a pacer hands free buffers to the readers at the limit, so every read
-        // request waits its turn instead of the buffer pool filling at full speed.
-        let read_rx = match options.limit_read_bytes_per_sec {
-            None => free_rx.clone(),
-            Some(rate) => {
-                let (paced_tx, paced_rx) = bounded::<AlignedBuf>(1);
-                let free_rx = free_rx.clone();
-                let _ = scope.spawn(move || {
-                    let limit = Throttle::new(rate, 0);
-                    while let Ok(buf) = free_rx.recv() {
-                        limit.take(chunk_size_bytes as u64, &shared.abort);
-                        if shared.stopped() || paced_tx.send(buf).is_err() {
-                            break;
-                        }
-                    }
-                });
-                paced_rx
-            }
-        };
+        let read_rx = plane::pace_reads(
+            scope,
+            &free_rx,
+            options.limit_read_bytes_per_sec,
+            chunk_size_bytes as u64,
+            control,
+        );
         let mut readers = Vec::with_capacity(sources.len());
         for (source, chunk_tx) in sources.iter().zip(chunk_txs) {
-            let free_rx = read_rx.clone();
-            // Request size and depth measured per device kind (`io::read_shape`), unless the
-            // caller chose a depth.
-            let shape = io::read_shape(&source.opened.file, &source.info, chunk_size_bytes);
-            let read_options = io::ReadOptions {
-                engine: options.engine,
+            let read_options = plane::read_options(
+                &source.source,
+                options.engine,
                 chunk_size_bytes,
-                request_size_bytes: shape.request_size_bytes,
-                queue_depth: options.queue_depth.unwrap_or(shape.queue_depth),
-            };
-            readers.push(scope.spawn(move || {
-                // One pinned reader per device; readers spread over the CPUs.
-                let _ = io::pin_current_thread(None);
-                let result = io::read_source(
-                    &source.opened.file,
-                    &source.info,
-                    &read_options,
-                    &free_rx,
-                    &chunk_tx,
-                    &shared.abort,
-                );
-                drop(chunk_tx);
-                let context = format!("source {}", source.path.display());
-                let fail =
-                    |error: io::IoError| shared.fail(EngineError::from(error).context(context));
-                result.map(|stats| stats.engine).map_err(fail).ok()
-            }));
+                options.queue_depth,
+            );
+            readers.push(plane::spawn_reader(
+                scope,
+                &source.source,
+                read_options,
+                read_rx.clone(),
+                chunk_tx,
+                control,
+            ));
         }
         for _ in 0..options.worker_count.max(1) {
             let (chunk_rxs, free_tx) = (chunk_rxs.clone(), free_tx.clone());
@@ -449,9 +391,15 @@ fn run_pipeline(
             });
         }
         drop((chunk_rxs, free_tx, free_rx, read_rx, compressed_tx, spare_rx));
-        for _ in 0..options.parts_in_flight.max(1) {
+        for _ in 0..budget.transfers_in_flight {
             let (part_rx, report_tx) = (part_rx.clone(), report_tx.clone());
-            let _ = scope.spawn(move || upload_parts(shared, &part_rx, &report_tx));
+            let _ = scope.spawn(move || {
+                let stored = |pack: &PooledObject<PackTag>| {
+                    let (id, size, entries) = lock(&pack.tag).take().expect("closed pack");
+                    store_index(shared, id, size, entries, &report_tx)
+                };
+                shared.uploader.work(&part_rx, &stored);
+            });
         }
         drop(part_rx);
         let packer_report_tx = report_tx.clone();
@@ -459,7 +407,7 @@ fn run_pipeline(
             if let Err(error) =
                 pack_chunks(shared, &compressed_rx, &spare_tx, &part_tx, &packer_report_tx)
             {
-                shared.fail(error);
+                control.fail(error);
             }
         });
         drop(report_tx);
@@ -479,17 +427,9 @@ fn settle(
     collected: Vec<Collected>,
     engines: Vec<Option<io::Engine>>,
 ) -> Result<(Vec<Collected>, Vec<io::Engine>), EngineError> {
-    let failure = lock(&shared.failure).take();
-    let cancelled = cancel.load(Ordering::SeqCst);
-    if failure.is_some() || cancelled || shared.stopped() {
-        for (_, (key, upload_id)) in lock(&shared.open_uploads).drain() {
-            // Best effort: a failed abort leaves an upload for a later repair to find.
-            let _ = shared.store.multipart_abort(&key, &upload_id);
-        }
-        return Err(match failure {
-            Some(error) if error.kind != ErrorKind::Cancelled || !cancelled => error,
-            _ => EngineError::new(ErrorKind::Cancelled, "backup cancelled; no manifest written"),
-        });
+    if let Err(error) = shared.control.outcome(cancel, "backup cancelled; no manifest written") {
+        shared.uploader.abort_open();
+        return Err(error);
     }
     for source in &collected {
         assert!(source.seen.iter().all(|&s| s), "every chunk of every source was processed");
@@ -510,22 +450,14 @@ fn collect_reports(
     let mut collected: Vec<Collected> = sources
         .iter()
         .map(|source| {
-            let chunk_count = format::chunk_count(source.info.size_bytes, chunk_size);
+            let chunk_count = layout::chunk_count(source.source.info.size_bytes, chunk_size);
             let count = usize::try_from(chunk_count).expect("chunk table fits memory");
             let stats = BackupStats { chunk_count, ..BackupStats::default() };
             Collected { table: vec![None; count], seen: vec![false; count], stats }
         })
         .collect();
     let mut pack_count = 0;
-    loop {
-        if cancel.load(Ordering::Relaxed) {
-            shared.abort.store(true, Ordering::SeqCst);
-        }
-        let report = match report_rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(report) => report,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-        };
+    while let Some(report) = shared.control.recv_relaying(report_rx, cancel) {
         match report {
             Report::Chunk { source, chunk_index, length, hash, stored } => {
                 let entry = &mut collected[source];
@@ -564,7 +496,7 @@ fn collect_reports(
 
 /// Where a chunk worker sends its results.
 struct WorkerOutputs {
-    free_tx: Sender<AlignedBuf>,
+    free_tx: Sender<io::AlignedBuf>,
     compressed_tx: Sender<Compressed>,
     spare_rx: Receiver<Vec<u8>>,
     report_tx: Sender<Report>,
@@ -632,7 +564,7 @@ fn work_chunks(
 /// The pack being filled by the packer.
 struct OpenPack {
     pack: PackId,
-    upload: Option<Arc<PackUpload>>,
+    upload: Option<std::sync::Arc<PooledObject<PackTag>>>,
     part: Vec<u8>,
     part_count: u32,
     size_bytes: u64,
@@ -656,12 +588,16 @@ fn part_capacity() -> usize {
     limits::PART_SIZE_BYTES + limits::CHUNK_SIZE_BYTES_MAX as usize + RECORD_HEADER_BYTES
 }
 
+fn uploaders_gone() -> EngineError {
+    EngineError::new(ErrorKind::Internal, "uploaders exited early")
+}
+
 /// The packer: appends records to parts, parts to packs, and hands full parts to the uploaders.
 fn pack_chunks(
     shared: &Shared<'_>,
     compressed_rx: &Receiver<Compressed>,
     spare_tx: &Sender<Vec<u8>>,
-    part_tx: &Sender<PartJob>,
+    part_tx: &Sender<UploadJob<PackTag>>,
     report_tx: &Sender<Report>,
 ) -> Result<(), EngineError> {
     let mut open: Option<OpenPack> = None;
@@ -671,7 +607,7 @@ fn pack_chunks(
         }
         let pack = open.get_or_insert_with(|| OpenPack::new(shared));
         let header =
-            format::encode_record_header(&chunk.hash, chunk.encoding, chunk.raw_bytes, &chunk.data);
+            layout::encode_record_header(&chunk.hash, chunk.encoding, chunk.raw_bytes, &chunk.data);
         let stored_bytes = u32::try_from(chunk.data.len()).expect("chunks are below 4 GiB");
         pack.entries.push(IndexEntry {
             hash: chunk.hash,
@@ -701,91 +637,49 @@ fn pack_chunks(
 fn flush_part(
     shared: &Shared<'_>,
     pack: &mut OpenPack,
-    part_tx: &Sender<PartJob>,
+    part_tx: &Sender<UploadJob<PackTag>>,
 ) -> Result<(), EngineError> {
-    let upload = match &pack.upload {
-        Some(upload) => Arc::clone(upload),
+    let object = match &pack.upload {
+        Some(object) => std::sync::Arc::clone(object),
         None => {
-            let key = pack.pack.pack_key();
-            let upload_id = shared.store.multipart_begin(&key)?;
-            let _ = lock(&shared.open_uploads).insert(pack.pack, (key.clone(), upload_id.clone()));
-            let upload = Arc::new(PackUpload {
-                pack: pack.pack,
-                key,
-                upload_id,
-                state: Mutex::new(PackState::default()),
-            });
-            pack.upload = Some(Arc::clone(&upload));
-            upload
+            let object = shared.uploader.begin(pack.pack.pack_key(), Mutex::new(None))?;
+            pack.upload = Some(std::sync::Arc::clone(&object));
+            object
         }
     };
     pack.part_count += 1;
     let data = Bytes::from(std::mem::replace(&mut pack.part, shared.new_part()));
-    let job = PartJob { upload, part_number: pack.part_count, data };
-    part_tx.send(job).map_err(|_| EngineError::new(ErrorKind::Internal, "uploaders exited early"))
+    let job = UploadJob::Part { object, part_number: pack.part_count, data };
+    part_tx.send(job).map_err(|_| uploaders_gone())
 }
 
 fn close_pack(
     shared: &Shared<'_>,
     mut pack: OpenPack,
-    part_tx: &Sender<PartJob>,
+    part_tx: &Sender<UploadJob<PackTag>>,
     report_tx: &Sender<Report>,
 ) -> Result<(), EngineError> {
+    let tag = (pack.pack, pack.size_bytes, std::mem::take(&mut pack.entries));
     if pack.upload.is_none() {
         // A pack that fits one part is a single PUT: one request instead of three.
+        let object = shared.uploader.single(pack.pack.pack_key(), Mutex::new(Some(tag)));
         let data = Bytes::from(std::mem::take(&mut pack.part));
-        let length = data.len() as u64;
-        if let Some(limit) = &shared.upload_limit {
-            limit.take(length, &shared.abort);
-        }
-        shared.store.put(&pack.pack.pack_key(), data.clone())?;
-        shared.recycle_part(data);
-        Progress::add(&shared.progress.bytes_uploaded, length);
-        return store_index(shared, pack.pack, pack.size_bytes, pack.entries, report_tx);
+        return part_tx.send(UploadJob::Put { object, data }).map_err(|_| uploaders_gone());
     }
     if !pack.part.is_empty() {
         flush_part(shared, &mut pack, part_tx)?;
     }
     let _ = shared.part_spares.0.try_send(std::mem::take(&mut pack.part));
-    let upload = pack.upload.take().expect("multipart pack");
-    let ready = {
-        let mut state = lock(&upload.state);
-        state.part_count = Some(pack.part_count);
-        state.entries = std::mem::take(&mut pack.entries);
-        state.size_bytes = pack.size_bytes;
-        take_if_complete(&mut state)
-    };
-    match ready {
-        Some(done) => finish_upload(shared, &upload, done, report_tx),
+    let object = pack.upload.take().expect("multipart pack");
+    *lock(&object.tag) = Some(tag);
+    match shared.uploader.close(&object, pack.part_count) {
+        Some(receipts) => {
+            shared.uploader.complete(&object, &receipts)?;
+            let (id, size, entries) = lock(&object.tag).take().expect("closed pack");
+            store_index(shared, id, size, entries, report_tx)
+        }
         None => Ok(()),
     }
-}
-
-/// If every part of the pack is uploaded and it is closed, marks it finalized and returns what
-/// finishing needs. Exactly one caller gets `Some`.
-fn take_if_complete(state: &mut PackState) -> Option<(Vec<PartReceipt>, Vec<IndexEntry>, u64)> {
-    let part_count = state.part_count?;
-    if state.finalized || state.receipts.len() != part_count as usize {
-        return None;
-    }
-    state.finalized = true;
-    let mut receipts = std::mem::take(&mut state.receipts);
-    receipts.sort_by_key(|receipt| receipt.part_number);
-    Some((receipts, std::mem::take(&mut state.entries), state.size_bytes))
-}
-
-fn finish_upload(
-    shared: &Shared<'_>,
-    upload: &PackUpload,
-    (receipts, entries, size_bytes): (Vec<PartReceipt>, Vec<IndexEntry>, u64),
-    report_tx: &Sender<Report>,
-) -> Result<(), EngineError> {
-    for (position, receipt) in receipts.iter().enumerate() {
-        assert_eq!(receipt.part_number as usize, position + 1, "parts are numbered 1..=n");
-    }
-    shared.store.multipart_complete(&upload.key, &upload.upload_id, &receipts)?;
-    let _ = lock(&shared.open_uploads).remove(&upload.pack);
-    store_index(shared, upload.pack, size_bytes, entries, report_tx)
 }
 
 /// Writes a pack's index object (after the pack itself is durable) and reports the pack.
@@ -798,48 +692,9 @@ fn store_index(
 ) -> Result<(), EngineError> {
     let hashes = entries.iter().map(|entry| entry.hash).collect();
     let index = PackIndex { pack, pack_size_bytes, entries };
-    let encoded = Bytes::from(format::encode_document(ObjectKind::Index, &index));
+    let encoded = Bytes::from(layout::encode_document(ObjectKind::Index, &index));
     Progress::add(&shared.progress.bytes_uploaded, encoded.len() as u64);
     shared.store.put(&pack.index_key(), encoded)?;
     let _ = report_tx.send(Report::Pack { pack, hashes });
     Ok(())
-}
-
-/// An uploader: sends parts, and finishes a pack when its last part lands.
-fn upload_parts(shared: &Shared<'_>, part_rx: &Receiver<PartJob>, report_tx: &Sender<Report>) {
-    while let Ok(job) = part_rx.recv() {
-        if shared.stopped() {
-            break;
-        }
-        let length = job.data.len() as u64;
-        let upload = &job.upload;
-        if let Some(limit) = &shared.upload_limit {
-            limit.take(length, &shared.abort);
-        }
-        let receipt = match shared.store.multipart_put_part(
-            &upload.key,
-            &upload.upload_id,
-            job.part_number,
-            job.data.clone(),
-        ) {
-            Ok(receipt) => receipt,
-            Err(error) => {
-                shared.fail(EngineError::from(error).context(format!("pack {}", upload.pack)));
-                break;
-            }
-        };
-        Progress::add(&shared.progress.bytes_uploaded, length);
-        shared.recycle_part(job.data);
-        let ready = {
-            let mut state = lock(&upload.state);
-            state.receipts.push(receipt);
-            take_if_complete(&mut state)
-        };
-        if let Some(done) = ready
-            && let Err(error) = finish_upload(shared, upload, done, report_tx)
-        {
-            shared.fail(error);
-            break;
-        }
-    }
 }

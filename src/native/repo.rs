@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 
-use crate::chunk::ChunkHasher;
 use crate::error::{EngineError, ErrorKind};
-use crate::format::{
+use crate::native::chunk::ChunkHasher;
+use crate::native::layout::{
     self, BACKUPS_PREFIX, CONFIG_KEY, ChunkHash, FORMAT_VERSION, HASH_SCHEME, INDEX_PREFIX,
     IndexEntry, Manifest, ObjectKind, PackId, PackIndex, RepoConfig,
 };
@@ -69,12 +69,12 @@ impl Repository {
             repository_id,
             chunk_size_bytes,
             hash_scheme: HASH_SCHEME.to_string(),
-            hash_key: format::to_hex(&key),
+            hash_key: layout::to_hex(&key),
             compression: "zstd".to_string(),
-            created_at: format::unix_now(),
+            created_at: layout::unix_now(),
         };
         config.validate()?;
-        store.put(CONFIG_KEY, Bytes::from(format::encode_document(ObjectKind::Config, &config)))?;
+        store.put(CONFIG_KEY, Bytes::from(layout::encode_document(ObjectKind::Config, &config)))?;
         Ok(Repository { store, hasher: ChunkHasher::new(key), config })
     }
 
@@ -95,7 +95,7 @@ impl Repository {
             Err(error) => return Err(error.into()),
         };
         let config: RepoConfig =
-            format::decode_document(ObjectKind::Config, "repository config", &bytes)?;
+            layout::decode_document(ObjectKind::Config, "repository config", &bytes)?;
         config.validate()?;
         let hasher = ChunkHasher::new(config.hash_key_bytes()?);
         Ok(Repository { store, config, hasher })
@@ -148,7 +148,7 @@ impl Repository {
                 ),
                 other => other.into(),
             })?;
-            let index: PackIndex = format::decode_document(ObjectKind::Index, &key, &bytes)?;
+            let index: PackIndex = layout::decode_document(ObjectKind::Index, &key, &bytes)?;
             if index.pack != *pack {
                 return Err(EngineError::new(
                     ErrorKind::Integrity,
@@ -168,7 +168,7 @@ impl Repository {
         Ok(listing
             .into_iter()
             .filter_map(|object| object.key.strip_prefix(BACKUPS_PREFIX).map(str::to_string))
-            .filter(|id| format::backup_id_valid(id))
+            .filter(|id| layout::backup_id_valid(id))
             .collect())
     }
 
@@ -178,13 +178,13 @@ impl Repository {
     /// `Usage` for a malformed id, `NotFound` when the backup does not exist, `Integrity` when
     /// the manifest does not verify, store errors otherwise.
     pub fn load_manifest(&self, backup_id: &str) -> Result<Manifest, EngineError> {
-        if !format::backup_id_valid(backup_id) {
+        if !layout::backup_id_valid(backup_id) {
             return Err(EngineError::new(
                 ErrorKind::Usage,
                 format!("invalid backup id {backup_id:?}"),
             ));
         }
-        let key = format::manifest_key(backup_id);
+        let key = layout::manifest_key(backup_id);
         let bytes = self.store.get(&key).map_err(|error| match error {
             StoreError::NotFound { .. } => EngineError::new(
                 ErrorKind::NotFound,
@@ -193,7 +193,7 @@ impl Repository {
             other => other.into(),
         })?;
         let manifest: Manifest =
-            format::decode_document(ObjectKind::Manifest, &format!("manifest {key}"), &bytes)?;
+            layout::decode_document(ObjectKind::Manifest, &format!("manifest {key}"), &bytes)?;
         manifest.validate()?;
         if manifest.backup_id != backup_id || manifest.repository_id != self.config.repository_id {
             return Err(EngineError::new(
@@ -213,7 +213,7 @@ impl Repository {
     /// `NotFound` when the backup does not exist, store errors otherwise.
     pub fn delete_backup(&self, backup_id: &str) -> Result<(), EngineError> {
         let _ = self.load_manifest(backup_id)?;
-        self.store.delete(&format::manifest_key(backup_id))?;
+        self.store.delete(&layout::manifest_key(backup_id))?;
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! Chunk identity: all-zero detection (before any hashing, so holes cost one pass at memory
 //! speed) and the keyed BLAKE3 hash that names every stored chunk. Pure functions, no I/O.
 
-use crate::format::ChunkHash;
+use crate::native::layout::ChunkHash;
 
 /// Names chunks with keyed BLAKE3 under the repository's secret key.
 #[derive(Clone)]

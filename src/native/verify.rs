@@ -13,14 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
-use crate::compress;
 use crate::error::{EngineError, ErrorKind};
-use crate::format::{
+use crate::limits;
+use crate::native::compress;
+use crate::native::layout::{
     self, ChunkHash, IndexEntry, Manifest, ObjectKind, PACKS_PREFIX, PackId, PackIndex,
 };
-use crate::limits;
+use crate::native::repo::{Repository, lock, parallel_map};
 use crate::progress::Progress;
-use crate::repo::{Repository, lock, parallel_map};
 use crate::store::StoreError;
 
 /// How much to check.
@@ -92,7 +92,7 @@ pub fn run(
         };
         let key = pack.index_key();
         let index: PackIndex = match repo.store.get(&key) {
-            Ok(bytes) => match format::decode_document(ObjectKind::Index, &key, &bytes) {
+            Ok(bytes) => match layout::decode_document(ObjectKind::Index, &key, &bytes) {
                 Ok(index) => index,
                 Err(error) => {
                     report(key, error.to_string());
@@ -131,7 +131,7 @@ pub fn run(
     let referenced: BTreeSet<ChunkHash> = manifest.chunks.iter().flatten().copied().collect();
     for hash in &referenced {
         if !locations.contains_key(hash) {
-            let object = format::manifest_key(&manifest.backup_id);
+            let object = layout::manifest_key(&manifest.backup_id);
             report(object, format!("chunk {hash} is in no index of the backup's packs"));
         }
     }
@@ -227,7 +227,7 @@ fn check_range(
         let record = &bytes[position..position + length];
         position += length;
         let what = format!("record of chunk {} at offset {}", entry.hash, entry.offset);
-        let checked = format::decode_record(&what, record)
+        let checked = layout::decode_record(&what, record)
             .map_err(|error| error.to_string())
             .and_then(|(header, stored)| {
                 if header.hash != entry.hash || header.raw_bytes != entry.raw_bytes {

@@ -33,7 +33,7 @@ impl UtcTime {
         assert!(micros < 1_000_000, "micros out of range: {micros}");
         let days = secs.div_euclid(86_400);
         let rem = secs.rem_euclid(86_400);
-        let (year, month, day) = crate::format::civil_from_days(days);
+        let (year, month, day) = crate::native::layout::civil_from_days(days);
         UtcTime {
             year: i32::try_from(year).unwrap_or(i32::MAX),
             month: small(i64::from(month)),

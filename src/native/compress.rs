@@ -3,7 +3,7 @@
 //! full pass, so random data costs a few percent of a zstd pass instead of a whole one.
 //! Pure, no I/O: a `Compressor` is owned by one worker thread and reuses its zstd context.
 
-use crate::format::Encoding;
+use crate::native::layout::Encoding;
 
 /// Default zstd level: 1. Compression is the data plane's CPU bottleneck (see perf/README.md);
 /// level 3 costs about twice the CPU for some 15% better ratio on block data.
