@@ -660,15 +660,27 @@ print(ok, bad)
         let _ = python_decodes(&cases, false);
     }
 
-    fn best_secs(runs: usize, mut f: impl FnMut() -> usize) -> (f64, usize) {
+    /// This process's user + system CPU seconds (all threads), from /proc/self/stat.
+    fn cpu_secs() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+        // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// Best wall seconds of `runs`, the result of the last run, CPU seconds per run.
+    fn best_secs(runs: usize, mut f: impl FnMut() -> usize) -> (f64, usize, f64) {
         let mut best = f64::MAX;
         let mut size = 0;
+        let cpu = cpu_secs();
         for _ in 0..runs {
             let t = Instant::now();
             size = std::hint::black_box(f());
             best = best.min(t.elapsed().as_secs_f64());
         }
-        (best, size)
+        (best, size, (cpu_secs() - cpu) / runs as f64)
     }
 
     /// Throughput and size of one stream vs segments, printed (`cargo test --release --lib
@@ -684,24 +696,27 @@ print(ok, bad)
             ("mixed runs 4-256 KiB", mixed(2, n, 4 << 10, 256 << 10)),
             ("text", text(&mut Rng(3), n)),
         ] {
-            let (secs, single) = best_secs(3, || {
+            let (secs, single, cpu) = best_secs(3, || {
                 super::super::codec::compress_level(Algorithm::Zlib, &data, level).unwrap().len()
             });
             println!(
-                "{name}: single stream level {level}: {single} bytes ({:.2}%), {:.0} MiB/s",
+                "{name}: single stream level {level}: {single} bytes ({:.2}%), {:.0} MiB/s, \
+                 {:.0} MiB per CPU second",
                 100.0 * single as f64 / n as f64,
-                mib(secs, n)
+                mib(secs, n),
+                mib(cpu, n)
             );
             for segment in [256 << 10, 1 << 20, 4 << 20] {
                 for threads in [1, 2] {
-                    let (secs, size) = best_secs(3, || {
+                    let (secs, size, cpu) = best_secs(3, || {
                         encode_zlib_parallel(&data, level, segment, threads).unwrap().len()
                     });
                     println!(
-                        "  segments {:>4} KiB x {threads} threads: {size} bytes ({:+.3}% vs single), {:.0} MiB/s",
+                        "  segments {:>4} KiB x {threads} threads: {size} bytes ({:+.3}% vs single), {:.0} MiB/s, {:.0} MiB per CPU second",
                         segment >> 10,
                         100.0 * (size as f64 - single as f64) / single as f64,
-                        mib(secs, n)
+                        mib(secs, n),
+                        mib(cpu, n)
                     );
                 }
             }
@@ -733,22 +748,23 @@ print(ok, bad)
             let _ = c.compress_vec(data, &mut out, flate2::FlushCompress::Finish).unwrap();
             out.len()
         };
-        let (secs, _) = best_secs(5, || deflate(&random));
+        let (secs, _, _) = best_secs(5, || deflate(&random));
         println!(
             "1 MiB random, level-1 deflate (compress and compare): {:.0} MiB/s",
             mib(secs, 1 << 20)
         );
-        let (secs, _) = best_secs(5, || deflate(&words));
+        let (secs, _, _) = best_secs(5, || deflate(&words));
         println!("1 MiB text, level-1 deflate: {:.0} MiB/s", mib(secs, 1 << 20));
-        let (secs, _) = best_secs(5, || usize::from(looks_incompressible(&random)));
+        let (secs, _, _) = best_secs(5, || usize::from(looks_incompressible(&random)));
         println!("1 MiB random, 3 samples: {:.0} MiB/s", mib(secs, 1 << 20));
-        let (secs, _) = best_secs(5, || compress_segment(&random, 1, false).unwrap().deflate.len());
+        let (secs, _, _) =
+            best_secs(5, || compress_segment(&random, 1, false).unwrap().deflate.len());
         println!(
             "1 MiB random, compress_segment (samples, stored, adler): {:.0} MiB/s",
             mib(secs, 1 << 20)
         );
         let big = rng.bytes(n);
-        let (secs, _) = best_secs(3, || adler32(ADLER32_INIT, &big) as usize);
+        let (secs, _, _) = best_secs(3, || adler32(ADLER32_INIT, &big) as usize);
         println!("adler32: {:.0} MiB/s", mib(secs, n));
     }
 }
