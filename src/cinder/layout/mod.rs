@@ -7,6 +7,8 @@
 //!   become data objects, for full backups and for incrementals diffed against the parent's
 //!   `_sha256file` block by block.
 //! - [`codec`]: compression names, libraries, levels, the raw fallback, decompression.
+//! - [`zlib_segments`]: one zlib stream from segments compressed independently (on any thread),
+//!   joined with a combined Adler-32, as pigz does.
 //! - [`Metadata`] / [`ObjectEntry`] and [`Sha256File`] with [`block_hashes`]: the two JSON
 //!   documents, serialised byte for byte as Python's `json.dumps(..., sort_keys=True, indent=2)`
 //!   and parsed tolerantly.
