@@ -9,6 +9,8 @@
 
 mod util;
 
+// Bad, hostile and careless input: a table of refusals, each proven to change nothing.
+mod bad_input;
 // Round trips through each store, each engine, each content kind, files and loop devices.
 mod backup_restore;
 // --format cinder, judged by Cinder's own S3 backup driver (scripts/cinder/harness.py).

@@ -335,6 +335,7 @@ pub fn backup(
             return Err(error);
         }
     };
+    source.warn_if_grown(warn);
     let created_at = started_at.python_str();
     let mut sha = Sha256File::new(&job.backup_id, &job.volume_id, &created_at);
     sha.backup_name = job.name.clone();

@@ -52,18 +52,19 @@ pub struct BackupFlags {
     #[arg(long, value_name = "NAME")]
     pub compression: Option<String>,
     /// Largest uncompressed object (default backup_s3_object_size, else 52428800).
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true)]
     pub cinder_object_size: Option<u64>,
     /// SHA-256 block size for incrementals (default backup_s3_block_size, else 32768).
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", allow_hyphen_values = true)]
     pub cinder_block_size: Option<u64>,
     /// Upload requests (single PUTs or 16 MiB parts) in flight (--format cinder; default 4).
-    #[arg(long, value_name = "N", value_parser = super::parse_in_flight)]
+    #[arg(long, value_name = "N", value_parser = super::parse_in_flight, allow_hyphen_values = true)]
     pub cinder_uploads: Option<usize>,
     /// zlib level for `zlib`/`gzip` objects, 1-9 (--format cinder; default 1). Cinder
     /// compresses at 6; level 1 is several times faster for a somewhat larger object, and Cinder
     /// decodes every level the same.
-    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(u32).range(1..=9))]
+    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(u32).range(1..=9),
+          allow_hyphen_values = true)]
     pub zlib_level: Option<u32>,
 }
 
@@ -201,18 +202,20 @@ fn open_bucket(cli: &Cli) -> Result<(Box<dyn ObjectStore>, String, ConfigFile), 
                 c.backup_s3_store_bucket.clone().unwrap_or_else(|| cinder::DEFAULT_BUCKET.into());
             format!("s3://{bucket}")
         });
-    let Some(rest) = location.strip_prefix("s3://") else {
-        return Err(usage(format!(
-            "--format cinder needs an S3 bucket: --repo s3://BUCKET, not {location:?}"
-        )));
+    let bucket = match super::location::parse(&location)? {
+        super::location::Location::S3 { bucket, prefix } if prefix.is_empty() => bucket,
+        super::location::Location::S3 { .. } => {
+            return Err(usage(format!(
+                "--format cinder writes at the bucket root as Cinder does: --repo s3://BUCKET, \
+                 not {location:?}"
+            )));
+        }
+        super::location::Location::Local(_) => {
+            return Err(usage(format!(
+                "--format cinder needs an S3 bucket: --repo s3://BUCKET, not {location:?}"
+            )));
+        }
     };
-    let bucket = rest.trim_end_matches('/');
-    if bucket.is_empty() || bucket.contains('/') {
-        return Err(usage(format!(
-            "--format cinder writes at the bucket root as Cinder does: --repo s3://BUCKET, not \
-             {location:?}"
-        )));
-    }
     let s3 = &mut config.s3;
     s3.endpoint_url = s3.endpoint_url.take().or(c.backup_s3_endpoint_url.clone());
     s3.access_key_id = s3.access_key_id.take().or(c.backup_s3_store_access_key.clone());
@@ -222,7 +225,6 @@ fn open_bucket(cli: &Cli) -> Result<(Box<dyn ObjectStore>, String, ConfigFile), 
     s3.request_timeout_secs =
         s3.request_timeout_secs.or(c.backup_s3_timeout.map(|t| t.ceil().max(1.0) as u64));
     s3.max_attempts = s3.max_attempts.or(c.backup_s3_retry_max_attempts.map(|r| r + 1));
-    let bucket = bucket.to_owned();
     args.repo = Some(format!("s3://{bucket}"));
     config.repository = None;
     Ok((config::open_store_with(&args, &config)?, bucket, config))

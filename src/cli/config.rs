@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::location::{self, LocalState, Location};
+use super::secrets;
 use crate::error::{EngineError, ErrorKind};
 use crate::store::{LocalStore, ObjectStore, RetryPolicy, Retrying, S3Options, S3Store};
 
@@ -80,6 +82,9 @@ pub struct StoreArgs {
     pub s3_region: Option<String>,
     /// `--s3-no-verify-tls`.
     pub s3_no_verify_tls: bool,
+    /// The command creates the repository (`init`): a missing local directory is created.
+    /// Every other command opens an existing one and creates nothing.
+    pub create: bool,
 }
 
 fn usage(message: impl Into<String>) -> EngineError {
@@ -98,7 +103,31 @@ pub fn load_config_file(path: Option<&Path>) -> Result<ConfigFile, EngineError> 
     let Some(path) = path else { return Ok(ConfigFile::default()) };
     let text = std::fs::read_to_string(path)
         .map_err(|error| usage(format!("config file {}: {error}", path.display())))?;
-    toml::from_str(&text).map_err(|error| usage(format!("config file {}: {error}", path.display())))
+    // Secrets are known before the parser sees the text, so no message can quote one.
+    secrets::register_config_text(&text);
+    let config: ConfigFile = toml::from_str(&text)
+        .map_err(|error| usage(secrets::config_parse_error(path, &text, &error)))?;
+    register_config_secrets(&config);
+    Ok(config)
+}
+
+/// Registers every secret the config names, in its own value or behind a file or variable.
+fn register_config_secrets(config: &ConfigFile) {
+    let values = [&config.s3.secret_access_key, &config.cinder.backup_s3_store_secret_key];
+    for value in values.into_iter().flatten() {
+        secrets::register(value);
+    }
+    let files = [Some(&config.s3.secret_access_key_file)]
+        .into_iter()
+        .chain([config.lightbits.as_ref().map(|section| &section.token_file)]);
+    for file in files.flatten().flatten() {
+        if let Ok(secret) = std::fs::read_to_string(file) {
+            secrets::register(&secret);
+        }
+    }
+    if let Some(name) = config.lightbits.as_ref().and_then(|section| section.token_env.as_ref()) {
+        secrets::register_env(&[name]);
+    }
 }
 
 /// Opens the object store the arguments name.
@@ -114,6 +143,23 @@ pub fn config_path(args: &StoreArgs) -> Option<PathBuf> {
     args.config.clone().or_else(|| env("FERRY_CONFIG").map(PathBuf::from))
 }
 
+/// The repository argument: `--repo`, else `FERRY_REPO`, else the config file's `repository`.
+fn resolve_location(args: &StoreArgs, config: &ConfigFile) -> Result<String, EngineError> {
+    args.repo.clone().or_else(|| env("FERRY_REPO")).or(config.repository.clone()).ok_or_else(|| {
+        usage("no repository given: pass --repo s3://BUCKET/PREFIX or --repo DIR (or set FERRY_REPO)")
+    })
+}
+
+/// The directory of the local repository the arguments name; `None` for an S3 repository or
+/// when the arguments do not name a valid one (opening the store reports that).
+pub fn local_root(args: &StoreArgs) -> Option<PathBuf> {
+    let config = load_config_file(config_path(args).as_deref()).ok()?;
+    match location::parse(&resolve_location(args, &config).ok()?).ok()? {
+        Location::Local(path) => Some(path),
+        Location::S3 { .. } => None,
+    }
+}
+
 /// `open_store` with the config file already loaded.
 ///
 /// # Errors
@@ -122,33 +168,50 @@ pub fn open_store_with(
     args: &StoreArgs,
     config: &ConfigFile,
 ) -> Result<Box<dyn ObjectStore>, EngineError> {
-    let location = args.repo.clone().or_else(|| env("FERRY_REPO")).or(config.repository.clone()).ok_or_else(|| {
-        usage("no repository given: pass --repo s3://BUCKET/PREFIX or --repo DIR (or set FERRY_REPO)")
-    })?;
+    let location = resolve_location(args, config)?;
     let mut policy = RetryPolicy::default();
     if let Some(attempts) = config.s3.max_attempts {
-        policy.max_attempts = attempts.max(1);
+        if attempts == 0 {
+            return Err(usage("[s3] max_attempts = 0: it counts attempts, the first included, so \
+                              it is at least 1"));
+        }
+        policy.max_attempts = attempts;
+        // A store that never answered gets at most the default few attempts, never more than
+        // max_attempts allows.
+        policy.unreached_attempts = policy.unreached_attempts.min(attempts);
     }
     if let Some(seconds) = config.s3.retry_max_secs {
         policy.max_elapsed = Duration::from_secs(seconds);
     }
-    if let Some(rest) = location.strip_prefix("s3://") {
-        return Ok(Box::new(Retrying::new(open_s3(rest, args, &config.s3)?, policy)));
+    match location::parse(&location)? {
+        Location::S3 { bucket, prefix } => {
+            Ok(Box::new(Retrying::new(open_s3(&bucket, &prefix, args, &config.s3)?, policy)))
+        }
+        Location::Local(path) => {
+            let shown = path.display();
+            match (location::local_directory(&path)?, args.create) {
+                (LocalState::Missing, false) => Err(EngineError::new(
+                    ErrorKind::NotFound,
+                    format!("no repository at {shown}: the directory does not exist (create one \
+                             with `ferry init`)"),
+                )),
+                (LocalState::Other, true) => Err(EngineError::new(
+                    ErrorKind::Refused,
+                    format!("{shown} is not empty and holds no ferry repository; `ferry init` \
+                             needs a new or empty directory"),
+                )),
+                _ => Ok(Box::new(Retrying::new(LocalStore::new(path)?, policy))),
+            }
+        }
     }
-    let path = location.strip_prefix("file://").unwrap_or(&location);
-    if path.is_empty() || path.contains("://") {
-        return Err(usage(format!(
-            "repository {location:?} is neither s3://BUCKET/PREFIX nor a directory"
-        )));
-    }
-    Ok(Box::new(Retrying::new(LocalStore::new(path)?, policy)))
 }
 
-fn open_s3(rest: &str, args: &StoreArgs, section: &S3Section) -> Result<S3Store, EngineError> {
-    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    if bucket.is_empty() {
-        return Err(usage("s3 repository needs a bucket: s3://BUCKET/PREFIX"));
-    }
+fn open_s3(
+    bucket: &str,
+    prefix: &str,
+    args: &StoreArgs,
+    section: &S3Section,
+) -> Result<S3Store, EngineError> {
     let access_key_id = env("AWS_ACCESS_KEY_ID").or(section.access_key_id.clone());
     let secret = match (
         env("AWS_SECRET_ACCESS_KEY"),
@@ -167,6 +230,9 @@ fn open_s3(rest: &str, args: &StoreArgs, section: &S3Section) -> Result<S3Store,
         ),
         (None, None, None) => None,
     };
+    if let Some(secret) = &secret {
+        secrets::register(secret);
+    }
     let (Some(access_key_id), Some(secret_access_key)) = (access_key_id, secret) else {
         return Err(usage(
             "S3 credentials missing: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or \
@@ -182,7 +248,7 @@ fn open_s3(rest: &str, args: &StoreArgs, section: &S3Section) -> Result<S3Store,
         .unwrap_or_else(|| "us-east-1".to_string());
     let mut options = S3Options::new(
         bucket.to_string(),
-        prefix.trim_matches('/').to_string(),
+        prefix.to_string(),
         region,
         access_key_id,
         secret_access_key,
@@ -193,6 +259,9 @@ fn open_s3(rest: &str, args: &StoreArgs, section: &S3Section) -> Result<S3Store,
         .or_else(|| env("AWS_ENDPOINT_URL_S3"))
         .or_else(|| env("AWS_ENDPOINT_URL"))
         .or(section.endpoint_url.clone());
+    if let Some(url) = &options.endpoint_url {
+        location::check_endpoint(url)?;
+    }
     options.verify_tls = !args.s3_no_verify_tls && section.verify_tls.unwrap_or(true);
     options.path_style = section.path_style.unwrap_or(true);
     options.ca_bundle = section.ca_bundle.clone();

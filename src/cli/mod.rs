@@ -5,7 +5,10 @@
 pub mod cinder;
 pub mod config;
 pub mod lightbits;
+pub mod location;
 pub mod output;
+pub mod secrets;
+pub mod validate;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,26 +35,28 @@ use output::{ExitCode, Output};
 #[command(name = "ferry", version, about, max_term_width = 100)]
 pub struct Cli {
     /// Write a JSON Lines event stream to stdout (start, progress, warning, result or error).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub json: bool,
-    /// Repository: s3://BUCKET/PREFIX, or a directory for a local repository.
-    #[arg(long, global = true, value_name = "REPO")]
+    /// Repository: s3://BUCKET[/PREFIX], or a directory (also FERRY_REPO). Only init creates
+    /// one; every other command needs it to exist.
+    #[arg(long, global = true, help_heading = "Global options", value_name = "REPO")]
     pub repo: Option<String>,
     /// TOML config file with [s3] settings and credentials (also FERRY_CONFIG).
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// S3 endpoint URL (also AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL).
-    #[arg(long, global = true, value_name = "URL")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "URL")]
     pub s3_endpoint: Option<String>,
     /// S3 region (also AWS_REGION).
-    #[arg(long, global = true, value_name = "REGION")]
+    #[arg(long, global = true, help_heading = "Global options", value_name = "REGION")]
     pub s3_region: Option<String>,
     /// Do not verify the S3 endpoint's TLS certificate (like backup_s3_verify_ssl = False).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub s3_no_verify_tls: bool,
-    /// I/O engine for devices (also FERRY_IO_ENGINE).
-    #[arg(long, global = true, value_enum, env = "FERRY_IO_ENGINE", default_value = "uring")]
-    pub io_engine: EngineArg,
+    /// I/O engine for the source or target device of backup and restore (default uring; also
+    /// FERRY_IO_ENGINE); other commands do no device I/O and ignore it.
+    #[arg(long, global = true, help_heading = "Global options", value_enum)]
+    pub io_engine: Option<EngineArg>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -70,10 +75,16 @@ pub enum EngineArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a repository.
+    #[command(override_usage = "ferry --repo REPO [GLOBAL OPTIONS] init [--chunk-size SIZE]")]
     Init(InitArgs),
     /// Back up a block device or image file.
+    #[command(override_usage = "ferry --repo REPO [GLOBAL OPTIONS] backup \
+                                (--source PATH [--source PATH ...] | --lightbits-volume \
+                                NAME_OR_UUID) [OPTIONS]")]
     Backup(BackupArgs),
     /// Restore a backup to a block device or file.
+    #[command(override_usage = "ferry --repo REPO [GLOBAL OPTIONS] restore BACKUP_ID \
+                                (--target PATH | --lightbits-volume NAME_OR_UUID) [OPTIONS]")]
     Restore(RestoreArgs),
     /// List backups.
     List,
@@ -83,6 +94,8 @@ pub enum Command {
     Delete(IdArgs),
     /// Check backups without restoring them: every pack and chunk present with the right size;
     /// with --read-data, download and re-hash all or a sample of the chunks.
+    #[command(override_usage = "ferry --repo REPO [GLOBAL OPTIONS] verify (BACKUP_ID ... | \
+                                --all) [--read-data[=PERCENT]] [OPTIONS]")]
     Verify(VerifyArgs),
     /// Abort multipart uploads left by interrupted backups, remove their leases, and (when no
     /// other job runs) delete packs that no index describes.
@@ -108,10 +121,11 @@ pub struct VerifyArgs {
           require_equals = true, value_parser = parse_percent)]
     pub read_data: Option<f64>,
     /// Seed of the --read-data sample (default: random; reported in the result).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub seed: Option<u64>,
     /// Ranged GETs in flight.
-    #[arg(long, default_value_t = limits::DOWNLOADS_IN_FLIGHT_DEFAULT, value_parser = parse_count)]
+    #[arg(long, default_value_t = limits::DOWNLOADS_IN_FLIGHT_DEFAULT, value_parser = parse_count,
+          allow_hyphen_values = true)]
     pub downloads_in_flight: usize,
 }
 
@@ -126,7 +140,7 @@ fn parse_percent(text: &str) -> Result<f64, String> {
 #[derive(Debug, Args)]
 pub struct InitArgs {
     /// Chunk size in bytes (power of two, 64 KiB to 64 MiB); suffixes K, M accepted.
-    #[arg(long, default_value = "4M", value_parser = parse_size)]
+    #[arg(long, default_value = "4M", value_parser = parse_size, allow_hyphen_values = true)]
     pub chunk_size: u32,
 }
 
@@ -144,24 +158,25 @@ pub struct BackupArgs {
     #[arg(long)]
     pub backup_id: Option<String>,
     /// zstd compression level (1 is the measured sweet spot; -7..=19).
-    #[arg(long, default_value_t = crate::native::compress::LEVEL_DEFAULT, allow_negative_numbers = true,
+    #[arg(long, default_value_t = crate::native::compress::LEVEL_DEFAULT, allow_hyphen_values = true,
           value_parser = clap::value_parser!(i32).range(-7..=19))]
     pub compression_level: i32,
     /// Pack parts uploading concurrently (1-32).
-    #[arg(long, default_value_t = limits::PARTS_IN_FLIGHT_DEFAULT, value_parser = parse_in_flight)]
+    #[arg(long, default_value_t = limits::PARTS_IN_FLIGHT_DEFAULT, value_parser = parse_in_flight,
+          allow_hyphen_values = true)]
     pub parts_in_flight: usize,
     /// Worker threads: hashing and compression (default: one per CPU; 1-64).
-    #[arg(long, value_parser = parse_workers)]
+    #[arg(long, value_parser = parse_workers, allow_hyphen_values = true)]
     pub workers: Option<usize>,
     /// Close pack objects at this size (1M to 4G; suffixes K, M, G).
-    #[arg(long, default_value = "128M", value_parser = parse_pack_size)]
+    #[arg(long, default_value = "128M", value_parser = parse_pack_size, allow_hyphen_values = true)]
     pub pack_size: u64,
     /// Read at most this many MB/s (10^6 bytes) from the sources together, to spare a
     /// production volume.
-    #[arg(long, value_name = "MB_PER_S", value_parser = parse_rate)]
+    #[arg(long, value_name = "MB_PER_S", value_parser = parse_rate, allow_hyphen_values = true)]
     pub limit_read: Option<u64>,
     /// Upload at most this many MB/s (10^6 bytes) to the object store.
-    #[arg(long, value_name = "MB_PER_S", value_parser = parse_rate)]
+    #[arg(long, value_name = "MB_PER_S", value_parser = parse_rate, allow_hyphen_values = true)]
     pub limit_upload: Option<u64>,
     /// `--format cinder` and its flags.
     #[command(flatten)]
@@ -195,14 +210,20 @@ pub struct RestoreArgs {
     /// `--lightbits-volume`.
     #[command(flatten)]
     pub lightbits: lightbits::VolumeArgs,
-    /// Overwrite a target that already holds data.
+    /// Overwrite a target that already holds data (a block device always needs it). A larger
+    /// regular file keeps its bytes past the backup's end, with a warning. Never overrides the
+    /// refusal of a target inside the repository, a mounted device, or one another ferry job
+    /// reads or writes.
     #[arg(long)]
     pub force: bool,
-    /// Skip writing zero chunks: the target is known to read as zeros.
+    /// Skip writing zero chunks on a block device known to read as zeros (a new or empty file
+    /// needs no flag). Refused (exit 2) onto a regular file holding data: its old bytes would
+    /// stay where the backup has zeros.
     #[arg(long)]
     pub sparse: bool,
     /// GETs in flight (1-32; a Cinder-format restore clamps it to its memory budget).
-    #[arg(long, default_value_t = limits::DOWNLOADS_IN_FLIGHT_DEFAULT, value_parser = parse_in_flight)]
+    #[arg(long, default_value_t = limits::DOWNLOADS_IN_FLIGHT_DEFAULT, value_parser = parse_in_flight,
+          allow_hyphen_values = true)]
     pub downloads_in_flight: usize,
     /// `--format cinder` and its flags.
     #[command(flatten)]
@@ -324,19 +345,22 @@ fn parse_size(text: &str) -> Result<u32, String> {
     Ok(value)
 }
 
+/// Command names, as `Output` labels events.
+const COMMAND_NAMES: &[&str] = &[
+    "init", "backup", "restore", "list", "show", "delete", "verify", "repair", "cinder-record",
+    "reclaim",
+];
+
 /// Runs the command line and returns the process exit code.
 pub fn run() -> u8 {
     use clap::{CommandFactory as _, FromArgMatches as _};
+    secrets::register_env(&["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]);
     let parsed = Cli::command()
         .try_get_matches()
         .and_then(|matches| Cli::from_arg_matches(&matches).map(|cli| (cli, matches)));
     let (cli, matches) = match parsed {
         Ok(parsed) => parsed,
-        Err(error) => {
-            let code = if error.use_stderr() { ExitCode::Usage as u8 } else { 0 };
-            let _ = error.print();
-            return code;
-        }
+        Err(error) => return parse_failure(&error),
     };
     let name = match &cli.command {
         Command::Init(_) => "init",
@@ -352,15 +376,119 @@ pub fn run() -> u8 {
     };
     let output = Output::new(cli.json, name);
     let cancel = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // A second signal while cancelling ends the process at once.
-        let _ = signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&cancel));
-        let _ = signal_hook::flag::register(signal, Arc::clone(&cancel));
-    }
-    match check_format_flags(&cli, &matches).and_then(|()| dispatch(&cli, &output, &cancel)) {
+    let checked = check_format_flags(&cli, &matches)
+        .and_then(|()| check_environment(&cli))
+        .and_then(|()| validate::check_command(&cli));
+    let result = checked.and_then(|()| with_signals(&output, &cancel, || dispatch(&cli, &output, &cancel)));
+    match result {
         Ok(()) => ExitCode::Ok as u8,
         Err(error) => output.error(&error) as u8,
     }
+}
+
+/// Runs `job` with SIGINT and SIGTERM handled: the first sets `cancel` (the job stops, aborts its
+/// uploads and cleans up, and its error becomes `cancelled`), a second ends the process at once;
+/// either way the exit code is 6 and the last event is an `error`.
+fn with_signals(
+    output: &Output,
+    cancel: &Arc<AtomicBool>,
+    job: impl FnOnce() -> Result<(), EngineError>,
+) -> Result<(), EngineError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return Err(EngineError::new(ErrorKind::Internal, "cannot install signal handlers"));
+    };
+    let handle = signals.handle();
+    let received = std::sync::atomic::AtomicI32::new(0);
+    let result = std::thread::scope(|scope| {
+        let _ = scope.spawn(|| {
+            for signal in signals.forever() {
+                received.store(signal, Ordering::SeqCst);
+                if cancel.swap(true, Ordering::SeqCst) {
+                    output.exit_now(&EngineError::new(
+                        ErrorKind::Cancelled,
+                        format!(
+                            "cancelled by a second signal ({}): stopped at once; uploads left \
+                             behind are aborted by the next backup or `ferry repair`",
+                            signal_name(signal)
+                        ),
+                    ));
+                }
+                eprintln!(
+                    "ferry: {} received: cancelling (a second signal stops at once)",
+                    signal_name(signal)
+                );
+            }
+        });
+        let result = job();
+        handle.close();
+        result
+    });
+    let signal = received.load(Ordering::SeqCst);
+    match result {
+        // A failure caused by the cancel (a store call cut short, a device closed) is the cancel.
+        Err(error) if signal != 0 && error.kind != ErrorKind::Cancelled => Err(EngineError::new(
+            ErrorKind::Cancelled,
+            format!("cancelled by {} ({})", signal_name(signal), error.message),
+        )),
+        Err(error) if signal != 0 => Err(EngineError::new(
+            ErrorKind::Cancelled,
+            format!("cancelled by {}: {}", signal_name(signal), error.message),
+        )),
+        other => other,
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        signal_hook::consts::SIGINT => "SIGINT",
+        signal_hook::consts::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    }
+}
+
+/// Reports an argument-parsing failure. With `--json` (anywhere before a `--`), the failure is
+/// an `error` event like any other, and `--help`/`--version` a `result` event carrying the text
+/// (printed on stderr too), so every `--json` run ends with one of the two.
+fn parse_failure(error: &clap::Error) -> u8 {
+    let args: Vec<String> = std::env::args().skip(1).take_while(|arg| arg != "--").collect();
+    let json = args.iter().any(|arg| arg == "--json");
+    let code = if error.use_stderr() { ExitCode::Usage as u8 } else { 0 };
+    if !json {
+        let _ = error.print();
+        return code;
+    }
+    let command = args
+        .iter()
+        .find_map(|arg| COMMAND_NAMES.iter().find(|name| **name == arg.as_str()))
+        .copied()
+        .unwrap_or("ferry");
+    let output = Output::new(true, command);
+    let text = error.render().to_string();
+    if !error.use_stderr() {
+        eprint!("{text}");
+        output.result(json!({"help": text}), "");
+        return code;
+    }
+    let message = text.trim().trim_start_matches("error: ").to_owned();
+    output.error(&EngineError::new(ErrorKind::Usage, message)) as u8
+}
+
+/// Checks settings taken from the environment, naming the variable (clap would name the flag).
+fn check_environment(cli: &Cli) -> Result<(), EngineError> {
+    if cli.io_engine.is_none()
+        && let Some(value) = std::env::var_os("FERRY_IO_ENGINE").filter(|v| !v.is_empty())
+        && value.to_str().and_then(|text| EngineArg::from_str(text, true).ok()).is_none()
+    {
+        return Err(EngineError::new(
+            ErrorKind::Usage,
+            format!(
+                "FERRY_IO_ENGINE={} is not an I/O engine: uring or pread (or unset it)",
+                value.to_string_lossy()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn store_args(cli: &Cli) -> StoreArgs {
@@ -370,11 +498,16 @@ fn store_args(cli: &Cli) -> StoreArgs {
         s3_endpoint: cli.s3_endpoint.clone(),
         s3_region: cli.s3_region.clone(),
         s3_no_verify_tls: cli.s3_no_verify_tls,
+        create: matches!(cli.command, Command::Init(_)),
     }
 }
 
+/// `--io-engine`, else `FERRY_IO_ENGINE` (checked by `check_environment`), else io_uring.
 fn engine(cli: &Cli) -> Engine {
-    match cli.io_engine {
+    let from_env = || {
+        std::env::var("FERRY_IO_ENGINE").ok().and_then(|text| EngineArg::from_str(&text, true).ok())
+    };
+    match cli.io_engine.or_else(from_env).unwrap_or(EngineArg::Uring) {
         EngineArg::Uring => Engine::Uring,
         EngineArg::Pread => Engine::Pread,
     }
@@ -407,7 +540,17 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
             let mut backups = Vec::new();
             let mut lines = Vec::new();
             for id in repo.list_backups()? {
-                let manifest = repo.load_manifest(&id)?;
+                // A damaged manifest is listed as damaged; the rest of the listing goes on.
+                let manifest = match repo.load_manifest(&id) {
+                    Ok(manifest) => manifest,
+                    Err(error) if error.kind == ErrorKind::Integrity => {
+                        output.warning(&format!("backup {id} is damaged: {}", error.message));
+                        lines.push(format!("{id}  DAMAGED: {}", error.message));
+                        backups.push(json!({"backup_id": id, "damaged": error.message}));
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                };
                 lines.push(format!(
                     "{id}  {}  {} bytes  {}",
                     manifest.completed_at, manifest.volume_size_bytes, manifest.source.path
@@ -481,7 +624,25 @@ fn run_verify(
     let mut reports = Vec::new();
     let mut lines = Vec::new();
     for id in &ids {
-        let manifest = repo.load_manifest(id)?;
+        // A damaged manifest is a problem of its backup; the other backups are still verified.
+        let manifest = match repo.load_manifest(id) {
+            Ok(manifest) => manifest,
+            Err(error) if error.kind == ErrorKind::Integrity => {
+                let object = crate::native::layout::manifest_key(id);
+                lines.push(format!("{id}: damaged manifest\n  {object}: {}", error.message));
+                reports.push(verify::VerifyReport {
+                    backup_id: id.clone(),
+                    pack_count: 0,
+                    chunk_count: 0,
+                    chunks_read: 0,
+                    bytes_read: 0,
+                    seed: None,
+                    problems: vec![verify::Problem { object, detail: error.message }],
+                });
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         let report = with_progress(output, &progress, || {
             verify::run(repo, &manifest, &options, &progress, cancel)
         })?;
@@ -635,6 +796,9 @@ fn run_restore(
     output: &Output,
     cancel: &Arc<AtomicBool>,
 ) -> Result<(), EngineError> {
+    if let (Some(target), Some(root)) = (&args.target, config::local_root(&store_args(cli))) {
+        validate::check_target_outside_repository(target, &root)?;
+    }
     let manifest = repo.load_manifest(&args.backup_id)?;
     let mut options = RestoreOptions::new(args.target.clone().unwrap_or_default());
     options.engine = engine(cli);

@@ -110,6 +110,7 @@ impl Output {
 
     /// A `warning` event (JSON) or a line on stderr.
     pub fn warning(&self, message: &str) {
+        let message = &super::secrets::scrub(message);
         if self.json {
             self.emit(json!({"event": "warning", "message": message}));
         } else {
@@ -174,22 +175,48 @@ impl Output {
     /// The final `error` event (JSON) or an error line on stderr; returns the exit code.
     pub fn error(&self, error: &EngineError) -> ExitCode {
         let code = ExitCode::from_kind(error.kind);
+        let message = super::secrets::scrub(&error.message);
         if self.json {
-            let mut event = json!({
-                "event": "error",
-                "kind": error.kind,
-                "exit_code": code as u8,
-                "message": error.message,
-            });
-            if let Some(details) = &error.details {
-                merge(&mut event, details.clone());
-            }
-            self.emit(event);
+            self.emit(self.error_event(error, &message));
         } else {
             self.clear_line();
         }
-        eprintln!("ferry: error: {}", error.message);
+        eprintln!("ferry: error: {message}");
         code
+    }
+
+    fn error_event(&self, error: &EngineError, message: &str) -> Value {
+        let mut event = json!({
+            "event": "error",
+            "kind": error.kind,
+            "exit_code": ExitCode::from_kind(error.kind) as u8,
+            "message": message,
+        });
+        if let Some(details) = &error.details {
+            merge(&mut event, details.clone());
+        }
+        event
+    }
+
+    /// Ends the process at once with `error` as the final event: the event is written while
+    /// holding the output lock, which is never released, so no other thread can print after it.
+    pub fn exit_now(&self, error: &EngineError) -> ! {
+        let message = super::secrets::scrub(&error.message);
+        let mut event = self.error_event(error, &message);
+        if let Value::Object(map) = &mut event {
+            let _ = map.insert("command".into(), json!(self.command));
+        }
+        let guard = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.json {
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "{event}");
+            let _ = stdout.flush();
+        } else {
+            self.clear_line();
+        }
+        eprintln!("ferry: error: {message}");
+        std::mem::forget(guard);
+        std::process::exit(i32::from(ExitCode::from_kind(error.kind) as u8))
     }
 }
 

@@ -223,7 +223,7 @@ pub fn run_many(
             upkeep.aborted_uploads.len()
         ));
     }
-    let known = repo.load_all_indexes()?;
+    let known = repo.load_all_indexes(warn)?;
     let control = JobControl::new();
     let part_spares = bounded(options.parts_in_flight + 2);
     let uploader =
@@ -243,6 +243,7 @@ pub fn run_many(
     let mut manifests = Vec::with_capacity(sources.len());
     let dedup = lock(&shared.dedup);
     for (source, collected) in sources.iter().zip(collected) {
+        source.source.warn_if_grown(warn);
         let mut packs = BTreeSet::new();
         for hash in collected.table.iter().flatten() {
             let pack = dedup.get(hash).copied().flatten();

@@ -101,21 +101,41 @@ impl Repository {
         Ok(Repository { store, config, hasher })
     }
 
-    /// Loads the index of every pack in the repository: chunk hash to pack.
+    /// Loads the index of every pack in the repository: chunk hash to pack. A damaged index
+    /// object (corrupt, or describing another pack) is reported through `warn` and skipped: its
+    /// chunks are not deduplicated against, so a new backup stores them again instead of failing.
     ///
     /// # Errors
-    /// Store or integrity errors of any index object.
-    pub fn load_all_indexes(&self) -> Result<HashMap<ChunkHash, PackId>, EngineError> {
+    /// Store errors.
+    pub fn load_all_indexes(
+        &self,
+        warn: &dyn Fn(String),
+    ) -> Result<HashMap<ChunkHash, PackId>, EngineError> {
         let listing = self.store.list(INDEX_PREFIX)?;
         let packs: Vec<PackId> = listing
             .iter()
             .filter_map(|object| object.key.strip_prefix(INDEX_PREFIX))
             .filter_map(PackId::from_hex)
             .collect();
+        let loaded = parallel_map(&packs, INDEX_FETCHES_IN_FLIGHT, |pack| {
+            match self.load_index(pack) {
+                Ok(index) => Ok(Ok(index)),
+                Err(error) if error.kind == ErrorKind::Integrity => Ok(Err(error)),
+                Err(error) => Err(error),
+            }
+        })?;
         let mut map = HashMap::new();
-        for index in self.load_indexes(&packs)? {
-            for entry in &index.entries {
-                let _ = map.insert(entry.hash, index.pack);
+        for result in loaded {
+            match result {
+                Ok(index) => {
+                    for entry in &index.entries {
+                        let _ = map.insert(entry.hash, index.pack);
+                    }
+                }
+                Err(error) => warn(format!(
+                    "{}; the chunks of its pack are not deduplicated against and are stored again",
+                    error.message
+                )),
             }
         }
         Ok(map)
@@ -139,24 +159,26 @@ impl Repository {
     }
 
     fn load_indexes(&self, packs: &[PackId]) -> Result<Vec<PackIndex>, EngineError> {
-        parallel_map(packs, INDEX_FETCHES_IN_FLIGHT, |pack| {
-            let key = pack.index_key();
-            let bytes = self.store.get(&key).map_err(|error| match error {
-                StoreError::NotFound { .. } => EngineError::new(
-                    ErrorKind::Integrity,
-                    format!("index object {key} is missing from {}", self.store.describe()),
-                ),
-                other => other.into(),
-            })?;
-            let index: PackIndex = layout::decode_document(ObjectKind::Index, &key, &bytes)?;
-            if index.pack != *pack {
-                return Err(EngineError::new(
-                    ErrorKind::Integrity,
-                    format!("index object {key} describes pack {}", index.pack),
-                ));
-            }
-            Ok(index)
-        })
+        parallel_map(packs, INDEX_FETCHES_IN_FLIGHT, |pack| self.load_index(pack))
+    }
+
+    fn load_index(&self, pack: &PackId) -> Result<PackIndex, EngineError> {
+        let key = pack.index_key();
+        let bytes = self.store.get(&key).map_err(|error| match error {
+            StoreError::NotFound { .. } => EngineError::new(
+                ErrorKind::Integrity,
+                format!("index object {key} is missing from {}", self.store.describe()),
+            ),
+            other => other.into(),
+        })?;
+        let index: PackIndex = layout::decode_document(ObjectKind::Index, &key, &bytes)?;
+        if index.pack != *pack {
+            return Err(EngineError::new(
+                ErrorKind::Integrity,
+                format!("index object {key} describes pack {}", index.pack),
+            ));
+        }
+        Ok(index)
     }
 
     /// Ids of every backup, sorted (ids start with their UTC start time).
@@ -181,7 +203,10 @@ impl Repository {
         if !layout::backup_id_valid(backup_id) {
             return Err(EngineError::new(
                 ErrorKind::Usage,
-                format!("invalid backup id {backup_id:?}"),
+                format!(
+                    "invalid backup id {backup_id:?}: a backup id is 1 to 128 ASCII letters, \
+                     digits, '-' and '_'"
+                ),
             ));
         }
         let key = layout::manifest_key(backup_id);
@@ -212,7 +237,12 @@ impl Repository {
     /// # Errors
     /// `NotFound` when the backup does not exist, store errors otherwise.
     pub fn delete_backup(&self, backup_id: &str) -> Result<(), EngineError> {
-        let _ = self.load_manifest(backup_id)?;
+        match self.load_manifest(backup_id) {
+            // A damaged manifest can be deleted: nothing else removes it.
+            Ok(_) => {}
+            Err(error) if error.kind == ErrorKind::Integrity => {}
+            Err(error) => return Err(error),
+        }
         self.store.delete(&layout::manifest_key(backup_id))?;
         Ok(())
     }

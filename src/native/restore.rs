@@ -23,6 +23,7 @@ use crate::native::layout::{self, ChunkHash, IndexEntry, Manifest, PackId};
 use crate::native::repo::{Location, Repository};
 use crate::plane::{self, Edges, JobControl, Target};
 use crate::progress::Progress;
+use crate::store::StoreError;
 
 /// Where and how to restore.
 #[derive(Debug, Clone)]
@@ -135,6 +136,7 @@ pub fn run(
             placements.entry(*hash).or_default().push(chunk_index as u64);
         }
     }
+    check_packs_present(repo, manifest, &locations)?;
     let budget = budget(options, manifest.chunk_size_bytes);
     budget
         .check("--downloads-in-flight and the backup's chunk size")
@@ -159,6 +161,44 @@ pub fn run(
         direct: target.opened.direct,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
+}
+
+/// Checks, with one listing and before the target is touched, that every pack the backup reads
+/// exists and is long enough for every record read from it: a missing or truncated pack is
+/// lost data (integrity), found before a byte is written.
+fn check_packs_present(
+    repo: &Repository,
+    manifest: &Manifest,
+    locations: &HashMap<ChunkHash, Location>,
+) -> Result<(), EngineError> {
+    let sizes: HashMap<String, u64> = repo
+        .store
+        .list(layout::PACKS_PREFIX)?
+        .into_iter()
+        .map(|object| (object.key, object.size_bytes))
+        .collect();
+    let mut needed: HashMap<PackId, u64> = HashMap::new();
+    for location in manifest.chunks.iter().flatten().filter_map(|hash| locations.get(hash)) {
+        let end = location.entry.offset + location.entry.record_bytes();
+        let slot = needed.entry(location.pack).or_default();
+        *slot = (*slot).max(end);
+    }
+    for (pack, end) in needed {
+        let key = pack.pack_key();
+        let problem = match sizes.get(&key) {
+            None => "is missing".to_owned(),
+            Some(&size) if size < end => format!("has {size} bytes, its records need {end}"),
+            Some(_) => continue,
+        };
+        return Err(EngineError::new(
+            ErrorKind::Integrity,
+            format!(
+                "pack {key}, referenced by backup {}, {problem}; nothing was written",
+                manifest.backup_id
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -307,7 +347,17 @@ fn fetch_range(
     ops_tx: &Sender<WriteOp>,
 ) -> Result<(), EngineError> {
     let key = job.pack.pack_key();
-    let bytes = shared.repo.store.get_range(&key, job.offset, job.length)?;
+    // The backup references this pack: its absence is lost data (integrity), not a missing
+    // backup (not found).
+    let bytes = shared.repo.store.get_range(&key, job.offset, job.length).map_err(|error| {
+        match error {
+            StoreError::NotFound { .. } => EngineError::new(
+                ErrorKind::Integrity,
+                format!("pack {key}, referenced by this backup, is missing"),
+            ),
+            other => other.into(),
+        }
+    })?;
     Progress::add(&shared.progress.bytes_downloaded, bytes.len() as u64);
     let mut position = 0usize;
     for entry in &job.entries {

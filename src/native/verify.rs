@@ -151,6 +151,14 @@ pub fn run(
                 percent >= 100.0 || rng <= threshold
             })
             .collect();
+        // A percentage asks for data to be read: below one chunk's worth it still reads one.
+        if sample.is_empty() {
+            let located: Vec<(PackId, IndexEntry)> =
+                referenced.iter().filter_map(|hash| locations.get(hash).copied()).collect();
+            if !located.is_empty() {
+                sample.push(located[(rng % located.len() as u64) as usize]);
+            }
+        }
         sample.sort_by_key(|(pack, entry)| (*pack, entry.offset));
         chunks_read = sample.len();
         let jobs = coalesce(&sample);

@@ -23,12 +23,31 @@ pub struct Source {
     pub info: io::DeviceInfo,
 }
 
+impl Source {
+    /// Warns when the source is larger now than when the backup started: the backup holds its
+    /// first size only (a block device resized, an image file still being written).
+    pub fn warn_if_grown(&self, warn: &dyn Fn(String)) {
+        if let Ok(now) = io::probe(&self.opened.file)
+            && now.size_bytes > self.info.size_bytes
+        {
+            warn(format!(
+                "source {} grew from {} to {} bytes during the backup; the backup holds the first \
+                 {} bytes only",
+                self.path.display(),
+                self.info.size_bytes,
+                now.size_bytes,
+                self.info.size_bytes
+            ));
+        }
+    }
+}
+
 /// Checks that `path` is a regular file or a block device, opens it read-only with O_DIRECT
 /// (through the page cache, with a warning, where O_DIRECT is refused) and probes it.
 ///
 /// # Errors
-/// `Usage` for a path that is neither a regular file nor a block device; `Device` when it cannot
-/// be opened or probed. Every message names the path.
+/// `Usage` for a path that is neither a regular file nor a block device; `Refused` while a ferry
+/// restore writes it; `Device` when it cannot be opened or probed. Every message names the path.
 pub fn open_source(path: &Path, warn: &dyn Fn(String)) -> Result<Source, EngineError> {
     use std::os::unix::fs::FileTypeExt;
     let shown = path.display();
@@ -54,6 +73,15 @@ pub fn open_source(path: &Path, warn: &dyn Fn(String)) -> Result<Source, EngineE
     }
     let opened = io::open(path, false, false)
         .map_err(|error| EngineError::from(error).context(format!("source {shown}")))?;
+    // A shared lock for the job's length: a ferry restore takes an exclusive one on its target,
+    // so neither can overwrite what the other is reading (a lock another program holds is none
+    // of ours: advisory locks bind only processes that ask).
+    if let Err(std::fs::TryLockError::WouldBlock) = opened.file.try_lock_shared() {
+        return Err(EngineError::new(
+            ErrorKind::Refused,
+            format!("source {shown} is being written by a running ferry restore"),
+        ));
+    }
     if !opened.direct {
         warn(format!("{shown}: O_DIRECT refused, reading through the page cache"));
     }

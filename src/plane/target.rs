@@ -63,6 +63,25 @@ fn device_error(path: &Path, step: &str, error: &std::io::Error) -> EngineError 
     EngineError::new(ErrorKind::Device, format!("{step} target {}: {error}", path.display()))
 }
 
+/// Refuses a block device the system holds (mounted, part of a RAID or device-mapper table,
+/// or opened exclusively by another program): `O_EXCL` on a block device fails with `EBUSY`
+/// then, and writing under a mounted file system would corrupt it.
+fn check_not_busy(path: &Path) -> Result<(), EngineError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_EXCL).open(path) {
+        Err(error) if error.raw_os_error() == Some(libc::EBUSY) => Err(EngineError::new(
+            ErrorKind::Refused,
+            format!(
+                "target {} is in use by the system (mounted, or held by another program): \
+                 {error}; unmount or release it first",
+                path.display()
+            ),
+        )),
+        Err(error) => Err(device_error(path, "opening", &error)),
+        Ok(_) => Ok(()),
+    }
+}
+
 /// Checks `path` and opens it for writing `needed` bytes: a missing file is created at that size;
 /// a regular file holding data, or a block device, needs `force`; a shorter regular file is
 /// extended; anything else is refused. Nothing is written here.
@@ -107,6 +126,7 @@ pub fn prepare_target(
                     "target {shown} is a block device; pass --force to overwrite it"
                 )));
             }
+            check_not_busy(path)?;
             (open(false)?, false, false)
         }
         Ok(_) => {
@@ -116,6 +136,14 @@ pub fn prepare_target(
             ));
         }
     };
+    // An exclusive lock for the job's length: a running ferry backup holds a shared one on its
+    // source, and another restore an exclusive one on its target.
+    if let Err(std::fs::TryLockError::WouldBlock) = opened.file.try_lock() {
+        return Err(refused(format!(
+            "target {shown} is in use by another ferry job (a backup reading it or a restore \
+             writing it); it is never overwritten, --force or not"
+        )));
+    }
     let metadata = opened.file.metadata().map_err(|e| device_error(path, "checking", &e))?;
     if metadata.file_type().is_file() && metadata.len() < needed {
         opened.file.set_len(needed).map_err(|e| device_error(path, "sizing", &e))?;
