@@ -172,7 +172,12 @@ const ROWS: &[Row] = &[
         2,
         &["--sparse", "{tgt}"],
     ),
-    row("restore onto data without --force", &["restore", "{id}", "--target", "{tgt}"], 8, &["--force"]),
+    row(
+        "restore onto data without --force",
+        &["restore", "{id}", "--target", "{tgt}"],
+        8,
+        &["--force"],
+    ),
     row(
         "restore onto a directory",
         &["restore", "{id}", "--target", "{dir}", "--force"],
@@ -194,7 +199,13 @@ const ROWS: &[Row] = &[
     with_env("repo: short bucket", CREDS, &["--repo", "s3://ab", "list"], 2, &["3 to 63"]),
     with_env("repo: underscore bucket", CREDS, &["--repo", "s3://my_bkt", "list"], 2, &["bucket"]),
     with_env("repo: IP bucket", CREDS, &["--repo", "s3://10.0.0.1/p", "list"], 2, &["IP"]),
-    with_env("repo: empty prefix segment", CREDS, &["--repo", "s3://bkt/a//b", "list"], 2, &["segment"]),
+    with_env(
+        "repo: empty prefix segment",
+        CREDS,
+        &["--repo", "s3://bkt/a//b", "list"],
+        2,
+        &["segment"],
+    ),
     row("repo: other scheme", &["--repo", "gs://bkt/p", "list"], 2, &["gs://"]),
     with_env(
         "repo: cinder bucket name checked",
@@ -208,7 +219,12 @@ const ROWS: &[Row] = &[
     row("args: restore without --target", &["restore", "{id}"], 2, &["--target"]),
     row("args: unknown flag", &["backup", "--source", "{src}", "--bogus"], 2, &["--bogus"]),
     // 11. Only init creates a repository; --repo at a regular file says so.
-    row("repo: mistyped dir, list", &["--repo", "{scratch}/typo", "list"], 7, &["typo", "ferry init"]),
+    row(
+        "repo: mistyped dir, list",
+        &["--repo", "{scratch}/typo", "list"],
+        7,
+        &["typo", "ferry init"],
+    ),
     row("repo: mistyped dir, show", &["--repo", "{scratch}/typo", "show", "{id}"], 7, &["typo"]),
     row(
         "repo: mistyped dir, backup",
@@ -268,21 +284,45 @@ const ROWS: &[Row] = &[
     with_config(
         "s3: max_attempts = 0",
         "[s3]\naccess_key_id = \"GK1\"\nsecret_access_key = \"x1234567\"\nmax_attempts = 0\n",
-        &["--repo", "s3://bkt/p", "--s3-endpoint", "http://127.0.0.1:1", "--config", "{cfg}", "list"],
+        &[
+            "--repo",
+            "s3://bkt/p",
+            "--s3-endpoint",
+            "http://127.0.0.1:1",
+            "--config",
+            "{cfg}",
+            "list",
+        ],
         2,
         &["max_attempts"],
     ),
     with_config(
         "s3: max_attempts = 1 bounds a refused connection",
         "[s3]\naccess_key_id = \"GK1\"\nsecret_access_key = \"x1234567\"\nmax_attempts = 1\n",
-        &["--repo", "s3://bkt/p", "--s3-endpoint", "http://127.0.0.1:1", "--config", "{cfg}", "list"],
+        &[
+            "--repo",
+            "s3://bkt/p",
+            "--s3-endpoint",
+            "http://127.0.0.1:1",
+            "--config",
+            "{cfg}",
+            "list",
+        ],
         4,
         &["after 1 attempts"],
     ),
     with_config(
         "s3: max_attempts = 2 bounds a refused connection",
         "[s3]\naccess_key_id = \"GK1\"\nsecret_access_key = \"x1234567\"\nmax_attempts = 2\n",
-        &["--repo", "s3://bkt/p", "--s3-endpoint", "http://127.0.0.1:1", "--config", "{cfg}", "list"],
+        &[
+            "--repo",
+            "s3://bkt/p",
+            "--s3-endpoint",
+            "http://127.0.0.1:1",
+            "--config",
+            "{cfg}",
+            "list",
+        ],
         4,
         &["after 2 attempts"],
     ),
@@ -293,8 +333,59 @@ const ROWS: &[Row] = &[
         4,
         &["after 3 attempts"],
     ),
+    with_config(
+        "s3: retry_max_secs = 0 allows no retry",
+        "[s3]\naccess_key_id = \"GK1\"\nsecret_access_key = \"x1234567\"\nretry_max_secs = 0\n",
+        &[
+            "--repo",
+            "s3://bkt/p",
+            "--s3-endpoint",
+            "http://127.0.0.1:1",
+            "--config",
+            "{cfg}",
+            "list",
+        ],
+        4,
+        &["after 1 attempts"],
+    ),
+    with_config(
+        "s3: request_timeout_secs = 0",
+        "[s3]\naccess_key_id = \"GK1\"\nsecret_access_key = \"x1234567\"\nrequest_timeout_secs = 0\n",
+        &[
+            "--repo",
+            "s3://bkt/p",
+            "--s3-endpoint",
+            "http://127.0.0.1:1",
+            "--config",
+            "{cfg}",
+            "list",
+        ],
+        2,
+        &["timeout"],
+    ),
+    row("config: missing file", &["--config", "{scratch}/none.toml", "list"], 2, &["none.toml"]),
+    row("config: a directory", &["--config", "{dir}", "list"], 2, &["config file"]),
+    row("repo: empty", &["--repo", "", "list"], 2, &["empty"]),
+    with_env(
+        "repo: FERRY_REPO typo",
+        &[("FERRY_REPO", "s3:/bkt")],
+        &["--repo", "s3:/x", "list"],
+        2,
+        &["s3://"],
+    ),
+    row(
+        "source: given twice",
+        &["backup", "--source", "{src}", "--source", "{src}"],
+        2,
+        &["src.img"],
+    ),
     // 19. Limits checked and explained at parse time.
-    row("workers: 256", &["backup", "--source", "{src}", "--workers", "256"], 2, &["--workers", "64"]),
+    row(
+        "workers: 256",
+        &["backup", "--source", "{src}", "--workers", "256"],
+        2,
+        &["--workers", "64"],
+    ),
     row("workers: 0", &["backup", "--source", "{src}", "--workers", "0"], 2, &["--workers"]),
     row(
         "parts in flight: 33",
@@ -309,10 +400,25 @@ const ROWS: &[Row] = &[
         &["--downloads-in-flight"],
     ),
     // 20. Negative numbers name their option; the environment names its variable.
-    row("init: --chunk-size -4M", &["--repo", "{scratch}/new-repo", "init", "--chunk-size", "-4M"], 2, &["--chunk-size"]),
-    row("init: --chunk-size 3M", &["--repo", "{scratch}/new-repo", "init", "--chunk-size", "3M"], 2, &["power of two"]),
+    row(
+        "init: --chunk-size -4M",
+        &["--repo", "{scratch}/new-repo", "init", "--chunk-size", "-4M"],
+        2,
+        &["--chunk-size"],
+    ),
+    row(
+        "init: --chunk-size 3M",
+        &["--repo", "{scratch}/new-repo", "init", "--chunk-size", "3M"],
+        2,
+        &["power of two"],
+    ),
     row("workers: -1", &["backup", "--source", "{src}", "--workers", "-1"], 2, &["--workers"]),
-    row("limit-read: -5", &["backup", "--source", "{src}", "--limit-read", "-5"], 2, &["--limit-read"]),
+    row(
+        "limit-read: -5",
+        &["backup", "--source", "{src}", "--limit-read", "-5"],
+        2,
+        &["--limit-read"],
+    ),
     with_env(
         "FERRY_IO_ENGINE=bogus",
         &[("FERRY_IO_ENGINE", "bogus")],
@@ -323,7 +429,12 @@ const ROWS: &[Row] = &[
     row("--io-engine bogus", &["--io-engine", "bogus", "list"], 2, &["--io-engine"]),
     // 21. Backup ids: the rule is stated.
     row("backup id: path", &["show", "../config"], 2, &["letters, digits"]),
-    row("backup id: slash on backup", &["backup", "--source", "{src}", "--backup-id", "a/b"], 2, &["letters, digits"]),
+    row(
+        "backup id: slash on backup",
+        &["backup", "--source", "{src}", "--backup-id", "a/b"],
+        2,
+        &["letters, digits"],
+    ),
     row("backup id: unknown", &["show", "20990101T000000Z-00000000"], 7, &["does not exist"]),
     row("delete: unknown", &["delete", "20990101T000000Z-00000000"], 7, &["does not exist"]),
 ];
@@ -484,7 +595,8 @@ fn every_bad_input_is_refused_and_changes_nothing() {
 /// each failure class.
 #[test]
 fn readme_exit_codes_match_the_suite() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let table: BTreeMap<i32, String> = readme
         .lines()
         .skip_while(|line| !line.starts_with("## Exit codes"))
@@ -516,7 +628,10 @@ fn readme_exit_codes_match_the_suite() {
 #[test]
 fn help_is_json_under_json_and_separates_global_options() {
     let run = Run::from(
-        Command::new(env!("CARGO_BIN_EXE_ferry")).args(["--json", "backup", "--help"]).output().unwrap(),
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["--json", "backup", "--help"])
+            .output()
+            .unwrap(),
     );
     let result = run.ok();
     let help = result["help"].as_str().unwrap();
@@ -560,8 +675,10 @@ fn one_damaged_object_is_contained() {
     let run = fixture.ferry(&["backup", "--source", "{src}"], &[]);
     let result = run.ok();
     assert!(
-        run.events.iter().any(|e| e["event"] == "warning"
-            && e["message"].as_str().unwrap().contains("stored again")),
+        run.events
+            .iter()
+            .any(|e| e["event"] == "warning"
+                && e["message"].as_str().unwrap().contains("stored again")),
         "{:?}",
         run.events
     );
@@ -570,7 +687,11 @@ fn one_damaged_object_is_contained() {
     fixture.ferry(&["delete", &fixture.id], &[]).ok();
     assert!(!manifest.exists());
     fixture.ferry(&["restore", third, "--target", "{scratch}/third.img"], &[]).ok();
-    crate::util::assert_same(&fixture.scratch.join("src.img"), &fixture.scratch.join("third.img"), 2 * MIB);
+    crate::util::assert_same(
+        &fixture.scratch.join("src.img"),
+        &fixture.scratch.join("third.img"),
+        2 * MIB,
+    );
 }
 
 /// 10: a pack the backup references but the repository lost is integrity (exit 5), found before
@@ -582,8 +703,18 @@ fn a_lost_pack_is_integrity_and_nothing_is_written() {
     let saved = std::fs::read(&pack).unwrap();
     std::fs::remove_file(&pack).unwrap();
     let rows = [
-        row("lost pack, new target", &["restore", "{id}", "--target", "{scratch}/new.img"], 5, &["missing"]),
-        row("lost pack, --force onto data", &["restore", "{id}", "--target", "{tgt}", "--force"], 5, &["missing"]),
+        row(
+            "lost pack, new target",
+            &["restore", "{id}", "--target", "{scratch}/new.img"],
+            5,
+            &["missing"],
+        ),
+        row(
+            "lost pack, --force onto data",
+            &["restore", "{id}", "--target", "{tgt}", "--force"],
+            5,
+            &["missing"],
+        ),
     ];
     for row in &rows {
         let _ = fixture.check(row);
@@ -613,7 +744,7 @@ fn growth_and_a_longer_target_are_warned_about() {
     let fixture = Fixture::new("bad-input-warnings");
     let growing = fixture.scratch.join("growing.img");
     gen_image(&growing, 4 * MIB, "random", 7);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["--json", "--repo", fixture.repo.to_str().unwrap(), "backup", "--limit-read", "2"])
         .arg("--source")
         .arg(&growing)
@@ -635,11 +766,14 @@ fn growth_and_a_longer_target_are_warned_about() {
     );
     let longer = fixture.scratch.join("longer.img");
     gen_image(&longer, 3 * MIB, "random", 8);
-    let run = fixture.ferry(&["restore", "{id}", "--target", longer.to_str().unwrap(), "--force"], &[]);
+    let run =
+        fixture.ferry(&["restore", "{id}", "--target", longer.to_str().unwrap(), "--force"], &[]);
     run.ok();
     assert!(
-        run.events.iter().any(|e| e["event"] == "warning"
-            && e["message"].as_str().unwrap().contains("left as it is")),
+        run.events
+            .iter()
+            .any(|e| e["event"] == "warning"
+                && e["message"].as_str().unwrap().contains("left as it is")),
         "{:?}",
         run.events
     );
@@ -706,7 +840,8 @@ fn restore_onto_the_source_of_a_running_backup_is_refused() {
     gen_image(&big, 16 * MIB, "random", 10);
     let child = slow_backup(&fixture, &big);
     let before = std::fs::read(&big).unwrap();
-    let run = fixture.ferry(&["restore", "{id}", "--target", big.to_str().unwrap(), "--force"], &[]);
+    let run =
+        fixture.ferry(&["restore", "{id}", "--target", big.to_str().unwrap(), "--force"], &[]);
     assert!(run.fails(8).contains("another ferry job"), "{:?}", run.events);
     assert!(std::fs::read(&big).unwrap() == before, "the source was written");
     signal(&child, "TERM");
@@ -727,11 +862,12 @@ fn read_only_and_mounted_devices_name_device_and_cause() {
         eprintln!("skipped: losetup unavailable");
         return;
     };
-    let device = LoopDevice { path: PathBuf::from(String::from_utf8(output.stdout).unwrap().trim()) };
+    let device =
+        LoopDevice { path: PathBuf::from(String::from_utf8(output.stdout).unwrap().trim()) };
     let shown = device.path.display().to_string();
     let args = ["restore", &fixture.id, "--target", &shown, "--force"];
     let message = fixture.ferry(&args, &[]).fails(3);
-    assert!(message.contains(&shown) && message.contains("Read-only"), "{message}");
+    assert!(message.contains(&shown) && message.contains("read-only"), "{message}");
     drop(device);
     // A mounted file system's device.
     let status = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image).status().unwrap();
@@ -749,4 +885,31 @@ fn read_only_and_mounted_devices_name_device_and_cause() {
     drop(device);
     assert!(message.contains(&shown) && message.contains("in use"), "{message}");
     let _ = std::fs::remove_file(&image);
+}
+
+/// 1, 21 against a real S3 store: a refused secret never appears in a message, and init into a
+/// prefix that holds objects but no repository is refused, leaving the objects alone.
+#[test]
+fn s3_refusals_leak_nothing_and_mix_nothing() {
+    let Some(repo) = crate::util::Repo::garage("bad-input") else { return };
+    let bad_secret = "Wr0ngSecretValueForBadInputSuite0123456";
+    let run = repo.ferry_env(&["init"], &[("AWS_SECRET_ACCESS_KEY", bad_secret)]);
+    let message = run.fails(4);
+    let stdout: Vec<String> = run.events.iter().map(ToString::to_string).collect();
+    assert!(
+        !stdout.join("\n").contains(bad_secret) && !run.stderr.contains(bad_secret),
+        "{message}"
+    );
+    repo.init("256K");
+    let crate::util::Repo::S3 { url, endpoint, config } = &repo else { unreachable!() };
+    // The repository's own prefix, one level up, holds objects (this repository) but no config.
+    let parent = crate::util::Repo::S3 {
+        url: url.rsplit_once('/').unwrap().0.to_owned(),
+        endpoint: endpoint.clone(),
+        config: config.clone(),
+    };
+    let message = parent.ferry(&["init"]).fails(8);
+    assert!(message.contains("not empty"), "{message}");
+    let listed = repo.ferry(&["list"]).ok();
+    assert_eq!(listed["backups"].as_array().unwrap().len(), 0);
 }

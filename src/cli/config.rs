@@ -146,7 +146,9 @@ pub fn config_path(args: &StoreArgs) -> Option<PathBuf> {
 /// The repository argument: `--repo`, else `FERRY_REPO`, else the config file's `repository`.
 fn resolve_location(args: &StoreArgs, config: &ConfigFile) -> Result<String, EngineError> {
     args.repo.clone().or_else(|| env("FERRY_REPO")).or(config.repository.clone()).ok_or_else(|| {
-        usage("no repository given: pass --repo s3://BUCKET/PREFIX or --repo DIR (or set FERRY_REPO)")
+        usage(
+            "no repository given: pass --repo s3://BUCKET/PREFIX or --repo DIR (or set FERRY_REPO)",
+        )
     })
 }
 
@@ -172,8 +174,10 @@ pub fn open_store_with(
     let mut policy = RetryPolicy::default();
     if let Some(attempts) = config.s3.max_attempts {
         if attempts == 0 {
-            return Err(usage("[s3] max_attempts = 0: it counts attempts, the first included, so \
-                              it is at least 1"));
+            return Err(usage(
+                "[s3] max_attempts = 0: it counts attempts, the first included, so \
+                              it is at least 1",
+            ));
         }
         policy.max_attempts = attempts;
         // A store that never answered gets at most the default few attempts, never more than
@@ -192,13 +196,17 @@ pub fn open_store_with(
             match (location::local_directory(&path)?, args.create) {
                 (LocalState::Missing, false) => Err(EngineError::new(
                     ErrorKind::NotFound,
-                    format!("no repository at {shown}: the directory does not exist (create one \
-                             with `ferry init`)"),
+                    format!(
+                        "no repository at {shown}: the directory does not exist (create one \
+                             with `ferry init`)"
+                    ),
                 )),
                 (LocalState::Other, true) => Err(EngineError::new(
                     ErrorKind::Refused,
-                    format!("{shown} is not empty and holds no ferry repository; `ferry init` \
-                             needs a new or empty directory"),
+                    format!(
+                        "{shown} is not empty and holds no ferry repository; `ferry init` \
+                             needs a new or empty directory"
+                    ),
                 )),
                 _ => Ok(Box::new(Retrying::new(LocalStore::new(path)?, policy))),
             }

@@ -55,14 +55,18 @@ pub fn parse(text: &str) -> Result<Location, EngineError> {
                 }
             }
             if prefix.chars().any(char::is_control) {
-                return Err(usage(format!("repository {text:?}: the prefix has control characters")));
+                return Err(usage(format!(
+                    "repository {text:?}: the prefix has control characters"
+                )));
             }
         }
         return Ok(Location::S3 { bucket: bucket.to_owned(), prefix: prefix.to_owned() });
     }
     let path = text.strip_prefix("file://").unwrap_or(text);
     if path.is_empty() {
-        return Err(usage("repository path is empty: pass --repo s3://BUCKET/PREFIX or --repo DIR"));
+        return Err(usage(
+            "repository path is empty: pass --repo s3://BUCKET/PREFIX or --repo DIR",
+        ));
     }
     if let Some((scheme, _)) = path.split_once("://") {
         return Err(usage(format!(
@@ -81,8 +85,9 @@ pub fn parse(text: &str) -> Result<Location, EngineError> {
 pub fn check_bucket(bucket: &str) -> Result<(), String> {
     const RULE: &str = "a bucket name is 3 to 63 lower-case letters, digits, '.' and '-', \
                         starting and ending with a letter or digit";
-    let valid_bytes =
-        bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    let valid_bytes = bucket
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
     let ends_ok = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     if bucket.is_empty() {
         return Err(format!("the bucket is missing; {RULE}"));
@@ -95,9 +100,7 @@ pub fn check_bucket(bucket: &str) -> Result<(), String> {
         return Err(format!("bucket {bucket:?} is not a valid name: {RULE}"));
     }
     if bucket.contains("..") || bucket.parse::<std::net::Ipv4Addr>().is_ok() {
-        return Err(format!(
-            "bucket {bucket:?} is not a valid name: no '..', not an IP address"
-        ));
+        return Err(format!("bucket {bucket:?} is not a valid name: no '..', not an IP address"));
     }
     Ok(())
 }
@@ -159,9 +162,15 @@ pub fn check_endpoint(url: &str) -> Result<(), EngineError> {
 /// `url` with anything before an `@` in its authority replaced, for messages.
 fn shown_endpoint(url: &str) -> String {
     let scheme_end = url.find("://").map_or(0, |at| at + 3);
-    let authority_end = url[scheme_end..].find(['/', '?', '#']).map_or(url.len(), |at| at + scheme_end);
+    let authority_end =
+        url[scheme_end..].find(['/', '?', '#']).map_or(url.len(), |at| at + scheme_end);
     match url[scheme_end..authority_end].rfind('@') {
-        Some(at) => format!("{}{}@{}", &url[..scheme_end], super::secrets::REDACTED, &url[scheme_end + at + 1..]),
+        Some(at) => format!(
+            "{}{}@{}",
+            &url[..scheme_end],
+            super::secrets::REDACTED,
+            &url[scheme_end + at + 1..]
+        ),
         None => url.to_owned(),
     }
 }
@@ -220,9 +229,23 @@ mod tests {
         assert_eq!(parse("file:///tmp/r").unwrap(), Location::Local("/tmp/r".into()));
         assert_eq!(parse("./s3:/x").unwrap(), Location::Local("./s3:/x".into()));
         for bad in [
-            "s3:/bkt/pfx", "s3:bkt", "S3://bkt", "s3://", "s3:///pfx", "s3://Bkt", "s3://ab",
-            "s3://bkt_1", "s3://-bkt", "s3://bkt-", "s3://a..b", "s3://192.168.1.1",
-            "s3://bkt/a//b", "s3://bkt/../x", "gs://bkt", "", "file://",
+            "s3:/bkt/pfx",
+            "s3:bkt",
+            "S3://bkt",
+            "s3://",
+            "s3:///pfx",
+            "s3://Bkt",
+            "s3://ab",
+            "s3://bkt_1",
+            "s3://-bkt",
+            "s3://bkt-",
+            "s3://a..b",
+            "s3://192.168.1.1",
+            "s3://bkt/a//b",
+            "s3://bkt/../x",
+            "gs://bkt",
+            "",
+            "file://",
         ] {
             assert_eq!(parse(bad).unwrap_err().kind, ErrorKind::Usage, "{bad}");
         }
@@ -233,15 +256,28 @@ mod tests {
     #[test]
     fn endpoints() {
         for good in [
-            "http://127.0.0.1:3900", "https://s3.example.net", "https://s3.example.net/",
-            "http://[::1]:3900", "http://localhost:65535",
+            "http://127.0.0.1:3900",
+            "https://s3.example.net",
+            "https://s3.example.net/",
+            "http://[::1]:3900",
+            "http://localhost:65535",
         ] {
             assert!(check_endpoint(good).is_ok(), "{good}");
         }
         for bad in [
-            "127.0.0.1:3900", "ftp://h", "http://", "http://h:99999", "http://h:0", "http://h:",
-            "http://h:x", "http://h/path", "http://h?x=1", "http://h#f", "http://[::1",
-            "http://-h", "http://h h",
+            "127.0.0.1:3900",
+            "ftp://h",
+            "http://",
+            "http://h:99999",
+            "http://h:0",
+            "http://h:",
+            "http://h:x",
+            "http://h/path",
+            "http://h?x=1",
+            "http://h#f",
+            "http://[::1",
+            "http://-h",
+            "http://h h",
         ] {
             assert_eq!(check_endpoint(bad).unwrap_err().kind, ErrorKind::Usage, "{bad}");
         }

@@ -347,7 +347,15 @@ fn parse_size(text: &str) -> Result<u32, String> {
 
 /// Command names, as `Output` labels events.
 const COMMAND_NAMES: &[&str] = &[
-    "init", "backup", "restore", "list", "show", "delete", "verify", "repair", "cinder-record",
+    "init",
+    "backup",
+    "restore",
+    "list",
+    "show",
+    "delete",
+    "verify",
+    "repair",
+    "cinder-record",
     "reclaim",
 ];
 
@@ -379,7 +387,8 @@ pub fn run() -> u8 {
     let checked = check_format_flags(&cli, &matches)
         .and_then(|()| check_environment(&cli))
         .and_then(|()| validate::check_command(&cli));
-    let result = checked.and_then(|()| with_signals(&output, &cancel, || dispatch(&cli, &output, &cancel)));
+    let result =
+        checked.and_then(|()| with_signals(&output, &cancel, || dispatch(&cli, &output, &cancel)));
     match result {
         Ok(()) => ExitCode::Ok as u8,
         Err(error) => output.error(&error) as u8,

@@ -49,8 +49,10 @@ pub fn check_command(cli: &Cli) -> Result<(), EngineError> {
             // followed by a number would verify a backup named like the number.
             let bare_flag = std::env::args().any(|arg| arg == "--read-data");
             if bare_flag
-                && let Some(number) =
-                    args.backup_ids.iter().find(|id| id.trim_end_matches('%').parse::<f64>().is_ok())
+                && let Some(number) = args
+                    .backup_ids
+                    .iter()
+                    .find(|id| id.trim_end_matches('%').parse::<f64>().is_ok())
             {
                 return Err(usage(format!(
                     "{number:?} follows --read-data but is taken as a backup id; write \

@@ -44,7 +44,8 @@ impl Repository {
     /// Creates a new repository in `store` with a fresh random key.
     ///
     /// # Errors
-    /// `Refused` when the store already holds a repository, store errors otherwise.
+    /// `Refused` when the store already holds a repository or any other object, store errors
+    /// otherwise.
     pub fn init(
         store: Box<dyn ObjectStore>,
         chunk_size_bytes: u32,
@@ -58,6 +59,18 @@ impl Repository {
             }
             Err(StoreError::NotFound { .. }) => {}
             Err(error) => return Err(error.into()),
+        }
+        // A repository is created only where nothing is: its objects never mix with others.
+        if let Some(object) = store.list("")?.first() {
+            return Err(EngineError::new(
+                ErrorKind::Refused,
+                format!(
+                    "{} is not empty (it holds {}) and holds no ferry repository; `ferry init` \
+                     needs a new or empty location",
+                    store.describe(),
+                    object.key
+                ),
+            ));
         }
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|error| {
@@ -117,13 +130,12 @@ impl Repository {
             .filter_map(|object| object.key.strip_prefix(INDEX_PREFIX))
             .filter_map(PackId::from_hex)
             .collect();
-        let loaded = parallel_map(&packs, INDEX_FETCHES_IN_FLIGHT, |pack| {
-            match self.load_index(pack) {
+        let loaded =
+            parallel_map(&packs, INDEX_FETCHES_IN_FLIGHT, |pack| match self.load_index(pack) {
                 Ok(index) => Ok(Ok(index)),
                 Err(error) if error.kind == ErrorKind::Integrity => Ok(Err(error)),
                 Err(error) => Err(error),
-            }
-        })?;
+            })?;
         let mut map = HashMap::new();
         for result in loaded {
             match result {

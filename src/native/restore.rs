@@ -349,15 +349,14 @@ fn fetch_range(
     let key = job.pack.pack_key();
     // The backup references this pack: its absence is lost data (integrity), not a missing
     // backup (not found).
-    let bytes = shared.repo.store.get_range(&key, job.offset, job.length).map_err(|error| {
-        match error {
+    let bytes =
+        shared.repo.store.get_range(&key, job.offset, job.length).map_err(|error| match error {
             StoreError::NotFound { .. } => EngineError::new(
                 ErrorKind::Integrity,
                 format!("pack {key}, referenced by this backup, is missing"),
             ),
             other => other.into(),
-        }
-    })?;
+        })?;
     Progress::add(&shared.progress.bytes_downloaded, bytes.len() as u64);
     let mut position = 0usize;
     for entry in &job.entries {

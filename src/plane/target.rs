@@ -63,11 +63,24 @@ fn device_error(path: &Path, step: &str, error: &std::io::Error) -> EngineError 
     EngineError::new(ErrorKind::Device, format!("{step} target {}: {error}", path.display()))
 }
 
-/// Refuses a block device the system holds (mounted, part of a RAID or device-mapper table,
+/// Refuses a read-only block device (`Device`), and a block device the system holds (mounted, part of a RAID or device-mapper table,
 /// or opened exclusively by another program): `O_EXCL` on a block device fails with `EBUSY`
 /// then, and writing under a mounted file system would corrupt it.
 fn check_not_busy(path: &Path) -> Result<(), EngineError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    // A read-only device accepts an open for writing and fails every write: say so first.
+    if let Ok(metadata) = std::fs::metadata(path) {
+        let dev = metadata.rdev();
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+        let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+        let flag = format!("/sys/dev/block/{major}:{minor}/ro");
+        if std::fs::read_to_string(&flag).is_ok_and(|text| text.trim() == "1") {
+            return Err(EngineError::new(
+                ErrorKind::Device,
+                format!("target {} is a read-only block device ({flag} is 1)", path.display()),
+            ));
+        }
+    }
     match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_EXCL).open(path) {
         Err(error) if error.raw_os_error() == Some(libc::EBUSY) => Err(EngineError::new(
             ErrorKind::Refused,
