@@ -363,6 +363,21 @@ const ROWS: &[Row] = &[
         2,
         &["timeout"],
     ),
+    with_config(
+        "secret file: a FIFO is refused, not read",
+        "[s3]\naccess_key_id = \"GK1\"\nsecret_access_key_file = \"{fifo}\"\n",
+        &[
+            "--repo",
+            "s3://bkt/p",
+            "--s3-endpoint",
+            "http://127.0.0.1:1",
+            "--config",
+            "{cfg}",
+            "list",
+        ],
+        2,
+        &["fifo", "regular file"],
+    ),
     row("config: missing file", &["--config", "{scratch}/none.toml", "list"], 2, &["none.toml"]),
     row("config: a directory", &["--config", "{dir}", "list"], 2, &["config file"]),
     row("repo: empty", &["--repo", "", "list"], 2, &["empty"]),
@@ -525,7 +540,7 @@ impl Fixture {
     /// changed; returns the run.
     fn check(&self, row: &Row) -> Run {
         if let Some(config) = row.config {
-            std::fs::write(self.config_path(), config).unwrap();
+            std::fs::write(self.config_path(), self.expand(config)).unwrap();
         }
         let before = self.snapshot();
         let run = self.ferry(row.args, row.env);

@@ -111,6 +111,29 @@ pub fn load_config_file(path: Option<&Path>) -> Result<ConfigFile, EngineError> 
     Ok(config)
 }
 
+/// A secret file holds a few lines at most.
+const SECRET_FILE_BYTES_MAX: u64 = 64 * 1024;
+
+/// Reads a file holding a secret: a regular file of at most 64 KiB (a FIFO would block, a device
+/// would never end), trimmed; the secret is registered before anything can print it.
+///
+/// # Errors
+/// `Usage`, naming the file.
+pub fn read_secret_file(file: &Path) -> Result<String, EngineError> {
+    let shown = file.display();
+    let metadata =
+        std::fs::metadata(file).map_err(|error| usage(format!("secret file {shown}: {error}")))?;
+    if !metadata.is_file() || metadata.len() > SECRET_FILE_BYTES_MAX {
+        return Err(usage(format!(
+            "secret file {shown} is not a regular file of at most {SECRET_FILE_BYTES_MAX} bytes"
+        )));
+    }
+    let secret = std::fs::read_to_string(file)
+        .map_err(|error| usage(format!("secret file {shown}: {error}")))?;
+    secrets::register(&secret);
+    Ok(secret.trim().to_owned())
+}
+
 /// Registers every secret the config names, in its own value or behind a file or variable.
 fn register_config_secrets(config: &ConfigFile) {
     let values = [&config.s3.secret_access_key, &config.cinder.backup_s3_store_secret_key];
@@ -121,9 +144,8 @@ fn register_config_secrets(config: &ConfigFile) {
         .into_iter()
         .chain([config.lightbits.as_ref().map(|section| &section.token_file)]);
     for file in files.flatten().flatten() {
-        if let Ok(secret) = std::fs::read_to_string(file) {
-            secrets::register(&secret);
-        }
+        // Only registered here: a file that cannot be read is reported where it is used.
+        let _ = read_secret_file(file);
     }
     if let Some(name) = config.lightbits.as_ref().and_then(|section| section.token_env.as_ref()) {
         secrets::register_env(&[name]);
@@ -228,14 +250,7 @@ fn open_s3(
     ) {
         (Some(secret), _, _) => Some(secret),
         (None, Some(secret), _) => Some(secret.clone()),
-        (None, None, Some(file)) => Some(
-            std::fs::read_to_string(file)
-                .map_err(|error| {
-                    usage(format!("secret access key file {}: {error}", file.display()))
-                })?
-                .trim()
-                .to_string(),
-        ),
+        (None, None, Some(file)) => Some(read_secret_file(file)?),
         (None, None, None) => None,
     };
     if let Some(secret) = &secret {

@@ -145,7 +145,7 @@ pub fn check_endpoint(url: &str) -> Result<(), EngineError> {
         },
     };
     let host_ok = !host.is_empty()
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:%".contains(&b))
         && !host.starts_with(['.', '-']);
     if !host_ok {
         return Err(bad("has no valid host"));

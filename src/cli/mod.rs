@@ -435,11 +435,8 @@ fn with_signals(
     });
     let signal = received.load(Ordering::SeqCst);
     match result {
-        // A failure caused by the cancel (a store call cut short, a device closed) is the cancel.
-        Err(error) if signal != 0 && error.kind != ErrorKind::Cancelled => Err(EngineError::new(
-            ErrorKind::Cancelled,
-            format!("cancelled by {} ({})", signal_name(signal), error.message),
-        )),
+        // After a signal, a failure is the cancel, whatever cut the job short (a store call, a
+        // device closed, a check that saw the flag): the exit code is always 6.
         Err(error) if signal != 0 => Err(EngineError::new(
             ErrorKind::Cancelled,
             format!("cancelled by {}: {}", signal_name(signal), error.message),

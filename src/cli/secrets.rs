@@ -16,9 +16,10 @@ use std::sync::Mutex;
 /// Registered secrets, longest first (so a secret that contains another is replaced whole).
 static SECRETS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-/// Shorter values are not registered: replacing every `1` or `ab` in a message would garble it
-/// and protect nothing (no real secret or token is this short).
-const SECRET_LENGTH_MIN: usize = 4;
+/// Shorter values are not registered: replacing every `true` or `2024` in a message would garble
+/// it and protect nothing (S3 secret keys and API tokens are tens of characters). A short secret
+/// on a config line is still never quoted in a parse error (`config_parse_error`).
+const SECRET_LENGTH_MIN: usize = 8;
 
 /// What replaces a secret in messages.
 pub const REDACTED: &str = "<redacted>";
@@ -69,6 +70,9 @@ pub fn is_secret_key(key: &str) -> bool {
 /// Whether a config-file line may hold a secret: its key names one. A line without `=` counts
 /// when it mentions one (a mangled assignment still carries its value).
 fn line_holds_secret(line: &str) -> bool {
+    if line.trim_start().starts_with('#') {
+        return false;
+    }
     let key = line.split(['=', ':']).next().unwrap_or(line);
     is_secret_key(key) || (!line.contains('=') && is_secret_key(line))
 }
@@ -90,11 +94,14 @@ pub fn register_config_text(text: &str) {
             None => line.trim_start().split_once(char::is_whitespace).map_or("", |(_, v)| v),
         };
         let value = value.trim();
-        register(value);
-        register(value.trim_matches(['"', '\'']));
-        for word in value.split(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '#') {
-            register(word);
-        }
+        // A quoted value ends at its closing quote (a comment may follow); an unquoted or
+        // unterminated one runs to a `#` or the end of the line.
+        let quoted = value.strip_prefix(['"', '\'']).and_then(|rest| {
+            let quote = value.chars().next()?;
+            rest.split_once(quote).map(|(inside, _)| inside)
+        });
+        let unquoted = value.split('#').next().unwrap_or(value).trim();
+        register(quoted.unwrap_or(unquoted.trim_start_matches(['"', '\''])));
     }
 }
 
@@ -150,6 +157,14 @@ mod tests {
         }
         let message = parse_error("[s3]\nregoin = \"x\"\n");
         assert!(message.contains("regoin") && message.contains("line 2"), "{message}");
+    }
+
+    #[test]
+    fn comments_and_short_values_are_not_registered() {
+        register_config_text("# the secret_access_key comes from vault-kv-store\n");
+        register_config_text("secret_access_key = \"quoted-secret-1\" # from vault-kv-other\n");
+        assert_eq!(scrub("vault-kv-store vault-kv-other"), "vault-kv-store vault-kv-other");
+        assert_eq!(scrub("quoted-secret-1"), REDACTED);
     }
 
     #[test]
