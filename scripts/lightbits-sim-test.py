@@ -551,6 +551,9 @@ def test_api_nodes(sim: Sim) -> None:
     assert unanswered(timeout=0.5), "a hung node answered"
     assert time.monotonic() - started >= 0.45, "a hung node answered at once"
     sim.sim("POST", "/sim/api-nodes/1", {"state": "up"})
+    hung = wait_for("the hung request logged", lambda: [
+        r for r in sim.sim("GET", "/sim/requests")["requests"] if r["status"] == 0])
+    assert hung[-1]["node"] == 1, hung
     expect(200, sim.api("GET", f"{VOLS}/{vol['UUID']}", port=other), "node 1 back up")
 
     sim.sim("POST", "/sim/faults", {"kind": "down", "method": "PUT", "path": "/volumes/"})

@@ -1107,12 +1107,15 @@ class Cluster:
         return dict(node)
 
     def api_node_answers(self, index: int) -> bool:
-        """False when node `index` must not answer (down); holds the caller while it hangs."""
+        """False when node `index` must not answer: it is down, or it hangs (the caller is held
+        until the node leaves "hang"; a request that hung is never processed)."""
+        hung = False
         while not self.stopping.is_set():
             with self.lock:
                 state = self.api_node(index)["state"]
             if state != "hang":
-                return state == "up"
+                return state == "up" and not hung
+            hung = True
             time.sleep(TICK_SECONDS)
         return False
 

@@ -824,9 +824,14 @@ fn lightbits_api_node_lost_mid_backup_and_restore() {
         })
         .expect("the clone was deleted");
     assert_eq!(clone_delete["node"], 0, "{clone_delete}");
-    assert!(requests.iter().any(|r| r["node"] == 1 && r["status"] == 0), "node 1 hung a request");
     sim.assert_clean(&[(&source, acl.clone())], "after the backup");
+    // A hung request is logged (unanswered) once the node lets go of it.
     let _ = sim.call("POST", "/sim/api-nodes/1", Some(json!({"state": "up"})));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sim.requests().iter().any(|r| r["node"] == 1 && r["status"] == 0) {
+        assert!(Instant::now() < deadline, "node 1 hung a request: {:?}", sim.requests());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     let backup_id = result["backup_id"].as_str().unwrap().to_owned();
     let target = sim.volume("vol-target", &sample(&sim, "other.img", 10), &[]);
