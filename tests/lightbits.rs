@@ -86,7 +86,15 @@ impl Sim {
             return None;
         }
         let scratch = Scratch::new(&format!("lightbits-{tag}"));
-        for dir in ["state", "discovery", "by-id", "sys/class/block", "sys/class/nvme", "journal", "repo-dir"] {
+        for dir in [
+            "state",
+            "discovery",
+            "by-id",
+            "sys/class/block",
+            "sys/class/nvme",
+            "journal",
+            "repo-dir",
+        ] {
             std::fs::create_dir_all(scratch.join(dir)).unwrap();
         }
         std::fs::write(scratch.join("token"), "sim-token\n").unwrap();
@@ -702,14 +710,19 @@ fn lightbits_nvme_connect_never_drops_other_volumes() {
     sim.write_config("nvme.toml", &api, "token", &extra);
     sim.ferry(&["init", "--chunk-size", "64K"]).ok();
 
-    let mut child = sim.spawn("nvme.toml", &["backup", "--lightbits-volume", "vol-n", "--limit-read", "2"]);
-    sim.wait_until(&mut child, "clone attached", &|sim| sim.attached() && !sim.namespaces().is_empty());
+    let mut child =
+        sim.spawn("nvme.toml", &["backup", "--lightbits-volume", "vol-n", "--limit-read", "2"]);
+    sim.wait_until(&mut child, "clone attached", &|sim| {
+        sim.attached() && !sim.namespaces().is_empty()
+    });
     let clone_namespace = sim.namespaces();
     assert_eq!(clone_namespace.len(), 1, "{clone_namespace:?}");
     // Nova (or Cinder) attaches another volume of the same cluster to this host.
     sim.set_acl(&other, &[app_host, HOST_NQN]);
     let other_namespace = format!("nvme0n{other_nsid}");
-    sim.wait_until(&mut child, "the other namespace", &|sim| sim.namespaces().contains(&other_namespace));
+    sim.wait_until(&mut child, "the other namespace", &|sim| {
+        sim.namespaces().contains(&other_namespace)
+    });
     let run = Run::from(child.wait_with_output().unwrap());
     run.ok();
     let calls = sim.take_nvme_calls();
@@ -735,18 +748,25 @@ fn lightbits_nvme_connect_never_drops_other_volumes() {
     sim.set_acl(&other, &[app_host]);
     sim.nvme(&["disconnect", "-n", &subsys_nqn]);
     let _ = sim.take_nvme_calls();
-    sim.assert_clean(&[(&source, acl.clone()), (&other, json!([app_host]))], "after the shared detach");
+    sim.assert_clean(
+        &[(&source, acl.clone()), (&other, json!([app_host]))],
+        "after the shared detach",
+    );
 
     // Nothing else on the subsystem: ferry connects and disconnects as before.
     let run = sim.ferry_with("nvme.toml", &["backup", "--lightbits-volume", "vol-n"]);
     run.ok();
     assert!(warnings(&run).is_empty(), "{:?}", run.events);
     let calls = sim.take_nvme_calls();
-    let disconnects: Vec<&Vec<String>> = calls.iter().filter(|argv| argv[0] == "disconnect").collect();
+    let disconnects: Vec<&Vec<String>> =
+        calls.iter().filter(|argv| argv[0] == "disconnect").collect();
     assert_eq!(disconnects, [&vec!["disconnect".to_owned(), "-n".to_owned(), subsys_nqn.clone()]]);
     assert_eq!(calls.last().unwrap()[0], "disconnect", "{calls:?}");
     assert!(sim.namespaces().is_empty());
-    sim.assert_clean(&[(&source, acl.clone()), (&other, json!([app_host]))], "after the second backup");
+    sim.assert_clean(
+        &[(&source, acl.clone()), (&other, json!([app_host]))],
+        "after the second backup",
+    );
 }
 
 /// The token rotates while a backup reads its clone: the next API call gets 401, ferry re-reads
@@ -807,7 +827,8 @@ fn lightbits_api_node_lost_mid_backup_and_restore() {
     sim.write_config_apis("nodes.toml", &apis, "token", "");
     sim.ferry(&["init", "--chunk-size", "64K"]).ok();
 
-    let mut child = sim.spawn("nodes.toml", &["backup", "--lightbits-volume", "vol-s", "--limit-read", "2"]);
+    let mut child =
+        sim.spawn("nodes.toml", &["backup", "--lightbits-volume", "vol-s", "--limit-read", "2"]);
     sim.wait_until(&mut child, "clone attached", &|sim| sim.attached());
     let served_by_1 = sim.requests().iter().filter(|r| r["node"] == 1).count();
     assert!(served_by_1 > 0, "ferry used the first address until now");
@@ -837,8 +858,11 @@ fn lightbits_api_node_lost_mid_backup_and_restore() {
     let target = sim.volume("vol-target", &sample(&sim, "other.img", 10), &[]);
     let acl_put = format!("/volumes/{target}$");
     sim.fault(json!({"kind": "down", "method": "PUT", "path": acl_put}));
-    sim.ferry_with("nodes.toml", &["restore", &backup_id, "--lightbits-volume", "vol-target", "--force"])
-        .ok();
+    sim.ferry_with(
+        "nodes.toml",
+        &["restore", &backup_id, "--lightbits-volume", "vol-target", "--force"],
+    )
+    .ok();
     let nodes = sim.state()["apiNodes"].clone();
     assert_eq!(nodes[1]["state"], "down", "the fault took node 1 down: {nodes}");
     let puts: Vec<Value> = sim
@@ -865,16 +889,19 @@ fn lightbits_two_jobs_on_one_volume() {
     let free = sim.volume("vol-free", &content, &[]);
     let acl = sim.volume_json(&busy)["acl"]["values"].clone();
     sim.ferry(&["init", "--chunk-size", "64K"]).ok();
-    let mut child = sim.spawn("config.toml", &["backup", "--lightbits-volume", "vol-busy", "--limit-read", "2"]);
+    let mut child = sim
+        .spawn("config.toml", &["backup", "--lightbits-volume", "vol-busy", "--limit-read", "2"]);
     sim.wait_until(&mut child, "clone attached", &|sim| sim.attached());
 
     let message = sim.ferry(&["backup", "--lightbits-volume", "vol-busy"]).fails(8);
-    assert!(message.contains("in use by another ferry job") && message.contains("pid"), "{message}");
+    assert!(
+        message.contains("in use by another ferry job") && message.contains("pid"),
+        "{message}"
+    );
     let other = sim.ferry(&["backup", "--lightbits-volume", "vol-free"]).ok();
     let backup_id = other["backup_id"].as_str().unwrap().to_owned();
-    let message = sim
-        .ferry(&["restore", &backup_id, "--lightbits-volume", &busy, "--force"])
-        .fails(8);
+    let message =
+        sim.ferry(&["restore", &backup_id, "--lightbits-volume", &busy, "--force"]).fails(8);
     assert!(message.contains("in use by another ferry job"), "{message}");
     assert!(child.try_wait().unwrap().is_none(), "the first backup is still running");
     Run::from(child.wait_with_output().unwrap()).ok();

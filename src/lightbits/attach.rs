@@ -268,17 +268,23 @@ fn is_namespace_node(name: &str) -> bool {
 /// The identity of a namespace directory: its UUID from `wwid` (`uuid.<uuid>`) or `uuid`, else a
 /// description that matches no volume UUID (so an unidentifiable namespace counts as foreign).
 fn namespace_uuid(directory: &Path) -> String {
-    let read = |name: &str| fs::read_to_string(directory.join(name)).map(|text| text.trim().to_owned());
+    let read =
+        |name: &str| fs::read_to_string(directory.join(name)).map(|text| text.trim().to_owned());
     if let Ok(wwid) = read("wwid")
         && let Some(uuid) = wwid.strip_prefix("uuid.")
     {
         return uuid.to_owned();
     }
     match read("uuid") {
-        Ok(uuid) if !uuid.is_empty() && uuid.bytes().any(|byte| byte != b'0' && byte != b'-') => uuid,
+        Ok(uuid) if !uuid.is_empty() && uuid.bytes().any(|byte| byte != b'0' && byte != b'-') => {
+            uuid
+        }
         _ => format!(
             "{} (no uuid: wwid {})",
-            directory.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default(),
+            directory
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             read("wwid").unwrap_or_else(|_| "unreadable".to_owned())
         ),
     }
@@ -682,7 +688,11 @@ mod tests {
         let all = BTreeSet::from(["u1".to_owned(), "u2".to_owned(), foreign[0].clone()]);
         assert!(detach(&attachment, &root, &all).is_err(), "all ours: disconnect runs");
         assert!(is_namespace_node("nvme12n3") && is_namespace_node("nvme1c2n3"));
-        assert!(!is_namespace_node("nvme-subsys0") && !is_namespace_node("nvme1") && !is_namespace_node("nvmen1"));
+        assert!(
+            !is_namespace_node("nvme-subsys0")
+                && !is_namespace_node("nvme1")
+                && !is_namespace_node("nvmen1")
+        );
         fs::remove_dir_all(&root).unwrap();
     }
 

@@ -93,7 +93,8 @@ impl<'a> Held<'a> {
 
     /// Claims the volume for this job on this host (one job per volume at a time).
     fn lock(&mut self, volume: &Volume, job_id: &str) -> Result<()> {
-        self.volume_lock = Some(self.control.journal.lock_volume(&volume.uuid, &volume.name, job_id)?);
+        self.volume_lock =
+            Some(self.control.journal.lock_volume(&volume.uuid, &volume.name, job_id)?);
         Ok(())
     }
 

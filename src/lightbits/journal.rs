@@ -353,7 +353,12 @@ impl Journal {
     /// # Errors
     ///
     /// [`LightbitsError::Busy`]; [`LightbitsError::LocalIo`].
-    pub fn lock_volume(&self, volume_uuid: &str, volume_name: &str, job_id: &str) -> Result<VolumeLock> {
+    pub fn lock_volume(
+        &self,
+        volume_uuid: &str,
+        volume_name: &str,
+        job_id: &str,
+    ) -> Result<VolumeLock> {
         use std::io::{Read, Seek, Write};
         let path = self.dir.join(lock_file_name(volume_uuid));
         let io = |operation: &'static str, path: &Path| {
@@ -387,7 +392,7 @@ impl Journal {
             }
             let holder = format!("job {job_id}, pid {}", std::process::id());
             file.set_len(0).map_err(io("truncate lock", &path))?;
-            let _start = file.rewind().map_err(io("rewind lock", &path))?;
+            file.rewind().map_err(io("rewind lock", &path))?;
             file.write_all(holder.as_bytes()).map_err(io("write lock", &path))?;
             return Ok(VolumeLock { file, path });
         }
@@ -517,15 +522,16 @@ pub fn undo(
             let _inserted = ours.insert(volume_uuid.clone());
             let detached = attach::detach(attachment, sysfs_root, &ours)?;
             let note = detached.warning();
-            let outcome =
-                if note.is_some() { Outcome::LeftConnected } else { Outcome::Detached };
+            let outcome = if note.is_some() { Outcome::LeftConnected } else { Outcome::Detached };
             Ok(Undone { outcome, note })
         }
         Resource::Acl { volume_uuid, host_nqn, original_acl, original_ip_acl, .. } => {
             let restore = UpdateAcl { acl: original_acl.clone(), ip_acl: original_ip_acl.clone() };
             match client.update_volume_acl(volume_uuid, |_| restore.clone()) {
                 Ok(()) => {}
-                Err(LightbitsError::VolumeNotFound { .. }) => return Ok(Outcome::AlreadyGone.into()),
+                Err(LightbitsError::VolumeNotFound { .. }) => {
+                    return Ok(Outcome::AlreadyGone.into());
+                }
                 Err(error) => return Err(error),
             }
             let _volume =
@@ -546,7 +552,8 @@ pub fn undo(
             });
             let deletion = client.delete_volume(&uuid)?;
             client.wait_volume_gone(&uuid)?;
-            Ok(if deletion == Deletion::Deleted { Outcome::Deleted } else { Outcome::AlreadyGone }.into())
+            Ok(if deletion == Deletion::Deleted { Outcome::Deleted } else { Outcome::AlreadyGone }
+                .into())
         }
         Resource::Snapshot { name, uuid } => {
             let uuid = match uuid {
@@ -556,7 +563,8 @@ pub fn undo(
             let Some(uuid) = uuid else { return Ok(Outcome::AlreadyGone.into()) };
             let deletion = client.delete_snapshot(&uuid)?;
             client.wait_snapshot_gone(&uuid)?;
-            Ok(if deletion == Deletion::Deleted { Outcome::Deleted } else { Outcome::AlreadyGone }.into())
+            Ok(if deletion == Deletion::Deleted { Outcome::Deleted } else { Outcome::AlreadyGone }
+                .into())
         }
     }
 }
@@ -577,8 +585,7 @@ pub fn reclaim(
     let client = client.uncancellable();
     let mut report = ReclaimReport::default();
     let records = journal.list()?;
-    let reclaimable =
-        |record: &Record| include_live || !record.owner.is_alive();
+    let reclaimable = |record: &Record| include_live || !record.owner.is_alive();
     // The clones of the jobs reclaimed here are deleted below, so their namespaces go too.
     let ours: BTreeSet<String> = records
         .iter()

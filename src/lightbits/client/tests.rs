@@ -167,8 +167,8 @@ fn rotated_token_is_picked_up_on_401() {
             (401, r#"{"message":"invalid token"}"#.to_owned())
         }
     });
-    let token_file = std::env::temp_dir()
-        .join(format!("ferry-lightbits-rotate-{}", std::process::id()));
+    let token_file =
+        std::env::temp_dir().join(format!("ferry-lightbits-rotate-{}", std::process::id()));
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let client = Client::new(ClientOptions {
         token: TokenSource::File(token_file.clone()),
