@@ -223,10 +223,18 @@ fn reclaim_text(report: &ReclaimReport) -> String {
                 .and_then(|value| value.as_str().map(str::to_owned))
                 .unwrap_or_default();
             let error = item.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
-            format!("{} {} (job {}): {outcome}{error}", item.kind, item.name, item.job_id)
+            let note = item.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+            format!("{} {} (job {}): {outcome}{error}{note}", item.kind, item.name, item.job_id)
         })
         .collect();
     lines.join("\n")
+}
+
+/// Reports the control layer's warnings (a connection left up on purpose, and why).
+fn report_warnings(control: &Control, output: &Output) {
+    for warning in control.take_warnings() {
+        output.warning(&warning);
+    }
 }
 
 /// Undoes what runs that are no longer alive left behind; failures become warnings, because
@@ -249,6 +257,9 @@ fn reclaim_dead(control: &Control, output: &Output) -> Result<(), EngineError> {
                 item.kind, item.name, item.job_id
             )),
         }
+        if let Some(note) = &item.note {
+            output.warning(note);
+        }
     }
     Ok(())
 }
@@ -263,6 +274,9 @@ pub fn run_reclaim(cli: &Cli, output: &Output) -> Result<(), EngineError> {
     output.start(json!({"journal": control.journal.dir().display().to_string()}));
     let report =
         journal::reclaim(&control.journal, &control.client, &control.attach.sysfs_root, false)?;
+    for note in report.items.iter().filter_map(|item| item.note.as_deref()) {
+        output.warning(note);
+    }
     let text = reclaim_text(&report);
     if report.is_clean() {
         output.result(json!({"reclaim": report}), &text);
@@ -314,7 +328,9 @@ pub fn backup<T>(
     }
     let control = control(cli, Some(cancel))?;
     reclaim_dead(&control, output)?;
-    let attached = flow::prepare_backup_source(&control, volume, backup_id)
+    let prepared = flow::prepare_backup_source(&control, volume, backup_id);
+    report_warnings(&control, output);
+    let attached = prepared
         .map_err(|error| EngineError::from(error).context(format!("lightbits volume {volume}")))?;
     let label = format!(
         "lightbits:{}/{} (clone {})",
@@ -325,6 +341,7 @@ pub fn backup<T>(
     let device = attached.device_path().to_path_buf();
     let result = job(&device, label);
     let cleanup = attached.finish();
+    report_warnings(&control, output);
     settle(result, cleanup, &format!("backup {backup_id}"), output)
 }
 
@@ -349,10 +366,13 @@ pub fn restore<T>(
     let control = control(cli, Some(cancel))?;
     reclaim_dead(&control, output)?;
     let job_id = format!("restore-{}", &PackId::random().to_hex()[..12]);
-    let attached = flow::prepare_restore_target(&control, volume, &job_id, force)
+    let prepared = flow::prepare_restore_target(&control, volume, &job_id, force);
+    report_warnings(&control, output);
+    let attached = prepared
         .map_err(|error| EngineError::from(error).context(format!("lightbits volume {volume}")))?;
     let result = job(attached.device_path());
     let cleanup = attached.finish();
+    report_warnings(&control, output);
     settle(result, cleanup, &format!("restore into {volume}"), output)
 }
 
