@@ -759,6 +759,8 @@ fn lightbits_cinder_format_backup_restore_and_kill() {
         Prefix='volume_%s/' % vol) for o in p.get('Contents', [])]\n\
         print(len([k for k in keys if bid in k and k.endswith('_metadata')]))\n";
     assert_eq!(crate::cinder::boto(&py, script, &[&volume, &killed]).trim(), "0");
+}
+
 /// `attach_mode = "nvme-connect"` on a host where the cluster's one subsystem carries other
 /// volumes too. While a backup reads its clone, another user attaches a second volume to this
 /// host: the backup's detach sees that volume's namespace on the controller, issues no

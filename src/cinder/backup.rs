@@ -272,6 +272,9 @@ struct Shared<'a> {
     /// Data objects stored so far (deleted if the backup fails).
     stored: Mutex<Vec<String>>,
     zero_block_hash: Hash,
+    /// zlib segments of all-zero slices, by (length, last): runs of zeros are common in volumes,
+    /// and their segment is the same every time.
+    zero_segments: Mutex<HashMap<(usize, bool), Segment>>,
 }
 
 /// Backs up `job.source` into `store` (rooted at the bucket) in Cinder's layout.
@@ -325,6 +328,7 @@ pub fn backup(
         gate: BodyGate { free: Mutex::new(budget.part_bytes_max), changed: Condvar::new() },
         stored: Mutex::new(Vec::new()),
         zero_block_hash: Sha256::digest(vec![0u8; job.geometry.block_size() as usize]).into(),
+        zero_segments: Mutex::new(HashMap::new()),
     };
     let result =
         run_pipeline(&shared, &source, &budget, read_chunk, parent.as_deref(), &prefix, cancel);
@@ -529,7 +533,21 @@ fn run_task(shared: &Shared<'_>, task: Task) -> Result<Done, EngineError> {
     let job = shared.job;
     match task {
         Task::Segment { object, index, slice, last } => {
-            let segment = zlib_segments::compress_segment(slice.bytes(), job.zlib_level, last)?;
+            let bytes = slice.bytes();
+            let segment = if crate::native::chunk::is_zero(bytes) {
+                let key = (bytes.len(), last);
+                let cached = lock(&shared.zero_segments).get(&key).cloned();
+                match cached {
+                    Some(segment) => segment,
+                    None => {
+                        let segment = zlib_segments::compress_segment(bytes, job.zlib_level, last)?;
+                        let _ = lock(&shared.zero_segments).insert(key, segment.clone());
+                        segment
+                    }
+                }
+            } else {
+                zlib_segments::compress_segment(bytes, job.zlib_level, last)?
+            };
             Ok(Done::Segment { object, index, segment })
         }
         Task::Md5 { object, slices } => {
