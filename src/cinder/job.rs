@@ -176,6 +176,8 @@ pub struct BackupJob {
     pub name: Option<String>,
     /// `display_description`.
     pub description: Option<String>,
+    /// `volume_meta`: the JSON text Cinder's `BackupMetadataAPI.get` makes of the volume's row.
+    pub volume_meta: Option<String>,
     /// Hash/compress workers.
     pub workers: usize,
     /// Objects uploading at once.
@@ -328,6 +330,7 @@ pub fn backup(
     metadata.backup_name = job.name.clone();
     metadata.backup_description = job.description.clone();
     metadata.parent_id = job.parent_id.clone();
+    metadata.volume_meta = job.volume_meta.clone();
     metadata.objects = objects;
     let documents = [
         (sha256file_name(&prefix), Bytes::from(sha.to_json())),
@@ -607,6 +610,8 @@ pub struct RestoreJob {
 pub struct RestoreOutcome {
     /// Backup ids of the chain, base first.
     pub chain: Vec<String>,
+    /// Each link's `volume_meta`, base first: Cinder puts each back on the volume in this order.
+    pub chain_volume_meta: Vec<Option<String>>,
     /// Bytes the backup covers.
     pub volume_size_bytes: u64,
     /// Objects downloaded (objects wholly overwritten by later links are skipped).
@@ -739,6 +744,7 @@ pub fn restore(
     write_edges(&shared, &job.target)?;
     Ok(RestoreOutcome {
         chain: chain.iter().map(|l| l.metadata.backup_id.clone()).collect(),
+        chain_volume_meta: chain.iter().map(|l| l.metadata.volume_meta.clone()).collect(),
         volume_size_bytes: needed,
         objects_downloaded: shared.downloaded.load(Ordering::Relaxed) as u64,
         bytes_downloaded: Progress::get(&progress.bytes_downloaded),
