@@ -40,7 +40,13 @@ import sys
 import traceback
 import types
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+try:
+    import ferry_cinder  # noqa: F401  (pip-installed)
+except ImportError:
+    # Not installed: the package as kept in this repository.
+    sys.path.insert(1, os.path.join(HERE, "ferry_cinder"))
 import harness  # noqa: E402  (harness.py: configuration and the DB/notification fakes)
 
 RUNS = []  # ferry command lines the driver ran
