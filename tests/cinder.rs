@@ -15,11 +15,11 @@ use serde_json::Value;
 use crate::util::{Run, Scratch, assert_same, gen_image};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
-const OBJECT_SIZE: &str = "4194304";
-const MIB: u64 = 1 << 20;
+pub(crate) const OBJECT_SIZE: &str = "4194304";
+pub(crate) const MIB: u64 = 1 << 20;
 
 /// The venv python, or None (skipped) without Cinder or Garage.
-fn cinder_py(test: &str) -> Option<String> {
+pub(crate) fn cinder_py(test: &str) -> Option<String> {
     let py = std::env::var("FERRY_CINDER_PY").ok().filter(|p| !p.is_empty());
     let s3 = std::env::var("FERRY_TEST_S3_ENDPOINT").ok();
     if py.is_none() || s3.is_none() {
@@ -36,7 +36,7 @@ fn cinder_py(test: &str) -> Option<String> {
     py
 }
 
-fn uuid() -> String {
+pub(crate) fn uuid() -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
@@ -51,7 +51,7 @@ fn uuid() -> String {
     )
 }
 
-fn bucket() -> String {
+pub(crate) fn bucket() -> String {
     std::env::var("FERRY_TEST_S3_BUCKET").unwrap_or_else(|_| "ferry-test".into())
 }
 
@@ -74,7 +74,7 @@ fn ferry_ok(args: &[&str]) -> Run {
 }
 
 /// Runs the Cinder harness and returns its JSON.
-fn harness(py: &str, args: &[&str]) -> Value {
+pub(crate) fn harness(py: &str, args: &[&str]) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cinder/harness.py");
     let out = Command::new(py).arg(script).args(args).output().unwrap();
     assert!(out.status.success(), "harness {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -82,7 +82,7 @@ fn harness(py: &str, args: &[&str]) -> Value {
 }
 
 /// Runs a Python snippet with boto3 against the test bucket; `args` follow the script.
-fn boto(py: &str, script: &str, args: &[&str]) -> String {
+pub(crate) fn boto(py: &str, script: &str, args: &[&str]) -> String {
     let prelude = "import os, sys, boto3\n\
         s3 = boto3.client('s3', endpoint_url=os.environ['FERRY_TEST_S3_ENDPOINT'], \
         region_name=os.environ.get('FERRY_TEST_S3_REGION', 'garage'))\n\
@@ -128,7 +128,7 @@ fn ferry_restore(backup: &str, volume: &str, target: &Path) {
     ]);
 }
 
-fn cinder_backup(
+pub(crate) fn cinder_backup(
     py: &str,
     image: &Path,
     backup: &str,
@@ -156,7 +156,7 @@ fn cinder_backup(
 }
 
 /// Cinder restores `backup` into a file of `size` bytes (Cinder opens the target `r+b`).
-fn cinder_restore(py: &str, backup: &str, target: &Path, size: u64) {
+pub(crate) fn cinder_restore(py: &str, backup: &str, target: &Path, size: u64) {
     let file = std::fs::File::create(target).unwrap();
     file.set_len(size).unwrap();
     let _ = harness(
@@ -174,7 +174,7 @@ fn cinder_restore(py: &str, backup: &str, target: &Path, size: u64) {
 }
 
 /// Overwrites a few ranges of `image` (random bytes, text, zeros) to make an incremental.
-fn mutate(image: &Path, seed: u64) {
+pub(crate) fn mutate(image: &Path, seed: u64) {
     use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new().write(true).open(image).unwrap();
     let len = file.metadata().unwrap().len();

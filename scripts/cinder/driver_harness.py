@@ -162,11 +162,29 @@ def make_manager(ctx, image_path, fake_db):
 
 
 class ManagerDB(harness.FakeDB):
+    volume_db_status = None  # the last status the manager wrote with db.volume_update
+
+    def volume_update(self, context, volume_id, values):
+        super().volume_update(context, volume_id, values)
+        if "status" in values:
+            ManagerDB.volume_db_status = values["status"]
+
     def backup_add_dependent(self, context, backup_id):
         harness.CALLS.append(("backup_add_dependent", backup_id))
 
     def volume_metadata_get(self, context, volume_id):
         return {}
+
+
+def usage_json():
+    """CPU seconds and peak RSS of this process (the cinder side) and of ferry (its child)."""
+    import resource
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"cinder_cpu_s": round(me.ru_utime + me.ru_stime, 3),
+            "cinder_peak_rss_kib": me.ru_maxrss,
+            "children_cpu_s": round(kids.ru_utime + kids.ru_stime, 3),
+            "children_peak_rss_kib": kids.ru_maxrss}
 
 
 def exception_json(error):
@@ -224,7 +242,7 @@ def cmd_backup(args, env):
         "exception": exception_json(error),
         "notifications": [{"event": n[0], "percent": n[1]} for n in notes],
         "messages": mgr.message_api.created, "ferry_runs": RUNS,
-        "db_calls": [list(c) for c in harness.CALLS],
+        "db_calls": [list(c) for c in harness.CALLS], "usage": usage_json(),
     }
     if error is None and backup.status == c_fields.BackupStatus.AVAILABLE:
         exported = mgr.export_record(ctx, backup)
@@ -265,10 +283,12 @@ def cmd_restore(args, env):
         error = e
         traceback.print_exc(file=sys.stderr)
     print(json.dumps({
-        "backup_status": backup.status, "volume_status": volume.status,
+        "backup_status": backup.status,
+        "volume_status": ManagerDB.volume_db_status or volume.status,
         "exception": exception_json(error), "ferry_runs": RUNS,
         "notifications": [{"event": n[0], "percent": n[1]} for n in notes],
         "db_calls": [list(c) for c in harness.CALLS], "messages": mgr.message_api.created,
+        "usage": usage_json(),
     }, indent=2, sort_keys=True, default=str))
 
 
