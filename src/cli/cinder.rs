@@ -145,7 +145,7 @@ pub struct CinderSection {
     pub backup_timer_interval: Option<u64>,
     /// Accepted, ignored.
     pub backup_object_number_per_notification: Option<u64>,
-    /// Accepted, ignored (ferry writes `volume_meta` null).
+    /// Accepted, ignored (`volume_meta` is the caller's: `--cinder-volume-meta-file`).
     pub backup_metadata_version: Option<u64>,
     /// Availability zone in the object prefix (default `nova`).
     pub storage_availability_zone: Option<String>,
