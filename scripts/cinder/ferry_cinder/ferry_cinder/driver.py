@@ -526,11 +526,12 @@ class _BackupProgress(object):
         due = read >= self.next_bytes
         if self.timer and time.monotonic() - self.last_sent >= self.timer:
             due = True
-        if not due or not total:
+        # 100 is sent once, by end(), after the last object and the documents are stored.
+        if not due or not total or read >= total:
             return
         while self.next_bytes <= read:
             self.next_bytes += self.step_bytes
-        self._send(min(100.0, read * 100.0 / total),
+        self._send(read * 100.0 / total,
                    {'bytes_read': read, 'bytes_total': total,
                     'bytes_uploaded': event.get('bytes_uploaded')})
 
