@@ -33,6 +33,7 @@ block device 'wb' does not truncate, on an image file it would.
 import argparse
 import builtins
 import contextlib
+import importlib.util
 import json
 import os
 import stat
@@ -41,15 +42,23 @@ import traceback
 import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-try:
-    import ferry_cinder  # noqa: F401  (pip-installed)
-except ImportError:
-    # Not installed: the package as kept in this repository.
-    sys.path.insert(1, os.path.join(HERE, "ferry_cinder"))
+_installed = importlib.util.find_spec("ferry_cinder")
+if _installed is None or _installed.origin is None:
+    # Not pip-installed: the package as kept in this repository.
+    sys.path.insert(0, os.path.join(HERE, "ferry_cinder"))
+sys.path.append(HERE)
 import harness  # noqa: E402  (harness.py: configuration and the DB/notification fakes)
 
 RUNS = []  # ferry command lines the driver ran
+# stdout is for the one JSON object: everything else (oslo.log logs to stdout by default) goes
+# to stderr.
+OUT = sys.stdout
+sys.stdout = sys.stderr
+
+
+def emit(value):
+    OUT.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+    OUT.flush()
 
 
 def record_popen():
@@ -88,6 +97,8 @@ class FakeMessages(object):
 def configure(args, env):
     from oslo_config import cfg
     conf = harness.configure(args, env)
+    from cinder import objects
+    objects.register_all()  # cinder.manager's annotations name versioned objects
     import cinder.backup.manager  # noqa: F401  (registers backup_driver)
     conf.set_override("backup_driver", args.driver)
     if args.driver.startswith("ferry_cinder."):
@@ -247,7 +258,7 @@ def cmd_backup(args, env):
     if error is None and backup.status == c_fields.BackupStatus.AVAILABLE:
         exported = mgr.export_record(ctx, backup)
         out["export"] = exported
-    print(json.dumps(out, indent=2, sort_keys=True, default=str))
+    emit(out)
 
 
 def cmd_restore(args, env):
@@ -282,14 +293,14 @@ def cmd_restore(args, env):
     except Exception as e:
         error = e
         traceback.print_exc(file=sys.stderr)
-    print(json.dumps({
+    emit({
         "backup_status": backup.status,
         "volume_status": ManagerDB.volume_db_status or volume.status,
         "exception": exception_json(error), "ferry_runs": RUNS,
         "notifications": [{"event": n[0], "percent": n[1]} for n in notes],
         "db_calls": [list(c) for c in harness.CALLS], "messages": mgr.message_api.created,
         "usage": usage_json(),
-    }, indent=2, sort_keys=True, default=str))
+    })
 
 
 def cmd_delete(args, env):
@@ -302,7 +313,7 @@ def cmd_delete(args, env):
     drv = importutils.import_class(cfg.CONF.backup_driver)(ctx)
     rec = harness.load_backup_record(ctx, drv, bucket, args.backup_id, args.volume_id)
     drv.delete_backup(rec)
-    print(json.dumps({"backup_id": rec.id, "service_metadata": rec.service_metadata}))
+    emit({"backup_id": rec.id, "service_metadata": rec.service_metadata})
 
 
 def main():
