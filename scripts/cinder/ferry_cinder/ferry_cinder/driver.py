@@ -290,7 +290,7 @@ class FerryBackupDriver(s3.S3BackupDriver):
                     kind = event.get('event')
                     if kind in ('result', 'error'):
                         final = event
-                    elif kind == 'progress':
+                    elif kind == 'progress' and not stopped:
                         on_progress(event)
                     elif kind == 'warning':
                         LOG.warning('ferry: %s', event.get('message'))
