@@ -254,6 +254,7 @@ def cmd_backup(args, env):
         "notifications": [{"event": n[0], "percent": n[1]} for n in notes],
         "messages": mgr.message_api.created, "ferry_runs": RUNS,
         "db_calls": [list(c) for c in harness.CALLS], "usage": usage_json(),
+        "eventlet": harness.EVENTLET,
     }
     if error is None and backup.status == c_fields.BackupStatus.AVAILABLE:
         exported = mgr.export_record(ctx, backup)
