@@ -85,7 +85,8 @@ fn check_ferry_runs(out: &Value, sparse: Option<bool>) {
     let runs = out["ferry_runs"].as_array().unwrap();
     assert_eq!(runs.len(), 1, "one ferry run: {out:#}");
     for run in runs {
-        let argv: Vec<&str> = run["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        let argv: Vec<&str> =
+            run["argv"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
         assert!(argv.iter().all(|a| !a.contains(&secret) && !a.contains(&access)), "{argv:?}");
         assert_eq!(run["config_mode"], "0o600", "{run}");
         assert!(!Path::new(run["config_path"].as_str().unwrap()).exists(), "config left behind");
@@ -310,7 +311,8 @@ fn driver_cancel_mid_backup_leaves_nothing() {
 fn driver_store_failure_is_cinder_error() {
     let Some(py) = cinder_py("driver_store_failure_is_cinder_error") else { return };
     let endpoint = std::env::var("FERRY_TEST_S3_ENDPOINT").unwrap();
-    let Ok(upstream) = endpoint.trim_start_matches("http://").trim_end_matches('/').parse::<SocketAddr>()
+    let Ok(upstream) =
+        endpoint.trim_start_matches("http://").trim_end_matches('/').parse::<SocketAddr>()
     else {
         eprintln!("skipped driver_store_failure_is_cinder_error: {endpoint} is not http://ip:port");
         return;

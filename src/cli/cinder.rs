@@ -387,9 +387,8 @@ fn run_restore(
 /// Reads `--cinder-volume-meta-file`: JSON text, stored as the string it is (Cinder's
 /// `volume_meta` is double-encoded JSON).
 fn read_volume_meta(path: &std::path::Path) -> Result<String, EngineError> {
-    let text = std::fs::read_to_string(path).map_err(|error| {
-        usage(format!("--cinder-volume-meta-file {}: {error}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| usage(format!("--cinder-volume-meta-file {}: {error}", path.display())))?;
     let text = text.trim_end_matches(['\n', '\r']).to_owned();
     if let Err(error) = serde_json::from_str::<serde_json::Value>(&text) {
         return Err(usage(format!(

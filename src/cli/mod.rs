@@ -67,6 +67,8 @@ pub enum EngineArg {
 }
 
 /// The commands.
+// Parsed once per process: the size of the largest variant (backup's flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a repository.
