@@ -206,6 +206,21 @@ fn driver_round_trips_through_driver_and_stock() {
     assert_same(&image, &stock, size);
 }
 
+/// The service's start-up check passes with ferry and the stock S3 options, and refuses what
+/// ferry cannot do (an HTTPS proxy) with the option named.
+#[test]
+fn driver_setup_check() {
+    let Some(py) = cinder_py("driver_setup_check") else { return };
+    let out = driver(&py, &["check", "--driver", DRIVER], &[]);
+    assert!(out["exception"].is_null(), "{out:#}");
+    let out = driver(&py, &["check", "--driver", DRIVER, "--https-proxy", "http://proxy:3128"], &[]);
+    assert_eq!(out["exception"]["class"], "InvalidConfigurationValue", "{out:#}");
+    assert!(out["exception"]["message"].as_str().unwrap().contains("backup_s3_https_proxy"));
+    let out = driver(&py, &["check", "--driver", DRIVER], &[("FERRY_BIN", "/nonexistent/ferry")]);
+    assert_eq!(out["exception"]["class"], "BackupDriverException", "{out:#}");
+    assert!(out["exception"]["message"].as_str().unwrap().contains("/nonexistent/ferry"));
+}
+
 /// Backups made by Cinder's stock driver restore through ferry's, once their `service` names
 /// it (README: switching drivers); before, Cinder's manager refuses them, as it refuses any
 /// backup made by another driver.

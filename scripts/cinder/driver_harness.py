@@ -15,6 +15,7 @@ Around them only the database, message bus, attachment and key manager are fakes
   driver_harness.py restore --driver CLASS --backup-id UUID --volume-id UUID --target FILE
                             [--volume-is-new] [--service NAME] [--src-volume-id UUID]
   driver_harness.py delete  --driver CLASS --backup-id UUID [--volume-id UUID]
+  driver_harness.py check   --driver CLASS [--https-proxy URL]   (check_for_setup_error)
 
 Environment: harness.py's (FERRY_TEST_S3_*, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), plus
 FERRY_BIN (ferry_binary for ferry_cinder's driver).  Prints one JSON object on stdout: the
@@ -317,6 +318,23 @@ def cmd_delete(args, env):
     emit({"backup_id": rec.id, "service_metadata": rec.service_metadata})
 
 
+def cmd_check(args, env):
+    """The driver's check_for_setup_error, as BackupManager._setup_backup_driver runs it."""
+    configure(args, env)
+    harness.install_fakes()
+    ctx = harness.make_context()
+    from oslo_utils import importutils
+    from oslo_config import cfg
+    if args.https_proxy:
+        cfg.CONF.set_override("backup_s3_https_proxy", args.https_proxy)
+    error = None
+    try:
+        importutils.import_class(cfg.CONF.backup_driver)(context=ctx).check_for_setup_error()
+    except Exception as e:
+        error = e
+    emit({"exception": exception_json(error)})
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--eventlet", action="store_true")
@@ -351,10 +369,14 @@ def main():
     d.add_argument("--driver", required=True)
     d.add_argument("--backup-id", required=True)
     d.add_argument("--volume-id")
+    c = sub.add_parser("check")
+    c.add_argument("--driver", required=True)
+    c.add_argument("--https-proxy", help="backup_s3_https_proxy (which ferry refuses)")
     args = p.parse_args()
     env = harness.s3_env()
     try:
-        {"backup": cmd_backup, "restore": cmd_restore, "delete": cmd_delete}[args.cmd](args, env)
+        {"backup": cmd_backup, "restore": cmd_restore, "delete": cmd_delete,
+         "check": cmd_check}[args.cmd](args, env)
     except SystemExit:
         raise
     except Exception as e:  # noqa

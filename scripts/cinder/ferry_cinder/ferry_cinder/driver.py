@@ -204,8 +204,7 @@ class FerryBackupDriver(s3.S3BackupDriver):
     # ------------------------------------------------------------------ setup
 
     def check_for_setup_error(self):
-        """The stock S3 checks (options, ListBuckets), then ferry and what it cannot do."""
-        super().check_for_setup_error()
+        """What ferry cannot do, the ferry binary, then the stock S3 checks (ListBuckets)."""
         unsupported = [name for name in ('backup_s3_http_proxy', 'backup_s3_https_proxy',
                                          'backup_s3_sse_customer_key',
                                          'backup_s3_sse_customer_algorithm')
@@ -227,6 +226,7 @@ class FerryBackupDriver(s3.S3BackupDriver):
             raise exception.BackupDriverException(
                 reason='%s --version failed: %s' % (binary, error))
         LOG.info('ferry backup driver: %s', out.stdout.decode('utf-8', 'replace').strip())
+        super().check_for_setup_error()
 
     # --------------------------------------------------------------- ferry I/O
 
