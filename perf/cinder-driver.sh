@@ -14,7 +14,9 @@
 #   FERRY_BIN_DIR=DIR      take ferry and bench from DIR instead of `cargo build --release`
 #   FERRY_TEST_S3_*        use this S3 endpoint instead of starting a Garage (see perf/lib.sh)
 #
-# Columns: wall time; CPU-s/GiB = user+sys of the whole process tree (python and ferry) per GiB
+# Columns: wall time of the whole command (for the drivers: Python start-up and cinder's imports
+# included, a few seconds a running cinder-backup does not pay per job); the manager's call
+# alone; CPU-s/GiB = user+sys of the whole process tree (python and ferry) per GiB
 # of volume; peak RSS of the cinder-side python process and of ferry (the driver's child).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +47,8 @@ uuid() { python3 -c 'import uuid; print(uuid.uuid4())'; }
 drop_caches() { sync; if [[ -w /proc/sys/vm/drop_caches ]]; then echo 3 > /proc/sys/vm/drop_caches; fi; }
 
 # measure NAME CMD...: runs CMD under /usr/bin/time -v after dropping caches;
-# prints "wall_s cpu_s tree_rss_mib cinder_rss_mib ferry_rss_mib".
+# prints "wall_s cpu_s tree_rss_mib cinder_rss_mib ferry_rss_mib manager_s" (manager_s: the
+# manager's continue_backup/restore_backup alone, without Python start-up and imports).
 measure() {
   local name=$1; shift
   drop_caches
@@ -59,7 +62,7 @@ wall = get('Elapsed (wall clock)')
 secs = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.split(':'))))
 cpu = float(get('User time')) + float(get('System time'))
 tree = int(get('Maximum resident set size')) // 1024
-cinder = ferry = '-'
+cinder = ferry = manager = '-'
 try:
     out = json.load(open(sys.argv[2]))
     if 'usage' in out:
@@ -67,10 +70,13 @@ try:
         if exc:
             sys.exit('%s: %s' % (sys.argv[3], exc))
         cinder = out['usage']['cinder_peak_rss_kib'] // 1024
-        ferry = out['usage']['children_peak_rss_kib'] // 1024 or '-'
+        manager = f"{out['manager_s']:.1f}"
+        # The stock driver runs no ferry (its children are cinder's own helpers).
+        if out.get('ferry_runs'):
+            ferry = out['usage']['children_peak_rss_kib'] // 1024
 except ValueError:  # ferry run directly: JSON Lines
     ferry = tree
-print(f"{secs:.2f} {cpu:.2f} {tree} {cinder} {ferry}")
+print(f"{secs:.2f} {cpu:.2f} {tree} {cinder} {ferry} {manager}")
 PY
 }
 
@@ -130,14 +136,15 @@ rows = [r.split() for r in sys.argv[4:]]
 names = ['stock S3 driver', 'ferry driver', 'ferry direct']
 with open(out, 'a') as f:
     f.write(f"### {mix} image ({gib:.2f} GiB)\n\n")
-    f.write("| step | path | wall | MiB/s | CPU-s/GiB | peak RSS cinder side | peak RSS ferry | vs stock | vs ferry direct |\n|---|---|---|---|---|---|---|---|---|\n")
+    f.write("| step | path | wall | in manager | MiB/s | CPU-s/GiB | peak RSS cinder side | peak RSS ferry | vs stock | vs ferry direct |\n|---|---|---|---|---|---|---|---|---|---|\n")
     for step, group in (('backup', rows[0:3]), ('restore', rows[3:6])):
         stock_wall, direct_wall = float(group[0][0]), float(group[2][0])
-        for name, (wall, cpu, tree, cinder, ferry) in zip(names, group):
+        for name, (wall, cpu, tree, cinder, ferry, manager) in zip(names, group):
             wall, cpu = float(wall), float(cpu)
             cinder = f"{cinder} MiB" if cinder != '-' else '-'
             ferry = f"{ferry} MiB" if ferry != '-' else '-'
-            f.write(f"| {step} | {name} | {wall:.1f} s | {gib * 1024 / wall:.0f} | {cpu / gib:.1f} | {cinder} | {ferry} | {stock_wall / wall:.2f}x | {direct_wall / wall:.2f}x |\n")
+            manager = f"{manager} s" if manager != '-' else '-'
+            f.write(f"| {step} | {name} | {wall:.1f} s | {manager} | {gib * 1024 / wall:.0f} | {cpu / gib:.1f} | {cinder} | {ferry} | {stock_wall / wall:.2f}x | {direct_wall / wall:.2f}x |\n")
     f.write("\n")
 PY
   rm -f "$img"

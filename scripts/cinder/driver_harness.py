@@ -39,6 +39,7 @@ import json
 import os
 import stat
 import sys
+import time
 import traceback
 import types
 
@@ -241,12 +242,13 @@ def cmd_backup(args, env):
 
     device = types.SimpleNamespace(device_obj=None, is_snapshot=False, secure_enabled=False)
     error = None
+    started = time.monotonic()
     try:
         mgr.continue_backup(ctx, backup, device)
     except Exception as e:  # the manager re-raises after recording the failure
         error = e
         traceback.print_exc(file=sys.stderr)
-    out = {
+    out = {"manager_s": round(time.monotonic() - started, 3),
         "status": backup.status, "fail_reason": backup.fail_reason,
         "service": backup.service, "container": backup.container,
         "service_metadata": backup.service_metadata, "object_count": backup.object_count,
@@ -290,12 +292,13 @@ def cmd_restore(args, env):
     backup.restore_volume_id = args.volume_id
     backup.obj_reset_changes()
     error = None
+    started = time.monotonic()
     try:
         mgr.restore_backup(ctx, backup, args.volume_id, bool(args.volume_is_new))
     except Exception as e:
         error = e
         traceback.print_exc(file=sys.stderr)
-    emit({
+    emit({"manager_s": round(time.monotonic() - started, 3),
         "backup_status": backup.status,
         "volume_status": ManagerDB.volume_db_status or volume.status,
         "exception": exception_json(error), "ferry_runs": RUNS,
