@@ -213,7 +213,8 @@ fn driver_setup_check() {
     let Some(py) = cinder_py("driver_setup_check") else { return };
     let out = driver(&py, &["check", "--driver", DRIVER], &[]);
     assert!(out["exception"].is_null(), "{out:#}");
-    let out = driver(&py, &["check", "--driver", DRIVER, "--https-proxy", "http://proxy:3128"], &[]);
+    let out =
+        driver(&py, &["check", "--driver", DRIVER, "--https-proxy", "http://proxy:3128"], &[]);
     assert_eq!(out["exception"]["class"], "InvalidConfigurationValue", "{out:#}");
     assert!(out["exception"]["message"].as_str().unwrap().contains("backup_s3_https_proxy"));
     let out = driver(&py, &["check", "--driver", DRIVER], &[("FERRY_BIN", "/nonexistent/ferry")]);
