@@ -15,8 +15,8 @@ use serde_json::Value;
 use crate::util::{Run, Scratch, assert_same, gen_image};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
-const OBJECT_SIZE: &str = "4194304";
-const MIB: u64 = 1 << 20;
+pub(crate) const OBJECT_SIZE: &str = "4194304";
+pub(crate) const MIB: u64 = 1 << 20;
 
 /// The venv python, or None (skipped) without Cinder or Garage.
 pub(crate) fn cinder_py(test: &str) -> Option<String> {
@@ -51,7 +51,7 @@ pub(crate) fn uuid() -> String {
     )
 }
 
-fn bucket() -> String {
+pub(crate) fn bucket() -> String {
     std::env::var("FERRY_TEST_S3_BUCKET").unwrap_or_else(|_| "ferry-test".into())
 }
 
@@ -74,7 +74,7 @@ fn ferry_ok(args: &[&str]) -> Run {
 }
 
 /// Runs the Cinder harness and returns its JSON.
-fn harness(py: &str, args: &[&str]) -> Value {
+pub(crate) fn harness(py: &str, args: &[&str]) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cinder/harness.py");
     let out = Command::new(py).arg(script).args(args).output().unwrap();
     assert!(out.status.success(), "harness {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -128,7 +128,7 @@ fn ferry_restore(backup: &str, volume: &str, target: &Path) {
     ]);
 }
 
-fn cinder_backup(
+pub(crate) fn cinder_backup(
     py: &str,
     image: &Path,
     backup: &str,
@@ -174,7 +174,7 @@ pub(crate) fn cinder_restore(py: &str, backup: &str, target: &Path, size: u64) {
 }
 
 /// Overwrites a few ranges of `image` (random bytes, text, zeros) to make an incremental.
-fn mutate(image: &Path, seed: u64) {
+pub(crate) fn mutate(image: &Path, seed: u64) {
     use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new().write(true).open(image).unwrap();
     let len = file.metadata().unwrap().len();

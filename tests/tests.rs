@@ -13,6 +13,8 @@ mod util;
 mod backup_restore;
 // --format cinder, judged by Cinder's own S3 backup driver (scripts/cinder/harness.py).
 mod cinder;
+// The cinder-backup driver (scripts/cinder/ferry_cinder) run by Cinder's backup manager code.
+mod cinder_driver;
 // The command-line contract: exit codes, JSON events, refusals, failures of the store.
 mod cli;
 // S3 faults injected by a proxy, kill -9 mid-backup and mid-restore, rate limits.

@@ -67,6 +67,8 @@ pub enum EngineArg {
 }
 
 /// The commands.
+// Parsed once per process: the size of the largest variant (backup's flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a repository.
@@ -263,6 +265,9 @@ const BACKUP_CINDER_ONLY: &[(&str, &str)] = &[
     ("cinder_block_size", "--cinder-block-size"),
     ("cinder_uploads", "--cinder-uploads"),
     ("zlib_level", "--zlib-level"),
+    ("cinder_backup_name", "--cinder-backup-name"),
+    ("cinder_backup_description", "--cinder-backup-description"),
+    ("cinder_volume_meta_file", "--cinder-volume-meta-file"),
 ];
 const RESTORE_CINDER_ONLY: &[(&str, &str)] = &[("cinder_volume_id", "--cinder-volume-id")];
 
