@@ -4,16 +4,16 @@
 //! corrupted GET body, a response lost after the operation took effect, or a flag raised (to
 //! cancel a job at an exact point).
 //!
-//! Deterministic: a `Nth` rule counts the calls that match it, so it fires on exactly one call
-//! (which one, among calls made concurrently, follows thread scheduling); a `Chance` rule decides
-//! from a hash of the seed, the rule, the operation, the key and range, and how many times that
-//! same request was made before, so the same seed injects the same faults into the same requests
-//! whatever the thread interleaving. Every fault injected is logged (`injected`), and tests print
-//! the seed when they fail.
+//! Deterministic: every rule counts the calls that match it, and fires on the Nth of them (`Nth`,
+//! `From`), or decides from a hash of the seed, the rule and that count (`Chance`). So one seed
+//! always injects the same faults at the same positions in each rule's sequence of calls; which
+//! request holds a position among requests made concurrently follows thread scheduling (object
+//! keys, holding random pack ids and timestamps, are deliberately not part of the decision).
+//! Every fault injected is logged (`injected`), and seeded tests print their seed when they
+//! fail.
 //!
 //! It does not delay requests or model timeouts: no wall-clock time in the simulated path.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -142,8 +142,6 @@ pub struct FaultyStore<S> {
     rules: Vec<Rule>,
     /// Calls matched so far, per rule.
     matched: Vec<AtomicU64>,
-    /// Times each (operation, key, range) request was made before, for `Chance` decisions.
-    attempts: Mutex<HashMap<(Op, String, u64, u64), u64>>,
     injected: Mutex<Vec<Injected>>,
 }
 
@@ -155,10 +153,6 @@ fn mix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-fn hash_str(seed: u64, text: &str) -> u64 {
-    text.bytes().fold(mix(seed), |h, b| mix(h ^ u64::from(b)))
-}
-
 impl<S: ObjectStore> FaultyStore<S> {
     /// Wraps `inner` with no rules; `seed` drives every random choice.
     pub fn new(inner: S, seed: u64) -> FaultyStore<S> {
@@ -167,7 +161,6 @@ impl<S: ObjectStore> FaultyStore<S> {
             seed,
             rules: Vec::new(),
             matched: Vec::new(),
-            attempts: Mutex::new(HashMap::new()),
             injected: Mutex::new(Vec::new()),
         }
     }
@@ -196,15 +189,7 @@ impl<S: ObjectStore> FaultyStore<S> {
     }
 
     /// The fault for this call, if a rule fires.
-    fn pick(&self, op: Op, key: &str, range: (u64, u64)) -> Option<Fault> {
-        let attempt = if self.rules.iter().any(|r| matches!(r.when, When::Chance(_))) {
-            let mut attempts = lock(&self.attempts);
-            let counter = attempts.entry((op, key.to_owned(), range.0, range.1)).or_insert(0);
-            *counter += 1;
-            *counter
-        } else {
-            0
-        };
+    fn pick(&self, op: Op, key: &str) -> Option<Fault> {
         for (index, rule) in self.rules.iter().enumerate() {
             if rule.op != op || !key.contains(rule.key_contains.as_str()) {
                 continue;
@@ -214,9 +199,7 @@ impl<S: ObjectStore> FaultyStore<S> {
                 When::Nth(n) => seen == n,
                 When::From(n) => seen >= n,
                 When::Chance(per_mille) => {
-                    let h = hash_str(self.seed ^ mix(index as u64) ^ mix(attempt), key);
-                    let h = mix(h ^ mix(range.0) ^ mix(range.1.rotate_left(17)) ^ op as u64);
-                    h % 1000 < u64::from(per_mille)
+                    mix(mix(self.seed ^ mix(index as u64)) ^ seen) % 1000 < u64::from(per_mille)
                 }
             };
             if fires {
@@ -243,10 +226,9 @@ impl<S: ObjectStore> FaultyStore<S> {
         &self,
         op: Op,
         key: &str,
-        range: (u64, u64),
         call: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.apply(self.pick(op, key, range), op, key, call)
+        self.apply(self.pick(op, key), op, key, call)
     }
 
     /// Runs `call` under `fault` (body faults are left to `run_get`).
@@ -293,7 +275,7 @@ impl<S: ObjectStore> FaultyStore<S> {
         range: (u64, u64),
         call: impl FnOnce() -> Result<Bytes, StoreError>,
     ) -> Result<Bytes, StoreError> {
-        let fault = self.pick(op, key, range);
+        let fault = self.pick(op, key);
         let body = match fault {
             Some(Fault::Truncate) => {
                 let body = call()?;
@@ -314,8 +296,9 @@ impl<S: ObjectStore> FaultyStore<S> {
                     return Ok(body);
                 }
                 let mut data = body.to_vec();
-                let at = usize::try_from(hash_str(self.seed, key) % data.len() as u64)
-                    .expect("below the body's length");
+                let at =
+                    usize::try_from(mix(self.seed ^ mix(data.len() as u64)) % data.len() as u64)
+                        .expect("below the body's length");
                 data[at] ^= 0x5a;
                 Bytes::from(data)
             }
@@ -327,7 +310,7 @@ impl<S: ObjectStore> FaultyStore<S> {
 
 impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
     fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
-        self.run(Op::Put, key, (0, data.len() as u64), || self.inner.put(key, data))
+        self.run(Op::Put, key, || self.inner.put(key, data))
     }
 
     fn get(&self, key: &str) -> Result<Bytes, StoreError> {
@@ -341,15 +324,15 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        self.run(Op::List, prefix, (0, 0), || self.inner.list(prefix))
+        self.run(Op::List, prefix, || self.inner.list(prefix))
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.run(Op::Delete, key, (0, 0), || self.inner.delete(key))
+        self.run(Op::Delete, key, || self.inner.delete(key))
     }
 
     fn multipart_begin(&self, key: &str) -> Result<UploadId, StoreError> {
-        self.run(Op::Begin, key, (0, 0), || self.inner.multipart_begin(key))
+        self.run(Op::Begin, key, || self.inner.multipart_begin(key))
     }
 
     fn multipart_put_part(
@@ -359,7 +342,7 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
         part_number: u32,
         data: Bytes,
     ) -> Result<PartReceipt, StoreError> {
-        self.run(Op::PutPart, key, (u64::from(part_number), 0), || {
+        self.run(Op::PutPart, key, || {
             self.inner.multipart_put_part(key, upload_id, part_number, data)
         })
     }
@@ -370,15 +353,15 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
         upload_id: &UploadId,
         parts: &[PartReceipt],
     ) -> Result<(), StoreError> {
-        self.run(Op::Complete, key, (0, 0), || self.inner.multipart_complete(key, upload_id, parts))
+        self.run(Op::Complete, key, || self.inner.multipart_complete(key, upload_id, parts))
     }
 
     fn multipart_abort(&self, key: &str, upload_id: &UploadId) -> Result<(), StoreError> {
-        self.run(Op::Abort, key, (0, 0), || self.inner.multipart_abort(key, upload_id))
+        self.run(Op::Abort, key, || self.inner.multipart_abort(key, upload_id))
     }
 
     fn multipart_list(&self, prefix: &str) -> Result<Vec<PendingUpload>, StoreError> {
-        self.run(Op::ListUploads, prefix, (0, 0), || self.inner.multipart_list(prefix))
+        self.run(Op::ListUploads, prefix, || self.inner.multipart_list(prefix))
     }
 
     fn retry_count(&self) -> u64 {

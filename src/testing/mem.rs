@@ -356,11 +356,7 @@ impl ObjectStore for MemStore {
                 return Err(failed(
                     OP,
                     key,
-                    format!(
-                        "EntityTooSmall: part {} is {} bytes",
-                        receipt.part_number,
-                        data.len()
-                    ),
+                    format!("EntityTooSmall: part {} is {} bytes", receipt.part_number, data.len()),
                 ));
             }
             body.extend_from_slice(data);
@@ -445,7 +441,10 @@ mod tests {
         let other = store.multipart_begin("index/y").unwrap();
         let pending = store.multipart_list("packs/").unwrap();
         assert_eq!(pending.len(), 1);
-        assert_eq!((pending[0].upload_id.clone(), pending[0].initiated_unix), (id.clone(), Some(77)));
+        assert_eq!(
+            (pending[0].upload_id.clone(), pending[0].initiated_unix),
+            (id.clone(), Some(77))
+        );
         assert_eq!(store.multipart_list("").unwrap().len(), 2);
 
         let r2 = store.multipart_put_part("packs/x", &id, 2, part(2, 10)).unwrap();
@@ -456,7 +455,8 @@ mod tests {
         assert!(store.get("packs/x").is_err(), "invisible before completion");
         let error = store.multipart_complete("packs/x", &id, &[stale, r2.clone()]).unwrap_err();
         assert!(error.to_string().contains("InvalidPart"), "{error}");
-        let error = store.multipart_complete("packs/x", &id, &[r2.clone(), r1.clone()]).unwrap_err();
+        let error =
+            store.multipart_complete("packs/x", &id, &[r2.clone(), r1.clone()]).unwrap_err();
         assert!(error.to_string().contains("InvalidPartOrder"), "{error}");
         let error = store.multipart_complete("packs/x", &id, &[r2.clone(), r3]).unwrap_err();
         assert!(error.to_string().contains("EntityTooSmall"), "{error}");

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use super::volume::{self, Content, LoopDevice, Rng, Scratch};
 use super::MemStore;
+use super::volume::{self, Content, LoopDevice, Rng, Scratch};
 use crate::cinder::backup::{BackupJob, BackupOutcome as CinderBackup};
 use crate::cinder::restore::RestoreJob;
 use crate::cinder::{Algorithm, Geometry};
@@ -88,14 +88,8 @@ const BZ2_SIZE_MAX: u64 = MIB + 513;
 /// Regular-file sizes: one byte, below one page, one chunk and a byte, past a MiB by an odd
 /// amount, several Cinder objects ending inside a block, and a 512-multiple that is not a
 /// 4096-multiple.
-const FILE_SIZES: [u64; 6] = [
-    1,
-    4095,
-    64 * KIB + 1,
-    MIB + 513,
-    3 * MIB + 5 * CINDER_BLOCK + 100,
-    5 * MIB - 1536,
-];
+const FILE_SIZES: [u64; 6] =
+    [1, 4095, 64 * KIB + 1, MIB + 513, 3 * MIB + 5 * CINDER_BLOCK + 100, 5 * MIB - 1536];
 
 /// Loop devices: (logical block, size); sizes are whole blocks of the device.
 const LOOPS: [(u32, u64); 2] = [(512, 3 * MIB + 1536), (4096, 4 * MIB + 12 * KIB)];
@@ -269,8 +263,8 @@ fn native(
     chunk_bytes: u32,
     pack: u64,
 ) -> bool {
-    let repo = Repository::init(Box::new(store.clone()), chunk_bytes)
-        .unwrap_or_else(fail(case, "init"));
+    let repo =
+        Repository::init(Box::new(store.clone()), chunk_bytes).unwrap_or_else(fail(case, "init"));
     let chunk = chunk_bytes as usize;
     let first = native_backup(case, &repo, source, pack);
     let stats = &first.manifest.stats;
