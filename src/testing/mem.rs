@@ -460,7 +460,10 @@ mod tests {
         assert!(error.to_string().contains("InvalidPartOrder"), "{error}");
         let error = store.multipart_complete("packs/x", &id, &[r2.clone(), r3]).unwrap_err();
         assert!(error.to_string().contains("EntityTooSmall"), "{error}");
-        assert!(store.multipart_complete("packs/y", &id, &[r1.clone()]).is_err(), "wrong key");
+        assert!(
+            store.multipart_complete("packs/y", &id, std::slice::from_ref(&r1)).is_err(),
+            "wrong key"
+        );
         store.multipart_complete("packs/x", &id, &[r1, r2]).unwrap();
         let object = store.object("packs/x").unwrap();
         assert_eq!(object.data.len(), MIN_PART_BYTES + 10);
