@@ -335,7 +335,7 @@ pub fn backup(
     let (engine, hashes, objects) = match result {
         Ok(done) => done,
         Err(error) => {
-            cleanup(store, &shared);
+            cleanup(store, &shared, &prefix);
             return Err(error);
         }
     };
@@ -358,8 +358,7 @@ pub fn backup(
     for (key, body) in documents {
         let length = body.len() as u64;
         if let Err(error) = store.put(&key, body) {
-            cleanup(store, &shared);
-            let _ = store.delete(&sha256file_name(&prefix));
+            cleanup(store, &shared, &prefix);
             return Err(EngineError::from(error).context(format!("writing {key}")));
         }
         Progress::add(&progress.bytes_uploaded, length);
@@ -379,12 +378,30 @@ pub fn backup(
     })
 }
 
-/// Deletes the data objects a failed backup stored and aborts its open uploads (Cinder deletes a
-/// failed backup's objects).
-fn cleanup(store: &dyn crate::store::ObjectStore, shared: &Shared<'_>) {
+/// Deletes the objects a failed backup stored and aborts its open uploads (Cinder deletes a
+/// failed backup's objects). Besides the objects the job knows it stored, everything listed
+/// under the backup's prefix goes: a PUT or completion whose response was lost stored its object
+/// without the job knowing (and `_sha256file`, or `_metadata` itself, may be there).
+fn cleanup(store: &dyn crate::store::ObjectStore, shared: &Shared<'_>, prefix: &str) {
     shared.uploader.abort_open();
-    for key in lock(&shared.stored).iter() {
-        let _ = store.delete(key);
+    let mut keys: std::collections::BTreeSet<String> =
+        lock(&shared.stored).iter().cloned().collect();
+    // Best effort, like the deletes: a store that cannot list leaves what it stored unknown.
+    // Only this backup's names: another backup id may start with this one's.
+    let ours = |key: &str| {
+        key.strip_prefix(prefix).is_some_and(|rest| {
+            rest == "_sha256file"
+                || rest == "_metadata"
+                || rest
+                    .strip_prefix('-')
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+    };
+    if let Ok(listed) = store.list(prefix) {
+        keys.extend(listed.into_iter().map(|object| object.key).filter(|key| ours(key)));
+    }
+    for key in keys {
+        let _ = store.delete(&key);
     }
 }
 

@@ -271,9 +271,12 @@ const BACKUP_CINDER_ONLY: &[(&str, &str)] = &[
 ];
 const RESTORE_CINDER_ONLY: &[(&str, &str)] = &[("cinder_volume_id", "--cinder-volume-id")];
 
+/// Flags as (clap id, spelling).
+type FlagNames = &'static [(&'static str, &'static str)];
+
 /// Refuses a flag the chosen format does not read.
 fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), EngineError> {
-    let (sub, cinder, native_only, cinder_only): (_, bool, &[(&str, &str)], &[(&str, &str)]) =
+    let (sub, cinder, native_only, cinder_only): (_, bool, FlagNames, FlagNames) =
         match (&cli.command, matches.subcommand()) {
             (Command::Backup(args), Some((_, sub))) => (
                 sub,
