@@ -9,6 +9,9 @@
 
 mod util;
 
+// ARCHITECTURE.md's invariants on the source tree: dependency order, unsafe, stdout, pure layouts.
+mod architecture;
+
 // Round trips through each store, each engine, each content kind, files and loop devices.
 mod backup_restore;
 // --format cinder, judged by Cinder's own S3 backup driver (scripts/cinder/harness.py).

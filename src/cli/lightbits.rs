@@ -330,7 +330,7 @@ pub fn backup<T>(
 
 /// A new native backup id: the start time and a random suffix.
 pub fn new_backup_id() -> String {
-    format!("{}-{}", layout::unix_now().compact(), &PackId::random().to_hex()[..8])
+    format!("{}-{}", layout::Timestamp::now().compact(), &PackId::random().to_hex()[..8])
 }
 
 /// A restore into the existing `volume`: reclaims dead records, checks and extends its ACL,
