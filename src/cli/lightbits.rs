@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::Cli;
+use super::events::{self, Done, Start};
 use super::output::Output;
 use crate::error::{EngineError, ErrorKind};
 use crate::lightbits::attach::{AttachMode, AttachOptions};
@@ -260,16 +260,16 @@ fn reclaim_dead(control: &Control, output: &Output) -> Result<(), EngineError> {
 /// report is in the error's details).
 pub fn run_reclaim(cli: &Cli, output: &Output) -> Result<(), EngineError> {
     let control = control(cli, None)?;
-    output.start(json!({"journal": control.journal.dir().display().to_string()}));
+    output.start(Start::Reclaim { journal: control.journal.dir().display().to_string() });
     let report =
         journal::reclaim(&control.journal, &control.client, &control.attach.sysfs_root, false)?;
     let text = reclaim_text(&report);
     if report.is_clean() {
-        output.result(json!({"reclaim": report}), &text);
+        output.result(Done::Reclaim { reclaim: report }, &text);
         return Ok(());
     }
     Err(EngineError::new(ErrorKind::Cluster, format!("reclaim incomplete: {text}"))
-        .with_details(json!({"reclaim": report})))
+        .with_details(events::details(&Done::Reclaim { reclaim: report })))
 }
 
 /// Combines a job's outcome with its cleanup's: a job error wins (the cleanup failure becomes a
@@ -357,4 +357,4 @@ pub fn restore<T>(
 }
 
 /// The `result` fields of a finished job, and its human summary.
-pub type JobReport = (Value, String);
+pub type JobReport = (Done, String);
