@@ -14,6 +14,8 @@ mod architecture;
 
 // Round trips through each store, each engine, each content kind, files and loop devices.
 mod backup_restore;
+// The bench binary's command line: --help, one-line usage errors with exit 2.
+mod bench;
 // --format cinder, judged by Cinder's own S3 backup driver (scripts/cinder/harness.py).
 mod cinder;
 // The command-line contract: exit codes, JSON events, refusals, failures of the store.
