@@ -51,6 +51,8 @@ fn usage_errors_are_one_line_with_exit_2() {
         assert!(stderr.starts_with("bench: error: "), "bench {args:?}: {stderr}");
         assert!(out.stdout.is_empty(), "bench {args:?} wrote to stdout");
     }
+    let missing = text(&bench(&["read"]).stderr);
+    assert!(missing.contains("<DEVICE>"), "the error names what is missing: {missing}");
 }
 
 #[test]

@@ -52,7 +52,7 @@ use serde_json::{Value, json};
 /// bench: generate sample volumes and measure ferry's data-plane stages (one JSON object per
 /// run on stdout).
 #[derive(Debug, Parser)]
-#[command(name = "bench", version, about, max_term_width = 100)]
+#[command(name = "bench", version, max_term_width = 100)]
 struct Cli {
     /// The measurement.
     #[command(subcommand)]
@@ -208,9 +208,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(error) => {
+            // clap's first paragraph (the error and what it names), on one line.
             let rendered = error.render().to_string();
-            let first = rendered.lines().next().unwrap_or("bad arguments");
-            let message = first.strip_prefix("error: ").unwrap_or(first);
+            let first = rendered.split("\n\n").next().unwrap_or("bad arguments");
+            let message = first.split_whitespace().collect::<Vec<_>>().join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
             eprintln!("bench: error: {message} (see bench --help)");
             return ExitCode::from(2);
         }
