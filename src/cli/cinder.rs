@@ -11,9 +11,9 @@ use std::sync::atomic::AtomicBool;
 
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
-use serde_json::json;
 
 use super::config::{self, ConfigFile, StoreArgs};
+use super::events::{Done, FormatName, Start};
 use super::output::Output;
 use super::{Cli, Command, engine, lightbits, store_args, with_progress};
 use crate::cinder::{self, Algorithm, Geometry};
@@ -297,10 +297,18 @@ fn run_backup(
         let read_chunk =
             cinder::backup::read_chunk_bytes(job.geometry, crate::io::BUF_ALIGN).unwrap_or(0);
         let budget = cinder::backup::budget(job, read_chunk.max(1));
-        output.start(json!({"repository": store.describe(), "format": "cinder", "bucket": bucket,
-            "source": label, "backup_id": backup_id, "volume_id": volume_id,
-            "parent_id": job.parent_id, "compression": algorithm.name(),
-            "object_size_bytes": geometry.object_size(), "budget": budget}));
+        output.start(Start::CinderBackup {
+            repository: store.describe(),
+            format: FormatName::Cinder,
+            bucket: bucket.clone(),
+            source: label.to_owned(),
+            backup_id: backup_id.to_owned(),
+            volume_id: volume_id.to_owned(),
+            parent_id: job.parent_id.clone(),
+            compression: algorithm.name(),
+            object_size_bytes: geometry.object_size(),
+            budget,
+        });
         let progress = Progress::default();
         let warn = |message: String| output.warning(&message);
         with_progress(output, &progress, || {
@@ -324,9 +332,15 @@ fn run_backup(
         outcome.prefix
     );
     output.result(
-        json!({"backup_id": backup_id, "volume_id": volume_id, "bucket": bucket,
-               "format": "cinder", "compression": algorithm.name(), "source": label,
-               "stats": outcome}),
+        Done::CinderBackup {
+            backup_id: backup_id.to_owned(),
+            volume_id: volume_id.to_owned(),
+            bucket,
+            format: FormatName::Cinder,
+            compression: algorithm.name(),
+            source: label,
+            stats: outcome,
+        },
         &summary,
     );
     Ok(())
@@ -350,10 +364,15 @@ fn run_restore(
         downloads: args.downloads_in_flight,
     };
     let run = |job: &cinder::restore::RestoreJob| {
-        output.start(json!({"repository": store.describe(), "format": "cinder", "bucket": bucket,
-            "backup_id": job.backup_id, "volume_id": volume_id,
-            "target": job.target.display().to_string(),
-            "budget": cinder::restore::budget(job, cinder::DEFAULT_OBJECT_SIZE)}));
+        output.start(Start::CinderRestore {
+            repository: store.describe(),
+            format: FormatName::Cinder,
+            bucket: bucket.clone(),
+            backup_id: job.backup_id.clone(),
+            volume_id: volume_id.to_owned(),
+            target: job.target.display().to_string(),
+            budget: cinder::restore::budget(job, cinder::DEFAULT_OBJECT_SIZE),
+        });
         let progress = Progress::default();
         let warn = |message: String| output.warning(&message);
         with_progress(output, &progress, || {
@@ -379,8 +398,12 @@ fn run_restore(
     // The requested backup's `volume_meta`, for a caller that puts it back on the volume.
     let volume_meta = outcome.chain_volume_meta.last().cloned().flatten();
     output.result(
-        json!({"backup_id": job.backup_id, "format": "cinder", "volume_meta": volume_meta,
-               "stats": outcome}),
+        Done::CinderRestore {
+            backup_id: job.backup_id.clone(),
+            format: FormatName::Cinder,
+            volume_meta,
+            stats: outcome,
+        },
         &summary,
     );
     Ok(())
@@ -409,8 +432,12 @@ fn run_record(cli: &Cli, args: &RecordArgs, output: &Output) -> Result<(), Engin
     let decoded: serde_json::Value =
         serde_json::from_slice(&record.to_json()).unwrap_or(serde_json::Value::Null);
     output.result(
-        json!({"backup_id": args.backup_id, "backup_service": cinder::record::S3_BACKUP_SERVICE,
-               "backup_url": encoded, "record": decoded}),
+        Done::CinderRecord {
+            backup_id: args.backup_id.clone(),
+            backup_service: cinder::record::S3_BACKUP_SERVICE,
+            backup_url: encoded.clone(),
+            record: decoded,
+        },
         &encoded,
     );
     Ok(())

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::Cli;
+use super::events::{self, Done, Start};
 use super::output::Output;
 use crate::error::{EngineError, ErrorKind};
 use crate::lightbits::attach::{AttachMode, AttachOptions};
@@ -271,7 +271,7 @@ fn reclaim_dead(control: &Control, output: &Output) -> Result<(), EngineError> {
 /// report is in the error's details).
 pub fn run_reclaim(cli: &Cli, output: &Output) -> Result<(), EngineError> {
     let control = control(cli, None)?;
-    output.start(json!({"journal": control.journal.dir().display().to_string()}));
+    output.start(Start::Reclaim { journal: control.journal.dir().display().to_string() });
     let report =
         journal::reclaim(&control.journal, &control.client, &control.attach.sysfs_root, false)?;
     for note in report.items.iter().filter_map(|item| item.note.as_deref()) {
@@ -279,11 +279,11 @@ pub fn run_reclaim(cli: &Cli, output: &Output) -> Result<(), EngineError> {
     }
     let text = reclaim_text(&report);
     if report.is_clean() {
-        output.result(json!({"reclaim": report}), &text);
+        output.result(Done::Reclaim { reclaim: report }, &text);
         return Ok(());
     }
     Err(EngineError::new(ErrorKind::Cluster, format!("reclaim incomplete: {text}"))
-        .with_details(json!({"reclaim": report})))
+        .with_details(events::details(&Done::Reclaim { reclaim: report })))
 }
 
 /// Combines a job's outcome with its cleanup's: a job error wins (the cleanup failure becomes a
@@ -347,7 +347,7 @@ pub fn backup<T>(
 
 /// A new native backup id: the start time and a random suffix.
 pub fn new_backup_id() -> String {
-    format!("{}-{}", layout::unix_now().compact(), &PackId::random().to_hex()[..8])
+    format!("{}-{}", layout::Timestamp::now().compact(), &PackId::random().to_hex()[..8])
 }
 
 /// A restore into the existing `volume`: reclaims dead records, checks and extends its ACL,
@@ -377,4 +377,4 @@ pub fn restore<T>(
 }
 
 /// The `result` fields of a finished job, and its human summary.
-pub type JobReport = (Value, String);
+pub type JobReport = (Done, String);
