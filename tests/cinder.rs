@@ -411,7 +411,7 @@ print(k)
         let (backup, volume) = (uuid(), uuid());
         ferry_backup(&image, &backup, &volume, compression, None);
         let corrupted = boto(&py, script, &[&volume, &backup, suffix]);
-        let target = dir.join(format!("out-{compression}.img"));
+        let target = dir.join(&format!("out-{compression}.img"));
         let run = ferry(&[
             "restore",
             "--format",

@@ -741,8 +741,8 @@ fn lightbits_cinder_format_backup_restore_and_kill() {
     args.extend(["backup", "--lightbits-volume", "vol-c", "--cinder-backup-id", &killed]);
     args.extend(["--cinder-volume-id", &volume, "--limit-read", "2"]);
     args.extend(cinder);
-    let mut child = sim.command("config.toml", &args).stdout(Stdio::null()).stderr(Stdio::null());
-    let mut child = child.spawn().unwrap();
+    let mut command = sim.command("config.toml", &args);
+    let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while sim.state()["attachments"].as_array().unwrap().is_empty() {
         assert!(Instant::now() < deadline, "the cinder-format backup never attached");
