@@ -4,6 +4,7 @@
 
 pub mod cinder;
 pub mod config;
+pub mod events;
 pub mod lightbits;
 pub mod location;
 pub mod output;
@@ -16,7 +17,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde_json::json;
 
 use crate::error::{EngineError, ErrorKind};
 use crate::io::Engine;
@@ -28,6 +28,7 @@ use crate::native::restore::{self, RestoreOptions};
 use crate::native::verify;
 use crate::progress::Progress;
 use config::StoreArgs;
+use events::{BackedUp, Done, ListEntry, Listed, Shown, Start};
 use output::{ExitCode, Output};
 
 /// ferry: back up block devices and image files to S3 or a directory, and restore them.
@@ -72,6 +73,8 @@ pub enum EngineArg {
 }
 
 /// The commands.
+// Parsed once per process: the size of the largest variant (backup's flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a repository.
@@ -284,12 +287,18 @@ const BACKUP_CINDER_ONLY: &[(&str, &str)] = &[
     ("cinder_block_size", "--cinder-block-size"),
     ("cinder_uploads", "--cinder-uploads"),
     ("zlib_level", "--zlib-level"),
+    ("cinder_backup_name", "--cinder-backup-name"),
+    ("cinder_backup_description", "--cinder-backup-description"),
+    ("cinder_volume_meta_file", "--cinder-volume-meta-file"),
 ];
 const RESTORE_CINDER_ONLY: &[(&str, &str)] = &[("cinder_volume_id", "--cinder-volume-id")];
 
+/// Flags as (clap id, spelling).
+type FlagNames = &'static [(&'static str, &'static str)];
+
 /// Refuses a flag the chosen format does not read.
 fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), EngineError> {
-    let (sub, cinder, native_only, cinder_only): (_, bool, &[(&str, &str)], &[(&str, &str)]) =
+    let (sub, cinder, native_only, cinder_only): (_, bool, FlagNames, FlagNames) =
         match (&cli.command, matches.subcommand()) {
             (Command::Backup(args), Some((_, sub))) => (
                 sub,
@@ -473,7 +482,7 @@ fn parse_failure(error: &clap::Error) -> u8 {
     let text = error.render().to_string();
     if !error.use_stderr() {
         eprint!("{text}");
-        output.result(json!({"help": text}), "");
+        output.result(Done::Help { help: text }, "");
         return code;
     }
     let message = text.trim().trim_start_matches("error: ").to_owned();
@@ -530,11 +539,14 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
     let describe = store.describe();
     match &cli.command {
         Command::Init(args) => {
-            output.start(json!({"repository": describe}));
+            output.start(Start::Repository { repository: describe.clone() });
             let repo = Repository::init(store, args.chunk_size)?;
             output.result(
-                json!({"repository": describe, "repository_id": repo.config.repository_id,
-                       "chunk_size_bytes": repo.config.chunk_size_bytes}),
+                Done::Init {
+                    repository: describe.clone(),
+                    repository_id: repo.config.repository_id.clone(),
+                    chunk_size_bytes: repo.config.chunk_size_bytes,
+                },
                 &format!("initialised repository {} at {describe}", repo.config.repository_id),
             );
             Ok(())
@@ -552,7 +564,7 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
                     Err(error) if error.kind == ErrorKind::Integrity => {
                         output.warning(&format!("backup {id} is damaged: {}", error.message));
                         lines.push(format!("{id}  DAMAGED: {}", error.message));
-                        backups.push(json!({"backup_id": id, "damaged": error.message}));
+                        backups.push(ListEntry::Damaged { backup_id: id, damaged: error.message });
                         continue;
                     }
                     Err(error) => return Err(error),
@@ -561,28 +573,38 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
                     "{id}  {}  {} bytes  {}",
                     manifest.completed_at, manifest.volume_size_bytes, manifest.source.path
                 ));
-                backups.push(json!({"backup_id": id, "completed_at": manifest.completed_at.to_string(),
-                    "volume_size_bytes": manifest.volume_size_bytes, "source": manifest.source.path}));
+                backups.push(ListEntry::Backup(Listed {
+                    backup_id: id,
+                    completed_at: manifest.completed_at.to_string(),
+                    volume_size_bytes: manifest.volume_size_bytes,
+                    source: manifest.source.path,
+                }));
             }
-            output.result(json!({"backups": backups}), &lines.join("\n"));
+            output.result(Done::List { backups }, &lines.join("\n"));
             Ok(())
         }
         Command::Show(args) => {
             let repo = Repository::open(store)?;
             let manifest = repo.load_manifest(&args.backup_id)?;
-            let summary = json!({"backup_id": manifest.backup_id, "source": manifest.source,
-                "volume_size_bytes": manifest.volume_size_bytes, "chunk_size_bytes": manifest.chunk_size_bytes,
-                "started_at": manifest.started_at.to_string(), "completed_at": manifest.completed_at.to_string(),
-                "pack_count": manifest.packs.len(), "stats": manifest.stats});
-            let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
-            output.result(json!({"backup": summary}), &text);
+            let backup = Shown {
+                backup_id: manifest.backup_id,
+                source: manifest.source,
+                volume_size_bytes: manifest.volume_size_bytes,
+                chunk_size_bytes: manifest.chunk_size_bytes,
+                started_at: manifest.started_at.to_string(),
+                completed_at: manifest.completed_at.to_string(),
+                pack_count: manifest.packs.len(),
+                stats: manifest.stats,
+            };
+            let text = serde_json::to_string_pretty(&backup).unwrap_or_default();
+            output.result(Done::Show { backup }, &text);
             Ok(())
         }
         Command::Delete(args) => {
             let repo = Repository::open(store)?;
             repo.delete_backup(&args.backup_id)?;
             output.result(
-                json!({"backup_id": args.backup_id}),
+                Done::Delete { backup_id: args.backup_id.clone() },
                 &format!("deleted backup {}", args.backup_id),
             );
             Ok(())
@@ -591,7 +613,7 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
         Command::Reclaim => unreachable!("handled before the store is opened"),
         Command::Repair => {
             let repo = Repository::open(store)?;
-            output.start(json!({"repository": describe}));
+            output.start(Start::Repository { repository: describe });
             let report = maintain::repair(&repo)?;
             let summary = format!(
                 "aborted {} abandoned upload(s), removed {} dead lease(s), deleted {} orphan \
@@ -602,7 +624,7 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
                 report.orphan_bytes,
                 if report.orphans_checked { "" } else { "; other jobs running: packs not checked" }
             );
-            output.result(json!({"repair": report}), &summary);
+            output.result(Done::Repair { repair: report }, &summary);
             Ok(())
         }
         Command::CinderRecord(_) => unreachable!("handled by cinder::dispatch"),
@@ -616,7 +638,7 @@ fn run_verify(
     cancel: &AtomicBool,
 ) -> Result<(), EngineError> {
     let ids = if args.all { repo.list_backups()? } else { args.backup_ids.clone() };
-    output.start(json!({"repository": repo.store.describe(), "backup_ids": ids}));
+    output.start(Start::Verify { repository: repo.store.describe(), backup_ids: ids.clone() });
     let options = verify::VerifyOptions {
         read_data_percent: args.read_data,
         downloads_in_flight: args.downloads_in_flight,
@@ -671,7 +693,7 @@ fn run_verify(
     }
     let problems: Vec<&verify::Problem> = reports.iter().flat_map(|r| &r.problems).collect();
     if problems.is_empty() {
-        output.result(json!({"verified": reports}), &lines.join("\n"));
+        output.result(Done::Verify { verified: reports }, &lines.join("\n"));
         return Ok(());
     }
     let error = EngineError::new(
@@ -689,7 +711,7 @@ fn run_verify(
     if !output.is_json() {
         eprintln!("{}", lines.join("\n"));
     }
-    Err(error.with_details(json!({"verified": reports})))
+    Err(error.with_details(events::details(&Done::Verify { verified: reports })))
 }
 
 /// Runs `job` while a reporter thread emits progress; returns the job's result.
@@ -756,8 +778,12 @@ fn run_backup_job(
         sources = vec![label.clone()];
     }
     let budget = backup::budget(options, repo.config.chunk_size_bytes, paths.len());
-    output.start(json!({"repository": repo.store.describe(), "source": sources[0],
-                        "sources": sources, "budget": budget}));
+    output.start(Start::Backup {
+        repository: repo.store.describe(),
+        source: sources[0].clone(),
+        sources,
+        budget,
+    });
     let progress = Progress::default();
     let warn = |message: String| output.warning(&message);
     let outcomes = with_progress(output, &progress, || {
@@ -780,18 +806,21 @@ fn run_backup_job(
             stats.new_chunk_count,
             stats.new_stored_bytes,
         ));
-        backups.push(json!({"backup_id": manifest.backup_id, "source": manifest.source.path,
-            "volume_size_bytes": manifest.volume_size_bytes, "io_engine": outcome.engine.name(),
-            "direct_io": outcome.direct, "stats": stats}));
+        backups.push(BackedUp {
+            backup_id: manifest.backup_id.clone(),
+            source: manifest.source.path.clone(),
+            volume_size_bytes: manifest.volume_size_bytes,
+            io_engine: outcome.engine.name(),
+            direct_io: outcome.direct,
+            stats: stats.clone(),
+        });
     }
-    let mut result = json!({"bytes_uploaded": Progress::get(&progress.bytes_uploaded),
-        "retries": repo.store.retry_count(), "backups": backups});
-    if let [single] = &backups[..] {
-        // One source: its fields also sit at the top level, as the simplest contract.
-        for key in ["backup_id", "source", "volume_size_bytes", "io_engine", "direct_io", "stats"] {
-            result[key] = single[key].clone();
-        }
-    }
+    let result = Done::Backup {
+        bytes_uploaded: Progress::get(&progress.bytes_uploaded),
+        retries: repo.store.retry_count(),
+        single: if let [single] = &backups[..] { Some(single.clone()) } else { None },
+        backups,
+    };
     Ok((result, lines.join("\n")))
 }
 
@@ -829,9 +858,12 @@ fn run_restore_job(
     output: &Output,
     cancel: &AtomicBool,
 ) -> Result<lightbits::JobReport, EngineError> {
-    output.start(json!({"repository": repo.store.describe(), "backup_id": manifest.backup_id,
-                        "target": options.target.display().to_string(),
-                        "budget": restore::budget(options, manifest.chunk_size_bytes)}));
+    output.start(Start::Restore {
+        repository: repo.store.describe(),
+        backup_id: manifest.backup_id.clone(),
+        target: options.target.display().to_string(),
+        budget: restore::budget(options, manifest.chunk_size_bytes),
+    });
     let progress = Progress::default();
     let warn = |message: String| output.warning(&message);
     let stats = with_progress(output, &progress, || {
@@ -845,9 +877,6 @@ fn run_restore_job(
         stats.duration_ms as f64 / 1000.0,
         stats.bytes_downloaded
     );
-    Ok((
-        json!({"backup_id": manifest.backup_id, "stats": stats,
-               "retries": repo.store.retry_count()}),
-        summary,
-    ))
+    let retries = repo.store.retry_count();
+    Ok((Done::Restore { backup_id: manifest.backup_id.clone(), stats, retries }, summary))
 }

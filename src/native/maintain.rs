@@ -56,7 +56,7 @@ fn this_process(job: &str) -> LeaseInfo {
         boot_id: boot_id(),
         pid,
         process_start: process_start(pid).unwrap_or(0),
-        started_unix: layout::unix_now().0,
+        started_unix: layout::Timestamp::now().0,
     }
 }
 
@@ -79,7 +79,7 @@ impl LeaseInfo {
         if !self.boot_id.is_empty() && self.boot_id == boot_id() {
             return process_start(self.pid) == Some(self.process_start);
         }
-        let age = layout::unix_now().0.saturating_sub(self.started_unix);
+        let age = layout::Timestamp::now().0.saturating_sub(self.started_unix);
         age < LEASE_FOREIGN_MAX_AGE.as_secs()
     }
 }

@@ -84,7 +84,7 @@ impl Repository {
             hash_scheme: HASH_SCHEME.to_string(),
             hash_key: layout::to_hex(&key),
             compression: "zstd".to_string(),
-            created_at: layout::unix_now(),
+            created_at: layout::Timestamp::now(),
         };
         config.validate()?;
         store.put(CONFIG_KEY, Bytes::from(layout::encode_document(ObjectKind::Config, &config)))?;
