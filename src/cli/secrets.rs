@@ -60,7 +60,7 @@ pub fn scrub(text: &str) -> String {
 
 /// Whether a config key names a secret value (not a file or variable that holds one).
 pub fn is_secret_key(key: &str) -> bool {
-    let key = key.to_ascii_lowercase();
+    let key = key.trim().trim_matches(['"', '\'']).to_ascii_lowercase();
     let named = ["secret", "token", "password", "passwd", "credential", "private"]
         .iter()
         .any(|word| key.contains(word));
@@ -175,5 +175,6 @@ mod tests {
         assert_eq!(scrub("ab"), "ab");
         assert!(is_secret_key("secret_access_key") && !is_secret_key("secret_access_key_file"));
         assert!(is_secret_key("backup_s3_store_secret_key") && !is_secret_key("token_env"));
+        assert!(!is_secret_key("secret_access_key_file ") && is_secret_key(" \"token\" "));
     }
 }
