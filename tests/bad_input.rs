@@ -588,14 +588,9 @@ fn walk(root: &Path, dir: &Path, files: &mut BTreeMap<String, String>) {
 }
 
 fn find_file(dir: &Path) -> PathBuf {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            return find_file(&path);
-        }
-        return path;
-    }
-    panic!("no file under {}", dir.display());
+    let entry = std::fs::read_dir(dir).unwrap().next();
+    let path = entry.unwrap_or_else(|| panic!("no file under {}", dir.display())).unwrap().path();
+    if path.is_dir() { find_file(&path) } else { path }
 }
 
 #[test]

@@ -139,26 +139,7 @@ pub fn run(
     let mut chunks_read = 0;
     let mut bytes_read = 0;
     if let Some(percent) = options.read_data_percent {
-        let mut rng = options.seed | 1;
-        let threshold = (percent.clamp(0.0, 100.0) / 100.0 * u64::MAX as f64) as u64;
-        let mut sample: Vec<(PackId, IndexEntry)> = referenced
-            .iter()
-            .filter_map(|hash| locations.get(hash).copied())
-            .filter(|_| {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                percent >= 100.0 || rng <= threshold
-            })
-            .collect();
-        // A percentage asks for data to be read: below one chunk's worth it still reads one.
-        if sample.is_empty() {
-            let located: Vec<(PackId, IndexEntry)> =
-                referenced.iter().filter_map(|hash| locations.get(hash).copied()).collect();
-            if !located.is_empty() {
-                sample.push(located[(rng % located.len() as u64) as usize]);
-            }
-        }
+        let mut sample = choose_sample(&referenced, &locations, percent, options.seed);
         sample.sort_by_key(|(pack, entry)| (*pack, entry.offset));
         chunks_read = sample.len();
         let jobs = coalesce(&sample);
@@ -180,6 +161,35 @@ pub fn run(
         seed: options.read_data_percent.map(|_| options.seed),
         problems: problems.into_iter().collect(),
     })
+}
+
+/// The located chunks `--read-data=PERCENT` reads: each with probability PERCENT/100 from a
+/// xorshift stream seeded by `seed`, and at least one: a percentage asks for data to be read,
+/// and below one chunk's worth it would otherwise read nothing.
+fn choose_sample(
+    referenced: &BTreeSet<ChunkHash>,
+    locations: &HashMap<ChunkHash, (PackId, IndexEntry)>,
+    percent: f64,
+    seed: u64,
+) -> Vec<(PackId, IndexEntry)> {
+    let mut rng = seed | 1;
+    let threshold = (percent.clamp(0.0, 100.0) / 100.0 * u64::MAX as f64) as u64;
+    let located: Vec<(PackId, IndexEntry)> =
+        referenced.iter().filter_map(|hash| locations.get(hash).copied()).collect();
+    let mut sample: Vec<(PackId, IndexEntry)> = located
+        .iter()
+        .copied()
+        .filter(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            percent >= 100.0 || rng <= threshold
+        })
+        .collect();
+    if sample.is_empty() && !located.is_empty() {
+        sample.push(located[(rng % located.len() as u64) as usize]);
+    }
+    sample
 }
 
 /// Records adjacent in one pack, read with one GET.
