@@ -860,13 +860,12 @@ impl<'s, 'a> Sequencer<'s, 'a> {
     }
 }
 
-/// Bytes per sample of `looks_incompressible`.
-const SAMPLE_BYTES: usize = 16 << 10;
-
 /// Three samples (start, middle, end of the object) that zlib at level 1 cannot shrink below
-/// 97%: the object is random-like and is stored raw (`none`) without a full pass, as Cinder would
-/// store it after finding that compression does not shrink it.
+/// 97% (`codec::sample_incompressible`, on an object spread over several read buffers): the
+/// object is random-like and is stored raw (`none`) without a full pass, as Cinder would store it
+/// after finding that compression does not shrink it.
 fn looks_incompressible(slices: &[Slice]) -> bool {
+    use super::layout::codec::{SAMPLE_BYTES, sample_incompressible};
     let total: usize = slices.iter().map(|s| s.range.len()).sum();
     if total < SAMPLE_BYTES * 8 || slices.is_empty() {
         return false;
@@ -877,13 +876,7 @@ fn looks_incompressible(slices: &[Slice]) -> bool {
         if bytes.len() < SAMPLE_BYTES {
             return false;
         }
-        let sample = &bytes[bytes.len() / 2 - SAMPLE_BYTES / 2..][..SAMPLE_BYTES];
-        let mut c = flate2::Compress::new(flate2::Compression::new(1), true);
-        let mut out = Vec::with_capacity(SAMPLE_BYTES + 1024);
-        match c.compress_vec(sample, &mut out, flate2::FlushCompress::Finish) {
-            Ok(flate2::Status::StreamEnd) => out.len() * 100 >= SAMPLE_BYTES * 97,
-            _ => false,
-        }
+        sample_incompressible(&bytes[bytes.len() / 2 - SAMPLE_BYTES / 2..][..SAMPLE_BYTES])
     })
 }
 
