@@ -184,6 +184,15 @@ impl Slice {
     }
 }
 
+/// The bytes of `slices`, in order, in one buffer.
+fn concat(slices: &[Slice]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(slices.iter().map(|s| s.range.len()).sum());
+    for slice in slices {
+        raw.extend_from_slice(slice.bytes());
+    }
+    raw
+}
+
 /// A chunk whose blocks are hashed, on its way to the sequencer.
 struct Hashed {
     chunk_index: u64,
@@ -576,7 +585,7 @@ fn run_task(shared: &Shared<'_>, task: Task) -> Result<Done, EngineError> {
             Ok(Done::Md5 { object, md5: digest.iter().map(|b| format!("{b:02x}")).collect() })
         }
         Task::Whole { object, slices } => {
-            let raw: Vec<u8> = slices.iter().flat_map(|s| s.bytes().iter().copied()).collect();
+            let raw = concat(&slices);
             let encoded = encode_with(job.algorithm, &raw, job.zlib_level, false)?;
             let body = (encoded.compression != Algorithm::None).then(|| encoded.body.into_owned());
             Ok(Done::Whole { object, body })
@@ -815,13 +824,7 @@ impl<'s, 'a> Sequencer<'s, 'a> {
         };
         match encoded {
             Some(body) => (compression, body),
-            None => {
-                let mut raw = Vec::with_capacity(raw_len);
-                for slice in slices {
-                    raw.extend_from_slice(slice.bytes());
-                }
-                (Algorithm::None, raw)
-            }
+            None => (Algorithm::None, concat(slices)),
         }
     }
 
