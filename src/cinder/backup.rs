@@ -184,6 +184,15 @@ impl Slice {
     }
 }
 
+/// The bytes of `slices`, in order, in one buffer.
+fn concat(slices: &[Slice]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(slices.iter().map(|s| s.range.len()).sum());
+    for slice in slices {
+        raw.extend_from_slice(slice.bytes());
+    }
+    raw
+}
+
 /// A chunk whose blocks are hashed, on its way to the sequencer.
 struct Hashed {
     chunk_index: u64,
@@ -577,7 +586,7 @@ fn run_task(shared: &Shared<'_>, task: Task) -> Result<Done, EngineError> {
             Ok(Done::Md5 { object, md5: digest.iter().map(|b| format!("{b:02x}")).collect() })
         }
         Task::Whole { object, slices } => {
-            let raw: Vec<u8> = slices.iter().flat_map(|s| s.bytes().iter().copied()).collect();
+            let raw = concat(&slices);
             let encoded = encode_with(job.algorithm, &raw, job.zlib_level, false)?;
             let body = (encoded.compression != Algorithm::None).then(|| encoded.body.into_owned());
             Ok(Done::Whole { object, body })
@@ -816,13 +825,7 @@ impl<'s, 'a> Sequencer<'s, 'a> {
         };
         match encoded {
             Some(body) => (compression, body),
-            None => {
-                let mut raw = Vec::with_capacity(raw_len);
-                for slice in slices {
-                    raw.extend_from_slice(slice.bytes());
-                }
-                (Algorithm::None, raw)
-            }
+            None => (Algorithm::None, concat(slices)),
         }
     }
 
@@ -861,13 +864,12 @@ impl<'s, 'a> Sequencer<'s, 'a> {
     }
 }
 
-/// Bytes per sample of `looks_incompressible`.
-const SAMPLE_BYTES: usize = 16 << 10;
-
 /// Three samples (start, middle, end of the object) that zlib at level 1 cannot shrink below
-/// 97%: the object is random-like and is stored raw (`none`) without a full pass, as Cinder would
-/// store it after finding that compression does not shrink it.
+/// 97% (`codec::sample_incompressible`, on an object spread over several read buffers): the
+/// object is random-like and is stored raw (`none`) without a full pass, as Cinder would store it
+/// after finding that compression does not shrink it.
 fn looks_incompressible(slices: &[Slice]) -> bool {
+    use super::layout::codec::{SAMPLE_BYTES, sample_incompressible};
     let total: usize = slices.iter().map(|s| s.range.len()).sum();
     if total < SAMPLE_BYTES * 8 || slices.is_empty() {
         return false;
@@ -878,13 +880,7 @@ fn looks_incompressible(slices: &[Slice]) -> bool {
         if bytes.len() < SAMPLE_BYTES {
             return false;
         }
-        let sample = &bytes[bytes.len() / 2 - SAMPLE_BYTES / 2..][..SAMPLE_BYTES];
-        let mut c = flate2::Compress::new(flate2::Compression::new(1), true);
-        let mut out = Vec::with_capacity(SAMPLE_BYTES + 1024);
-        match c.compress_vec(sample, &mut out, flate2::FlushCompress::Finish) {
-            Ok(flate2::Status::StreamEnd) => out.len() * 100 >= SAMPLE_BYTES * 97,
-            _ => false,
-        }
+        sample_incompressible(&bytes[bytes.len() / 2 - SAMPLE_BYTES / 2..][..SAMPLE_BYTES])
     })
 }
 

@@ -41,6 +41,17 @@ pub struct OpenedFile {
     pub direct: bool,
 }
 
+/// Whether a regular file has any data extent (`lseek(SEEK_DATA)` from offset 0): false only when
+/// the filesystem says the whole file is a hole, so it reads as zeros. A filesystem without
+/// `SEEK_DATA` support reports the whole file as data, and any other error counts as data too:
+/// the answer may be "holds data" when it does not, never the reverse.
+pub fn holds_data(file: &File) -> bool {
+    // SAFETY: lseek on a valid open descriptor; it only moves the file offset, which no caller
+    // uses (every read and write names its offset).
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
+    rc >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO)
+}
+
 /// Probes the size and logical block size of an open block device or regular file.
 ///
 /// Block device: `BLKGETSIZE64` and `BLKSSZGET`. Regular file: its length, and the

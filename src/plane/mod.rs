@@ -20,7 +20,7 @@ pub use control::{JobControl, POLL_INTERVAL, lock};
 pub use fetch::fetch_parallel;
 pub use source::{Source, open_source, pace_reads, read_options, spawn_reader};
 pub use target::{Edges, Target, prepare_target, spawn_writer};
-pub use upload::{OpenUploads, PooledObject, UploadJob, Uploader, put_object};
+pub use upload::{OpenUploads, PooledObject, UploadJob, Uploader};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 

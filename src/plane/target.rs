@@ -131,7 +131,9 @@ pub fn prepare_target(
                      rest is left as it is"
                 ));
             }
-            (open(false)?, false, length == 0)
+            let opened = open(false)?;
+            let reads_as_zeros = length == 0 || !io::holds_data(&opened.file);
+            (opened, false, reads_as_zeros)
         }
         Ok(metadata) if metadata.file_type().is_block_device() => {
             if !force {
@@ -301,6 +303,35 @@ mod tests {
         assert!(!fresh.exists());
         let error = prepare_target(&dir, 1, true, &|_| {}).unwrap_err();
         assert_eq!(error.kind, ErrorKind::Usage);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A file that is one hole reads as zeros, so `--sparse` is accepted onto it; one data byte
+    /// anywhere and `--sparse` is refused (a filesystem without `SEEK_DATA` refuses both, which is
+    /// the safe side, so the first half only runs where holes are reported).
+    #[test]
+    fn sparse_onto_a_hole_file_only() {
+        let dir = std::env::temp_dir().join(format!("ferry-target-holes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("image");
+        std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let target = prepare_target(&path, 1 << 20, true, &|_| {}).unwrap();
+        let reports_holes = !io::holds_data(&target.opened.file);
+        assert_eq!(target.reads_as_zeros, reports_holes);
+        if reports_holes {
+            assert!(target.skip_holes(true).unwrap());
+        }
+        drop(target);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(b"x", 700_000)
+            .unwrap();
+        let target = prepare_target(&path, 1 << 20, true, &|_| {}).unwrap();
+        assert!(!target.reads_as_zeros);
+        assert_eq!(target.skip_holes(true).unwrap_err().kind, ErrorKind::Usage);
+        assert!(!target.skip_holes(false).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,7 +1,7 @@
-//! Object upload: one object as a single PUT or, above one part, as a multipart upload aborted on
-//! failure (`put_object`); the register of multipart uploads a job has open, aborted when the job
-//! fails (`OpenUploads`); and the uploader pool both backups use (`Uploader`), which uploads the
-//! parts of many objects at once and completes each object when its last part lands.
+//! Object upload: the register of multipart uploads a job has open, aborted when the job fails
+//! (`OpenUploads`), and the uploader pool both backups use (`Uploader`), which uploads objects as
+//! single PUTs or as multipart parts of many objects at once and completes each object when its
+//! last part lands.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,62 +9,10 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use super::{JobControl, lock};
-use crate::error::{EngineError, ErrorKind};
-use crate::limits;
+use crate::error::EngineError;
 use crate::progress::Progress;
 use crate::store::{ObjectStore, PartReceipt, UploadId};
 use crate::throttle::Throttle;
-
-/// Stores `body` at `key`: one PUT up to `limits::PART_SIZE_BYTES`, else a multipart upload of
-/// parts of that size, aborted if a part or the completion fails or the job stops. `limit` (the
-/// `--limit-upload` throttle) is taken before each request's bytes.
-///
-/// # Errors
-/// Store errors; `Cancelled` when the job stopped in between.
-pub fn put_object(
-    store: &dyn ObjectStore,
-    key: &str,
-    body: Bytes,
-    limit: Option<&Throttle>,
-    control: &JobControl,
-) -> Result<(), EngineError> {
-    let take = |bytes: usize| {
-        if let Some(limit) = limit {
-            limit.take(bytes as u64, control.flag());
-        }
-    };
-    if body.len() <= limits::PART_SIZE_BYTES {
-        take(body.len());
-        return Ok(store.put(key, body)?);
-    }
-    let upload_id = store.multipart_begin(key)?;
-    let mut receipts: Vec<PartReceipt> = Vec::new();
-    let mut result = Ok(());
-    for (index, start) in (0..body.len()).step_by(limits::PART_SIZE_BYTES).enumerate() {
-        if control.stopped() {
-            result = Err(EngineError::new(ErrorKind::Cancelled, "stopped"));
-            break;
-        }
-        let end = (start + limits::PART_SIZE_BYTES).min(body.len());
-        let part_number = u32::try_from(index + 1).expect("parts of one object fit u32");
-        take(end - start);
-        match store.multipart_put_part(key, &upload_id, part_number, body.slice(start..end)) {
-            Ok(receipt) => receipts.push(receipt),
-            Err(error) => {
-                result = Err(error.into());
-                break;
-            }
-        }
-    }
-    if result.is_ok() {
-        result = store.multipart_complete(key, &upload_id, &receipts).map_err(EngineError::from);
-    }
-    if result.is_err() {
-        // Best effort: a failed abort leaves an upload for the next run's upkeep to find.
-        let _ = store.multipart_abort(key, &upload_id);
-    }
-    result
-}
 
 /// The multipart uploads a job has begun and not completed, keyed by object key.
 #[derive(Debug, Default)]

@@ -119,8 +119,19 @@ pub fn encode(algorithm: Algorithm, raw: &[u8]) -> Result<Encoded<'_>, CinderErr
     encode_with(algorithm, raw, ZLIB_LEVEL, false)
 }
 
-/// Bytes per sample of `looks_incompressible`.
-const SAMPLE_BYTES: usize = 16 << 10;
+/// Bytes per sample of `looks_incompressible` (and of the Cinder backup job's own sampling of
+/// objects spread over several read buffers).
+pub const SAMPLE_BYTES: usize = 16 << 10;
+
+/// Whether zlib at level 1 cannot shrink `sample` below 97%: it is random-like.
+pub fn sample_incompressible(sample: &[u8]) -> bool {
+    let mut c = flate2::Compress::new(flate2::Compression::new(1), true);
+    let mut out = Vec::with_capacity(sample.len() + 1024);
+    match c.compress_vec(sample, &mut out, flate2::FlushCompress::Finish) {
+        Ok(flate2::Status::StreamEnd) => out.len() * 100 >= sample.len() * 97,
+        _ => false,
+    }
+}
 
 /// Three samples (start, middle, end) that zlib at level 1 cannot shrink below 97%: the object
 /// is random-like, and compressing it whole would only confirm that.
@@ -128,15 +139,9 @@ fn looks_incompressible(raw: &[u8]) -> bool {
     if raw.len() < SAMPLE_BYTES * 8 {
         return false;
     }
-    [0, raw.len() / 2, raw.len() - SAMPLE_BYTES].iter().all(|&start| {
-        let sample = &raw[start..start + SAMPLE_BYTES];
-        let mut c = flate2::Compress::new(flate2::Compression::new(1), true);
-        let mut out = Vec::with_capacity(SAMPLE_BYTES + 1024);
-        match c.compress_vec(sample, &mut out, flate2::FlushCompress::Finish) {
-            Ok(flate2::Status::StreamEnd) => out.len() * 100 >= SAMPLE_BYTES * 97,
-            _ => false,
-        }
-    })
+    [0, raw.len() / 2, raw.len() - SAMPLE_BYTES]
+        .iter()
+        .all(|&start| sample_incompressible(&raw[start..start + SAMPLE_BYTES]))
 }
 
 /// `encode` with ferry's speed choices: `zlib_level` for zlib/gzip (Cinder uses 6; every level
