@@ -165,7 +165,8 @@ impl<S: ObjectStore> FaultyStore<S> {
         }
     }
 
-    /// Adds a rule (rules are checked in order; the first that fires wins).
+    /// Adds a rule. Each rule counts the calls it matches; when several fire on one call, the
+    /// first added wins.
     #[must_use]
     pub fn with(mut self, rule: Rule) -> FaultyStore<S> {
         self.rules.push(rule);
@@ -190,6 +191,8 @@ impl<S: ObjectStore> FaultyStore<S> {
 
     /// The fault for this call, if a rule fires.
     fn pick(&self, op: Op, key: &str) -> Option<Fault> {
+        // Every rule counts every call it matches, whether or not an earlier rule fires on it.
+        let mut chosen: Option<(usize, Fault)> = None;
         for (index, rule) in self.rules.iter().enumerate() {
             if rule.op != op || !key.contains(rule.key_contains.as_str()) {
                 continue;
@@ -202,23 +205,22 @@ impl<S: ObjectStore> FaultyStore<S> {
                     mix(mix(self.seed ^ mix(index as u64)) ^ seen) % 1000 < u64::from(per_mille)
                 }
             };
-            if fires {
-                let fault = rule.fault.clone();
-                let name = match &fault {
-                    Fault::Transient => "transient",
-                    Fault::Permanent => "permanent",
-                    Fault::Unreachable => "unreachable",
-                    Fault::LoseResponse => "lose-response",
-                    Fault::Truncate => "truncate",
-                    Fault::Corrupt => "corrupt",
-                    Fault::Raise(_) => "raise",
-                };
-                let record = Injected { rule: index, op, key: key.to_owned(), fault: name };
-                lock(&self.injected).push(record);
-                return Some(fault);
+            if fires && chosen.is_none() {
+                chosen = Some((index, rule.fault.clone()));
             }
         }
-        None
+        let (rule, fault) = chosen?;
+        let name = match &fault {
+            Fault::Transient => "transient",
+            Fault::Permanent => "permanent",
+            Fault::Unreachable => "unreachable",
+            Fault::LoseResponse => "lose-response",
+            Fault::Truncate => "truncate",
+            Fault::Corrupt => "corrupt",
+            Fault::Raise(_) => "raise",
+        };
+        lock(&self.injected).push(Injected { rule, op, key: key.to_owned(), fault: name });
+        Some(fault)
     }
 
     /// Runs `call` under the fault chosen for it.
@@ -370,5 +372,101 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
 
     fn describe(&self) -> String {
         format!("{} (faults, seed {})", self.inner.describe(), self.seed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::MemStore;
+
+    fn put_many(store: &dyn ObjectStore, count: usize) -> Vec<bool> {
+        (0..count).map(|i| store.put(&format!("k{i}"), Bytes::from_static(b"x")).is_ok()).collect()
+    }
+
+    // Nth fires once on exactly the Nth matching call, From on every call from it, key filters
+    // restrict the count; errors carry the right retry class and failed calls have no effect.
+    #[test]
+    fn rules_fire_where_they_say() {
+        let mem = MemStore::new();
+        let store = FaultyStore::new(mem.clone(), 1)
+            .with(Rule::new(Op::Put, When::Nth(2), Fault::Transient))
+            .with(Rule::new(Op::Put, When::From(1), Fault::Permanent).on_keys("k5"));
+        assert_eq!(put_many(&store, 7), [true, false, true, true, true, false, true]);
+        assert_eq!(mem.keys(), ["k0", "k2", "k3", "k4", "k6"]);
+        let injected = store.injected();
+        assert_eq!(injected.len(), 2);
+        assert_eq!((injected[0].rule, injected[0].key.as_str()), (0, "k1"));
+        assert_eq!((injected[1].rule, injected[1].fault), (1, "permanent"));
+
+        use crate::error::{Classify as _, Status};
+        let store = FaultyStore::new(mem.clone(), 1)
+            .with(Rule::new(Op::Delete, When::Nth(1), Fault::Transient))
+            .with(Rule::new(Op::Delete, When::Nth(2), Fault::Permanent))
+            .with(Rule::new(Op::Delete, When::Nth(3), Fault::Unreachable));
+        assert_eq!(store.delete("k0").unwrap_err().status(), Status::Transient);
+        assert_eq!(store.delete("k0").unwrap_err().status(), Status::Permanent);
+        assert_eq!(store.delete("k0").unwrap_err().status(), Status::Transient);
+        assert!(mem.object("k0").is_some(), "failed deletes did nothing");
+        store.delete("k0").unwrap();
+        assert!(mem.object("k0").is_none());
+    }
+
+    // A lost response reports failure after the operation took effect; Raise sets the flag and
+    // lets the call through.
+    #[test]
+    fn lost_responses_take_effect_and_raise_lets_through() {
+        let mem = MemStore::new();
+        let flag = Arc::new(AtomicBool::new(false));
+        let store = FaultyStore::new(mem.clone(), 2)
+            .with(Rule::new(Op::Put, When::Nth(1), Fault::LoseResponse))
+            .with(Rule::new(Op::Put, When::Nth(2), Fault::Raise(Arc::clone(&flag))));
+        assert!(store.put("a", Bytes::from_static(b"1")).is_err());
+        assert_eq!(mem.get("a").unwrap(), Bytes::from_static(b"1"));
+        assert!(!flag.load(Ordering::SeqCst));
+        store.put("b", Bytes::from_static(b"2")).unwrap();
+        assert!(flag.load(Ordering::SeqCst));
+        assert_eq!(mem.keys(), ["a", "b"]);
+    }
+
+    // Body faults: a truncated GET is shorter, a truncated ranged GET is a short read, a
+    // corrupted body differs in exactly one byte, at a position the seed fixes.
+    #[test]
+    fn body_faults_damage_reads() {
+        let mem = MemStore::new();
+        let data: Vec<u8> = (0..=255).collect();
+        mem.insert("o", data.clone());
+        let store = FaultyStore::new(mem.clone(), 3)
+            .with(Rule::new(Op::Get, When::Nth(1), Fault::Truncate))
+            .with(Rule::new(Op::GetRange, When::Nth(1), Fault::Truncate))
+            .with(Rule::new(Op::Get, When::From(2), Fault::Corrupt));
+        let short = store.get("o").unwrap();
+        assert!(short.len() < data.len() && data.starts_with(&short));
+        assert!(matches!(store.get_range("o", 10, 20), Err(StoreError::ShortRead { .. })));
+        assert_eq!(store.get_range("o", 10, 20).unwrap(), Bytes::from(data[10..30].to_vec()));
+        let corrupt = store.get("o").unwrap();
+        let differing: Vec<usize> = (0..data.len()).filter(|&i| corrupt[i] != data[i]).collect();
+        assert_eq!(differing.len(), 1);
+        assert_eq!(store.get("o").unwrap(), corrupt, "the same seed damages the same byte");
+        assert_eq!(mem.get("o").unwrap(), Bytes::from(data), "the stored object is intact");
+    }
+
+    // Chance rules: the same seed injects at the same positions of the call sequence, another
+    // seed elsewhere, at about the rate asked for.
+    #[test]
+    fn chance_is_seeded() {
+        let pattern = |seed: u64| {
+            let store = FaultyStore::new(MemStore::new(), seed).with(Rule::new(
+                Op::Put,
+                When::Chance(200),
+                Fault::Transient,
+            ));
+            put_many(&store, 1000)
+        };
+        let (one, again, other) = (pattern(7), pattern(7), pattern(8));
+        assert_eq!(one, again);
+        assert_ne!(one, other);
+        let failures = one.iter().filter(|ok| !**ok).count();
+        assert!((150..250).contains(&failures), "{failures} failures in 1000 at 20%");
     }
 }
