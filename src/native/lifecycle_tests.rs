@@ -69,7 +69,9 @@ impl World {
         options.engine = Engine::Pread;
         options.worker_count = 1;
         options.parts_in_flight = 1;
-        options.queue_depth = Some(2);
+        // One read in flight: chunks reach packs in volume order, so pack layouts (and the
+        // space figure) repeat from run to run.
+        options.queue_depth = Some(1);
         options.pack_size_bytes = 4 * CHUNK as u64;
         let warnings = Arc::clone(&self.warnings);
         let warn = move |message: String| lock(&warnings).push(message);
@@ -527,10 +529,11 @@ fn thirty_days_of_daily_backups_stay_near_live_data() {
          ({} of {} stored bytes in packs no backup references, awaiting their sweep)",
         report.unreferenced_bytes, report.pack_bytes
     );
-    // Measured 1.229 on day 30: the rest of the waste is dead chunks inside packs that still
-    // hold live ones, which only repacking reclaims (not implemented). The issue's 1.2 target
-    // needs it; this bound keeps what GC alone achieves from regressing.
-    assert!(last <= 1.25, "day 30: {last:.3}");
+    // Measured 1.286 on day 30 (1.229 with another order of chunks into packs, from reads in
+    // flight): no pack waits for a sweep; the waste is dead chunks inside packs that still hold
+    // live ones, which only repacking reclaims (not implemented). The issue's 1.2 target needs
+    // it; this bound keeps what GC alone achieves from regressing.
+    assert!(last <= 1.3, "day 30: {last:.3}");
     // Days 23-29 (daily), and the newest of the weeks before (days 17 and 10; day 24 is a
     // daily one already): ISO weeks from Thursday 2026-11-26.
     assert_eq!(kept, 9);
