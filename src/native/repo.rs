@@ -172,22 +172,18 @@ impl Repository {
         Ok(marks)
     }
 
-    /// Every pack object with its size and time, by id.
+    /// Every pack object with its size and time, by id (an object under `packs/` whose key
+    /// names no pack is not one: it is neither used nor deleted).
     ///
     /// # Errors
-    /// Store errors; `Integrity` for an object under `packs/` that is not a pack.
+    /// Store errors.
     pub fn list_packs(&self) -> Result<HashMap<PackId, DatedObject>, EngineError> {
-        let mut packs = HashMap::new();
-        for object in self.store.list_dated(PACKS_PREFIX)? {
-            let Some(pack) = layout::pack_from_key(&object.key) else {
-                return Err(EngineError::new(
-                    ErrorKind::Integrity,
-                    format!("unexpected object {} under {PACKS_PREFIX}", object.key),
-                ));
-            };
-            let _ = packs.insert(pack, object);
-        }
-        Ok(packs)
+        Ok(self
+            .store
+            .list_dated(PACKS_PREFIX)?
+            .into_iter()
+            .filter_map(|object| Some((layout::pack_from_key(&object.key)?, object)))
+            .collect())
     }
 
     /// What a backup may deduplicate against: the chunks of every pack that is indexed, present
