@@ -281,7 +281,8 @@ const RESTORE_CINDER_ONLY: &[(&str, &str)] = &[("cinder_volume_id", "--cinder-vo
 
 /// Refuses a flag the chosen format does not read.
 fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), EngineError> {
-    let (sub, cinder, native_only, cinder_only): (_, bool, &[(&str, &str)], &[(&str, &str)]) =
+    type Flags = &'static [(&'static str, &'static str)];
+    let (sub, cinder, native_only, cinder_only): (_, bool, Flags, Flags) =
         match (&cli.command, matches.subcommand()) {
             (Command::Backup(args), Some((_, sub))) => (
                 sub,

@@ -289,6 +289,9 @@ pub fn run_many(
     Ok(outcomes)
 }
 
+/// What one pass gathered, the engines that read, and where each chunk of the run is stored.
+type PassOutput = (Vec<Collected>, Vec<io::Engine>, HashMap<ChunkHash, PackId>);
+
 /// One pass of the pipeline over every source, deduplicating against `known`; returns what the
 /// collector gathered, the engines, and where every chunk of the run is stored.
 fn run_pass(
@@ -299,7 +302,7 @@ fn run_pass(
     budget: &Budget,
     progress: &Progress,
     cancel: &AtomicBool,
-) -> Result<(Vec<Collected>, Vec<io::Engine>, HashMap<ChunkHash, PackId>), EngineError> {
+) -> Result<PassOutput, EngineError> {
     let control = JobControl::new();
     let part_spares = bounded(options.parts_in_flight + 2);
     let uploader =

@@ -357,9 +357,7 @@ impl Repository {
     ///
     /// # Errors
     /// Store errors listing the manifests.
-    pub fn load_all_manifests(
-        &self,
-    ) -> Result<Vec<(String, Result<Manifest, EngineError>)>, EngineError> {
+    pub fn load_all_manifests(&self) -> Result<Vec<LoadedManifest>, EngineError> {
         let ids = self.list_backups()?;
         let loaded = parallel_map(&ids, INDEX_FETCHES_IN_FLIGHT, |id| {
             Ok(match self.load_manifest(id) {
@@ -407,6 +405,9 @@ impl Repository {
         Ok(())
     }
 }
+
+/// A backup id and its manifest, or why it cannot be read.
+pub type LoadedManifest = (String, Result<Manifest, EngineError>);
 
 /// A mark and its time by the store's clock.
 #[derive(Debug, Clone)]
