@@ -41,6 +41,7 @@ class Sim:
         self.state_dir = os.path.join(root, "state")
         self.discovery_dir = os.path.join(root, "discovery.d")
         self.by_id_dir = os.path.join(root, "by-id")
+        self.nvme_class_dir = os.path.join(root, "class-nvme")
         os.makedirs(self.discovery_dir, exist_ok=True)
         token_file = os.path.join(root, "token")
         with open(token_file, "w") as f:
@@ -70,15 +71,19 @@ class Sim:
         with open(self.stderr.name) as f:
             return f.read()
 
-    def connection(self) -> http.client.HTTPConnection:
+    def connection(self, port: int | None = None,
+                   timeout: float = 10) -> http.client.HTTPConnection:
+        port = port or self.port
         if self.tls:
             context = ssl.create_default_context(cafile=self.tls[0])
-            return http.client.HTTPSConnection("127.0.0.1", self.port, context=context, timeout=10)
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            return http.client.HTTPSConnection("127.0.0.1", port, context=context,
+                                               timeout=timeout)
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
 
     def request(self, method: str, path: str, body: Any = None,
-                headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
-        conn = self.connection()
+                headers: dict[str, str] | None = None, port: int | None = None,
+                timeout: float = 10) -> tuple[int, Any, dict[str, str]]:
+        conn = self.connection(port, timeout)
         data = None if body is None else json.dumps(body).encode()
         hdrs = {"Accept": "application/json", **(headers or {})}
         if data is not None:
@@ -93,11 +98,12 @@ class Sim:
         return resp.status, payload, dict(resp.getheaders())
 
     def api(self, method: str, path: str, body: Any = None, token: str | None = TOKEN,
-            headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+            headers: dict[str, str] | None = None, port: int | None = None,
+            timeout: float = 10) -> tuple[int, Any, dict[str, str]]:
         hdrs = dict(headers or {})
         if token is not None:
             hdrs["Authorization"] = f"Bearer {token}"
-        return self.request(method, path, body, hdrs)
+        return self.request(method, path, body, hdrs, port, timeout)
 
     def sim(self, method: str, path: str, body: Any = None) -> Any:
         status, payload, _ = self.request(method, path, body)
@@ -520,6 +526,84 @@ def test_reset(sim: Sim) -> None:
     os.unlink(os.path.join(sim.discovery_dir, f"{vol['UUID']}.conf"))
 
 
+def test_api_nodes(sim: Sim) -> None:
+    """Every API node serves the same cluster; one taken down drops its connections unanswered,
+    one that hangs holds them, and a "down" fault loses the reply of an operation it did."""
+    nodes = sim.state()["apiNodes"]
+    assert [n["state"] for n in nodes] == ["up", "up"] and nodes[0]["port"] == sim.port, nodes
+    other = nodes[1]["port"]
+    vol = sim_volume(sim, "v", MiB)
+    expect(200, sim.api("GET", f"{VOLS}/{vol['UUID']}", port=other), "node 1 serves the cluster")
+
+    def unanswered(timeout: float = 10) -> bool:
+        try:
+            sim.api("GET", f"{VOLS}/{vol['UUID']}", port=other, timeout=timeout)
+        except (ConnectionError, http.client.HTTPException, TimeoutError, OSError):
+            return True
+        return False
+
+    sim.sim("POST", "/sim/api-nodes/1", {"state": "down"})
+    assert unanswered(), "a down node answered"
+    expect(200, sim.api("GET", f"{VOLS}/{vol['UUID']}"), "node 0 still answers")
+    assert sim.request("GET", "/sim/state", port=other)[0] == 200, "control API always answers"
+    sim.sim("POST", "/sim/api-nodes/1", {"state": "hang"})
+    started = time.monotonic()
+    assert unanswered(timeout=0.5), "a hung node answered"
+    assert time.monotonic() - started >= 0.45, "a hung node answered at once"
+    sim.sim("POST", "/sim/api-nodes/1", {"state": "up"})
+    hung = wait_for("the hung request logged", lambda: [
+        r for r in sim.sim("GET", "/sim/requests")["requests"] if r["status"] == 0])
+    assert hung[-1]["node"] == 1, hung
+    expect(200, sim.api("GET", f"{VOLS}/{vol['UUID']}", port=other), "node 1 back up")
+
+    sim.sim("POST", "/sim/faults", {"kind": "down", "method": "PUT", "path": "/volumes/"})
+    before = expect(200, sim.api("GET", f"{VOLS}/{vol['UUID']}"), "get")
+    try:
+        sim.api("PUT", f"{VOLS}/{vol['UUID']}", {"acl": {"values": [HOST_NQN]}}, port=other)
+        raise AssertionError("the PUT that took node 1 down was answered")
+    except (ConnectionError, http.client.HTTPException, OSError):
+        pass
+    after = expect(200, sim.api("GET", f"{VOLS}/{vol['UUID']}"), "get after")
+    assert after["acl"]["values"] == [HOST_NQN] and after["ETag"] != before["ETag"], after
+    assert [n["state"] for n in sim.state()["apiNodes"]] == ["up", "down"]
+    requests = sim.sim("GET", "/sim/requests")["requests"]
+    assert requests[-2]["node"] == 1 and requests[-2]["status"] == 0, requests[-2:]
+    assert requests[-1]["node"] == 0 and requests[-1]["status"] == 200, requests[-1:]
+    sim.sim("POST", "/sim/reset")
+    assert [n["state"] for n in sim.state()["apiNodes"]] == ["up", "up"], "reset brings nodes up"
+
+
+def test_nvme_controllers(sim: Sim) -> None:
+    """--nvme-class-dir: one controller per connected host, one namespace per attached volume
+    that host may see; both go when the ACL or the discovery file goes."""
+    mine = sim_volume(sim, "mine", MiB)
+    theirs = sim_volume(sim, "theirs", MiB)
+    set_acl(sim, mine["UUID"], [HOST_NQN])
+    set_acl(sim, theirs["UUID"], ["nqn.other-host"])
+    controller = os.path.join(sim.nvme_class_dir, "nvme0")
+    dsc = write_dsc(sim, mine["UUID"])
+    namespace = os.path.join(controller, f"nvme0n{mine['nsid']}")
+    wait_for("namespace", lambda: os.path.isdir(namespace))
+
+    def read(path: str) -> str:
+        with open(path) as f:
+            return f.read().strip()
+
+    assert read(os.path.join(controller, "subsysnqn")) == sim.subsystem_nqn
+    assert read(os.path.join(controller, "hostnqn")) == HOST_NQN
+    assert read(os.path.join(namespace, "wwid")) == f"uuid.{mine['UUID']}"
+    assert read(os.path.join(namespace, "nsid")) == str(mine["nsid"])
+    assert sorted(os.listdir(controller)).count(f"nvme0n{theirs['nsid']}") == 0
+    set_acl(sim, theirs["UUID"], ["nqn.other-host", HOST_NQN])
+    wait_for("second namespace",
+             lambda: os.path.isdir(os.path.join(controller, f"nvme0n{theirs['nsid']}")))
+    set_acl(sim, mine["UUID"], ["ALLOW_NONE"])
+    wait_for("namespace gone", lambda: not os.path.exists(namespace))
+    assert os.path.isdir(os.path.join(controller, f"nvme0n{theirs['nsid']}"))
+    os.unlink(dsc)
+    wait_for("controller gone", lambda: not os.path.exists(controller))
+
+
 def test_https(root: str) -> None:
     os.makedirs(root, exist_ok=True)
     cert, key = os.path.join(root, "cert.pem"), os.path.join(root, "key.pem")
@@ -585,6 +669,7 @@ SHARED_TESTS: list[Callable[[Sim], None]] = [
     test_if_match_412, test_snapshot_point_in_time, test_clone_from_snapshot, test_delete,
     test_injected_503_then_success, test_error_after, test_stuck_clone, test_delete_fails_once,
     test_create_fails, test_attach_detach, test_discovery_lines_checked, test_reset,
+    test_api_nodes, test_nvme_controllers,
 ]
 
 
@@ -615,7 +700,9 @@ def main() -> int:
     try:
         selected = [t for t in SHARED_TESTS if args.k in t.__name__]
         if selected:
-            sim = Sim(os.path.join(root, "main"))
+            main_root = os.path.join(root, "main")
+            sim = Sim(main_root, "--api-nodes", "2",
+                      "--nvme-class-dir", os.path.join(main_root, "class-nvme"))
             try:
                 for test in selected:
                     for name in os.listdir(sim.discovery_dir):  # the host starts disconnected

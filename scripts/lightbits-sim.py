@@ -28,7 +28,9 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,9 @@ API = "/api/v2"
 BLOCK = 4096  # LightOS volume sizes are 4096-aligned (pve-lightbits)
 TICK_SECONDS = 0.05  # reconciler period: state transitions and discovery-dir polling
 MAX_HISTORY = 2000  # bounded logs in /sim/state and /sim/requests
+
+# States of the simulator's API nodes (its listening ports), set by POST /sim/api-nodes/{i}.
+API_NODE_STATES = {"up", "down", "hang"}
 
 # Volume / snapshot states (reference B.3).
 CREATING, AVAILABLE, DELETING, FAILED = "Creating", "Available", "Deleting", "Failed"
@@ -70,6 +75,10 @@ def log(message: str) -> None:
 
 def utc_now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class DropConnection(Exception):
+    """Close the client's connection without an answer (an API node lost mid-request)."""
 
 
 class ApiError(Exception):
@@ -280,6 +289,7 @@ FAULT_KINDS = {
     "stuck",        # a create stays Creating / a delete stays Deleting forever
     "fail",         # a create ends in state Failed instead of Available
     "delay",        # sleep `seconds`, then handle normally (for client timeouts)
+    "down",         # do the operation, lose the reply, and the API node stops answering
 }
 KIND_METHODS = {"stuck": ("POST", "DELETE"), "fail": ("POST",)}  # the only requests they affect
 
@@ -295,6 +305,7 @@ class Fault:
     status: int
     count: int  # remaining matches; -1 = unlimited
     seconds: float
+    node: int | None = None  # kind "down": the API node to take down (default: the one asked)
     hits: int = 0
 
     @staticmethod
@@ -311,7 +322,8 @@ class Fault:
                 clone=bool(spec.get("clone", False)),
                 status=int(spec.get("status", 503 if kind == "error" else 500)),
                 count=int(spec.get("count", 1)),
-                seconds=float(spec.get("seconds", 0.0)))
+                seconds=float(spec.get("seconds", 0.0)),
+                node=(int(spec["node"]) if spec.get("node") is not None else None))
         except (re.error, ValueError, TypeError, AttributeError) as e:
             raise ApiError(400, f"invalid fault {spec!r}: {e}") from e
 
@@ -339,7 +351,7 @@ class Fault:
         return {"id": self.id, "kind": self.kind, "method": self.method,
                 "path": self.path.pattern, "body": self.body.pattern if self.body else None,
                 "clone": self.clone, "status": self.status, "count": self.count,
-                "seconds": self.seconds, "hits": self.hits}
+                "seconds": self.seconds, "node": self.node, "hits": self.hits}
 
 
 class FaultBook:
@@ -414,10 +426,15 @@ class Attacher:
     """
 
     def __init__(self, discovery_dir: str | None, by_id_dir: str, sysfs_dir: str | None,
-                 subsystem_nqn: str, node_ips: set[str], discovery_port: int) -> None:
+                 subsystem_nqn: str, node_ips: set[str], discovery_port: int,
+                 nvme_class_dir: str | None = None) -> None:
         self.discovery_dir = discovery_dir
         self.by_id_dir = by_id_dir
         self.sysfs_dir = sysfs_dir
+        self.nvme_class_dir = nvme_class_dir
+        # host NQN → controller instance number, and what each controller dir holds now
+        self.controller_of: dict[str, int] = {}
+        self.controllers: dict[int, tuple[str, frozenset[tuple[str, int]]]] = {}
         self.subsystem_nqn = subsystem_nqn
         self.node_ips = node_ips
         self.discovery_port = discovery_port
@@ -524,6 +541,7 @@ class Attacher:
 
     def detach_all(self) -> None:
         """Caller holds lock."""
+        self.remove_controllers()
         for vol_uuid in list(self.attached):
             self.detach(vol_uuid)
 
@@ -550,6 +568,69 @@ class Attacher:
     def remove_sysfs(self, loop: str) -> None:
         if self.sysfs_dir:
             shutil.rmtree(os.path.join(self.sysfs_dir, os.path.basename(loop)), ignore_errors=True)
+
+    # -- optional fake NVMe controllers (`<dir>/nvme<K>/…`, the kernel's /sys/class/nvme) ---------
+
+    def reconcile_controllers(self, hosts: set[str], admitted: dict[str, tuple[int, list[str]]]
+                              ) -> None:
+        """One controller of this cluster's subsystem per connected host NQN, exposing one
+        namespace per attached volume whose ACL admits that host (`admitted`: uuid → (nsid,
+        acl)). Caller holds lock."""
+        if not self.nvme_class_dir:
+            return
+        for host in sorted(hosts):
+            if host not in self.controller_of:
+                used = set(self.controller_of.values())
+                self.controller_of[host] = next(k for k in itertools.count() if k not in used)
+        for host in [h for h in self.controller_of if h not in hosts]:
+            del self.controller_of[host]
+        desired: dict[int, tuple[str, frozenset[tuple[str, int]]]] = {}
+        for host, k in self.controller_of.items():
+            namespaces = frozenset((vol_uuid, admitted[vol_uuid][0]) for vol_uuid in self.attached
+                                   if vol_uuid in admitted
+                                   and acl_admits(admitted[vol_uuid][1], {host}))
+            desired[k] = (host, namespaces)
+        for k in [k for k in self.controllers if k not in desired]:
+            shutil.rmtree(os.path.join(self.nvme_class_dir, f"nvme{k}"), ignore_errors=True)
+            del self.controllers[k]
+            log(f"controller nvme{k} removed")
+        for k, (host, namespaces) in desired.items():
+            if self.controllers.get(k) == (host, namespaces):
+                continue
+            self.write_controller(k, host, namespaces)
+            self.controllers[k] = (host, namespaces)
+
+    def write_controller(self, k: int, host: str, namespaces: frozenset[tuple[str, int]]) -> None:
+        directory = os.path.join(self.nvme_class_dir or "", f"nvme{k}")
+        os.makedirs(directory, exist_ok=True)
+        for name, value in (("subsysnqn", self.subsystem_nqn), ("hostnqn", host),
+                            ("transport", "tcp"), ("state", "live")):
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(f"{value}\n")
+        wanted = {f"nvme{k}n{nsid}": vol_uuid for vol_uuid, nsid in namespaces}
+        for name in os.listdir(directory):
+            if re.fullmatch(r"nvme\d+n\d+", name) and name not in wanted:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        for name, vol_uuid in wanted.items():
+            ns_dir = os.path.join(directory, name)
+            os.makedirs(ns_dir, exist_ok=True)
+            nsid = name.rsplit("n", 1)[1]
+            for file_name, value in (("wwid", f"uuid.{vol_uuid}"), ("uuid", vol_uuid),
+                                     ("nsid", nsid)):
+                with open(os.path.join(ns_dir, file_name), "w") as f:
+                    f.write(f"{value}\n")
+        log(f"controller nvme{k} (host {host}) exposes {sorted(wanted)}")
+
+    def remove_controllers(self) -> None:
+        """Caller holds lock."""
+        self.reconcile_controllers(set(), {})
+
+    def remove_stale_controllers(self) -> None:
+        """At start: controller dirs a killed simulator left in its own fake class dir."""
+        if self.nvme_class_dir and os.path.isdir(self.nvme_class_dir):
+            for name in os.listdir(self.nvme_class_dir):
+                if re.fullmatch(r"nvme\d+", name):
+                    shutil.rmtree(os.path.join(self.nvme_class_dir, name), ignore_errors=True)
 
 
 def loop_backing_file(loop: str) -> str | None:
@@ -642,6 +723,10 @@ class Cluster:
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_HISTORY)
         self.faults = FaultBook()
         self.nsids = itertools.count(1)
+        # API nodes: one listening port each; "up", "down" (connections dropped unanswered) or
+        # "hang" (requests held unanswered). Ports are filled in by main().
+        self.api_nodes: list[dict[str, Any]] = []
+        self.stopping = threading.Event()
         self.nodes = [{"UUID": str(uuidlib.uuid5(uuidlib.UUID(config.cluster_uuid), f"node-{i}")),
                        "name": f"node{i}", "nvmeEndpoint": endpoint, "state": "Active"}
                       for i, endpoint in enumerate(config.node_endpoints)]
@@ -965,7 +1050,10 @@ class Cluster:
                 desired = {v.uuid: (v.path, v.size) for v in self.volumes.values()
                            if v.state == AVAILABLE and not v.gone and acl_admits(v.acl, hosts)
                            and os.path.exists(v.path)}
+                admitted = {v.uuid: (v.nsid, list(v.acl)) for v in self.volumes.values()
+                            if v.uuid in desired}
             self.attacher.reconcile(desired)
+            self.attacher.reconcile_controllers(hosts, admitted)
             with self.lock:
                 for vol in self.volumes.values():
                     att = self.attacher.loop_of(vol.uuid)
@@ -1001,12 +1089,42 @@ class Cluster:
                 self.deleted.clear()
                 self.requests.clear()
                 self.faults.clear()
+                for node in self.api_nodes:
+                    node["state"] = "up"
+
+    def api_node(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self.api_nodes):
+            raise ApiError(404, f"no API node {index} (there are {len(self.api_nodes)})")
+        return self.api_nodes[index]
+
+    def set_api_node_state(self, index: int, state: str) -> dict[str, Any]:
+        if state not in API_NODE_STATES:
+            raise ApiError(400, f"state must be one of {sorted(API_NODE_STATES)}")
+        with self.lock:
+            node = self.api_node(index)
+            node["state"] = state
+        log(f"API node {index} (port {node['port']}) is {state}")
+        return dict(node)
+
+    def api_node_answers(self, index: int) -> bool:
+        """False when node `index` must not answer: it is down, or it hangs (the caller is held
+        until the node leaves "hang"; a request that hung is never processed)."""
+        hung = False
+        while not self.stopping.is_set():
+            with self.lock:
+                state = self.api_node(index)["state"]
+            if state != "hang":
+                return state == "up" and not hung
+            hung = True
+            time.sleep(TICK_SECONDS)
+        return False
 
     def state_json(self) -> dict[str, Any]:
         with self.lock:
             return {
                 "cluster": self.cluster_json(),
                 "nodes": self.nodes,
+                "apiNodes": [dict(node) for node in self.api_nodes],
                 "volumes": [v.sim_json() for v in self.volumes.values()],
                 "snapshots": [s.sim_json() for s in self.snapshots.values()],
                 "deleted": list(self.deleted),
@@ -1262,6 +1380,20 @@ def h_sim_sha256(cluster: Cluster, req: Request) -> Reply:
         return ok({"UUID": res_uuid, "size": size, "sha256": sha256_file(path)})
 
 
+def h_sim_api_nodes(cluster: Cluster, req: Request) -> Reply:
+    with cluster.lock:
+        return ok({"apiNodes": [dict(node) for node in cluster.api_nodes]})
+
+
+def h_sim_api_node_set(cluster: Cluster, req: Request) -> Reply:
+    """{"state": "up" | "down" | "hang"} for API node {index}."""
+    try:
+        index = int(req.params["index"])
+    except ValueError as e:
+        raise ApiError(400, f"bad API node index: {e}") from e
+    return ok(cluster.set_api_node_state(index, str(req.json().get("state"))))
+
+
 def h_sim_state_set(cluster: Cluster, req: Request) -> Reply:
     res = cluster.force_state(req.params["kind"], req.params["uuid"], str(req.json().get("state")))
     with cluster.lock:
@@ -1312,6 +1444,8 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", f"/sim/{K}/{U}/read", h_sim_read),
     ("GET", f"/sim/{K}/{U}/sha256", h_sim_sha256),
     ("POST", f"/sim/{K}/{U}/state", h_sim_state_set),
+    ("GET", "/sim/api-nodes", h_sim_api_nodes),
+    ("POST", "/sim/api-nodes/(?P<index>[0-9]+)", h_sim_api_node_set),
 ]
 COMPILED = [(method, re.compile(pattern), handler) for method, pattern, handler in ROUTES]
 
@@ -1363,8 +1497,17 @@ class SimHandler(BaseHTTPRequestHandler):
                       query=parse_qs(split.query, keep_blank_values=True), body=body,
                       headers=self.headers)
         auth = "-"
+        node = self.node_index()
+        if req.path.startswith("/api/") and not self.cluster.api_node_answers(node):
+            self.record(req, 0, auth, started)
+            self.drop()
+            return
         try:
             status, payload, headers, auth = self.dispatch(req)
+        except DropConnection:
+            self.record(req, 0, auth, started)
+            self.drop()
+            return
         except ApiError as e:
             status, payload, headers = e.status, error_body(e.status, e.message), {}
         except Exception as e:  # a simulator bug: answer 500 and say so in the log
@@ -1372,6 +1515,17 @@ class SimHandler(BaseHTTPRequestHandler):
             status, payload, headers = 500, error_body(500, f"simulator error: {e}"), {}
         self.send(status, payload, headers)
         self.record(req, status, auth, started)
+
+    def node_index(self) -> int:
+        return int(getattr(self.server, "node_index", 0))
+
+    def drop(self) -> None:
+        """End the connection without an answer: the client sees it closed mid-request."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def dispatch(self, req: Request) -> tuple[int, Any, dict[str, str], str]:
         cluster = self.cluster
@@ -1390,6 +1544,10 @@ class SimHandler(BaseHTTPRequestHandler):
         status, payload, headers = handler(cluster, req)
         if fault and fault.kind == "error_after":
             raise ApiError(fault.status, f"injected fault #{fault.id} (after the operation)")
+        if fault and fault.kind == "down":
+            node = self.node_index() if fault.node is None else fault.node
+            cluster.set_api_node_state(node, "down")
+            raise DropConnection()
         return status, payload, headers, auth
 
     @staticmethod
@@ -1424,13 +1582,15 @@ class SimHandler(BaseHTTPRequestHandler):
         """Log one line (never the token) and keep the request for /sim/requests."""
         elapsed_ms = (time.monotonic() - started) * 1000
         fault = f" fault#{req.fault.id}" if req.fault else ""
-        log(f"{req.method} {req.target} -> {status} ({elapsed_ms:.1f} ms){fault}")
+        node = self.node_index()
+        answer = status if status else "no answer"
+        log(f"node{node} {req.method} {req.target} -> {answer} ({elapsed_ms:.1f} ms){fault}")
         if req.path.startswith("/api/"):
             with self.cluster.lock:
                 self.cluster.requests.append({
                     "time": utc_now_iso(), "method": req.method, "target": req.target,
                     "status": status, "ifMatch": req.headers.get("If-Match"),
-                    "fault": req.fault.id if req.fault else None})
+                    "fault": req.fault.id if req.fault else None, "node": node})
 
 
 class SimServer(ThreadingHTTPServer):
@@ -1475,6 +1635,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--by-id-dir", help="where nvme-uuid.<uuid> links go (default: STATE_DIR/by-id)")
     p.add_argument("--sysfs-dir",
                    help="optional fake sysfs: writes DIR/loopN/wwid and DIR/loopN/size")
+    p.add_argument("--nvme-class-dir",
+                   help="optional fake /sys/class/nvme: DIR/nvmeK/{subsysnqn,hostnqn} per "
+                        "connected host, DIR/nvmeK/nvmeKn<nsid>/{wwid,uuid,nsid} per namespace")
+    p.add_argument("--api-nodes", type=int, default=1,
+                   help="serve the API on this many ports (API nodes); the first is --port")
     p.add_argument("--cluster-uuid", default=None, help="cluster UUID (default: random)")
     p.add_argument("--subsystem-nqn", default=None,
                    help="subsystem NQN "
@@ -1489,6 +1654,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key go together")
+    if args.api_nodes < 1:
+        p.error("--api-nodes must be at least 1")
+    if args.nvme_class_dir and os.path.abspath(args.nvme_class_dir).startswith("/sys/"):
+        p.error("--nvme-class-dir is a fake sysfs directory, never the real /sys")
     return args
 
 
@@ -1512,7 +1681,9 @@ def build_cluster(args: argparse.Namespace, state_dir: str) -> Cluster:
         node_endpoints=endpoints, discovery_port=args.discovery_port)
     by_id_dir = args.by_id_dir or os.path.join(state_dir, "by-id")
     attacher = Attacher(args.discovery_dir, by_id_dir, args.sysfs_dir, config.subsystem_nqn,
-                        {endpoint_ip(e) for e in endpoints}, args.discovery_port)
+                        {endpoint_ip(e) for e in endpoints}, args.discovery_port,
+                        args.nvme_class_dir)
+    attacher.remove_stale_controllers()
     cluster = Cluster(config, attacher)
     for spec in args.fault:
         cluster.faults.add(json.loads(spec))
@@ -1546,39 +1717,49 @@ def main(argv: list[str]) -> int:
     cluster = build_cluster(args, state_dir)
     detach_stale_loops(state_dir, cluster.attacher.by_id_dir)
 
-    server = SimServer(("127.0.0.1", args.port), SimHandler)
     SimHandler.cluster = cluster
-    scheme = "http"
-    if args.tls_cert:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(args.tls_cert, args.tls_key)
-        server.socket = context.wrap_socket(server.socket, server_side=True,
-                                            do_handshake_on_connect=False)
-        scheme = "https"
-    port = server.server_address[1]
+    scheme = "https" if args.tls_cert else "http"
+    servers = []
+    for index in range(args.api_nodes):
+        server = SimServer(("127.0.0.1", args.port if index == 0 else 0), SimHandler)
+        server.node_index = index  # type: ignore[attr-defined]
+        if args.tls_cert:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+            server.socket = context.wrap_socket(server.socket, server_side=True,
+                                                do_handshake_on_connect=False)
+        servers.append(server)
+        cluster.api_nodes.append({"index": index, "port": server.server_address[1],
+                                  "state": "up"})
+    port = servers[0].server_address[1]
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    threads = [threading.Thread(target=server.serve_forever, name="http", daemon=True),
-               threading.Thread(target=reconciler, args=(cluster, stop), name="reconciler",
-                                daemon=True)]
+    reconcile_thread = threading.Thread(target=reconciler, args=(cluster, stop),
+                                        name="reconciler", daemon=True)
+    threads = [threading.Thread(target=server.serve_forever, name=f"http{index}", daemon=True)
+               for index, server in enumerate(servers)] + [reconcile_thread]
     for thread in threads:
         thread.start()
     if args.port_file:
         write_port_file(args.port_file, port)
     print(f"listening on {scheme}://127.0.0.1:{port}", flush=True)
     log(f"cluster {cluster.config.cluster_uuid}, subsystem {cluster.config.subsystem_nqn}, "
-        f"state in {state_dir}")
+        f"state in {state_dir}, API nodes on ports "
+        f"{[node['port'] for node in cluster.api_nodes]}")
 
     while not stop.wait(1.0):
         pass
     log("shutting down: detaching every loop device this simulator attached")
-    server.shutdown()
-    threads[1].join()
+    cluster.stopping.set()
+    for server in servers:
+        server.shutdown()
+    reconcile_thread.join()
     with cluster.attacher.lock:
         cluster.attacher.detach_all()
-    server.server_close()
+    for server in servers:
+        server.server_close()
     if temp_state:
         shutil.rmtree(state_dir, ignore_errors=True)
     return 0

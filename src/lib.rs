@@ -24,4 +24,6 @@ pub mod native;
 pub mod plane;
 pub mod progress;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod throttle;

@@ -15,11 +15,11 @@ use serde_json::Value;
 use crate::util::{Run, Scratch, assert_same, gen_image};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
-const OBJECT_SIZE: &str = "4194304";
-const MIB: u64 = 1 << 20;
+pub(crate) const OBJECT_SIZE: &str = "4194304";
+pub(crate) const MIB: u64 = 1 << 20;
 
 /// The venv python, or None (skipped) without Cinder or Garage.
-fn cinder_py(test: &str) -> Option<String> {
+pub(crate) fn cinder_py(test: &str) -> Option<String> {
     let py = std::env::var("FERRY_CINDER_PY").ok().filter(|p| !p.is_empty());
     let s3 = std::env::var("FERRY_TEST_S3_ENDPOINT").ok();
     if py.is_none() || s3.is_none() {
@@ -36,7 +36,7 @@ fn cinder_py(test: &str) -> Option<String> {
     py
 }
 
-fn uuid() -> String {
+pub(crate) fn uuid() -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
@@ -51,7 +51,7 @@ fn uuid() -> String {
     )
 }
 
-fn bucket() -> String {
+pub(crate) fn bucket() -> String {
     std::env::var("FERRY_TEST_S3_BUCKET").unwrap_or_else(|_| "ferry-test".into())
 }
 
@@ -74,7 +74,7 @@ fn ferry_ok(args: &[&str]) -> Run {
 }
 
 /// Runs the Cinder harness and returns its JSON.
-fn harness(py: &str, args: &[&str]) -> Value {
+pub(crate) fn harness(py: &str, args: &[&str]) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cinder/harness.py");
     let out = Command::new(py).arg(script).args(args).output().unwrap();
     assert!(out.status.success(), "harness {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -82,7 +82,7 @@ fn harness(py: &str, args: &[&str]) -> Value {
 }
 
 /// Runs a Python snippet with boto3 against the test bucket; `args` follow the script.
-fn boto(py: &str, script: &str, args: &[&str]) -> String {
+pub(crate) fn boto(py: &str, script: &str, args: &[&str]) -> String {
     let prelude = "import os, sys, boto3\n\
         s3 = boto3.client('s3', endpoint_url=os.environ['FERRY_TEST_S3_ENDPOINT'], \
         region_name=os.environ.get('FERRY_TEST_S3_REGION', 'garage'))\n\
@@ -128,7 +128,7 @@ fn ferry_restore(backup: &str, volume: &str, target: &Path) {
     ]);
 }
 
-fn cinder_backup(
+pub(crate) fn cinder_backup(
     py: &str,
     image: &Path,
     backup: &str,
@@ -156,7 +156,7 @@ fn cinder_backup(
 }
 
 /// Cinder restores `backup` into a file of `size` bytes (Cinder opens the target `r+b`).
-fn cinder_restore(py: &str, backup: &str, target: &Path, size: u64) {
+pub(crate) fn cinder_restore(py: &str, backup: &str, target: &Path, size: u64) {
     let file = std::fs::File::create(target).unwrap();
     file.set_len(size).unwrap();
     let _ = harness(
@@ -174,7 +174,7 @@ fn cinder_restore(py: &str, backup: &str, target: &Path, size: u64) {
 }
 
 /// Overwrites a few ranges of `image` (random bytes, text, zeros) to make an incremental.
-fn mutate(image: &Path, seed: u64) {
+pub(crate) fn mutate(image: &Path, seed: u64) {
     use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new().write(true).open(image).unwrap();
     let len = file.metadata().unwrap().len();
@@ -386,4 +386,109 @@ fn cinder_bad_compression_is_usage_error() {
     assert!(run.fails(2).contains("lz4"));
     let run = ferry(&["backup", "--source", image.to_str().unwrap(), "--compression", "zlib"]);
     assert!(run.fails(2).contains("--format cinder"));
+}
+
+/// A Cinder restore checks every object before writing its bytes: a `none` object with one byte
+/// changed (Cinder itself would write it as it is) is refused with exit 5 naming the object, and
+/// the target file the restore created is removed.
+#[test]
+fn cinder_restore_refuses_corrupted_objects() {
+    let Some(py) = cinder_py("cinder_restore_refuses_corrupted_objects") else { return };
+    let dir = Scratch::new("cinder-corrupt");
+    let size = 12 * MIB;
+    let image = dir.join("vol.img");
+    gen_image(&image, size, "random", 43);
+    let script = r#"
+vol, bid, suffix = sys.argv[1:4]
+keys = [o['Key'] for p in s3.get_paginator('list_objects_v2').paginate(Bucket=B, Prefix='volume_%s/' % vol) for o in p.get('Contents', [])]
+[k] = [k for k in keys if k.endswith('_backup_%s-%s' % (bid, suffix))]
+body = bytearray(s3.get_object(Bucket=B, Key=k)['Body'].read())
+body[len(body) // 2] ^= 0x40
+s3.put_object(Bucket=B, Key=k, Body=bytes(body))
+print(k)
+"#;
+    for (compression, suffix) in [("none", "00002"), ("zlib", "00003")] {
+        let (backup, volume) = (uuid(), uuid());
+        ferry_backup(&image, &backup, &volume, compression, None);
+        let corrupted = boto(&py, script, &[&volume, &backup, suffix]);
+        let target = dir.join(&format!("out-{compression}.img"));
+        let run = ferry(&[
+            "restore",
+            "--format",
+            "cinder",
+            &backup,
+            "--cinder-volume-id",
+            &volume,
+            "--target",
+            target.to_str().unwrap(),
+        ]);
+        let message = run.fails(5);
+        assert!(message.contains(corrupted.trim()), "{compression}: {message}");
+        assert!(!target.exists(), "{compression}: the file the failed restore created is removed");
+    }
+}
+
+/// Every flag of `backup` and `restore` either applies to the chosen format or is refused with
+/// exit 2 naming it: nothing is silently ignored. Applicable flags get past validation (the
+/// missing source then fails the run with exit 3, or the missing backup with exit 7).
+#[test]
+fn every_flag_applies_or_is_refused() {
+    let dir = Scratch::new("cinder-flags");
+    let missing = dir.join("missing.img");
+    let missing = missing.to_str().unwrap();
+    let (cid, vid) = (uuid(), uuid());
+    // (flag and value, applies to native, applies to cinder)
+    let backup_flags: &[(&[&str], bool, bool)] = &[
+        (&["--workers", "3"], true, true),
+        (&["--limit-read", "500"], true, true),
+        (&["--limit-upload", "500"], true, true),
+        (&["--backup-id", "b-1"], true, false),
+        (&["--compression-level", "3"], true, false),
+        (&["--pack-size", "64M"], true, false),
+        (&["--parts-in-flight", "2"], true, false),
+        (&["--incremental-parent", "0000"], false, true),
+        (&["--compression", "zstd"], false, true),
+        (&["--cinder-object-size", "4194304"], false, true),
+        (&["--cinder-block-size", "65536"], false, true),
+        (&["--cinder-uploads", "2"], false, true),
+        (&["--zlib-level", "6"], false, true),
+    ];
+    for (flag, native, cinder) in backup_flags {
+        for (format, applies) in [("native", *native), ("cinder", *cinder)] {
+            let mut args = vec!["backup", "--format", format, "--source", missing];
+            if format == "cinder" {
+                args.extend(["--cinder-backup-id", &cid, "--cinder-volume-id", &vid]);
+            }
+            args.extend(flag.iter());
+            let run = ferry(&args);
+            if applies {
+                assert_ne!(run.code, 2, "{format} {flag:?} was refused: {}", run.stderr);
+            } else {
+                let message = run.fails(2);
+                assert!(message.contains(flag[0]), "{format} {flag:?}: {message}");
+            }
+        }
+    }
+    let restore_flags: &[(&[&str], bool, bool)] = &[
+        (&["--force"], true, true),
+        (&["--sparse"], true, true),
+        (&["--downloads-in-flight", "2"], true, true),
+    ];
+    let target = dir.join("target.img");
+    for (flag, native, cinder) in restore_flags {
+        for (format, applies) in [("native", *native), ("cinder", *cinder)] {
+            let mut args = vec!["restore", "--format", format, "no-such-backup"];
+            args.extend(["--target", target.to_str().unwrap()]);
+            if format == "cinder" {
+                args.extend(["--cinder-volume-id", &vid]);
+            }
+            args.extend(flag.iter());
+            let run = ferry(&args);
+            assert_eq!(applies, run.code != 2, "{format} {flag:?}: {}", run.stderr);
+        }
+    }
+    let run =
+        ferry(&["restore", "b", "--target", target.to_str().unwrap(), "--cinder-volume-id", &vid]);
+    assert!(run.fails(2).contains("--cinder-volume-id"));
+    assert!(!target.exists());
 }

@@ -86,7 +86,15 @@ impl Sim {
             return None;
         }
         let scratch = Scratch::new(&format!("lightbits-{tag}"));
-        for dir in ["state", "discovery", "by-id", "sys/class/block", "journal", "repo-dir"] {
+        for dir in [
+            "state",
+            "discovery",
+            "by-id",
+            "sys/class/block",
+            "sys/class/nvme",
+            "journal",
+            "repo-dir",
+        ] {
             std::fs::create_dir_all(scratch.join(dir)).unwrap();
         }
         std::fs::write(scratch.join("token"), "sim-token\n").unwrap();
@@ -108,6 +116,9 @@ impl Sim {
             .arg(scratch.join("by-id"))
             .arg("--sysfs-dir")
             .arg(scratch.join("sys/class/block"))
+            .arg("--nvme-class-dir")
+            .arg(scratch.join("sys/class/nvme"))
+            .args(["--api-nodes", "2"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -132,9 +143,14 @@ impl Sim {
 
     /// Writes a ferry config with a local repository and a `[lightbits]` table.
     fn write_config(&self, name: &str, api: &str, token: &str, extra: &str) -> PathBuf {
+        self.write_config_apis(name, &[api.to_owned()], token, extra)
+    }
+
+    /// Writes a ferry config with several API addresses, tried in this order.
+    fn write_config_apis(&self, name: &str, apis: &[String], token: &str, extra: &str) -> PathBuf {
         let path = self.scratch.join(name);
         let text = format!(
-            "repository = {repo:?}\n[lightbits]\napi_addresses = [{api:?}]\nproject = \"default\"\n\
+            "repository = {repo:?}\n[lightbits]\napi_addresses = {apis:?}\nproject = \"default\"\n\
              token_file = {token:?}\nhostnqn = {HOST_NQN:?}\ndiscovery_dir = {discovery:?}\n\
              by_id_dir = {by_id:?}\nsysfs_root = {sys:?}\njournal_dir = {journal:?}\n\
              poll_interval_secs = 0.1\nwait_timeout_secs = 5\ndevice_timeout_secs = 10\n\
@@ -153,7 +169,105 @@ impl Sim {
     fn command(&self, config: &str, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
         command.arg("--json").arg("--config").arg(self.scratch.join(config)).args(args);
+        self.fake_nvme_env(&mut command);
         command
+    }
+
+    /// The environment of tests/util/fake-nvme.py (inherited through ferry).
+    fn fake_nvme_env(&self, command: &mut Command) {
+        command
+            .env("FAKE_NVME_LOG", self.scratch.join("nvme.log"))
+            .env("FAKE_NVME_DISCOVERY_DIR", self.scratch.join("discovery"))
+            .env("FAKE_NVME_SYSFS", self.scratch.join("sys"));
+    }
+
+    /// Runs the fake `nvme` as an operator would.
+    fn nvme(&self, args: &[&str]) {
+        let mut command = Command::new(fake_nvme());
+        self.fake_nvme_env(&mut command);
+        let output = command.args(args).output().unwrap();
+        assert!(output.status.success(), "nvme {args:?}: {output:?}");
+    }
+
+    /// The argv of every fake `nvme` call so far, and forgets them.
+    fn take_nvme_calls(&self) -> Vec<Vec<String>> {
+        let path = self.scratch.join("nvme.log");
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        text.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+    }
+
+    /// A REST API call with the simulator's valid token (what another cluster user does).
+    fn api(&self, method: &str, path: &str, body: Option<Value>, if_match: Option<&str>) -> Value {
+        let token = std::fs::read_to_string(self.scratch.join("token")).unwrap();
+        let url = format!("http://{}{path}", self.base);
+        let mut request = ureq::http::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("Authorization", format!("Bearer {}", token.trim()));
+        if let Some(etag) = if_match {
+            request = request.header("If-Match", etag);
+        }
+        let request = request.body(body.map(|b| b.to_string()).unwrap_or_default()).unwrap();
+        let mut response = self.agent.run(request).unwrap();
+        let text = response.body_mut().read_to_string().unwrap();
+        assert!(response.status().is_success(), "{method} {path}: {}: {text}", response.status());
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Sets a volume's ACL through the REST API, as Cinder's driver does (GET, PUT If-Match).
+    fn set_acl(&self, uuid: &str, acl: &[&str]) {
+        let path = format!("/api/v2/projects/default/volumes/{uuid}");
+        let volume = self.api("GET", &path, None, None);
+        let etag = volume["ETag"].as_str().unwrap().to_owned();
+        let body = json!({"acl": {"values": acl}, "IPAcl": volume["IPAcl"]});
+        let _ = self.api("PUT", &path, Some(body), Some(&etag));
+    }
+
+    /// The namespaces (directory names) the fake NVMe controllers expose.
+    fn namespaces(&self) -> Vec<String> {
+        entries(&self.scratch.join("sys/class/nvme"))
+            .iter()
+            .flat_map(|controller| {
+                entries(&self.scratch.join("sys/class/nvme").join(controller))
+                    .into_iter()
+                    .filter(|name| name.contains('n') && name.starts_with("nvme"))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The port of each of the simulator's API nodes.
+    fn api_ports(&self) -> Vec<u64> {
+        self.state()["apiNodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|node| node["port"].as_u64().unwrap())
+            .collect()
+    }
+
+    /// Spawns a ferry command with its output captured.
+    fn spawn(&self, config: &str, args: &[&str]) -> Child {
+        self.command(config, args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+
+    /// Waits until `ready` holds, while `child` is still running.
+    fn wait_until(&self, child: &mut Child, what: &str, ready: &dyn Fn(&Sim) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready(self) {
+            assert!(Instant::now() < deadline, "{what}: never reached");
+            assert!(child.try_wait().unwrap().is_none(), "{what}: ferry ended too early");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn attached(&self) -> bool {
+        !self.state()["attachments"].as_array().unwrap().is_empty()
+    }
+
+    fn requests(&self) -> Vec<Value> {
+        self.call("GET", "/sim/requests", None)["requests"].as_array().unwrap().clone()
     }
 
     fn ferry_with(&self, config: &str, args: &[&str]) -> Run {
@@ -245,6 +359,25 @@ impl Sim {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+fn fake_nvme() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/util/fake-nvme.py")
+}
+
+/// Replaces a token file atomically, as a credential rotation would.
+fn write_token(path: &Path, token: &str) {
+    let temp = path.with_extension("tmp");
+    std::fs::write(&temp, format!("{token}\n")).unwrap();
+    std::fs::rename(&temp, path).unwrap();
+}
+
+fn warnings(run: &Run) -> Vec<String> {
+    run.events
+        .iter()
+        .filter(|event| event["event"] == "warning")
+        .map(|event| event["message"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 fn entries(dir: &Path) -> Vec<String> {
@@ -555,4 +688,295 @@ fn lightbits_sigterm_cleans_up_before_exit_6() {
     let message = run.fails(6);
     assert!(message.contains("cancel"), "{message}");
     sim.assert_clean(&[(&source, acl)], "after SIGTERM");
+}
+
+/// `--format cinder` with `--lightbits-volume`: the same clone lifecycle as a native backup (an
+/// in-use volume's point-in-time clone, nothing left behind), Cinder's own driver restores the
+/// backup byte-identically, ferry restores it straight into another volume, and a kill -9
+/// mid-data leaves no `_metadata` and nothing on the cluster once `reclaim` runs.
+#[test]
+fn lightbits_cinder_format_backup_restore_and_kill() {
+    let Some(py) = crate::cinder::cinder_py("lightbits_cinder_format_backup_restore_and_kill")
+    else {
+        return;
+    };
+    let Some(sim) = Sim::start("cinder") else { return };
+    let endpoint = std::env::var("FERRY_TEST_S3_ENDPOINT").unwrap();
+    let bucket = std::env::var("FERRY_TEST_S3_BUCKET").unwrap_or_else(|_| "ferry-test".into());
+    let repo = format!("s3://{bucket}");
+    let s3 = ["--repo", &repo, "--s3-endpoint", &endpoint, "--s3-region", "garage"];
+    let content = sample(&sim, "content.img", 9);
+    let source = sim.volume("vol-c", &content, &["nqn.2014-08.org.nvmexpress:uuid:app-host"]);
+    let source_acl = sim.volume_json(&source)["acl"]["values"].clone();
+    let (backup, volume) = (crate::cinder::uuid(), crate::cinder::uuid());
+    let cinder = ["--format", "cinder", "--cinder-object-size", "4194304"];
+    let mut args: Vec<&str> = s3.to_vec();
+    args.extend(["backup", "--lightbits-volume", "vol-c", "--cinder-backup-id", &backup]);
+    args.extend(["--cinder-volume-id", &volume]);
+    args.extend(cinder);
+    let result = sim.ferry(&args).ok();
+    assert!(result["source"].as_str().unwrap().starts_with("lightbits:default/vol-c (clone "));
+    sim.assert_clean(&[(&source, source_acl.clone())], "after the cinder-format backup");
+
+    // Cinder's own driver restores it byte-identically.
+    let by_cinder = sim.scratch.join("by-cinder.img");
+    crate::cinder::cinder_restore(&py, &backup, &by_cinder, VOLUME_BYTES);
+    assert_eq!(sha256_file(&by_cinder), sha256_file(&content));
+
+    // ferry restores it straight into another existing volume.
+    let other = sample(&sim, "other.img", 10);
+    let target = sim.volume("vol-t", &other, &[]);
+    let target_acl = sim.volume_json(&target)["acl"]["values"].clone();
+    let mut args: Vec<&str> = s3.to_vec();
+    args.extend(["restore", "--format", "cinder", &backup, "--cinder-volume-id", &volume]);
+    args.extend(["--lightbits-volume", "vol-t", "--force"]);
+    sim.ferry(&args).ok();
+    let digest = sim.call("GET", &format!("/sim/volumes/{target}/sha256"), None);
+    assert_eq!(digest["sha256"], sha256_file(&content), "the volume holds the backup");
+    sim.assert_clean(&[(&source, source_acl.clone()), (&target, target_acl)], "after restore");
+
+    // kill -9 mid-data: reclaim leaves the cluster as it was, and the backup is not visible.
+    let killed = crate::cinder::uuid();
+    let mut args: Vec<&str> = s3.to_vec();
+    args.extend(["backup", "--lightbits-volume", "vol-c", "--cinder-backup-id", &killed]);
+    args.extend(["--cinder-volume-id", &volume, "--limit-read", "2"]);
+    args.extend(cinder);
+    let mut command = sim.command("config.toml", &args);
+    let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sim.state()["attachments"].as_array().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the cinder-format backup never attached");
+        assert!(child.try_wait().unwrap().is_none(), "ferry ended before the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    child.kill().unwrap();
+    let _ = child.wait();
+    sim.ferry(&["reclaim"]).ok();
+    sim.assert_clean(&[(&source, source_acl)], "killed cinder-format backup");
+    let script = "vol, bid = sys.argv[1:3]\n\
+        keys = [o['Key'] for p in s3.get_paginator('list_objects_v2').paginate(Bucket=B, \
+        Prefix='volume_%s/' % vol) for o in p.get('Contents', [])]\n\
+        print(len([k for k in keys if bid in k and k.endswith('_metadata')]))\n";
+    assert_eq!(crate::cinder::boto(&py, script, &[&volume, &killed]).trim(), "0");
+}
+
+/// `attach_mode = "nvme-connect"` on a host where the cluster's one subsystem carries other
+/// volumes too. While a backup reads its clone, another user attaches a second volume to this
+/// host: the backup's detach sees that volume's namespace on the controller, issues no
+/// `nvme disconnect`, warns, and its own namespace goes away with its clone's ACL entry. With no
+/// other namespace, the next backup disconnects as before.
+#[test]
+fn lightbits_nvme_connect_never_drops_other_volumes() {
+    let Some(sim) = Sim::start("nvme") else { return };
+    let content = sample(&sim, "content.img", 7);
+    let source = sim.volume("vol-n", &content, &[]);
+    let acl = sim.volume_json(&source)["acl"]["values"].clone();
+    let app_host = "nqn.2014-08.org.nvmexpress:uuid:app-host";
+    let other = sim.volume("vol-other", &content, &[app_host]);
+    let other_nsid = sim.volume_json(&other)["nsid"].as_u64().unwrap();
+    let subsys_nqn = sim.state()["cluster"]["subsystemNQN"].as_str().unwrap().to_owned();
+    let api = format!("http://{}", sim.base);
+    let extra = format!("attach_mode = \"nvme-connect\"\nnvme_binary = {:?}\n", fake_nvme());
+    sim.write_config("nvme.toml", &api, "token", &extra);
+    sim.ferry(&["init", "--chunk-size", "64K"]).ok();
+
+    let mut child =
+        sim.spawn("nvme.toml", &["backup", "--lightbits-volume", "vol-n", "--limit-read", "2"]);
+    sim.wait_until(&mut child, "clone attached", &|sim| {
+        sim.attached() && !sim.namespaces().is_empty()
+    });
+    let clone_namespace = sim.namespaces();
+    assert_eq!(clone_namespace.len(), 1, "{clone_namespace:?}");
+    // Nova (or Cinder) attaches another volume of the same cluster to this host.
+    sim.set_acl(&other, &[app_host, HOST_NQN]);
+    let other_namespace = format!("nvme0n{other_nsid}");
+    sim.wait_until(&mut child, "the other namespace", &|sim| {
+        sim.namespaces().contains(&other_namespace)
+    });
+    let run = Run::from(child.wait_with_output().unwrap());
+    run.ok();
+    let calls = sim.take_nvme_calls();
+    assert!(calls.iter().all(|argv| argv[0] == "connect"), "no disconnect: {calls:?}");
+    assert_eq!(calls.len(), 3, "one connect per node: {calls:?}");
+    let warned = warnings(&run);
+    assert!(
+        warned.iter().any(|w| w.contains("left the NVMe connection") && w.contains(&other)),
+        "{warned:?}"
+    );
+    // The backup's own namespace went with its clone; the other volume is still there.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sim.namespaces() != [other_namespace.clone()] {
+        assert!(Instant::now() < deadline, "namespaces {:?}", sim.namespaces());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let attachments = sim.state()["attachments"].clone();
+    assert_eq!(attachments.as_array().unwrap().len(), 1, "{attachments}");
+    assert_eq!(attachments[0]["volumeUUID"], other);
+    assert!(sim.journal_entries().is_empty(), "{:?}", sim.journal_entries());
+
+    // The other user detaches; the operator drops the idle connection.
+    sim.set_acl(&other, &[app_host]);
+    sim.nvme(&["disconnect", "-n", &subsys_nqn]);
+    let _ = sim.take_nvme_calls();
+    sim.assert_clean(
+        &[(&source, acl.clone()), (&other, json!([app_host]))],
+        "after the shared detach",
+    );
+
+    // Nothing else on the subsystem: ferry connects and disconnects as before.
+    let run = sim.ferry_with("nvme.toml", &["backup", "--lightbits-volume", "vol-n"]);
+    run.ok();
+    assert!(warnings(&run).is_empty(), "{:?}", run.events);
+    let calls = sim.take_nvme_calls();
+    let disconnects: Vec<&Vec<String>> =
+        calls.iter().filter(|argv| argv[0] == "disconnect").collect();
+    assert_eq!(disconnects, [&vec!["disconnect".to_owned(), "-n".to_owned(), subsys_nqn.clone()]]);
+    assert_eq!(calls.last().unwrap()[0], "disconnect", "{calls:?}");
+    assert!(sim.namespaces().is_empty());
+    sim.assert_clean(
+        &[(&source, acl.clone()), (&other, json!([app_host]))],
+        "after the second backup",
+    );
+}
+
+/// The token rotates while a backup reads its clone: the next API call gets 401, ferry re-reads
+/// the token file, and the job finishes and cleans up. Then the token is revoked mid-backup with
+/// no replacement: exit 9, the token never shown, the leftovers journalled; once a valid token
+/// is back, `ferry reclaim` leaves nothing.
+#[test]
+fn lightbits_token_rotated_then_revoked_mid_backup() {
+    let Some(sim) = Sim::start("token") else { return };
+    let content = sample(&sim, "content.img", 8);
+    let source = sim.volume("vol-t", &content, &[]);
+    let acl = sim.volume_json(&source)["acl"]["values"].clone();
+    let api = format!("http://{}", sim.base);
+    write_token(&sim.scratch.join("ferry-token"), "sim-token");
+    sim.write_config("rotating.toml", &api, "ferry-token", "");
+    sim.ferry(&["init", "--chunk-size", "64K"]).ok();
+    let backup_args = ["backup", "--lightbits-volume", "vol-t", "--limit-read", "2"];
+
+    let mut child = sim.spawn("rotating.toml", &backup_args);
+    sim.wait_until(&mut child, "clone attached", &|sim| sim.attached());
+    write_token(&sim.scratch.join("token"), "rotated-token-1");
+    write_token(&sim.scratch.join("ferry-token"), "rotated-token-1");
+    let run = Run::from(child.wait_with_output().unwrap());
+    run.ok();
+    let refused = sim.requests().iter().filter(|r| r["status"] == 401).count();
+    assert!(refused >= 1, "the old token was refused once, then the new one used");
+    sim.assert_clean(&[(&source, acl.clone())], "after the rotation");
+
+    let mut child = sim.spawn("rotating.toml", &backup_args);
+    sim.wait_until(&mut child, "clone attached", &|sim| sim.attached());
+    write_token(&sim.scratch.join("token"), "rotated-token-2");
+    let run = Run::from(child.wait_with_output().unwrap());
+    let message = run.fails(9);
+    assert!(message.contains("refused the token"), "{message}");
+    let shown = format!("{:?} {}", run.events, run.stderr);
+    assert!(!shown.contains("rotated-token"), "a token was shown: {shown}");
+    assert!(!sim.journal_entries().is_empty(), "the clone it could not delete is journalled");
+    let reclaim = sim.ferry_with("rotating.toml", &["reclaim"]);
+    assert_eq!(reclaim.code, 9, "still no valid token: {:?}", reclaim.events);
+    write_token(&sim.scratch.join("ferry-token"), "rotated-token-2");
+    let report = sim.ferry_with("rotating.toml", &["reclaim"]).ok();
+    assert!(!report["reclaim"]["items"].as_array().unwrap().is_empty());
+    sim.assert_clean(&[(&source, acl)], "after the revocation and reclaim");
+}
+
+/// Two API addresses; the one ferry uses stops answering mid-job. A backup whose first address
+/// hangs once the clone is attached finishes through the second and deletes its clone; a restore
+/// whose ACL change is the last request the first address takes (the reply lost, the node down
+/// from then on) restores through the second and puts the ACL back.
+#[test]
+fn lightbits_api_node_lost_mid_backup_and_restore() {
+    let Some(sim) = Sim::start("nodes") else { return };
+    let content = sample(&sim, "content.img", 9);
+    let source = sim.volume("vol-s", &content, &[]);
+    let acl = sim.volume_json(&source)["acl"]["values"].clone();
+    let ports = sim.api_ports();
+    let apis = [format!("http://127.0.0.1:{}", ports[1]), format!("http://127.0.0.1:{}", ports[0])];
+    sim.write_config_apis("nodes.toml", &apis, "token", "");
+    sim.ferry(&["init", "--chunk-size", "64K"]).ok();
+
+    let mut child =
+        sim.spawn("nodes.toml", &["backup", "--lightbits-volume", "vol-s", "--limit-read", "2"]);
+    sim.wait_until(&mut child, "clone attached", &|sim| sim.attached());
+    let served_by_1 = sim.requests().iter().filter(|r| r["node"] == 1).count();
+    assert!(served_by_1 > 0, "ferry used the first address until now");
+    let _ = sim.call("POST", "/sim/api-nodes/1", Some(json!({"state": "hang"})));
+    let run = Run::from(child.wait_with_output().unwrap());
+    let result = run.ok();
+    let requests = sim.requests();
+    let clone_delete = requests
+        .iter()
+        .find(|r| {
+            r["method"] == "DELETE"
+                && r["status"] == 200
+                && r["target"].as_str().unwrap().contains("/volumes/")
+        })
+        .expect("the clone was deleted");
+    assert_eq!(clone_delete["node"], 0, "{clone_delete}");
+    sim.assert_clean(&[(&source, acl.clone())], "after the backup");
+    // A hung request is logged (unanswered) once the node lets go of it.
+    let _ = sim.call("POST", "/sim/api-nodes/1", Some(json!({"state": "up"})));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sim.requests().iter().any(|r| r["node"] == 1 && r["status"] == 0) {
+        assert!(Instant::now() < deadline, "node 1 hung a request: {:?}", sim.requests());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let backup_id = result["backup_id"].as_str().unwrap().to_owned();
+    let target = sim.volume("vol-target", &sample(&sim, "other.img", 10), &[]);
+    let acl_put = format!("/volumes/{target}$");
+    sim.fault(json!({"kind": "down", "method": "PUT", "path": acl_put}));
+    sim.ferry_with(
+        "nodes.toml",
+        &["restore", &backup_id, "--lightbits-volume", "vol-target", "--force"],
+    )
+    .ok();
+    let nodes = sim.state()["apiNodes"].clone();
+    assert_eq!(nodes[1]["state"], "down", "the fault took node 1 down: {nodes}");
+    let puts: Vec<Value> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r["method"] == "PUT" && r["target"].as_str().unwrap().ends_with(&target))
+        .collect();
+    assert_eq!(puts[0]["node"], 1, "{puts:?}");
+    assert_eq!(puts[0]["status"], 0, "the ACL change's reply was lost: {puts:?}");
+    assert!(puts[1..].iter().all(|r| r["node"] == 0), "{puts:?}");
+    let digest = sim.call("GET", &format!("/sim/volumes/{target}/sha256"), None);
+    assert_eq!(digest["sha256"], sha256_file(&content), "the volume holds the backup");
+    sim.assert_clean(&[(&source, acl.clone()), (&target, acl)], "after the restore");
+}
+
+/// Two jobs on one volume at once: while a backup reads its clone, a second backup and a restore
+/// into the same volume are refused with exit 8 naming the job that holds it; a backup of another
+/// volume runs; once the first ends, the volume is free again.
+#[test]
+fn lightbits_two_jobs_on_one_volume() {
+    let Some(sim) = Sim::start("two-jobs") else { return };
+    let content = sample(&sim, "content.img", 11);
+    let busy = sim.volume("vol-busy", &content, &[]);
+    let free = sim.volume("vol-free", &content, &[]);
+    let acl = sim.volume_json(&busy)["acl"]["values"].clone();
+    sim.ferry(&["init", "--chunk-size", "64K"]).ok();
+    let mut child = sim
+        .spawn("config.toml", &["backup", "--lightbits-volume", "vol-busy", "--limit-read", "2"]);
+    sim.wait_until(&mut child, "clone attached", &|sim| sim.attached());
+
+    let message = sim.ferry(&["backup", "--lightbits-volume", "vol-busy"]).fails(8);
+    assert!(
+        message.contains("in use by another ferry job") && message.contains("pid"),
+        "{message}"
+    );
+    let other = sim.ferry(&["backup", "--lightbits-volume", "vol-free"]).ok();
+    let backup_id = other["backup_id"].as_str().unwrap().to_owned();
+    let message =
+        sim.ferry(&["restore", &backup_id, "--lightbits-volume", &busy, "--force"]).fails(8);
+    assert!(message.contains("in use by another ferry job"), "{message}");
+    assert!(child.try_wait().unwrap().is_none(), "the first backup is still running");
+    Run::from(child.wait_with_output().unwrap()).ok();
+
+    sim.ferry(&["backup", "--lightbits-volume", "vol-busy"]).ok();
+    sim.assert_clean(&[(&busy, acl.clone()), (&free, acl)], "after both jobs");
 }

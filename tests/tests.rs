@@ -9,10 +9,17 @@
 
 mod util;
 
+// ARCHITECTURE.md's invariants on the source tree: dependency order, unsafe, stdout, pure layouts.
+mod architecture;
+
 // Round trips through each store, each engine, each content kind, files and loop devices.
 mod backup_restore;
+// The bench binary's command line: --help, one-line usage errors with exit 2.
+mod bench;
 // --format cinder, judged by Cinder's own S3 backup driver (scripts/cinder/harness.py).
 mod cinder;
+// The cinder-backup driver (scripts/cinder/ferry_cinder) run by Cinder's backup manager code.
+mod cinder_driver;
 // The command-line contract: exit codes, JSON events, refusals, failures of the store.
 mod cli;
 // S3 faults injected by a proxy, kill -9 mid-backup and mid-restore, rate limits.

@@ -17,17 +17,23 @@
 //!   by `FERRY_TEST_S3_*` and `AWS_*`; latency per part; the object is deleted afterwards;
 //! - `restore FILE --target PATH`: backs FILE up into a local repository, then times only the
 //!   restore onto the target, which is overwritten.
+//!
+//! Arguments are parsed with clap, as `ferry` parses its own: `bench --help` and
+//! `bench SUBCOMMAND --help` describe every flag; a usage error is one line on stderr with exit
+//! 2, a failed run one line with exit 1, never a panic or a backtrace.
 
 #![allow(clippy::print_stdout)]
 
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use crossbeam_channel::bounded;
 use ferry::io::{self, AlignedBuf, Engine};
 use ferry::native::backup::{self, BackupOptions};
@@ -43,84 +49,221 @@ use ferry::store::{
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-/// Command-line flags: `--name value` pairs and bare `--name` switches after the subcommand.
-struct Args(Vec<String>);
+/// bench: generate sample volumes and measure ferry's data-plane stages (one JSON object per
+/// run on stdout).
+#[derive(Debug, Parser)]
+#[command(name = "bench", version, max_term_width = 100)]
+struct Cli {
+    /// The measurement.
+    #[command(subcommand)]
+    command: Command,
+}
 
-impl Args {
-    fn value(&self, name: &str) -> Option<&str> {
-        self.0.iter().position(|a| a == name).and_then(|p| self.0.get(p + 1)).map(String::as_str)
-    }
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write a sample volume (mixed: 40% zeros, 30% text, 30% random, in runs of 1-16 MiB).
+    GenImage {
+        /// The file to write.
+        path: PathBuf,
+        /// Its size; suffixes K, M, G.
+        #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+        size: u64,
+        /// What it holds.
+        #[arg(long, default_value = "mixed",
+              value_parser = ["mixed", "random", "text", "zeros", "sparse"])]
+        mix: String,
+        /// Seed of the generator: the same seed gives the same bytes.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Seek over zero runs instead of writing them, so the file has holes.
+        #[arg(long)]
+        sparse_file: bool,
+    },
+    /// Read a device or file with `io::read_source` into a consumer that discards: the reader
+    /// alone, as fio measures a device.
+    Read(ReadArgs),
+    /// Hash a file's chunks in memory (keyed BLAKE3).
+    Hash(StageArgs),
+    /// Compress a file's chunks in memory (zstd).
+    Compress(StageArgs),
+    /// A whole backup into a null store, so the engine alone is measured.
+    Pipeline(PipelineArgs),
+    /// One multipart upload of in-memory random parts to the bucket named by FERRY_TEST_S3_*
+    /// and AWS_* (deleted afterwards).
+    Upload(UploadArgs),
+    /// Back FILE up into a local repository, then time only the restore onto --target.
+    Restore(RestoreArgs),
+}
 
-    fn has(&self, name: &str) -> bool {
-        self.0.iter().any(|a| a == name)
-    }
+/// `--io-engine`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EngineArg {
+    /// io_uring with O_DIRECT.
+    #[value(alias = "io_uring")]
+    Uring,
+    /// pread/pwrite with O_DIRECT.
+    Pread,
+}
 
-    fn bytes(&self, name: &str, default: &str) -> Result<u64> {
-        parse_bytes(self.value(name).unwrap_or(default))
-    }
-
-    fn count(&self, name: &str, default: usize) -> Result<usize> {
-        self.value(name).map_or(Ok(default), |v| v.parse().with_context(|| format!("bad {name}")))
-    }
-
-    fn level(&self) -> Result<i32> {
-        self.value("--level").map_or(Ok(ferry::native::compress::LEVEL_DEFAULT), |v| {
-            v.parse().with_context(|| format!("bad --level {v:?}"))
-        })
-    }
-
-    fn engine(&self) -> Result<Engine> {
-        match self.value("--io-engine").unwrap_or("uring") {
-            "uring" | "io_uring" => Ok(Engine::Uring),
-            "pread" => Ok(Engine::Pread),
-            other => bail!("unknown --io-engine {other:?} (uring or pread)"),
+impl EngineArg {
+    fn engine(self) -> Engine {
+        match self {
+            EngineArg::Uring => Engine::Uring,
+            EngineArg::Pread => Engine::Pread,
         }
     }
 }
 
-fn main() -> Result<()> {
-    let args = Args(std::env::args().skip(1).collect());
-    let Some(command) = args.0.first() else { bail!(usage()) };
-    let positional = args.0.get(1).filter(|a| !a.starts_with("--")).map(PathBuf::from);
-    let path = || positional.clone().context(usage());
-    match command.as_str() {
-        "gen-image" => {
-            let size = args.bytes("--size", "256M")?;
-            let mix = args.value("--mix").unwrap_or("mixed");
-            let seed = args.value("--seed").map_or(Ok(1), str::parse::<u64>)?;
-            gen_image(&path()?, size, mix, seed, args.has("--sparse-file"))
+/// `bench read`.
+#[derive(Debug, Args)]
+struct ReadArgs {
+    /// The device or file.
+    device: PathBuf,
+    /// I/O engine.
+    #[arg(long, value_enum, default_value = "uring")]
+    io_engine: EngineArg,
+    /// Bytes per read request; suffixes K, M, G.
+    #[arg(long, default_value = "1M", value_parser = parse_bytes)]
+    request_size: u64,
+    /// Bytes per chunk handed to the consumer (a multiple of 4 KiB).
+    #[arg(long, default_value = "4M", value_parser = parse_chunk_size)]
+    chunk_size: u64,
+    /// Read requests in flight.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    queue_depth: u16,
+}
+
+/// `bench hash`, `bench compress`.
+#[derive(Debug, Args)]
+struct StageArgs {
+    /// The file whose chunks are measured.
+    file: PathBuf,
+    /// zstd level.
+    #[arg(long, default_value_t = ferry::native::compress::LEVEL_DEFAULT,
+          allow_negative_numbers = true)]
+    level: i32,
+}
+
+/// `bench pipeline`.
+#[derive(Debug, Args)]
+struct PipelineArgs {
+    /// The device or file to back up.
+    file: PathBuf,
+    /// I/O engine.
+    #[arg(long, value_enum, default_value = "uring")]
+    io_engine: EngineArg,
+    /// Read requests in flight (default: tuned per device).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    queue_depth: Option<u16>,
+    /// zstd level.
+    #[arg(long, default_value_t = ferry::native::compress::LEVEL_DEFAULT,
+          allow_negative_numbers = true)]
+    level: i32,
+}
+
+/// `bench upload`.
+#[derive(Debug, Args)]
+struct UploadArgs {
+    /// Bytes uploaded; suffixes K, M, G.
+    #[arg(long, default_value = "1G", value_parser = parse_positive_bytes)]
+    size: u64,
+    /// Bytes per part.
+    #[arg(long, default_value = "16M", value_parser = parse_positive_bytes)]
+    part_size: u64,
+    /// Parts uploading at once.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u16).range(1..))]
+    parts_in_flight: u16,
+}
+
+/// `bench restore`.
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// The device or file backed up first.
+    file: PathBuf,
+    /// Where to restore it (overwritten).
+    #[arg(long)]
+    target: PathBuf,
+    /// Repository directory to keep (default: a temporary one, removed afterwards).
+    #[arg(long)]
+    repo: Option<PathBuf>,
+    /// I/O engine of the writer.
+    #[arg(long, value_enum, default_value = "uring")]
+    io_engine: EngineArg,
+    /// Write requests in flight (default: ferry's).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    queue_depth: Option<u16>,
+    /// Ranged GETs in flight (default: ferry's).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    downloads_in_flight: Option<u16>,
+}
+
+/// Parses the arguments (usage errors: one line on stderr, exit 2; `--help`: exit 0), runs the
+/// subcommand, and reports a failure on one line with exit 1.
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => {
+            let _ = error.print(); // --help, --version
+            return ExitCode::SUCCESS;
         }
-        "read" => read(&path()?, &args),
-        "hash" => stage(&path()?, "hash", args.level()?),
-        "compress" => stage(&path()?, "compress", args.level()?),
-        "pipeline" => pipeline(&path()?, &args),
-        "upload" => upload(&args),
-        "restore" => restore_bench(&path()?, &args),
-        _ => bail!(usage()),
+        Err(error) => {
+            // clap's first paragraph (the error and what it names), on one line.
+            let rendered = error.render().to_string();
+            let first = rendered.split("\n\n").next().unwrap_or("bad arguments");
+            let message = first.split_whitespace().collect::<Vec<_>>().join(" ");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            eprintln!("bench: error: {message} (see bench --help)");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bench: error: {error:#}");
+            ExitCode::from(1)
+        }
     }
 }
 
-fn usage() -> String {
-    "usage: bench gen-image PATH [--size 2G] [--mix mixed|random|text|zeros|sparse] [--seed N] \
-     [--sparse-file]\n       \
-     bench read DEVICE [--io-engine uring|pread] [--request-size 1M] [--queue-depth 16] \
-     [--chunk-size 4M]\n       \
-     bench hash FILE | bench compress FILE [--level 1]\n       \
-     bench pipeline FILE [--io-engine uring|pread] [--queue-depth 16] [--level 1]\n       \
-     bench upload [--size 1G] [--part-size 16M] [--parts-in-flight 6]   (FERRY_TEST_S3_*, AWS_*)\n       \
-     bench restore FILE --target PATH [--repo DIR] [--io-engine uring|pread] [--queue-depth 16] \
-     [--downloads-in-flight 6]"
-        .to_string()
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::GenImage { path, size, mix, seed, sparse_file } => {
+            gen_image(&path, size, &mix, seed, sparse_file)
+        }
+        Command::Read(args) => read(&args),
+        Command::Hash(args) => stage(&args.file, "hash", args.level),
+        Command::Compress(args) => stage(&args.file, "compress", args.level),
+        Command::Pipeline(args) => pipeline(&args),
+        Command::Upload(args) => upload(&args),
+        Command::Restore(args) => restore_bench(&args),
+    }
 }
 
-fn parse_bytes(text: &str) -> Result<u64> {
+/// A byte count: digits with an optional K, M or G suffix (binary).
+fn parse_bytes(text: &str) -> Result<u64, String> {
     let (digits, shift) = match text.chars().last() {
         Some('K') => (&text[..text.len() - 1], 10),
         Some('M') => (&text[..text.len() - 1], 20),
         Some('G') => (&text[..text.len() - 1], 30),
         _ => (text, 0),
     };
-    Ok(digits.parse::<u64>().with_context(|| format!("bad size {text:?}"))? << shift)
+    let value = digits.parse::<u64>().map_err(|_| format!("{text:?} is not a size"))?;
+    value.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn parse_positive_bytes(text: &str) -> Result<u64, String> {
+    match parse_bytes(text)? {
+        0 => Err("must be positive".to_string()),
+        bytes => Ok(bytes),
+    }
+}
+
+fn parse_chunk_size(text: &str) -> Result<u64, String> {
+    match parse_bytes(text)? {
+        bytes if bytes > 0 && bytes.is_multiple_of(io::BUF_ALIGN as u64) => Ok(bytes),
+        _ => Err(format!("{text} is not a non-zero multiple of {}", io::BUF_ALIGN)),
+    }
 }
 
 /// xorshift64*: fast, deterministic, good enough to be incompressible.
@@ -341,14 +484,12 @@ fn stage(path: &Path, name: &str, level: i32) -> Result<()> {
 }
 
 /// `read_source` into a consumer that discards: the reader alone, as fio measures a device.
-fn read(path: &Path, args: &Args) -> Result<()> {
-    let engine = args.engine()?;
-    let request_size = usize::try_from(args.bytes("--request-size", "1M")?)?;
-    let chunk_size = usize::try_from(args.bytes("--chunk-size", "4M")?)?;
-    let queue_depth = args.count("--queue-depth", 16)?;
-    if chunk_size == 0 || !chunk_size.is_multiple_of(io::BUF_ALIGN) {
-        bail!("--chunk-size must be a non-zero multiple of {}", io::BUF_ALIGN);
-    }
+fn read(args: &ReadArgs) -> Result<()> {
+    let path = args.device.as_path();
+    let engine = args.io_engine.engine();
+    let request_size = usize::try_from(args.request_size)?;
+    let chunk_size = usize::try_from(args.chunk_size)?;
+    let queue_depth = usize::from(args.queue_depth);
     let opened = io::open(path, false, false)?;
     let info = io::probe(&opened.file)?;
     let options = io::ReadOptions {
@@ -457,14 +598,13 @@ impl ObjectStore for NullStore {
     }
 }
 
-fn pipeline(path: &Path, args: &Args) -> Result<()> {
+fn pipeline(args: &PipelineArgs) -> Result<()> {
+    let path = args.file.as_path();
     let repo = Repository::init(Box::new(NullStore), ferry::limits::CHUNK_SIZE_BYTES_DEFAULT)?;
     let mut options = BackupOptions::new(path.to_path_buf());
-    options.engine = args.engine()?;
-    options.compression_level = args.level()?;
-    if args.value("--queue-depth").is_some() {
-        options.queue_depth = Some(args.count("--queue-depth", 16)?);
-    }
+    options.engine = args.io_engine.engine();
+    options.compression_level = args.level;
+    options.queue_depth = args.queue_depth.map(usize::from);
     let progress = Progress::default();
     let cancel = AtomicBool::new(false);
     let started = Instant::now();
@@ -504,13 +644,9 @@ fn test_s3_store() -> Result<S3Store> {
 }
 
 /// One multipart upload of `--size` bytes of random parts, `--parts-in-flight` at once.
-fn upload(args: &Args) -> Result<()> {
-    let size = args.bytes("--size", "1G")?;
-    let part_size = args.bytes("--part-size", "16M")?;
-    let in_flight = args.count("--parts-in-flight", 6)?.max(1);
-    if part_size == 0 || size == 0 {
-        bail!("--size and --part-size must be positive");
-    }
+fn upload(args: &UploadArgs) -> Result<()> {
+    let (size, part_size) = (args.size, args.part_size);
+    let in_flight = usize::from(args.parts_in_flight);
     let part_count = u32::try_from(size.div_ceil(part_size))?;
     let store = test_s3_store()?;
     // A few random parts, reused round-robin, each copy stamped with its part number.
@@ -591,10 +727,10 @@ fn upload(args: &Args) -> Result<()> {
 }
 
 /// Backs FILE up into a local repository, then times the restore onto `--target` alone.
-fn restore_bench(path: &Path, args: &Args) -> Result<()> {
-    let target = PathBuf::from(args.value("--target").context("restore needs --target PATH")?);
-    let (repo_dir, temporary) = match args.value("--repo") {
-        Some(dir) => (PathBuf::from(dir), false),
+fn restore_bench(args: &RestoreArgs) -> Result<()> {
+    let (path, target) = (args.file.as_path(), args.target.as_path());
+    let (repo_dir, temporary) = match &args.repo {
+        Some(dir) => (dir.clone(), false),
         None => {
             let nanos =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
@@ -603,14 +739,14 @@ fn restore_bench(path: &Path, args: &Args) -> Result<()> {
             (dir, true)
         }
     };
-    let result = restore_timed(path, &target, &repo_dir, args);
+    let result = restore_timed(path, target, &repo_dir, args);
     if temporary {
         let _ = std::fs::remove_dir_all(&repo_dir);
     }
     result
 }
 
-fn restore_timed(path: &Path, target: &Path, repo_dir: &Path, args: &Args) -> Result<()> {
+fn restore_timed(path: &Path, target: &Path, repo_dir: &Path, args: &RestoreArgs) -> Result<()> {
     std::fs::create_dir_all(repo_dir)?;
     let chunk_size = ferry::limits::CHUNK_SIZE_BYTES_DEFAULT;
     // An existing repository is reused (the backup then uploads only what is new).
@@ -628,11 +764,11 @@ fn restore_timed(path: &Path, target: &Path, repo_dir: &Path, args: &Args) -> Re
     )?;
     let backup_seconds = backup_started.elapsed().as_secs_f64();
     let mut options = RestoreOptions::new(target.to_path_buf());
-    options.engine = args.engine()?;
+    options.engine = args.io_engine.engine();
     options.force = true;
-    options.queue_depth = args.count("--queue-depth", options.queue_depth)?;
+    options.queue_depth = args.queue_depth.map_or(options.queue_depth, usize::from);
     options.downloads_in_flight =
-        args.count("--downloads-in-flight", options.downloads_in_flight)?;
+        args.downloads_in_flight.map_or(options.downloads_in_flight, usize::from);
     let progress = Progress::default();
     let cpu_before = cpu_seconds();
     let started = Instant::now();

@@ -272,6 +272,9 @@ struct Shared<'a> {
     /// Data objects stored so far (deleted if the backup fails).
     stored: Mutex<Vec<String>>,
     zero_block_hash: Hash,
+    /// zlib segments of all-zero slices, by (length, last): runs of zeros are common in volumes,
+    /// and their segment is the same every time.
+    zero_segments: Mutex<HashMap<(usize, bool), Segment>>,
 }
 
 /// Backs up `job.source` into `store` (rooted at the bucket) in Cinder's layout.
@@ -325,13 +328,14 @@ pub fn backup(
         gate: BodyGate { free: Mutex::new(budget.part_bytes_max), changed: Condvar::new() },
         stored: Mutex::new(Vec::new()),
         zero_block_hash: Sha256::digest(vec![0u8; job.geometry.block_size() as usize]).into(),
+        zero_segments: Mutex::new(HashMap::new()),
     };
     let result =
         run_pipeline(&shared, &source, &budget, read_chunk, parent.as_deref(), &prefix, cancel);
     let (engine, hashes, objects) = match result {
         Ok(done) => done,
         Err(error) => {
-            cleanup(store, &shared);
+            cleanup(store, &shared, &prefix);
             return Err(error);
         }
     };
@@ -354,8 +358,7 @@ pub fn backup(
     for (key, body) in documents {
         let length = body.len() as u64;
         if let Err(error) = store.put(&key, body) {
-            cleanup(store, &shared);
-            let _ = store.delete(&sha256file_name(&prefix));
+            cleanup(store, &shared, &prefix);
             return Err(EngineError::from(error).context(format!("writing {key}")));
         }
         Progress::add(&progress.bytes_uploaded, length);
@@ -375,12 +378,30 @@ pub fn backup(
     })
 }
 
-/// Deletes the data objects a failed backup stored and aborts its open uploads (Cinder deletes a
-/// failed backup's objects).
-fn cleanup(store: &dyn crate::store::ObjectStore, shared: &Shared<'_>) {
+/// Deletes the objects a failed backup stored and aborts its open uploads (Cinder deletes a
+/// failed backup's objects). Besides the objects the job knows it stored, everything listed
+/// under the backup's prefix goes: a PUT or completion whose response was lost stored its object
+/// without the job knowing (and `_sha256file`, or `_metadata` itself, may be there).
+fn cleanup(store: &dyn crate::store::ObjectStore, shared: &Shared<'_>, prefix: &str) {
     shared.uploader.abort_open();
-    for key in lock(&shared.stored).iter() {
-        let _ = store.delete(key);
+    let mut keys: std::collections::BTreeSet<String> =
+        lock(&shared.stored).iter().cloned().collect();
+    // Best effort, like the deletes: a store that cannot list leaves what it stored unknown.
+    // Only this backup's names: another backup id may start with this one's.
+    let ours = |key: &str| {
+        key.strip_prefix(prefix).is_some_and(|rest| {
+            rest == "_sha256file"
+                || rest == "_metadata"
+                || rest
+                    .strip_prefix('-')
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+    };
+    if let Ok(listed) = store.list(prefix) {
+        keys.extend(listed.into_iter().map(|object| object.key).filter(|key| ours(key)));
+    }
+    for key in keys {
+        let _ = store.delete(&key);
     }
 }
 
@@ -529,7 +550,21 @@ fn run_task(shared: &Shared<'_>, task: Task) -> Result<Done, EngineError> {
     let job = shared.job;
     match task {
         Task::Segment { object, index, slice, last } => {
-            let segment = zlib_segments::compress_segment(slice.bytes(), job.zlib_level, last)?;
+            let bytes = slice.bytes();
+            let segment = if crate::native::chunk::is_zero(bytes) {
+                let key = (bytes.len(), last);
+                let cached = lock(&shared.zero_segments).get(&key).cloned();
+                match cached {
+                    Some(segment) => segment,
+                    None => {
+                        let segment = zlib_segments::compress_segment(bytes, job.zlib_level, last)?;
+                        let _ = lock(&shared.zero_segments).insert(key, segment.clone());
+                        segment
+                    }
+                }
+            } else {
+                zlib_segments::compress_segment(bytes, job.zlib_level, last)?
+            };
             Ok(Done::Segment { object, index, segment })
         }
         Task::Md5 { object, slices } => {
@@ -865,7 +900,8 @@ mod tests {
         assert_eq!(read_chunk_bytes(geometry, 4096).unwrap(), 4 << 20);
         let geometry = Geometry::new(3 * 32_768, 32_768).unwrap();
         assert_eq!(read_chunk_bytes(geometry, 4096).unwrap(), 3 * 32_768);
-        let geometry = Geometry::new(32_768 * 7, 4096 * 7).unwrap();
-        assert!(read_chunk_bytes(geometry, 4096).is_err());
+        // An object smaller than the device's O_DIRECT granule cannot be read object by object.
+        let geometry = Geometry::new(32_768, 32_768).unwrap();
+        assert!(read_chunk_bytes(geometry, 65_536).is_err());
     }
 }

@@ -80,9 +80,9 @@ pub struct RestoreOutcome {
     pub direct_io: bool,
     /// Writer engine that ran.
     pub io_engine: &'static str,
-    /// The restored backup's `volume_meta` (Cinder's volume metadata, a JSON string), to put
-    /// back on the volume.
-    pub volume_meta: Option<String>,
+    /// Each link's `volume_meta` (Cinder's volume metadata, a JSON string), base first: Cinder
+    /// puts each back on the volume in this order.
+    pub chain_volume_meta: Vec<Option<String>>,
     /// Wall time.
     pub duration_ms: u64,
 }
@@ -232,7 +232,7 @@ pub fn restore(
         target_created: target.created,
         direct_io: target.opened.direct,
         io_engine: engine.name(),
-        volume_meta: last.metadata.volume_meta.clone(),
+        chain_volume_meta: chain.iter().map(|l| l.metadata.volume_meta.clone()).collect(),
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
 }

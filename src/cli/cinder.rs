@@ -11,9 +11,9 @@ use std::sync::atomic::AtomicBool;
 
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
-use serde_json::json;
 
 use super::config::{self, ConfigFile, StoreArgs};
+use super::events::{Done, FormatName, Start};
 use super::output::Output;
 use super::{Cli, Command, engine, lightbits, store_args, with_progress};
 use crate::cinder::{self, Algorithm, Geometry};
@@ -65,6 +65,16 @@ pub struct BackupFlags {
     /// decodes every level the same.
     #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(u32).range(1..=9))]
     pub zlib_level: Option<u32>,
+    /// The backup's `display_name`, written into `_metadata` and `_sha256file` (--format cinder).
+    #[arg(long, value_name = "TEXT")]
+    pub cinder_backup_name: Option<String>,
+    /// The backup's `display_description` (--format cinder).
+    #[arg(long, value_name = "TEXT")]
+    pub cinder_backup_description: Option<String>,
+    /// File holding the JSON text Cinder stores as `volume_meta` in `_metadata` (what
+    /// `BackupMetadataAPI.get` returns); without it `volume_meta` is null (--format cinder).
+    #[arg(long, value_name = "PATH")]
+    pub cinder_volume_meta_file: Option<std::path::PathBuf>,
 }
 
 /// The Cinder flags of `ferry restore`.
@@ -137,7 +147,7 @@ pub struct CinderSection {
     pub backup_timer_interval: Option<u64>,
     /// Accepted, ignored.
     pub backup_object_number_per_notification: Option<u64>,
-    /// Accepted, ignored (ferry writes `volume_meta` null).
+    /// Accepted, ignored (`volume_meta` is the caller's: `--cinder-volume-meta-file`).
     pub backup_metadata_version: Option<u64>,
     /// Availability zone in the object prefix (default `nova`).
     pub storage_availability_zone: Option<String>,
@@ -259,6 +269,7 @@ fn run_backup(
         flags.cinder_object_size.or(c.backup_s3_object_size).unwrap_or(cinder::DEFAULT_OBJECT_SIZE),
         flags.cinder_block_size.or(c.backup_s3_block_size).unwrap_or(cinder::DEFAULT_BLOCK_SIZE),
     )?;
+    let volume_meta = flags.cinder_volume_meta_file.as_deref().map(read_volume_meta).transpose()?;
     let (store, bucket, config) = open_bucket(cli)?;
     let mut job = cinder::backup::BackupJob {
         source,
@@ -273,9 +284,9 @@ fn run_backup(
             .storage_availability_zone
             .clone()
             .unwrap_or_else(|| cinder::names::DEFAULT_AVAILABILITY_ZONE.into()),
-        name: None,
-        description: None,
-        volume_meta: None,
+        name: flags.cinder_backup_name.clone(),
+        description: flags.cinder_backup_description.clone(),
+        volume_meta,
         zlib_level: flags.zlib_level.unwrap_or(1),
         workers: args.workers.unwrap_or_else(super::default_workers),
         uploads: flags.cinder_uploads.unwrap_or(limits::PARTS_IN_FLIGHT_DEFAULT),
@@ -286,10 +297,18 @@ fn run_backup(
         let read_chunk =
             cinder::backup::read_chunk_bytes(job.geometry, crate::io::BUF_ALIGN).unwrap_or(0);
         let budget = cinder::backup::budget(job, read_chunk.max(1));
-        output.start(json!({"repository": store.describe(), "format": "cinder", "bucket": bucket,
-            "source": label, "backup_id": backup_id, "volume_id": volume_id,
-            "parent_id": job.parent_id, "compression": algorithm.name(),
-            "object_size_bytes": geometry.object_size(), "budget": budget}));
+        output.start(Start::CinderBackup {
+            repository: store.describe(),
+            format: FormatName::Cinder,
+            bucket: bucket.clone(),
+            source: label.to_owned(),
+            backup_id: backup_id.to_owned(),
+            volume_id: volume_id.to_owned(),
+            parent_id: job.parent_id.clone(),
+            compression: algorithm.name(),
+            object_size_bytes: geometry.object_size(),
+            budget,
+        });
         let progress = Progress::default();
         let warn = |message: String| output.warning(&message);
         with_progress(output, &progress, || {
@@ -313,9 +332,15 @@ fn run_backup(
         outcome.prefix
     );
     output.result(
-        json!({"backup_id": backup_id, "volume_id": volume_id, "bucket": bucket,
-               "format": "cinder", "compression": algorithm.name(), "source": label,
-               "stats": outcome}),
+        Done::CinderBackup {
+            backup_id: backup_id.to_owned(),
+            volume_id: volume_id.to_owned(),
+            bucket,
+            format: FormatName::Cinder,
+            compression: algorithm.name(),
+            source: label,
+            stats: outcome,
+        },
         &summary,
     );
     Ok(())
@@ -339,10 +364,15 @@ fn run_restore(
         downloads: args.downloads_in_flight,
     };
     let run = |job: &cinder::restore::RestoreJob| {
-        output.start(json!({"repository": store.describe(), "format": "cinder", "bucket": bucket,
-            "backup_id": job.backup_id, "volume_id": volume_id,
-            "target": job.target.display().to_string(),
-            "budget": cinder::restore::budget(job, cinder::DEFAULT_OBJECT_SIZE)}));
+        output.start(Start::CinderRestore {
+            repository: store.describe(),
+            format: FormatName::Cinder,
+            bucket: bucket.clone(),
+            backup_id: job.backup_id.clone(),
+            volume_id: volume_id.to_owned(),
+            target: job.target.display().to_string(),
+            budget: cinder::restore::budget(job, cinder::DEFAULT_OBJECT_SIZE),
+        });
         let progress = Progress::default();
         let warn = |message: String| output.warning(&message);
         with_progress(output, &progress, || {
@@ -365,12 +395,33 @@ fn run_restore(
         outcome.duration_ms as f64 / 1000.0,
         outcome.bytes_downloaded
     );
+    // The requested backup's `volume_meta`, for a caller that puts it back on the volume.
+    let volume_meta = outcome.chain_volume_meta.last().cloned().flatten();
     output.result(
-        json!({"backup_id": job.backup_id, "format": "cinder", "volume_meta": outcome.volume_meta,
-               "stats": outcome}),
+        Done::CinderRestore {
+            backup_id: job.backup_id.clone(),
+            format: FormatName::Cinder,
+            volume_meta,
+            stats: outcome,
+        },
         &summary,
     );
     Ok(())
+}
+
+/// Reads `--cinder-volume-meta-file`: JSON text, stored as the string it is (Cinder's
+/// `volume_meta` is double-encoded JSON).
+fn read_volume_meta(path: &std::path::Path) -> Result<String, EngineError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| usage(format!("--cinder-volume-meta-file {}: {error}", path.display())))?;
+    let text = text.trim_end_matches(['\n', '\r']).to_owned();
+    if let Err(error) = serde_json::from_str::<serde_json::Value>(&text) {
+        return Err(usage(format!(
+            "--cinder-volume-meta-file {}: not JSON ({error})",
+            path.display()
+        )));
+    }
+    Ok(text)
 }
 
 fn run_record(cli: &Cli, args: &RecordArgs, output: &Output) -> Result<(), EngineError> {
@@ -381,8 +432,12 @@ fn run_record(cli: &Cli, args: &RecordArgs, output: &Output) -> Result<(), Engin
     let decoded: serde_json::Value =
         serde_json::from_slice(&record.to_json()).unwrap_or(serde_json::Value::Null);
     output.result(
-        json!({"backup_id": args.backup_id, "backup_service": cinder::record::S3_BACKUP_SERVICE,
-               "backup_url": encoded, "record": decoded}),
+        Done::CinderRecord {
+            backup_id: args.backup_id.clone(),
+            backup_service: cinder::record::S3_BACKUP_SERVICE,
+            backup_url: encoded.clone(),
+            record: decoded,
+        },
         &encoded,
     );
     Ok(())

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use super::Cli;
+use super::events::{self, Done, Start};
 use super::output::Output;
 use crate::error::{EngineError, ErrorKind};
 use crate::lightbits::attach::{AttachMode, AttachOptions};
@@ -223,10 +223,18 @@ fn reclaim_text(report: &ReclaimReport) -> String {
                 .and_then(|value| value.as_str().map(str::to_owned))
                 .unwrap_or_default();
             let error = item.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
-            format!("{} {} (job {}): {outcome}{error}", item.kind, item.name, item.job_id)
+            let note = item.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+            format!("{} {} (job {}): {outcome}{error}{note}", item.kind, item.name, item.job_id)
         })
         .collect();
     lines.join("\n")
+}
+
+/// Reports the control layer's warnings (a connection left up on purpose, and why).
+fn report_warnings(control: &Control, output: &Output) {
+    for warning in control.take_warnings() {
+        output.warning(&warning);
+    }
 }
 
 /// Undoes what runs that are no longer alive left behind; failures become warnings, because
@@ -249,6 +257,9 @@ fn reclaim_dead(control: &Control, output: &Output) -> Result<(), EngineError> {
                 item.kind, item.name, item.job_id
             )),
         }
+        if let Some(note) = &item.note {
+            output.warning(note);
+        }
     }
     Ok(())
 }
@@ -260,16 +271,19 @@ fn reclaim_dead(control: &Control, output: &Output) -> Result<(), EngineError> {
 /// report is in the error's details).
 pub fn run_reclaim(cli: &Cli, output: &Output) -> Result<(), EngineError> {
     let control = control(cli, None)?;
-    output.start(json!({"journal": control.journal.dir().display().to_string()}));
+    output.start(Start::Reclaim { journal: control.journal.dir().display().to_string() });
     let report =
         journal::reclaim(&control.journal, &control.client, &control.attach.sysfs_root, false)?;
+    for note in report.items.iter().filter_map(|item| item.note.as_deref()) {
+        output.warning(note);
+    }
     let text = reclaim_text(&report);
     if report.is_clean() {
-        output.result(json!({"reclaim": report}), &text);
+        output.result(Done::Reclaim { reclaim: report }, &text);
         return Ok(());
     }
     Err(EngineError::new(ErrorKind::Cluster, format!("reclaim incomplete: {text}"))
-        .with_details(json!({"reclaim": report})))
+        .with_details(events::details(&Done::Reclaim { reclaim: report })))
 }
 
 /// Combines a job's outcome with its cleanup's: a job error wins (the cleanup failure becomes a
@@ -314,7 +328,9 @@ pub fn backup<T>(
     }
     let control = control(cli, Some(cancel))?;
     reclaim_dead(&control, output)?;
-    let attached = flow::prepare_backup_source(&control, volume, backup_id)
+    let prepared = flow::prepare_backup_source(&control, volume, backup_id);
+    report_warnings(&control, output);
+    let attached = prepared
         .map_err(|error| EngineError::from(error).context(format!("lightbits volume {volume}")))?;
     let label = format!(
         "lightbits:{}/{} (clone {})",
@@ -325,12 +341,13 @@ pub fn backup<T>(
     let device = attached.device_path().to_path_buf();
     let result = job(&device, label);
     let cleanup = attached.finish();
+    report_warnings(&control, output);
     settle(result, cleanup, &format!("backup {backup_id}"), output)
 }
 
 /// A new native backup id: the start time and a random suffix.
 pub fn new_backup_id() -> String {
-    format!("{}-{}", layout::unix_now().compact(), &PackId::random().to_hex()[..8])
+    format!("{}-{}", layout::Timestamp::now().compact(), &PackId::random().to_hex()[..8])
 }
 
 /// A restore into the existing `volume`: reclaims dead records, checks and extends its ACL,
@@ -349,12 +366,15 @@ pub fn restore<T>(
     let control = control(cli, Some(cancel))?;
     reclaim_dead(&control, output)?;
     let job_id = format!("restore-{}", &PackId::random().to_hex()[..12]);
-    let attached = flow::prepare_restore_target(&control, volume, &job_id, force)
+    let prepared = flow::prepare_restore_target(&control, volume, &job_id, force);
+    report_warnings(&control, output);
+    let attached = prepared
         .map_err(|error| EngineError::from(error).context(format!("lightbits volume {volume}")))?;
     let result = job(attached.device_path());
     let cleanup = attached.finish();
+    report_warnings(&control, output);
     settle(result, cleanup, &format!("restore into {volume}"), output)
 }
 
 /// The `result` fields of a finished job, and its human summary.
-pub type JobReport = (Value, String);
+pub type JobReport = (Done, String);

@@ -4,6 +4,7 @@
 
 pub mod cinder;
 pub mod config;
+pub mod events;
 pub mod lightbits;
 pub mod maintain;
 pub mod output;
@@ -14,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde_json::json;
 
 use crate::error::{EngineError, ErrorKind};
 use crate::io::Engine;
@@ -25,6 +25,7 @@ use crate::native::restore::{self, RestoreOptions};
 use crate::native::verify;
 use crate::progress::Progress;
 use config::StoreArgs;
+use events::{BackedUp, Done, Listed, Shown, Start};
 use output::{ExitCode, Output};
 
 /// ferry: back up block devices and image files to S3 or a directory, and restore them.
@@ -67,6 +68,8 @@ pub enum EngineArg {
 }
 
 /// The commands.
+// Parsed once per process: the size of the largest variant (backup's flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a repository.
@@ -276,13 +279,18 @@ const BACKUP_CINDER_ONLY: &[(&str, &str)] = &[
     ("cinder_block_size", "--cinder-block-size"),
     ("cinder_uploads", "--cinder-uploads"),
     ("zlib_level", "--zlib-level"),
+    ("cinder_backup_name", "--cinder-backup-name"),
+    ("cinder_backup_description", "--cinder-backup-description"),
+    ("cinder_volume_meta_file", "--cinder-volume-meta-file"),
 ];
 const RESTORE_CINDER_ONLY: &[(&str, &str)] = &[("cinder_volume_id", "--cinder-volume-id")];
 
+/// Flags as (clap id, spelling).
+type FlagNames = &'static [(&'static str, &'static str)];
+
 /// Refuses a flag the chosen format does not read.
 fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), EngineError> {
-    type Flags = &'static [(&'static str, &'static str)];
-    let (sub, cinder, native_only, cinder_only): (_, bool, Flags, Flags) =
+    let (sub, cinder, native_only, cinder_only): (_, bool, FlagNames, FlagNames) =
         match (&cli.command, matches.subcommand()) {
             (Command::Backup(args), Some((_, sub))) => (
                 sub,
@@ -408,11 +416,14 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
     let describe = store.describe();
     match &cli.command {
         Command::Init(args) => {
-            output.start(json!({"repository": describe}));
+            output.start(Start::Repository { repository: describe.clone() });
             let repo = Repository::init(store, args.chunk_size)?;
             output.result(
-                json!({"repository": describe, "repository_id": repo.config.repository_id,
-                       "chunk_size_bytes": repo.config.chunk_size_bytes}),
+                Done::Init {
+                    repository: describe.clone(),
+                    repository_id: repo.config.repository_id.clone(),
+                    chunk_size_bytes: repo.config.chunk_size_bytes,
+                },
                 &format!("initialised repository {} at {describe}", repo.config.repository_id),
             );
             Ok(())
@@ -429,28 +440,38 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
                     "{id}  {}  {} bytes  {}",
                     manifest.completed_at, manifest.volume_size_bytes, manifest.source.path
                 ));
-                backups.push(json!({"backup_id": id, "completed_at": manifest.completed_at.to_string(),
-                    "volume_size_bytes": manifest.volume_size_bytes, "source": manifest.source.path}));
+                backups.push(Listed {
+                    backup_id: id,
+                    completed_at: manifest.completed_at.to_string(),
+                    volume_size_bytes: manifest.volume_size_bytes,
+                    source: manifest.source.path,
+                });
             }
-            output.result(json!({"backups": backups}), &lines.join("\n"));
+            output.result(Done::List { backups }, &lines.join("\n"));
             Ok(())
         }
         Command::Show(args) => {
             let repo = Repository::open(store)?;
             let manifest = repo.load_manifest(&args.backup_id)?;
-            let summary = json!({"backup_id": manifest.backup_id, "source": manifest.source,
-                "volume_size_bytes": manifest.volume_size_bytes, "chunk_size_bytes": manifest.chunk_size_bytes,
-                "started_at": manifest.started_at.to_string(), "completed_at": manifest.completed_at.to_string(),
-                "pack_count": manifest.packs.len(), "stats": manifest.stats});
-            let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
-            output.result(json!({"backup": summary}), &text);
+            let backup = Shown {
+                backup_id: manifest.backup_id,
+                source: manifest.source,
+                volume_size_bytes: manifest.volume_size_bytes,
+                chunk_size_bytes: manifest.chunk_size_bytes,
+                started_at: manifest.started_at.to_string(),
+                completed_at: manifest.completed_at.to_string(),
+                pack_count: manifest.packs.len(),
+                stats: manifest.stats,
+            };
+            let text = serde_json::to_string_pretty(&backup).unwrap_or_default();
+            output.result(Done::Show { backup }, &text);
             Ok(())
         }
         Command::Delete(args) => {
             let repo = Repository::open(store)?;
             repo.delete_backup(&args.backup_id)?;
             output.result(
-                json!({"backup_id": args.backup_id}),
+                Done::Delete { backup_id: args.backup_id.clone() },
                 &format!("deleted backup {}", args.backup_id),
             );
             Ok(())
@@ -469,7 +490,7 @@ fn run_verify(
     cancel: &AtomicBool,
 ) -> Result<(), EngineError> {
     let ids = if args.all { repo.list_backups()? } else { args.backup_ids.clone() };
-    output.start(json!({"repository": repo.store.describe(), "backup_ids": ids}));
+    output.start(Start::Verify { repository: repo.store.describe(), backup_ids: ids.clone() });
     let options = verify::VerifyOptions {
         read_data_percent: args.read_data,
         downloads_in_flight: args.downloads_in_flight,
@@ -506,7 +527,7 @@ fn run_verify(
     }
     let problems: Vec<&verify::Problem> = reports.iter().flat_map(|r| &r.problems).collect();
     if problems.is_empty() {
-        output.result(json!({"verified": reports}), &lines.join("\n"));
+        output.result(Done::Verify { verified: reports }, &lines.join("\n"));
         return Ok(());
     }
     let error = EngineError::new(
@@ -524,7 +545,7 @@ fn run_verify(
     if !output.is_json() {
         eprintln!("{}", lines.join("\n"));
     }
-    Err(error.with_details(json!({"verified": reports})))
+    Err(error.with_details(events::details(&Done::Verify { verified: reports })))
 }
 
 /// Runs `job` while a reporter thread emits progress; returns the job's result.
@@ -591,8 +612,12 @@ fn run_backup_job(
         sources = vec![label.clone()];
     }
     let budget = backup::budget(options, repo.config.chunk_size_bytes, paths.len());
-    output.start(json!({"repository": repo.store.describe(), "source": sources[0],
-                        "sources": sources, "budget": budget}));
+    output.start(Start::Backup {
+        repository: repo.store.describe(),
+        source: sources[0].clone(),
+        sources,
+        budget,
+    });
     let progress = Progress::default();
     let warn = |message: String| output.warning(&message);
     let outcomes = with_progress(output, &progress, || {
@@ -615,18 +640,21 @@ fn run_backup_job(
             stats.new_chunk_count,
             stats.new_stored_bytes,
         ));
-        backups.push(json!({"backup_id": manifest.backup_id, "source": manifest.source.path,
-            "volume_size_bytes": manifest.volume_size_bytes, "io_engine": outcome.engine.name(),
-            "direct_io": outcome.direct, "stats": stats}));
+        backups.push(BackedUp {
+            backup_id: manifest.backup_id.clone(),
+            source: manifest.source.path.clone(),
+            volume_size_bytes: manifest.volume_size_bytes,
+            io_engine: outcome.engine.name(),
+            direct_io: outcome.direct,
+            stats: stats.clone(),
+        });
     }
-    let mut result = json!({"bytes_uploaded": Progress::get(&progress.bytes_uploaded),
-        "retries": repo.store.retry_count(), "backups": backups});
-    if let [single] = &backups[..] {
-        // One source: its fields also sit at the top level, as the simplest contract.
-        for key in ["backup_id", "source", "volume_size_bytes", "io_engine", "direct_io", "stats"] {
-            result[key] = single[key].clone();
-        }
-    }
+    let result = Done::Backup {
+        bytes_uploaded: Progress::get(&progress.bytes_uploaded),
+        retries: repo.store.retry_count(),
+        single: if let [single] = &backups[..] { Some(single.clone()) } else { None },
+        backups,
+    };
     Ok((result, lines.join("\n")))
 }
 
@@ -661,9 +689,12 @@ fn run_restore_job(
     output: &Output,
     cancel: &AtomicBool,
 ) -> Result<lightbits::JobReport, EngineError> {
-    output.start(json!({"repository": repo.store.describe(), "backup_id": manifest.backup_id,
-                        "target": options.target.display().to_string(),
-                        "budget": restore::budget(options, manifest.chunk_size_bytes)}));
+    output.start(Start::Restore {
+        repository: repo.store.describe(),
+        backup_id: manifest.backup_id.clone(),
+        target: options.target.display().to_string(),
+        budget: restore::budget(options, manifest.chunk_size_bytes),
+    });
     let progress = Progress::default();
     let warn = |message: String| output.warning(&message);
     let stats = with_progress(output, &progress, || {
@@ -677,9 +708,6 @@ fn run_restore_job(
         stats.duration_ms as f64 / 1000.0,
         stats.bytes_downloaded
     );
-    Ok((
-        json!({"backup_id": manifest.backup_id, "stats": stats,
-               "retries": repo.store.retry_count()}),
-        summary,
-    ))
+    let retries = repo.store.retry_count();
+    Ok((Done::Restore { backup_id: manifest.backup_id.clone(), stats, retries }, summary))
 }

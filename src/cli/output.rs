@@ -1,6 +1,7 @@
 //! Everything `ferry` writes to stdout, and the exit codes. With `--json`, stdout is a JSON Lines
-//! event stream whose last line is a `result` or an `error` event; without it, a progress line on
-//! a terminal (stderr) and a human summary. Logs and warnings always go to stderr.
+//! stream of `events::Event`s whose last line is a `result` or an `error` event; without it, a
+//! progress line on a terminal (stderr) and a human summary. Logs and warnings always go to
+//! stderr.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -8,8 +9,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use serde_json::{Value, json};
-
+use super::events::{Body, Counters, Done, Event, Failure, Finished, Start};
 use crate::error::{EngineError, ErrorKind};
 use crate::progress::Progress;
 
@@ -88,30 +88,27 @@ impl Output {
         self.progress_line
     }
 
-    fn emit(&self, mut event: Value) {
-        if let Value::Object(map) = &mut event {
-            let _ = map.insert("command".into(), json!(self.command));
-        }
+    fn emit(&self, body: Body<'_>) {
+        let line = serde_json::to_string(&Event { body, command: self.command })
+            .expect("events serialise");
         let _guard = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut stdout = std::io::stdout().lock();
         // A closed stdout (orchestrator went away) is not an error of the job.
-        let _ = writeln!(stdout, "{event}");
+        let _ = writeln!(stdout, "{line}");
         let _ = stdout.flush();
     }
 
     /// The `start` event.
-    pub fn start(&self, fields: Value) {
+    pub fn start(&self, start: Start) {
         if self.json {
-            let mut event = json!({"event": "start"});
-            merge(&mut event, fields);
-            self.emit(event);
+            self.emit(Body::Start(&start));
         }
     }
 
     /// A `warning` event (JSON) or a line on stderr.
     pub fn warning(&self, message: &str) {
         if self.json {
-            self.emit(json!({"event": "warning", "message": message}));
+            self.emit(Body::Warning { message });
         } else {
             self.clear_line();
             eprintln!("ferry: warning: {message}");
@@ -124,15 +121,14 @@ impl Output {
         let total = Progress::get(&progress.bytes_total);
         let done = Progress::get(&progress.bytes_read).max(Progress::get(&progress.bytes_restored));
         if self.json {
-            self.emit(json!({
-                "event": "progress",
-                "elapsed_ms": elapsed_ms,
-                "bytes_total": total,
-                "bytes_read": Progress::get(&progress.bytes_read),
-                "bytes_new": Progress::get(&progress.bytes_new),
-                "bytes_uploaded": Progress::get(&progress.bytes_uploaded),
-                "bytes_downloaded": Progress::get(&progress.bytes_downloaded),
-                "bytes_restored": Progress::get(&progress.bytes_restored),
+            self.emit(Body::Progress(Counters {
+                elapsed_ms,
+                bytes_total: total,
+                bytes_read: Progress::get(&progress.bytes_read),
+                bytes_new: Progress::get(&progress.bytes_new),
+                bytes_uploaded: Progress::get(&progress.bytes_uploaded),
+                bytes_downloaded: Progress::get(&progress.bytes_downloaded),
+                bytes_restored: Progress::get(&progress.bytes_restored),
             }));
         } else if self.progress_line && total > 0 {
             let percent = done.min(total) * 100 / total;
@@ -157,11 +153,9 @@ impl Output {
     }
 
     /// The final `result` event, or `summary` printed for people.
-    pub fn result(&self, fields: Value, summary: &str) {
+    pub fn result(&self, done: Done, summary: &str) {
         if self.json {
-            let mut event = json!({"event": "result", "exit_code": 0});
-            merge(&mut event, fields);
-            self.emit(event);
+            self.emit(Body::Result(Finished { exit_code: ExitCode::Ok as u8, done: &done }));
         } else {
             self.clear_line();
             if !summary.is_empty() {
@@ -175,26 +169,16 @@ impl Output {
     pub fn error(&self, error: &EngineError) -> ExitCode {
         let code = ExitCode::from_kind(error.kind);
         if self.json {
-            let mut event = json!({
-                "event": "error",
-                "kind": error.kind,
-                "exit_code": code as u8,
-                "message": error.message,
-            });
-            if let Some(details) = &error.details {
-                merge(&mut event, details.clone());
-            }
-            self.emit(event);
+            self.emit(Body::Error(Failure {
+                kind: error.kind,
+                exit_code: code as u8,
+                message: &error.message,
+                details: error.details.as_ref(),
+            }));
         } else {
             self.clear_line();
         }
         eprintln!("ferry: error: {}", error.message);
         code
-    }
-}
-
-fn merge(event: &mut Value, fields: Value) {
-    if let (Value::Object(target), Value::Object(source)) = (event, fields) {
-        target.extend(source);
     }
 }

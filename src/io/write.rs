@@ -430,48 +430,64 @@ fn write_uring(
         }
         driver.wait(&mut done)?;
         for (request, res) in done.drain(..) {
-            let span = request.span;
-            if res < 0 {
-                let errno = -res;
-                if errno != libc::EAGAIN && errno != libc::EINTR {
-                    return Err(write_error(
-                        span.file_offset,
-                        span.len,
-                        io::Error::from_raw_os_error(errno),
-                    ));
-                }
-                if request.retries >= MAX_RETRIES {
-                    return Err(no_progress(span.file_offset, span.len));
-                }
-                pending.push_front(Request { retries: request.retries + 1, ..request });
-                continue;
-            }
-            match after_transfer(span, res as usize, align.granule) {
-                Progress::Done => {
-                    let slot = driver.slots.get_mut(request.slot).expect("slot of a live request");
-                    slot.outstanding -= 1;
-                    if slot.outstanding == 0 {
-                        let slot =
-                            driver.slots.remove(request.slot).expect("slot of a live request");
-                        bytes_written += slot.length;
-                        if let Some(buf) = slot.buf {
-                            let _ = free.send(buf);
-                        }
-                    }
-                }
-                Progress::Resubmit(rest) => {
-                    let retries = if rest == span { request.retries + 1 } else { 0 };
-                    if retries > MAX_RETRIES {
-                        return Err(no_progress(span.file_offset, span.len));
-                    }
-                    pending.push_front(Request { slot: request.slot, span: rest, retries });
-                }
-                Progress::Eof => return Err(wrote_zero(span.file_offset, span.len)),
-            }
+            bytes_written +=
+                complete_write(&mut driver, &mut pending, free, align.granule, request, res)?;
         }
     }
     let (requests, registration) = (driver.submitted(), driver.registration());
     Ok(WriteStats::new(Engine::Uring, bytes_written, requests, registration, &zeroer))
+}
+
+/// Handles the completion `res` of one write request: a retry or the rest of a short write goes
+/// back to the front of `pending`; the op's last request frees its slot and buffer. Returns the
+/// bytes of the op it completed, or 0.
+fn complete_write(
+    driver: &mut Driver<WriteSlot>,
+    pending: &mut VecDeque<Request>,
+    free: &Sender<AlignedBuf>,
+    granule: usize,
+    request: Request,
+    res: i32,
+) -> Result<u64, IoError> {
+    let span = request.span;
+    if res < 0 {
+        let errno = -res;
+        if errno != libc::EAGAIN && errno != libc::EINTR {
+            return Err(write_error(
+                span.file_offset,
+                span.len,
+                io::Error::from_raw_os_error(errno),
+            ));
+        }
+        if request.retries >= MAX_RETRIES {
+            return Err(no_progress(span.file_offset, span.len));
+        }
+        pending.push_front(Request { retries: request.retries + 1, ..request });
+        return Ok(0);
+    }
+    match after_transfer(span, res as usize, granule) {
+        Progress::Done => {
+            let slot = driver.slots.get_mut(request.slot).expect("slot of a live request");
+            slot.outstanding -= 1;
+            if slot.outstanding > 0 {
+                return Ok(0);
+            }
+            let slot = driver.slots.remove(request.slot).expect("slot of a live request");
+            if let Some(buf) = slot.buf {
+                let _ = free.send(buf);
+            }
+            Ok(slot.length)
+        }
+        Progress::Resubmit(rest) => {
+            let retries = if rest == span { request.retries + 1 } else { 0 };
+            if retries > MAX_RETRIES {
+                return Err(no_progress(span.file_offset, span.len));
+            }
+            pending.push_front(Request { slot: request.slot, span: rest, retries });
+            Ok(0)
+        }
+        Progress::Eof => Err(wrote_zero(span.file_offset, span.len)),
+    }
 }
 
 fn write_pwrite(

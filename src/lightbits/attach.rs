@@ -6,6 +6,7 @@
 //! functions so tests can assert them exactly. The cluster API is not used here: the caller has
 //! already put this host's NQN into the volume's ACL.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -248,6 +249,73 @@ pub fn subsystem_connected(sysfs_root: &Path, subsys_nqn: &str) -> bool {
     })
 }
 
+/// True for a namespace node under a controller or subsystem in sysfs: `nvme<X>n<Y>` (a
+/// namespace, or a multipath head) or `nvme<X>c<Y>n<Z>` (one path of a multipath namespace).
+fn is_namespace_node(name: &str) -> bool {
+    if is_per_path_node(name) {
+        return true;
+    }
+    let Some((controller, namespace)) =
+        name.strip_prefix("nvme").and_then(|rest| rest.split_once('n'))
+    else {
+        return false;
+    };
+    [controller, namespace]
+        .iter()
+        .all(|part| !part.is_empty() && part.bytes().all(|byte| byte.is_ascii_digit()))
+}
+
+/// The identity of a namespace directory: its UUID from `wwid` (`uuid.<uuid>`) or `uuid`, else a
+/// description that matches no volume UUID (so an unidentifiable namespace counts as foreign).
+fn namespace_uuid(directory: &Path) -> String {
+    let read =
+        |name: &str| fs::read_to_string(directory.join(name)).map(|text| text.trim().to_owned());
+    if let Ok(wwid) = read("wwid")
+        && let Some(uuid) = wwid.strip_prefix("uuid.")
+    {
+        return uuid.to_owned();
+    }
+    match read("uuid") {
+        Ok(uuid) if !uuid.is_empty() && uuid.bytes().any(|byte| byte != b'0' && byte != b'-') => {
+            uuid
+        }
+        _ => format!(
+            "{} (no uuid: wwid {})",
+            directory
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            read("wwid").unwrap_or_else(|_| "unreadable".to_owned())
+        ),
+    }
+}
+
+/// The namespaces this host sees through `subsys_nqn`, by UUID: the namespace directories of
+/// every controller (`<sysfs>/class/nvme/*`) and subsystem (`<sysfs>/class/nvme-subsystem/*`)
+/// whose `subsysnqn` is `subsys_nqn`. On Lightbits all volumes of a cluster are namespaces of one
+/// subsystem, so this lists every volume attached to this host, whoever attached it.
+pub fn subsystem_namespaces(sysfs_root: &Path, subsys_nqn: &str) -> BTreeSet<String> {
+    let mut namespaces = BTreeSet::new();
+    for class in ["class/nvme", "class/nvme-subsystem"] {
+        let Ok(entries) = fs::read_dir(sysfs_root.join(class)) else { continue };
+        for entry in entries.flatten() {
+            let controller = entry.path();
+            let matches = fs::read_to_string(controller.join("subsysnqn"))
+                .is_ok_and(|content| content.trim() == subsys_nqn);
+            let Ok(children) = fs::read_dir(&controller) else { continue };
+            if !matches {
+                continue;
+            }
+            for child in children.flatten() {
+                if is_namespace_node(&child.file_name().to_string_lossy()) {
+                    let _new = namespaces.insert(namespace_uuid(&child.path()));
+                }
+            }
+        }
+    }
+    namespaces
+}
+
 /// True for per-path nodes `nvme<X>c<Y>n<Z>`, which os-brick skips.
 fn is_per_path_node(name: &str) -> bool {
     let Some(rest) = name.strip_prefix("nvme") else {
@@ -416,24 +484,68 @@ pub fn attach(
     }
 }
 
+/// What [`detach`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detached {
+    /// The discovery file was removed, or the subsystem disconnected (or already was).
+    Done,
+    /// Nothing to undo: the file or connection was there before ferry.
+    NotOurs,
+    /// The connection ferry made was left up, because the controller also exposes these
+    /// namespaces (UUIDs), which are not ferry's: disconnecting would drop them too.
+    LeftConnected {
+        /// The subsystem left connected.
+        subsys_nqn: String,
+        /// The namespaces that are not ferry's.
+        foreign: Vec<String>,
+    },
+}
+
+impl Detached {
+    /// The warning an operator should see, if any.
+    pub fn warning(&self) -> Option<String> {
+        let Detached::LeftConnected { subsys_nqn, foreign } = self else { return None };
+        Some(format!(
+            "left the NVMe connection to {subsys_nqn} up: it also carries namespaces that are not \
+             ferry's ({}); ferry's own namespace goes away with its ACL entry",
+            foreign.join(", ")
+        ))
+    }
+}
+
 /// Undoes what ferry did in an attachment: removes the file it wrote, or disconnects the
-/// subsystem it connected. Idempotent.
+/// subsystem it connected, but only when every namespace the subsystem's controllers expose is
+/// in `ours` (the volumes whose access ferry is about to remove); otherwise the connection is
+/// left up ([`Detached::LeftConnected`]), because `nvme disconnect` would drop the other
+/// volumes with it. Idempotent.
 ///
 /// # Errors
 ///
 /// [`LightbitsError::LocalIo`] or [`LightbitsError::Command`].
-pub fn detach(attachment: &Attachment, sysfs_root: &Path) -> Result<()> {
+pub fn detach(
+    attachment: &Attachment,
+    sysfs_root: &Path,
+    ours: &BTreeSet<String>,
+) -> Result<Detached> {
     match attachment {
         Attachment::DiscoveryFile { path, created: true } => {
-            remove_file_idempotent(path).map(|_| ())
+            remove_file_idempotent(path).map(|_| Detached::Done)
         }
         Attachment::NvmeConnect { subsys_nqn, connected: true, nvme_binary } => {
-            if subsystem_connected(sysfs_root, subsys_nqn) {
-                run_command(&nvme_disconnect_argv(nvme_binary, subsys_nqn))?;
+            if !subsystem_connected(sysfs_root, subsys_nqn) {
+                return Ok(Detached::Done);
             }
-            Ok(())
+            let foreign: Vec<String> = subsystem_namespaces(sysfs_root, subsys_nqn)
+                .into_iter()
+                .filter(|uuid| !ours.contains(uuid))
+                .collect();
+            if !foreign.is_empty() {
+                return Ok(Detached::LeftConnected { subsys_nqn: subsys_nqn.clone(), foreign });
+            }
+            run_command(&nvme_disconnect_argv(nvme_binary, subsys_nqn))?;
+            Ok(Detached::Done)
         }
-        _ => Ok(()),
+        _ => Ok(Detached::NotOurs),
     }
 }
 
@@ -538,6 +650,52 @@ mod tests {
         fs::remove_dir_all(&root).unwrap();
     }
 
+    /// `nvme disconnect` runs only when every namespace of the subsystem (plain, per-path and
+    /// multipath-head nodes, by `wwid` or `uuid`) is ferry's; otherwise the connection stays up
+    /// and the foreign namespaces are named. `false` as the nvme binary shows whether it ran.
+    #[test]
+    fn nvme_detach_spares_foreign_namespaces() {
+        let root = std::env::temp_dir().join(format!("lbctl-nvme-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let write = |path: &str, content: &str| {
+            let path = root.join(path);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, content).unwrap();
+        };
+        write("class/nvme/nvme0/subsysnqn", "nqn.sub\n");
+        write("class/nvme/nvme0/nvme0c0n1/wwid", "uuid.u1\n");
+        write("class/nvme/nvme1/subsysnqn", "nqn.other-cluster\n");
+        write("class/nvme/nvme1/nvme1n1/wwid", "uuid.x\n");
+        let attachment = Attachment::NvmeConnect {
+            subsys_nqn: "nqn.sub".into(),
+            connected: true,
+            nvme_binary: PathBuf::from("false"),
+        };
+        let ours = BTreeSet::from(["u1".to_owned()]);
+        assert_eq!(subsystem_namespaces(&root, "nqn.sub"), ours);
+        let tried = detach(&attachment, &root, &ours).unwrap_err();
+        assert!(tried.to_string().contains("false disconnect -n nqn.sub"), "{tried}");
+
+        write("class/nvme-subsystem/nvme-subsys0/subsysnqn", "nqn.sub\n");
+        write("class/nvme-subsystem/nvme-subsys0/nvme0n1/wwid", "uuid.u1\n");
+        write("class/nvme-subsystem/nvme-subsys0/nvme0n2/uuid", "u2\n");
+        write("class/nvme-subsystem/nvme-subsys0/nvme0n3/wwid", "eui.0025385b71b0a2c4\n");
+        let detached = detach(&attachment, &root, &ours).unwrap();
+        let Detached::LeftConnected { foreign, .. } = &detached else { panic!("{detached:?}") };
+        assert_eq!(foreign[1], "u2");
+        assert!(foreign[0].starts_with("nvme0n3 (no uuid"), "{foreign:?}");
+        assert!(detached.warning().unwrap().contains("u2"));
+        let all = BTreeSet::from(["u1".to_owned(), "u2".to_owned(), foreign[0].clone()]);
+        assert!(detach(&attachment, &root, &all).is_err(), "all ours: disconnect runs");
+        assert!(is_namespace_node("nvme12n3") && is_namespace_node("nvme1c2n3"));
+        assert!(
+            !is_namespace_node("nvme-subsys0")
+                && !is_namespace_node("nvme1")
+                && !is_namespace_node("nvmen1")
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
     /// Attach writes the file atomically and detach removes only a file ferry wrote.
     #[test]
     fn discovery_attach_detach() {
@@ -555,10 +713,11 @@ mod tests {
         assert_eq!(fs::read_dir(&root).unwrap().count(), 1, "no temp file left");
         let foreign = plan_attachment(&options, &target()).unwrap();
         assert_eq!(foreign, Attachment::DiscoveryFile { path: path.clone(), created: false });
-        detach(&foreign, &root).unwrap();
+        let none = BTreeSet::new();
+        assert_eq!(detach(&foreign, &root, &none).unwrap(), Detached::NotOurs);
         assert!(path.exists(), "a file ferry did not write stays");
-        detach(&attachment, &root).unwrap();
-        detach(&attachment, &root).unwrap();
+        assert_eq!(detach(&attachment, &root, &none).unwrap(), Detached::Done);
+        assert_eq!(detach(&attachment, &root, &none).unwrap(), Detached::Done);
         assert!(!path.exists());
         fs::remove_dir_all(&root).unwrap();
     }

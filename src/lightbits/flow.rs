@@ -10,11 +10,13 @@
 //! of an unfinished guard tries the same, and whatever it cannot undo stays in the journal for
 //! `reclaim`. The data plane sees only [`AttachedClone::device_path`].
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::attach::{self, AttachOptions, Target};
 use super::client::Client;
-use super::journal::{self, Journal, Record, Resource};
+use super::journal::{self, Journal, Record, Resource, VolumeLock};
 use super::model::{ACL_ALLOW_ANY, Acl, CreateVolume, UpdateAcl, Volume};
 use super::{CLONE_PREFIX, LightbitsError, Result, SNAPSHOT_PREFIX, resource_name};
 
@@ -32,6 +34,8 @@ pub struct Control {
     pub host_ips: Vec<String>,
     /// Replica count of clones when the source volume does not report one.
     pub clone_replica_count_default: String,
+    /// Warnings from cleanups (a connection left up), for the caller to report.
+    warnings: Mutex<Vec<String>>,
 }
 
 impl Control {
@@ -43,7 +47,17 @@ impl Control {
             attach,
             host_ips: Vec::new(),
             clone_replica_count_default: "3".to_owned(),
+            warnings: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The warnings collected since the last call (cleanups that left something up on purpose).
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *self.warnings.lock().expect("warnings lock is never poisoned"))
+    }
+
+    fn warn(&self, warning: String) {
+        self.warnings.lock().expect("warnings lock is never poisoned").push(warning);
     }
 
     fn project(&self) -> &str {
@@ -60,17 +74,40 @@ impl Control {
 }
 
 /// The resources a guard holds, undone in journal undo order.
+///
+/// Fields drop in declaration order: the volume lock is released last, after `Drop` has run the
+/// cleanup.
 #[derive(Debug)]
 struct Held<'a> {
     control: &'a Control,
     records: Vec<Record>,
     device: Option<PathBuf>,
     finished: bool,
+    volume_lock: Option<VolumeLock>,
 }
 
 impl<'a> Held<'a> {
     fn new(control: &'a Control) -> Held<'a> {
-        Held { control, records: Vec::new(), device: None, finished: false }
+        Held { control, records: Vec::new(), device: None, finished: false, volume_lock: None }
+    }
+
+    /// Claims the volume for this job on this host (one job per volume at a time).
+    fn lock(&mut self, volume: &Volume, job_id: &str) -> Result<()> {
+        self.volume_lock =
+            Some(self.control.journal.lock_volume(&volume.uuid, &volume.name, job_id)?);
+        Ok(())
+    }
+
+    /// Undoes one resource: only the resource's own volume counts as ferry's namespace, so a
+    /// connection that also carries anything else (another user's volume, another ferry job's
+    /// clone) is left up, with a warning.
+    fn undo(&self, client: &Client, resource: &Resource) -> Result<()> {
+        let ours = BTreeSet::new();
+        let undone = journal::undo(client, &self.control.attach.sysfs_root, &ours, resource)?;
+        if let Some(note) = undone.note {
+            self.control.warn(note);
+        }
+        Ok(())
     }
 
     /// Journals the intent, then keeps the record so an error from here on is undone.
@@ -88,7 +125,7 @@ impl<'a> Held<'a> {
     fn release(&mut self, index: usize) -> Result<()> {
         let client = self.control.client.uncancellable();
         let record = &self.records[index];
-        let _outcome = journal::undo(&client, &self.control.attach.sysfs_root, &record.resource)?;
+        self.undo(&client, &record.resource)?;
         self.control.journal.remove(&record.id)?;
         let _record = self.records.remove(index);
         Ok(())
@@ -108,8 +145,9 @@ impl<'a> Held<'a> {
         let mut records = std::mem::take(&mut self.records);
         records.sort_by_key(|record| record.resource.undo_rank());
         for record in records {
-            let undone = journal::undo(&client, &self.control.attach.sysfs_root, &record.resource)
-                .and_then(|_| self.control.journal.remove(&record.id));
+            let undone = self
+                .undo(&client, &record.resource)
+                .and_then(|()| self.control.journal.remove(&record.id));
             if let Err(error) = undone {
                 let _first = first_error.get_or_insert(error);
             }
@@ -238,6 +276,7 @@ pub fn prepare_backup_source<'a>(
     let host_nqn = control.attach.host_nqn()?;
     let source = client.resolve_volume(volume)?;
     let mut held = Held::new(control);
+    held.lock(&source, backup_id)?;
 
     let snapshot_index =
         held.intend(backup_id, Resource::Snapshot { name: snapshot_name.clone(), uuid: None })?;
@@ -322,6 +361,8 @@ pub fn prepare_restore_target<'a>(
     let _valid = resource_name("", job_id)?;
     let host_nqn = control.attach.host_nqn()?;
     let found = client.resolve_volume(volume)?;
+    let mut held = Held::new(control);
+    held.lock(&found, job_id)?;
     let earlier =
         control.journal.get(&format!("{job_id}.acl"))?.and_then(|record| match record.resource {
             Resource::Acl { volume_uuid, original_acl, original_ip_acl, .. }
@@ -343,7 +384,6 @@ pub fn prepare_restore_target<'a>(
         });
     }
 
-    let mut held = Held::new(control);
     let resource = Resource::Acl {
         volume_uuid: found.uuid.clone(),
         volume_name: found.name.clone(),

@@ -8,6 +8,7 @@
 //!
 //! This module does not decide the order of a job's steps; `flow` does.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -305,6 +306,121 @@ impl Journal {
     }
 }
 
+/// How often [`Journal::lock_volume`] retries when the lock file it locked was replaced meanwhile
+/// (each retry means another job released the lock in between; a handful is plenty).
+const LOCK_ATTEMPTS_MAX: u32 = 16;
+
+/// An exclusive, host-wide claim on one volume for one job: `flock` on `<journal>/<volume
+/// uuid>.lock`, released by the kernel when the process ends (even by kill -9), and the file
+/// removed on drop.
+#[derive(Debug)]
+pub struct VolumeLock {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl Drop for VolumeLock {
+    fn drop(&mut self) {
+        // Unlink while still holding the lock: a job that opened this file meanwhile finds, once
+        // it gets the lock, that the path no longer names it, and starts over.
+        let _ignored = fs::remove_file(&self.path);
+        let _unlocked = self.file.unlock();
+    }
+}
+
+/// True when `path` still names the open `file` (same device and inode).
+fn still_named(file: &fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
+}
+
+/// A lock file name for `volume_uuid`: its letters, digits and `-` (a cluster UUID is only those).
+fn lock_file_name(volume_uuid: &str) -> String {
+    let safe: String = volume_uuid
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .collect();
+    format!("{safe}.lock")
+}
+
+impl Journal {
+    /// Claims `volume_uuid` for `job_id`, or refuses with [`LightbitsError::Busy`] (naming the
+    /// holder) when another job on this host holds it.
+    ///
+    /// # Errors
+    ///
+    /// [`LightbitsError::Busy`]; [`LightbitsError::LocalIo`].
+    pub fn lock_volume(
+        &self,
+        volume_uuid: &str,
+        volume_name: &str,
+        job_id: &str,
+    ) -> Result<VolumeLock> {
+        use std::io::{Read, Seek, Write};
+        let path = self.dir.join(lock_file_name(volume_uuid));
+        let io = |operation: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LightbitsError::LocalIo { operation, path, source }
+        };
+        for _ in 0..LOCK_ATTEMPTS_MAX {
+            let mut file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io("open lock", &path))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) => {
+                    let mut holder = String::new();
+                    let _read = file.read_to_string(&mut holder);
+                    return Err(LightbitsError::Busy {
+                        volume: volume_name.to_owned(),
+                        holder: holder.trim().to_owned(),
+                    });
+                }
+                Err(fs::TryLockError::Error(source)) => {
+                    return Err(LightbitsError::LocalIo { operation: "lock", path, source });
+                }
+            }
+            if !still_named(&file, &path) {
+                continue;
+            }
+            let holder = format!("job {job_id}, pid {}", std::process::id());
+            file.set_len(0).map_err(io("truncate lock", &path))?;
+            file.rewind().map_err(io("rewind lock", &path))?;
+            file.write_all(holder.as_bytes()).map_err(io("write lock", &path))?;
+            return Ok(VolumeLock { file, path });
+        }
+        Err(LightbitsError::LocalIo {
+            operation: "lock (the lock file kept being replaced)",
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::WouldBlock, "contended"),
+        })
+    }
+
+    /// Removes lock files no process holds (left by a killed job; the kernel released the lock).
+    pub fn remove_stale_locks(&self) {
+        let Ok(entries) = fs::read_dir(&self.dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|extension| extension != "lock") {
+                continue;
+            }
+            let Ok(file) = fs::OpenOptions::new().read(true).write(true).open(&path) else {
+                continue;
+            };
+            if file.try_lock().is_ok() && still_named(&file, &path) {
+                let _ignored = fs::remove_file(&path);
+            }
+        }
+    }
+}
+
 /// Removes `.<record>.tmp-<pid>`, the temp file of a write that a killed process never renamed,
 /// once that process is gone (best effort: it is never read, so a leftover is only clutter).
 fn remove_dead_temp(path: &Path, name: &str) {
@@ -327,6 +443,9 @@ pub enum Outcome {
     Restored,
     /// A discovery file was removed or a subsystem disconnected.
     Detached,
+    /// The NVMe connection ferry made was left up because it also carries namespaces that are
+    /// not ferry's (named in the item's `note`); the record is done with.
+    LeftConnected,
     /// Its writer is still running; left alone.
     SkippedLive,
     /// Undo failed; the record is kept for the next reclaim.
@@ -349,6 +468,9 @@ pub struct ReclaimItem {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What an operator should know about an undo that succeeded (a connection left up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// What reclaim did (serialisable for `ferry reclaim --json`).
@@ -365,34 +487,63 @@ impl ReclaimReport {
     }
 }
 
-/// Undoes one resource. Idempotent.
+/// What undoing one resource did, with a note for the operator when there is something to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undone {
+    /// What happened.
+    pub outcome: Outcome,
+    /// A warning (a connection left up, and why).
+    pub note: Option<String>,
+}
+
+impl From<Outcome> for Undone {
+    fn from(outcome: Outcome) -> Undone {
+        Undone { outcome, note: None }
+    }
+}
+
+/// Undoes one resource. Idempotent. `ours` lists the namespaces (volume UUIDs) whose access
+/// ferry removes in this cleanup: an NVMe connection ferry made is disconnected only when its
+/// controller exposes nothing else (see [`attach::detach`]); the attachment's own volume always
+/// counts as ours.
 ///
 /// # Errors
 ///
 /// Whatever the cluster or the host answered.
-pub fn undo(client: &Client, sysfs_root: &Path, resource: &Resource) -> Result<Outcome> {
+pub fn undo(
+    client: &Client,
+    sysfs_root: &Path,
+    ours: &BTreeSet<String>,
+    resource: &Resource,
+) -> Result<Undone> {
     match resource {
-        Resource::Attachment { attachment, .. } => {
-            attach::detach(attachment, sysfs_root)?;
-            Ok(Outcome::Detached)
+        Resource::Attachment { attachment, volume_uuid } => {
+            let mut ours = ours.clone();
+            let _inserted = ours.insert(volume_uuid.clone());
+            let detached = attach::detach(attachment, sysfs_root, &ours)?;
+            let note = detached.warning();
+            let outcome = if note.is_some() { Outcome::LeftConnected } else { Outcome::Detached };
+            Ok(Undone { outcome, note })
         }
         Resource::Acl { volume_uuid, host_nqn, original_acl, original_ip_acl, .. } => {
             let restore = UpdateAcl { acl: original_acl.clone(), ip_acl: original_ip_acl.clone() };
             match client.update_volume_acl(volume_uuid, |_| restore.clone()) {
                 Ok(()) => {}
-                Err(LightbitsError::VolumeNotFound { .. }) => return Ok(Outcome::AlreadyGone),
+                Err(LightbitsError::VolumeNotFound { .. }) => {
+                    return Ok(Outcome::AlreadyGone.into());
+                }
                 Err(error) => return Err(error),
             }
             let _volume =
                 client.wait_volume_acl(volume_uuid, host_nqn, original_acl.contains(host_nqn))?;
-            Ok(Outcome::Restored)
+            Ok(Outcome::Restored.into())
         }
         Resource::Clone { name, uuid } => {
             let uuid = match uuid {
                 Some(uuid) => Some(uuid.clone()),
                 None => client.find_volume(name)?.map(|volume| volume.uuid),
             };
-            let Some(uuid) = uuid else { return Ok(Outcome::AlreadyGone) };
+            let Some(uuid) = uuid else { return Ok(Outcome::AlreadyGone.into()) };
             // Take this host off the clone first, as the driver's terminate_connection does; the
             // delete below revokes access anyway, so a failure here is not fatal.
             let _acl_cleared = client.update_volume_acl(&uuid, |volume| UpdateAcl {
@@ -401,17 +552,19 @@ pub fn undo(client: &Client, sysfs_root: &Path, resource: &Resource) -> Result<O
             });
             let deletion = client.delete_volume(&uuid)?;
             client.wait_volume_gone(&uuid)?;
-            Ok(if deletion == Deletion::Deleted { Outcome::Deleted } else { Outcome::AlreadyGone })
+            Ok(if deletion == Deletion::Deleted { Outcome::Deleted } else { Outcome::AlreadyGone }
+                .into())
         }
         Resource::Snapshot { name, uuid } => {
             let uuid = match uuid {
                 Some(uuid) => Some(uuid.clone()),
                 None => client.find_snapshot(name)?.map(|snapshot| snapshot.uuid),
             };
-            let Some(uuid) = uuid else { return Ok(Outcome::AlreadyGone) };
+            let Some(uuid) = uuid else { return Ok(Outcome::AlreadyGone.into()) };
             let deletion = client.delete_snapshot(&uuid)?;
             client.wait_snapshot_gone(&uuid)?;
-            Ok(if deletion == Deletion::Deleted { Outcome::Deleted } else { Outcome::AlreadyGone })
+            Ok(if deletion == Deletion::Deleted { Outcome::Deleted } else { Outcome::AlreadyGone }
+                .into())
         }
     }
 }
@@ -431,7 +584,18 @@ pub fn reclaim(
 ) -> Result<ReclaimReport> {
     let client = client.uncancellable();
     let mut report = ReclaimReport::default();
-    for record in journal.list()? {
+    let records = journal.list()?;
+    let reclaimable = |record: &Record| include_live || !record.owner.is_alive();
+    // The clones of the jobs reclaimed here are deleted below, so their namespaces go too.
+    let ours: BTreeSet<String> = records
+        .iter()
+        .filter(|record| reclaimable(record))
+        .filter_map(|record| match &record.resource {
+            Resource::Clone { uuid: Some(uuid), .. } => Some(uuid.clone()),
+            _ => None,
+        })
+        .collect();
+    for record in records {
         let mut item = ReclaimItem {
             record_id: record.id.clone(),
             job_id: record.job_id.clone(),
@@ -439,8 +603,9 @@ pub fn reclaim(
             name: record.resource.label(),
             outcome: Outcome::Failed,
             error: None,
+            note: None,
         };
-        if !include_live && record.owner.is_alive() {
+        if !reclaimable(&record) {
             item.outcome = Outcome::SkippedLive;
         } else if record.project != client.options().project {
             item.error = Some(format!(
@@ -449,16 +614,17 @@ pub fn reclaim(
                 client.options().project
             ));
         } else {
-            match undo(&client, sysfs_root, &record.resource).and_then(|outcome| {
+            match undo(&client, sysfs_root, &ours, &record.resource).and_then(|undone| {
                 journal.remove(&record.id)?;
-                Ok(outcome)
+                Ok(undone)
             }) {
-                Ok(outcome) => item.outcome = outcome,
+                Ok(undone) => (item.outcome, item.note) = (undone.outcome, undone.note),
                 Err(error) => item.error = Some(crate::error::chain(&error)),
             }
         }
         report.items.push(item);
     }
+    journal.remove_stale_locks();
     Ok(report)
 }
 

@@ -136,6 +136,17 @@ pub enum LightbitsError {
         /// Its current ACL values.
         acl: Vec<String>,
     },
+    /// Another ferry job on this host is using the volume (backing it up or restoring into it).
+    #[error(
+        "lightbits volume {volume} is in use by another ferry job on this host ({holder}); \
+         refused: one job per volume at a time, run it again once that job has finished"
+    )]
+    Busy {
+        /// The volume name.
+        volume: String,
+        /// Who holds it (job id and pid), as the holder wrote it.
+        holder: String,
+    },
     /// The block device of a volume did not appear.
     #[error("no block device for volume {uuid} after {waited:?} (looked in {looked_in})")]
     DeviceNotFound {
@@ -179,7 +190,9 @@ impl Classify for LightbitsError {
             | LightbitsError::Token { .. }
             | LightbitsError::HostNqn { .. } => ErrorKind::Usage,
             LightbitsError::VolumeNotFound { .. } => ErrorKind::NotFound,
-            LightbitsError::AttachedElsewhere { .. } => ErrorKind::Refused,
+            LightbitsError::AttachedElsewhere { .. } | LightbitsError::Busy { .. } => {
+                ErrorKind::Refused
+            }
             LightbitsError::DeviceNotFound { .. } | LightbitsError::Command { .. } => {
                 ErrorKind::Device
             }

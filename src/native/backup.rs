@@ -208,7 +208,7 @@ pub fn run_many(
     warn: &dyn Fn(String),
 ) -> Result<Vec<BackupOutcome>, EngineError> {
     let started = Instant::now();
-    let started_at = layout::unix_now();
+    let started_at = layout::Timestamp::now();
     let sources = open_sources(repo, options, sources, started_at, progress, warn)?;
     let chunk_size_bytes = repo.config.chunk_size_bytes;
     let budget = budget(options, chunk_size_bytes, sources.len());
@@ -358,7 +358,7 @@ fn build_manifests(
             volume_size_bytes: source.source.info.size_bytes,
             chunk_size_bytes,
             started_at,
-            completed_at: layout::unix_now(),
+            completed_at: layout::Timestamp::now(),
             packs: packs.into_iter().collect(),
             chunks: collected.table,
             stats: collected.stats,

@@ -13,9 +13,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use serde::Serialize;
 
 use crate::error::EngineError;
-use crate::native::layout::{self, ChunkHash, PackId, Timestamp};
+use crate::native::layout::{self, ChunkHash, PackId, PackIndex, Timestamp};
 use crate::native::repo::{Repository, parallel_map};
 use crate::native::verify::Problem;
+use crate::store::DatedObject;
 
 /// A pack a manifest references that a mark condemns.
 #[derive(Debug, Clone, Serialize)]
@@ -70,48 +71,7 @@ pub fn run(repo: &Repository) -> Result<CheckReport, EngineError> {
     }
     let manifests = repo.load_all_manifests()?;
     let packs = repo.list_packs()?;
-    let index_keys: Vec<PackId> = repo
-        .store
-        .list(layout::INDEX_PREFIX)?
-        .iter()
-        .filter_map(|object| layout::index_pack_from_key(&object.key))
-        .collect();
-    let loaded = parallel_map(&index_keys, 8, |pack| Ok(repo.load_index(pack)))?;
-    let mut indexes = HashMap::new();
-    for (pack, loaded) in index_keys.iter().zip(loaded) {
-        let index = match loaded {
-            Ok(index) => index,
-            Err(error) => {
-                // Deleted since the listing (a sweep) is not damage.
-                if repo.store.list(&pack.index_key())?.is_empty() {
-                    continue;
-                }
-                problem(pack.index_key(), error.message);
-                continue;
-            }
-        };
-        let size = match packs.get(pack) {
-            Some(object) => object.size_bytes,
-            // A backup writes the pack, then its index: look again before calling it lost.
-            None => match repo.store.list(&pack.pack_key())?.first() {
-                Some(object) if object.key == pack.pack_key() => object.size_bytes,
-                _ => {
-                    problem(pack.index_key(), format!("its pack {} is missing", pack.pack_key()));
-                    continue;
-                }
-            },
-        };
-        if index.pack_size_bytes != size {
-            let detail = format!("pack has {size} bytes, its index says {}", index.pack_size_bytes);
-            problem(pack.pack_key(), detail);
-        }
-        if let Some(entry) = index.entries.iter().find(|e| e.offset + e.record_bytes() > size) {
-            let detail =
-                format!("record of chunk {} at {} runs past the end", entry.hash, entry.offset);
-            problem(pack.pack_key(), detail);
-        }
-        let _ = indexes.insert(*pack, index);
-    }
+    let indexes = check_indexes(repo, &packs, &mut problem)?;
     let mark_of: HashMap<PackId, (&str, u64)> = marks
         .marks
         .iter()
@@ -188,4 +148,56 @@ pub fn run(repo: &Repository) -> Result<CheckReport, EngineError> {
         marked_referenced,
         problems: problems.into_iter().collect(),
     })
+}
+
+/// Loads every index and checks it against the packs listed before it; returns the readable
+/// ones.
+fn check_indexes(
+    repo: &Repository,
+    packs: &HashMap<PackId, DatedObject>,
+    problem: &mut impl FnMut(String, String),
+) -> Result<HashMap<PackId, PackIndex>, EngineError> {
+    let index_keys: Vec<PackId> = repo
+        .store
+        .list(layout::INDEX_PREFIX)?
+        .iter()
+        .filter_map(|object| layout::index_pack_from_key(&object.key))
+        .collect();
+    let loaded = parallel_map(&index_keys, 8, |pack| Ok(repo.load_index(pack)))?;
+    let mut indexes = HashMap::new();
+    for (pack, loaded) in index_keys.iter().zip(loaded) {
+        let index = match loaded {
+            Ok(index) => index,
+            Err(error) => {
+                // Deleted since the listing (a sweep) is not damage.
+                if repo.store.list(&pack.index_key())?.is_empty() {
+                    continue;
+                }
+                problem(pack.index_key(), error.message);
+                continue;
+            }
+        };
+        let size = match packs.get(pack) {
+            Some(object) => object.size_bytes,
+            // A backup writes the pack, then its index: look again before calling it lost.
+            None => match repo.store.list(&pack.pack_key())?.first() {
+                Some(object) if object.key == pack.pack_key() => object.size_bytes,
+                _ => {
+                    problem(pack.index_key(), format!("its pack {} is missing", pack.pack_key()));
+                    continue;
+                }
+            },
+        };
+        if index.pack_size_bytes != size {
+            let detail = format!("pack has {size} bytes, its index says {}", index.pack_size_bytes);
+            problem(pack.pack_key(), detail);
+        }
+        if let Some(entry) = index.entries.iter().find(|e| e.offset + e.record_bytes() > size) {
+            let detail =
+                format!("record of chunk {} at {} runs past the end", entry.hash, entry.offset);
+            problem(pack.pack_key(), detail);
+        }
+        let _ = indexes.insert(*pack, index);
+    }
+    Ok(indexes)
 }

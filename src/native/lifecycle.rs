@@ -26,6 +26,7 @@ use crate::native::layout::{self, ObjectKind, PackId, Timestamp};
 use crate::native::maintain::{self, SeenLease};
 use crate::native::repo::{LoadedMark, Repository};
 use crate::native::retention::{self, Candidate, Decision, Policy};
+use crate::store::DatedObject;
 
 /// How `forget` groups backups before applying the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,10 +274,35 @@ pub fn prune(
         }
     }
 
-    // Phase 2: sweep the marks whose grace has passed.
+    // Phase 2, then phase 1 (a pack swept now is not condemned again).
+    let view = View { repo, now, dry_run, live: &live, packs: &packs, leases: &leases };
+    let (gone, still_marked) = sweep(&view, &marks.marks, &mut report)?;
+    condemn(&view, &indexes, &gone, &still_marked, &mut report)?;
+    drop(lease);
+    Ok(report)
+}
+
+/// What both phases of one prune look at.
+struct View<'a> {
+    repo: &'a Repository,
+    now: u64,
+    dry_run: bool,
+    live: &'a HashSet<PackId>,
+    packs: &'a HashMap<PackId, DatedObject>,
+    leases: &'a [SeenLease],
+}
+
+/// Phase 2: sweeps the marks whose grace has passed and that no job's lease holds back;
+/// returns the packs deleted and the packs still condemned by marks left waiting.
+fn sweep(
+    view: &View<'_>,
+    marks: &[LoadedMark],
+    report: &mut PruneReport,
+) -> Result<(HashSet<PackId>, HashSet<PackId>), EngineError> {
+    let View { repo, now, dry_run, live, packs, leases } = *view;
     let mut gone: HashSet<PackId> = HashSet::new();
     let mut still_marked: HashSet<PackId> = HashSet::new();
-    let mut sorted: Vec<&LoadedMark> = marks.marks.iter().collect();
+    let mut sorted: Vec<&LoadedMark> = marks.iter().collect();
     sorted.sort_by(|a, b| (a.written_at, &a.key).cmp(&(b.written_at, &b.key)));
     for mark in sorted {
         let waiting = |reason: String| WaitingMark {
@@ -291,7 +317,7 @@ pub fn prune(
             still_marked.extend(mark.mark.packs.iter().copied());
             continue;
         }
-        if let Some(blocker) = blocking_lease(&leases, mark.written_at) {
+        if let Some(blocker) = blocking_lease(leases, mark.written_at) {
             report.waiting.push(waiting(format!(
                 "job lease {} ({}) predates the mark and may still be running",
                 blocker.key,
@@ -316,7 +342,7 @@ pub fn prune(
                 continue;
             }
             if !dry_run {
-                sweep_pack(repo, mark, *pack, now, &live, &leases)?;
+                sweep_pack(repo, mark, *pack, now, live, leases)?;
             }
             if let Some(object) = packs.get(pack) {
                 swept.deleted_packs += 1;
@@ -330,9 +356,18 @@ pub fn prune(
         }
         report.swept.push(swept);
     }
+    Ok((gone, still_marked))
+}
 
-    // Phase 1: condemn what no manifest references, old enough, not already condemned.
-    let age = |written: u64| now.saturating_sub(written);
+/// Phase 1: condemns what no manifest references, is old enough and is not condemned yet.
+fn condemn(
+    view: &View<'_>,
+    indexes: &HashMap<PackId, u64>,
+    gone: &HashSet<PackId>,
+    still_marked: &HashSet<PackId>,
+    report: &mut PruneReport,
+) -> Result<(), EngineError> {
+    let View { repo, now, dry_run, live, packs, .. } = *view;
     let mut condemned: Vec<PackId> = Vec::new();
     let mut bytes = 0;
     let candidates = packs
@@ -349,7 +384,7 @@ pub fn prune(
         if live.contains(&pack) || gone.contains(&pack) || still_marked.contains(&pack) {
             continue;
         }
-        if age(written) < gc::MIN_PACK_AGE_SECS {
+        if now.saturating_sub(written) < gc::MIN_PACK_AGE_SECS {
             report.young_unreferenced_packs += 1;
             continue;
         }
@@ -359,7 +394,7 @@ pub fn prune(
     condemned.sort_unstable();
     if !condemned.is_empty() {
         let count = condemned.len();
-        let key = (!dry_run).then(gc::new_mark_key);
+        let key = (!dry_run).then(|| gc::mark_key(PackId::random()));
         if let Some(key) = &key {
             let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
             let mark = Mark {
@@ -372,8 +407,7 @@ pub fn prune(
         }
         report.marked = Some(NewMark { mark: key, packs: count, bytes });
     }
-    drop(lease);
-    Ok(report)
+    Ok(())
 }
 
 /// A live lease of a job other than a prune that may have listed the marks before the mark

@@ -358,7 +358,7 @@ fn a_prune_crashing_after_any_step_converges() {
 // host's, a mark is swept exactly when the store's clock says the grace has passed.
 #[test]
 fn a_client_clock_hours_off_changes_nothing() {
-    let host_now = crate::native::layout::unix_now().0;
+    let host_now = layout::Timestamp::now().0;
     for store_now in [host_now - 6 * 3600, host_now + 6 * 3600, T0] {
         let world = World::new("f", store_now);
         let source = world.volume("v", 8, 4);

@@ -59,7 +59,7 @@ fn this_process(job: &str) -> LeaseInfo {
         boot_id: boot_id(),
         pid,
         process_start: process_start(pid).unwrap_or(0),
-        started_unix: layout::unix_now().0,
+        started_unix: layout::Timestamp::now().0,
     }
 }
 

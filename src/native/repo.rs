@@ -14,7 +14,7 @@ use crate::native::chunk::ChunkHasher;
 use crate::native::layout::gc::{self, Mark};
 use crate::native::layout::{
     self, BACKUPS_PREFIX, CONFIG_KEY, ChunkHash, FORMAT_VERSION, HASH_SCHEME, INDEX_PREFIX,
-    IndexEntry, Manifest, ObjectKind, PACKS_PREFIX, PackId, PackIndex, RepoConfig,
+    IndexEntry, Manifest, ObjectKind, PACKS_PREFIX, PackId, PackIndex, RepoConfig, Timestamp,
 };
 use crate::store::{DatedObject, ObjectStore, StoreError};
 
@@ -72,7 +72,7 @@ impl Repository {
             hash_scheme: HASH_SCHEME.to_string(),
             hash_key: layout::to_hex(&key),
             compression: "zstd".to_string(),
-            created_at: layout::unix_now(),
+            created_at: layout::Timestamp::now(),
         };
         config.validate()?;
         store.put(CONFIG_KEY, Bytes::from(layout::encode_document(ObjectKind::Config, &config)))?;
@@ -109,7 +109,7 @@ impl Repository {
     /// # Errors
     /// Store errors, or a store that keeps no modification times.
     pub fn store_now(&self) -> Result<u64, EngineError> {
-        let key = gc::new_clock_key();
+        let key = gc::clock_key(PackId::random());
         self.store.put(&key, Bytes::new())?;
         let time = self.written_at(&key);
         let _ = self.store.delete(&key);
@@ -391,7 +391,7 @@ impl Repository {
     pub fn set_protected(&self, backup_id: &str, protect: bool) -> Result<(), EngineError> {
         if protect {
             let _ = self.load_manifest(backup_id)?;
-            let body = serde_json::json!({"protected_at_client": layout::unix_now()});
+            let body = serde_json::json!({"protected_at_client": Timestamp::now()});
             self.store.put(&gc::protected_key(backup_id), Bytes::from(body.to_string()))?;
         } else {
             if !layout::backup_id_valid(backup_id) {

@@ -731,6 +731,97 @@ fn read_response(r: &mut impl BufRead, client: &mut Tracked, expect: bool) -> io
     }
 }
 
+/// What `serve` does after `answer_fault`.
+enum Next {
+    /// Forward the request upstream.
+    Forward,
+    /// The request was answered: read the next one.
+    Request,
+    /// Close the client connection.
+    Close,
+}
+
+/// Applies a fault that is answered without forwarding: a 503 or 500 (draining the body, or
+/// closing when it was never sent because of `Expect`), a stall, or a reset of a bodyless
+/// request.
+fn answer_fault(
+    fault: Option<(FaultKind, u64)>,
+    req: &Head,
+    req_body: Body,
+    index: u64,
+    close: &mut bool,
+    client_r: &mut BufReader<TcpStream>,
+    client_w: &mut Tracked,
+) -> io::Result<Next> {
+    let [method, target, _] = &req.start;
+    let expect = req.has_token("expect", "100-continue") && req_body != Body::Length(0);
+    match fault {
+        Some((kind @ (FaultKind::SlowDown503 | FaultKind::InternalError500), _)) => {
+            // With Expect the body was never sent: answer and close instead of draining.
+            if expect {
+                *close = true;
+            } else {
+                relay_body(client_r, &mut io::sink(), req_body, None, None)?;
+            }
+            let is_head = method.eq_ignore_ascii_case("HEAD");
+            let resp = s3_error(kind, target, index, is_head, *close);
+            client_w.stream.write_all(&resp)?;
+            Ok(if *close { Next::Close } else { Next::Request })
+        }
+        Some((FaultKind::Stall { duration }, _)) => {
+            client_w.shared.sleep(duration);
+            Ok(Next::Close)
+        }
+        Some((FaultKind::ResetMidRequestBody, _)) if req_body == Body::Length(0) => Ok(Next::Close),
+        _ => Ok(Next::Forward),
+    }
+}
+
+/// Sends the request head upstream, on the previous connection if it still looks open (retried
+/// once on a fresh one if that fails before any body byte was taken from the client), and
+/// handles `Expect: 100-continue`. Returns the connection and the upstream's early final
+/// answer, if any.
+fn forward_head(
+    shared: &Arc<Shared>,
+    upstream: Option<Upstream>,
+    req: &Head,
+    req_body: Body,
+    client_w: &mut Tracked,
+    expect: bool,
+) -> io::Result<(Upstream, Option<Head>)> {
+    let mut reused = upstream.as_ref().is_some_and(Upstream::alive);
+    let mut up = match upstream.filter(|_| reused) {
+        Some(up) => up,
+        None => connect_or_502(shared, client_w)?,
+    };
+    let mut early = loop {
+        match send_head(&mut up, &req.raw, req_body, client_w, expect) {
+            Ok(early) => break early,
+            Err(_) if reused => {
+                reused = false;
+                up = connect_or_502(shared, client_w)?;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    if expect {
+        // Wait briefly for the upstream's 100 (or its early final answer), else
+        // answer 100 ourselves; later 1xx heads are skipped by `read_response`.
+        match wait_readable(&up.reader, EXPECT_WAIT).then(|| read_head(&mut up.reader)) {
+            Some(head) => {
+                let head = head?.ok_or(io::ErrorKind::UnexpectedEof)?;
+                if head.start[1].starts_with('1') {
+                    client_w.stream.write_all(&head.raw)?;
+                } else {
+                    early = Some(head);
+                }
+            }
+            None => client_w.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?,
+        }
+    }
+    Ok((up, early))
+}
+
 fn serve(client: TcpStream, shared: &Arc<Shared>) -> io::Result<()> {
     client.set_nodelay(true)?;
     let mut client_r = BufReader::with_capacity(64 * 1024, client.try_clone()?);
@@ -751,65 +842,15 @@ fn serve(client: TcpStream, shared: &Arc<Shared>) -> io::Result<()> {
         let mut close = req.wants_close(&version);
         let fault = shared.decide(index, &method, &target);
 
-        match fault {
-            Some((kind @ (FaultKind::SlowDown503 | FaultKind::InternalError500), _)) => {
-                // With Expect the body was never sent: answer and close instead of draining.
-                if expect {
-                    close = true;
-                } else {
-                    relay_body(&mut client_r, &mut io::sink(), req_body, None, None)?;
-                }
-                let resp = s3_error(kind, &target, index, is_head, close);
-                client_w.stream.write_all(&resp)?;
-                if close {
-                    return Ok(());
-                }
-                continue;
-            }
-            Some((FaultKind::Stall { duration }, _)) => {
-                shared.sleep(duration);
-                return Ok(());
-            }
-            Some((FaultKind::ResetMidRequestBody, _)) if req_body == Body::Length(0) => {
-                return Ok(());
-            }
-            _ => {}
+        match answer_fault(fault, &req, req_body, index, &mut close, &mut client_r, &mut client_w)?
+        {
+            Next::Forward => {}
+            Next::Request => continue,
+            Next::Close => return Ok(()),
         }
-
-        // Reuse the upstream connection if it still looks open; if a reused one fails
-        // before any body byte was taken from the client, retry once on a fresh one.
-        let mut reused = upstream.as_ref().is_some_and(Upstream::alive);
-        let mut up = match upstream.take().filter(|_| reused) {
-            Some(up) => up,
-            None => connect_or_502(shared, &mut client_w)?,
-        };
-        let early = loop {
-            match send_head(&mut up, &req.raw, req_body, &mut client_w, expect) {
-                Ok(early) => break early,
-                Err(_) if reused => {
-                    reused = false;
-                    up = connect_or_502(shared, &mut client_w)?;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let (up, early) =
+            forward_head(shared, upstream.take(), &req, req_body, &mut client_w, expect)?;
         let Upstream { mut reader, mut writer } = up;
-        let mut early = early;
-        if expect {
-            // Wait briefly for the upstream's 100 (or its early final answer), else
-            // answer 100 ourselves; later 1xx heads are skipped by `read_response`.
-            match wait_readable(&reader, EXPECT_WAIT).then(|| read_head(&mut reader)) {
-                Some(head) => {
-                    let head = head?.ok_or(io::ErrorKind::UnexpectedEof)?;
-                    if head.start[1].starts_with('1') {
-                        client_w.stream.write_all(&head.raw)?;
-                    } else {
-                        early = Some(head);
-                    }
-                }
-                None => client_w.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?,
-            }
-        }
         // A final answer before the whole request body was taken: relay it, then close.
         let mut linger = early.is_some() && req_body != Body::Length(0);
         let resp = match early {

@@ -13,13 +13,12 @@
 //!
 //! Segments are independent: segment `i` can be compressed on any thread into its own
 //! [`Segment`], in any order; [`assemble`] copies each one once into the final body (or a caller
-//! uploads header, segment bodies and trailer as they are). [`encode_zlib_parallel`] does it all
-//! with scoped threads, for tests and benches.
+//! uploads header, segment bodies and trailer as they are). `cinder::backup` spreads an object's
+//! segments over its workers; the tests' `encode_zlib_parallel` does it all with scoped threads.
+//! Nothing here starts a thread, reads a clock or touches a device.
 //!
 //! Every segment starts with an empty window, which costs a little ratio at each boundary;
 //! [`SEGMENT_BYTES`] is chosen by measurement (see the `measure` test).
-
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::codec::Algorithm;
 use super::error::CinderError;
@@ -274,61 +273,59 @@ pub fn assemble(level: u32, segments: &[Segment]) -> Vec<u8> {
     out
 }
 
-/// `data` as one zlib stream at `level`, compressed in segments of `segment_bytes` (at least 1)
-/// on `threads` scoped threads (1 or 0: on the caller's thread). Decodes like
-/// `zlib.compress(data, level)`, not byte-identical to it.
-///
-/// # Errors
-/// [`CinderError::Compress`] if the deflate library fails on the in-memory buffer (a bug).
-pub fn encode_zlib_parallel(
-    data: &[u8],
-    level: u32,
-    segment_bytes: usize,
-    threads: usize,
-) -> Result<Vec<u8>, CinderError> {
-    let segment_bytes = segment_bytes.max(1);
-    let count = data.len().div_ceil(segment_bytes).max(1);
-    let job = |i: usize| {
-        let start = (i * segment_bytes).min(data.len());
-        let end = (start + segment_bytes).min(data.len());
-        compress_segment(&data[start..end], level, i + 1 == count)
-    };
-    let threads = threads.clamp(1, count);
-    let segments: Vec<Segment> = if threads == 1 {
-        (0..count).map(job).collect::<Result<_, _>>()?
-    } else {
-        let next = AtomicUsize::new(0);
-        let worker = || {
-            let mut done = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= count {
-                    return Ok::<_, CinderError>(done);
-                }
-                done.push((i, job(i)?));
-            }
-        };
-        let mut indexed: Vec<(usize, Segment)> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads).map(|_| scope.spawn(worker)).collect();
-            let mut all = Vec::with_capacity(count);
-            for h in handles {
-                all.extend(h.join().expect("a segment worker panicked")?);
-            }
-            Ok::<_, CinderError>(all)
-        })?;
-        indexed.sort_unstable_by_key(|&(i, _)| i);
-        indexed.into_iter().map(|(_, s)| s).collect()
-    };
-    Ok(assemble(level, &segments))
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::{Read as _, Write as _};
     use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
 
     use super::*;
+
+    /// `data` as one zlib stream at `level`, compressed in segments of `segment_bytes` (at least 1)
+    /// on `threads` scoped threads (1 or 0: on the caller's thread). Decodes like
+    /// `zlib.compress(data, level)`, not byte-identical to it.
+    fn encode_zlib_parallel(
+        data: &[u8],
+        level: u32,
+        segment_bytes: usize,
+        threads: usize,
+    ) -> Result<Vec<u8>, CinderError> {
+        let segment_bytes = segment_bytes.max(1);
+        let count = data.len().div_ceil(segment_bytes).max(1);
+        let job = |i: usize| {
+            let start = (i * segment_bytes).min(data.len());
+            let end = (start + segment_bytes).min(data.len());
+            compress_segment(&data[start..end], level, i + 1 == count)
+        };
+        let threads = threads.clamp(1, count);
+        let segments: Vec<Segment> = if threads == 1 {
+            (0..count).map(job).collect::<Result<_, _>>()?
+        } else {
+            let next = AtomicUsize::new(0);
+            let worker = || {
+                let mut done = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        return Ok::<_, CinderError>(done);
+                    }
+                    done.push((i, job(i)?));
+                }
+            };
+            let mut indexed: Vec<(usize, Segment)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..threads).map(|_| scope.spawn(worker)).collect();
+                let mut all = Vec::with_capacity(count);
+                for h in handles {
+                    all.extend(h.join().expect("a segment worker panicked")?);
+                }
+                Ok::<_, CinderError>(all)
+            })?;
+            indexed.sort_unstable_by_key(|&(i, _)| i);
+            indexed.into_iter().map(|(_, s)| s).collect()
+        };
+        Ok(assemble(level, &segments))
+    }
 
     /// xorshift64: deterministic test bytes.
     struct Rng(u64);

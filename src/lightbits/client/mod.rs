@@ -10,8 +10,8 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -175,7 +175,9 @@ enum Poll<T> {
 pub struct Client {
     agent: ureq::Agent,
     bases: Arc<Vec<String>>,
-    token: Option<Secret>,
+    /// The token in use, shared by every clone of this client (cleanup's included), replaced by
+    /// a fresh read of the token source when the cluster answers 401.
+    token: Arc<Mutex<Option<Secret>>>,
     options: Arc<ClientOptions>,
     preferred: Arc<AtomicUsize>,
     cancel: Option<Arc<AtomicBool>>,
@@ -186,7 +188,7 @@ impl fmt::Debug for Client {
         f.debug_struct("Client")
             .field("bases", &self.bases)
             .field("project", &self.options.project)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token", &"<redacted>")
             .finish_non_exhaustive()
     }
 }
@@ -295,7 +297,7 @@ impl Client {
         Ok(Client {
             agent: ureq::Agent::new_with_config(config),
             bases: Arc::new(bases),
-            token,
+            token: Arc::new(Mutex::new(token)),
             options: Arc::new(options),
             preferred: Arc::new(AtomicUsize::new(0)),
             cancel: None,
@@ -355,7 +357,7 @@ impl Client {
             .method(method)
             .uri(format!("{base}{path}"))
             .header("Accept", "application/json");
-        if let Some(token) = &self.token {
+        if let Some(token) = &*self.token.lock().expect("token lock is never poisoned") {
             builder = builder.header("Authorization", format!("Bearer {}", token.0));
         }
         if let Some(etag) = if_match {
@@ -381,9 +383,38 @@ impl Client {
         Ok(Reply { status, body, etag })
     }
 
+    /// Re-reads the token source and reports whether it now holds a different token than the
+    /// one in use (a rotated token). An unreadable source keeps the token in use.
+    fn refresh_token(&self) -> bool {
+        let Ok(fresh) = self.options.token.read() else { return false };
+        let mut current = self.token.lock().expect("token lock is never poisoned");
+        if *current == fresh {
+            return false;
+        }
+        *current = fresh;
+        true
+    }
+
+    /// Sends one request (see [`Client::request_with_failover`]); a 401 re-reads the token
+    /// source and, when it holds a new token (rotated since it was read), sends it once more.
+    fn request(
+        &self,
+        operation: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        if_match: Option<&str>,
+    ) -> Result<Reply> {
+        let reply = self.request_with_failover(operation, method, path, body, if_match)?;
+        if reply.status == 401 && self.refresh_token() {
+            return self.request_with_failover(operation, method, path, body, if_match);
+        }
+        Ok(reply)
+    }
+
     /// Sends one request with failover and bounded, backed-off retries on transport errors and
     /// 5xx. Any other answer (including 4xx) is returned to the caller.
-    fn request(
+    fn request_with_failover(
         &self,
         operation: &str,
         method: &str,

@@ -152,6 +152,49 @@ fn token_is_sent_but_never_shown() {
     assert_eq!(seen[0].target, "/api/v2/projects/proj/volumes/u1");
 }
 
+/// A 401 re-reads the token file: a rotated token is used from then on, by every clone of the
+/// client (cleanup's uncancellable one too); an unchanged token gives `Unauthorized` after one
+/// request, without a retry loop.
+#[test]
+fn rotated_token_is_picked_up_on_401() {
+    let valid = Arc::new(Mutex::new(TOKEN.to_owned()));
+    let valid_server = Arc::clone(&valid);
+    let server = FakeServer::start(move |request| {
+        let expected = format!("Bearer {}", valid_server.lock().unwrap());
+        if request.header("authorization") == Some(expected.as_str()) {
+            (200, volume_json("u1", "v", "Available", "1", &[]))
+        } else {
+            (401, r#"{"message":"invalid token"}"#.to_owned())
+        }
+    });
+    let token_file =
+        std::env::temp_dir().join(format!("ferry-lightbits-rotate-{}", std::process::id()));
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let client = Client::new(ClientOptions {
+        token: TokenSource::File(token_file.clone()),
+        ..options(vec![server.address.clone()])
+    })
+    .unwrap();
+    assert!(client.get_volume("u1").unwrap().is_some());
+
+    *valid.lock().unwrap() = "rotated.token.sig".to_owned();
+    let error = client.get_volume("u1").unwrap_err();
+    assert!(matches!(error, LightbitsError::Unauthorized { .. }), "{error:?}");
+    assert_eq!(server.seen().len(), 2, "one 401 and no retry while the file is unchanged");
+
+    std::fs::write(&token_file, "rotated.token.sig\n").unwrap();
+    let cleanup = client.uncancellable();
+    assert!(cleanup.get_volume("u1").unwrap().is_some(), "the rotated token is read on 401");
+    assert!(client.get_volume("u1").unwrap().is_some(), "and shared with every clone");
+    let seen = server.seen();
+    assert_eq!(seen.len(), 5, "401, then the new token, then the new token at once");
+    assert_eq!(seen[4].header("authorization"), Some("Bearer rotated.token.sig"));
+    std::fs::remove_file(&token_file).unwrap();
+    let error = client.get_volume("u1");
+    assert!(error.is_ok(), "a missing file keeps the token in use: {error:?}");
+    assert!(!format!("{client:?}").contains("rotated"));
+}
+
 /// A dead address and a 503 are both skipped; the next address answers.
 #[test]
 fn failover_to_next_address() {

@@ -39,9 +39,9 @@ pub const LEASE_FOREIGN_MAX_AGE_SECS: u64 = 24 * 3600;
 // delete a pack it references.
 const _: () = assert!(MAX_BACKUP_SECS + 2 * VISIBILITY_MARGIN_SECS < GRACE_SECS);
 
-/// Key of a new mark with a random unique suffix.
-pub fn new_mark_key() -> String {
-    format!("{MARK_PREFIX}{}", PackId::random().to_hex())
+/// Key of a mark named by a fresh random `id` (unique: marks are never overwritten).
+pub fn mark_key(id: PackId) -> String {
+    format!("{MARK_PREFIX}{}", id.to_hex())
 }
 
 /// Whether `key` names a mark.
@@ -49,9 +49,9 @@ pub fn is_mark_key(key: &str) -> bool {
     key.strip_prefix(MARK_PREFIX).and_then(PackId::from_hex).is_some()
 }
 
-/// Key of a new clock probe.
-pub fn new_clock_key() -> String {
-    format!("{CLOCK_PREFIX}{}", PackId::random().to_hex())
+/// Key of a clock probe named by a fresh random `id`.
+pub fn clock_key(id: PackId) -> String {
+    format!("{CLOCK_PREFIX}{}", id.to_hex())
 }
 
 /// Key of a backup's protection.
@@ -118,10 +118,10 @@ mod tests {
 
     #[test]
     fn keys_round_trip() {
-        let key = new_mark_key();
+        let key = mark_key(PackId([7; 16]));
         assert!(is_mark_key(&key));
         assert!(!is_mark_key("gc/mark-zz"));
-        assert!(!is_mark_key(&new_clock_key()));
+        assert!(!is_mark_key(&clock_key(PackId([7; 16]))));
         assert_eq!(protected_backup(&protected_key("b-1")), Some("b-1"));
         assert_eq!(protected_backup("protected/../x"), None);
     }

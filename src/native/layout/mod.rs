@@ -3,8 +3,9 @@
 //!
 //! This module is the only one that knows key names and byte layouts, and it does no I/O: it
 //! turns values into bytes and verified bytes back into values, so it can be fuzzed and
-//! benchmarked alone. The layout is a public, versioned contract, documented in
-//! `src/format/FORMAT.md`; change it only with a new format version.
+//! benchmarked alone (the current time and fresh pack ids come from `native::fresh`). The layout
+//! is a public, versioned contract, documented in `src/native/layout/FORMAT.md`; change it only
+//! with a new format version.
 
 mod envelope;
 pub mod gc;
@@ -16,7 +17,7 @@ pub use record::{
     Encoding, RECORD_HEADER_BYTES, RecordHeader, decode_record, decode_record_header,
     encode_record_header, scan_records,
 };
-pub use time::{Timestamp, civil_from_days, unix_now};
+pub use time::{Timestamp, civil_from_days};
 
 use std::fmt;
 
@@ -139,16 +140,6 @@ impl<'de> Deserialize<'de> for ChunkHash {
 pub struct PackId(pub [u8; 16]);
 
 impl PackId {
-    /// A fresh random id.
-    ///
-    /// # Panics
-    /// If the operating system's random source fails, which is not recoverable.
-    pub fn random() -> PackId {
-        let mut bytes = [0u8; 16];
-        getrandom::fill(&mut bytes).expect("the OS random source must work");
-        PackId(bytes)
-    }
-
     /// Lower-case hex, 32 characters.
     pub fn to_hex(&self) -> String {
         to_hex(&self.0)

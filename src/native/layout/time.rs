@@ -2,7 +2,6 @@
 //! Kept here (not a date crate) because the format only needs whole-second UTC times.
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -10,12 +9,6 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
-
-/// The current time.
-pub fn unix_now() -> Timestamp {
-    let seconds = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    Timestamp(seconds)
-}
 
 impl Timestamp {
     /// `YYYYMMDDTHHMMSSZ`, the compact form used in backup ids.

@@ -1,0 +1,24 @@
+//! Test doubles and helpers for in-process tests of the data plane, compiled for tests and with
+//! the `testing` feature only: `MemStore` (an in-memory `ObjectStore` with S3's semantics, stamped
+//! by a settable `Clock`), `FaultyStore` (seeded, deterministic fault injection around any
+//! store), and sample volumes (`volume`: contents, scratch directories, loop devices).
+//!
+//! The tests here run whole jobs in-process: `roundtrip` backs up and restores across I/O
+//! engines, both repository formats, chunk and object sizes, source kinds and contents;
+//! `faults` checks what failed, corrupted and cancelled jobs leave behind. The binary-level tests
+//! against Garage and Cinder's own driver stay in `tests/`.
+//!
+//! Nothing here is used by the engine itself.
+
+pub mod faulty;
+pub mod mem;
+pub mod volume;
+
+#[cfg(test)]
+mod faults;
+#[cfg(test)]
+mod roundtrip;
+
+pub use faulty::{Fault, FaultyStore, Injected, Op, Rule, When};
+pub use mem::{Clock, MemObject, MemStore};
+pub use volume::{Content, LoopDevice, Scratch};
