@@ -25,6 +25,8 @@ mod cinder_driver;
 mod cli;
 // S3 faults injected by a proxy, kill -9 mid-backup and mid-restore, rate limits.
 mod faults;
+// forget, prune, check, protect and repair through the CLI, locally and on Garage.
+mod lifecycle;
 // --lightbits-volume and reclaim against scripts/lightbits-sim.py: in-use backups, restores into
 // volumes, injected failures, kill -9, clear errors.
 mod lightbits;

@@ -17,7 +17,9 @@ use crate::cinder::restore::RestoreOutcome as CinderRestoreOutcome;
 use crate::error::ErrorKind;
 use crate::lightbits::journal::ReclaimReport;
 use crate::limits::Budget;
+use crate::native::check::CheckReport;
 use crate::native::layout::{BackupStats, SourceInfo};
+use crate::native::lifecycle::{ForgetReport, PruneReport};
 use crate::native::maintain::RepairReport;
 use crate::native::restore::RestoreStats;
 use crate::native::verify::VerifyReport;
@@ -224,6 +226,28 @@ pub enum Done {
     Repair {
         /// What it did.
         repair: RepairReport,
+    },
+    /// `forget`.
+    Forget {
+        /// What was kept and removed, and why.
+        forget: ForgetReport,
+    },
+    /// `prune`.
+    Prune {
+        /// What was swept, condemned and left waiting.
+        prune: PruneReport,
+    },
+    /// `check` (and the details of its `error`).
+    Check {
+        /// What was found.
+        check: CheckReport,
+    },
+    /// `protect` and `unprotect`.
+    Protection {
+        /// The backups.
+        backup_ids: Vec<String>,
+        /// Whether they are now protected.
+        protected: bool,
     },
     /// `verify` (and the details of its `error`).
     Verify {

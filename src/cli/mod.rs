@@ -7,6 +7,7 @@ pub mod config;
 pub mod events;
 pub mod lightbits;
 pub mod location;
+pub mod maintain;
 pub mod output;
 pub mod secrets;
 pub mod validate;
@@ -22,7 +23,6 @@ use crate::error::{EngineError, ErrorKind};
 use crate::io::Engine;
 use crate::limits;
 use crate::native::backup::{self, BackupOptions};
-use crate::native::maintain;
 use crate::native::repo::Repository;
 use crate::native::restore::{self, RestoreOptions};
 use crate::native::verify;
@@ -93,15 +93,28 @@ pub enum Command {
     List,
     /// Show one backup's manifest summary.
     Show(IdArgs),
-    /// Delete a backup's manifest (pack space is reclaimed by a later pass).
+    /// Delete a backup's manifest (`prune` reclaims its packs); refused for a protected backup.
     Delete(IdArgs),
+    /// Remove the backups a retention policy does not keep (manifests only; `prune` reclaims
+    /// the space): rules OR-ed per source on UTC calendar periods.
+    Forget(maintain::ForgetArgs),
+    /// Reclaim the packs no backup references, safely while backups run (two phases: condemn
+    /// now, delete at least 24 h later by the store's clock).
+    Prune(maintain::PruneArgs),
+    /// Check the repository's consistency: every index points into an existing pack, every
+    /// backup resolves; report condemned packs still referenced.
+    Check,
+    /// Protect backups from every retention policy and from `delete`.
+    Protect(maintain::ProtectArgs),
+    /// Remove the protection of backups.
+    Unprotect(maintain::ProtectArgs),
     /// Check backups without restoring them: every pack and chunk present with the right size;
     /// with --read-data, download and re-hash all or a sample of the chunks.
     #[command(override_usage = "ferry --repo REPO [GLOBAL OPTIONS] verify (BACKUP_ID ... | \
                                 --all) [--read-data[=PERCENT]] [OPTIONS]")]
     Verify(VerifyArgs),
-    /// Abort multipart uploads left by interrupted backups, remove their leases, and (when no
-    /// other job runs) delete packs that no index describes.
+    /// Abort multipart uploads left by interrupted backups, remove their leases, and rebuild
+    /// lost pack indexes from the packs' records (never deletes a pack).
     Repair,
     /// Print the base64 record `cinder backup-import` takes for a Cinder-format backup.
     CinderRecord(cinder::RecordArgs),
@@ -387,9 +400,9 @@ pub fn run() -> u8 {
         Command::Show(_) => "show",
         Command::Delete(_) => "delete",
         Command::Verify(_) => "verify",
-        Command::Repair => "repair",
         Command::CinderRecord(_) => "cinder-record",
         Command::Reclaim => "reclaim",
+        other => maintain::name(other).expect("every command has a name"),
     };
     let output = Output::new(cli.json, name);
     let cancel = Arc::new(AtomicBool::new(false));
@@ -535,6 +548,9 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
     if let Command::Reclaim = &cli.command {
         return lightbits::run_reclaim(cli, output);
     }
+    if let Some(result) = maintain::dispatch(cli, output, cancel) {
+        return result;
+    }
     let store = config::open_store(&store_args(cli))?;
     let describe = store.describe();
     match &cli.command {
@@ -611,23 +627,8 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
         }
         Command::Verify(args) => run_verify(args, &Repository::open(store)?, output, cancel),
         Command::Reclaim => unreachable!("handled before the store is opened"),
-        Command::Repair => {
-            let repo = Repository::open(store)?;
-            output.start(Start::Repository { repository: describe });
-            let report = maintain::repair(&repo)?;
-            let summary = format!(
-                "aborted {} abandoned upload(s), removed {} dead lease(s), deleted {} orphan \
-                 pack(s) ({} bytes){}",
-                report.aborted_uploads.len(),
-                report.removed_leases,
-                report.deleted_orphan_packs.len(),
-                report.orphan_bytes,
-                if report.orphans_checked { "" } else { "; other jobs running: packs not checked" }
-            );
-            output.result(Done::Repair { repair: report }, &summary);
-            Ok(())
-        }
         Command::CinderRecord(_) => unreachable!("handled by cinder::dispatch"),
+        _ => unreachable!("handled by maintain::dispatch"),
     }
 }
 

@@ -23,6 +23,7 @@ use crate::io::{self, ReadChunk};
 use crate::limits::{self, Budget};
 use crate::native::chunk;
 use crate::native::compress::Compressor;
+use crate::native::layout::gc;
 use crate::native::layout::{
     self, BackupStats, ChunkHash, Encoding, IndexEntry, Manifest, ObjectKind, PackId, PackIndex,
     RECORD_HEADER_BYTES, SourceInfo,
@@ -223,7 +224,88 @@ pub fn run_many(
             upkeep.aborted_uploads.len()
         ));
     }
-    let known = repo.load_all_indexes(warn)?;
+    // Dedup only into packs seen to exist with their indexed size and not condemned by a mark
+    // (FORMAT.md, garbage collection, B1-B2).
+    let view = repo.load_dedup_view()?;
+    for problem in &view.problems {
+        warn(problem.clone());
+    }
+    if view.missing_packs > 0 {
+        warn(format!(
+            "{} indexed pack(s) are missing ({} index entries): chunks found only there are \
+             stored again",
+            view.missing_packs, view.missing_chunks
+        ));
+    }
+    let mut known = view.chunks;
+    let mut excluded = view.marked;
+    let mut epoch = lease.written_at();
+    let (manifests, engines) = loop {
+        let (collected, engines, stored) =
+            run_pass(repo, options, &sources, known, &budget, progress, cancel)?;
+        let manifests =
+            build_manifests(repo, options, &sources, collected, &stored, started, started_at)?;
+        for pack in manifests.iter().flat_map(|manifest| &manifest.packs) {
+            // B2: a pack condemned by a mark this pass saw is never referenced.
+            assert!(!excluded.contains(pack), "manifest references condemned pack {pack}");
+        }
+        // B3: a pass whose dedup decisions may be older than the grace allows re-validates.
+        let now = repo.store_now()?;
+        if !gc::backup_must_revalidate(epoch, now) {
+            break (manifests, engines);
+        }
+        let marks = repo.load_marks()?;
+        let packs = repo.list_packs()?;
+        let lost: BTreeSet<PackId> = manifests
+            .iter()
+            .flat_map(|manifest| manifest.packs.iter().copied())
+            .filter(|pack| !packs.contains_key(pack) || marks.packs.contains(pack))
+            .collect();
+        if lost.is_empty() {
+            break (manifests, engines);
+        }
+        warn(format!(
+            "the backup ran {} s by the store's clock; {} pack(s) it references are gone or \
+             condemned since: reading the source again to store their chunks again",
+            now.saturating_sub(epoch),
+            lost.len()
+        ));
+        epoch = now;
+        excluded = marks.packs;
+        excluded.extend(lost);
+        known = stored.into_iter().filter(|(_, pack)| !excluded.contains(pack)).collect();
+    };
+    if cancel.load(Ordering::SeqCst) {
+        return Err(EngineError::new(ErrorKind::Cancelled, "backup cancelled before commit"));
+    }
+    for source in &sources {
+        source.source.warn_if_grown(warn);
+    }
+    let mut outcomes = Vec::with_capacity(manifests.len());
+    for ((manifest, source), engine) in manifests.into_iter().zip(&sources).zip(engines) {
+        // The commit point: everything the manifest references is durable.
+        let encoded = Bytes::from(layout::encode_document(ObjectKind::Manifest, &manifest));
+        Progress::add(&progress.bytes_uploaded, encoded.len() as u64);
+        repo.store.put(&layout::manifest_key(&manifest.backup_id), encoded)?;
+        outcomes.push(BackupOutcome { manifest, engine, direct: source.source.opened.direct });
+    }
+    Ok(outcomes)
+}
+
+/// What one pass gathered, the engines that read, and where each chunk of the run is stored.
+type PassOutput = (Vec<Collected>, Vec<io::Engine>, HashMap<ChunkHash, PackId>);
+
+/// One pass of the pipeline over every source, deduplicating against `known`; returns what the
+/// collector gathered, the engines, and where every chunk of the run is stored.
+fn run_pass(
+    repo: &Repository,
+    options: &BackupOptions,
+    sources: &[Source],
+    known: HashMap<ChunkHash, PackId>,
+    budget: &Budget,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<PassOutput, EngineError> {
     let control = JobControl::new();
     let part_spares = bounded(options.parts_in_flight + 2);
     let uploader =
@@ -238,15 +320,29 @@ pub fn run_many(
         pack_size_bytes: options.pack_size_bytes.max(1),
         uploader,
     };
-    let (collected, engines) = run_pipeline(repo, options, &sources, &shared, &budget, cancel)?;
+    let (collected, engines) = run_pipeline(repo, options, sources, &shared, budget, cancel)?;
+    let dedup = shared.dedup.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // After a successful pass every claimed chunk is in a stored pack.
+    let stored = dedup.into_iter().filter_map(|(hash, pack)| Some((hash, pack?))).collect();
+    Ok((collected, engines, stored))
+}
 
+/// The manifests of a finished pass, one per source.
+fn build_manifests(
+    repo: &Repository,
+    options: &BackupOptions,
+    sources: &[Source],
+    collected: Vec<Collected>,
+    stored: &HashMap<ChunkHash, PackId>,
+    started: Instant,
+    started_at: layout::Timestamp,
+) -> Result<Vec<Manifest>, EngineError> {
+    let chunk_size_bytes = repo.config.chunk_size_bytes;
     let mut manifests = Vec::with_capacity(sources.len());
-    let dedup = lock(&shared.dedup);
     for (source, collected) in sources.iter().zip(collected) {
-        source.source.warn_if_grown(warn);
         let mut packs = BTreeSet::new();
         for hash in collected.table.iter().flatten() {
-            let pack = dedup.get(hash).copied().flatten();
+            let pack = stored.get(hash).copied();
             let _ = packs.insert(pack.expect("every chunk of a finished backup is in a pack"));
         }
         let mut manifest = Manifest {
@@ -275,19 +371,7 @@ pub fn run_many(
         manifest.validate()?;
         manifests.push(manifest);
     }
-    drop(dedup);
-    if cancel.load(Ordering::SeqCst) {
-        return Err(EngineError::new(ErrorKind::Cancelled, "backup cancelled before commit"));
-    }
-    let mut outcomes = Vec::with_capacity(manifests.len());
-    for ((manifest, source), engine) in manifests.into_iter().zip(&sources).zip(engines) {
-        // The commit point: everything the manifest references is durable.
-        let encoded = Bytes::from(layout::encode_document(ObjectKind::Manifest, &manifest));
-        Progress::add(&progress.bytes_uploaded, encoded.len() as u64);
-        repo.store.put(&layout::manifest_key(&manifest.backup_id), encoded)?;
-        outcomes.push(BackupOutcome { manifest, engine, direct: source.source.opened.direct });
-    }
-    Ok(outcomes)
+    Ok(manifests)
 }
 
 /// Opens and probes every source before any work starts, and names its backup.

@@ -1,32 +1,35 @@
 //! Repository upkeep: leases that say which jobs are running, and repair of what a killed job
-//! leaves behind (multipart uploads never completed or aborted, packs without an index).
+//! leaves behind (multipart uploads never completed or aborted, packs whose index is lost).
 //!
-//! A job that writes packs holds a `Lease`: the object `locks/<id>` names its host (hostname and
-//! boot id), process id and process start time, and when it started. It is deleted when the job
-//! ends; after a kill -9 it stays, and the next job recognises it as dead: same host and that
-//! process is gone (or is another process with the same pid), or another host and older than
-//! `LEASE_FOREIGN_MAX_AGE`. A multipart upload under `packs/` is abandoned when no other live
-//! lease exists, or when it started before every live lease did; `abort_abandoned_uploads` aborts
-//! those at the start of each backup, and `repair` does the same on demand and also deletes
-//! packs that no index describes (only when no other job is running: a pack is uploaded before
-//! its index).
+//! A job that writes packs (and every prune) holds a `Lease`: the object `locks/<id>` names its
+//! host (hostname and boot id), process id and process start time. Its `LastModified`, by the
+//! store's clock, is when the job started. It is deleted when the job ends; after a kill -9 it
+//! stays, and later jobs recognise it as dead: same host and that process is gone (or is
+//! another process with the same pid), or another host and older than
+//! `gc::LEASE_FOREIGN_MAX_AGE_SECS` by the store's clock. A multipart upload under `packs/` is
+//! abandoned when no other live lease exists, or when it was initiated before every live lease
+//! was written; `abort_abandoned_uploads` aborts those at the start of each backup and prune.
+//!
+//! `repair` never deletes a pack: a pack without an index is either being written (its index
+//! follows), condemned by a mark (prune deletes it), or lost its index; the index of a pack
+//! that a manifest references, or that is older than `gc::MIN_PACK_AGE_SECS`, is rebuilt from
+//! the pack's self-describing records.
 
-use std::time::Duration;
+use std::collections::HashSet;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{EngineError, ErrorKind};
-use crate::native::layout::{self, INDEX_PREFIX, PACKS_PREFIX, PackId};
+use crate::error::EngineError;
+use crate::native::layout::gc::{self, CLOCK_PREFIX};
+use crate::native::layout::{self, ObjectKind, PACKS_PREFIX, PackId, PackIndex};
 use crate::native::repo::Repository;
 use crate::store::{ObjectStore, StoreError};
 
 /// Where leases live.
 pub const LOCKS_PREFIX: &str = "locks/";
-/// A lease from another host counts as live for this long (no heartbeat crosses hosts).
-pub const LEASE_FOREIGN_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
-/// Clock skew allowed between the store's upload timestamps and a lease's start time.
-const CLOCK_SKEW: Duration = Duration::from_secs(120);
+/// Bytes read per ranged GET when rebuilding an index from a pack's records.
+const SCAN_WINDOW_BYTES: u64 = 16 << 20;
 
 /// Who holds a lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,13 +77,13 @@ fn process_start(pid: u32) -> Option<u64> {
 }
 
 impl LeaseInfo {
-    /// Whether the job that took this lease may still be running.
-    pub fn is_live(&self) -> bool {
+    /// Whether the job that took this lease may still be running, `age_secs` after the lease
+    /// was written (by the store's clock).
+    pub fn is_live(&self, age_secs: u64) -> bool {
         if !self.boot_id.is_empty() && self.boot_id == boot_id() {
             return process_start(self.pid) == Some(self.process_start);
         }
-        let age = layout::Timestamp::now().0.saturating_sub(self.started_unix);
-        age < LEASE_FOREIGN_MAX_AGE.as_secs()
+        age_secs < gc::LEASE_FOREIGN_MAX_AGE_SECS
     }
 }
 
@@ -89,12 +92,18 @@ impl LeaseInfo {
 pub struct Lease<'a> {
     store: &'a dyn ObjectStore,
     key: String,
+    written_at: u64,
 }
 
 impl Lease<'_> {
     /// The lease's object key.
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// When the store says the lease was written: the job's start by the store's clock.
+    pub fn written_at(&self) -> u64 {
+        self.written_at
     }
 }
 
@@ -107,13 +116,15 @@ impl Drop for Lease<'_> {
 /// Takes a lease for `job` in `repo`.
 ///
 /// # Errors
-/// Store errors.
+/// Store errors, or a store that keeps no modification times.
 pub fn take_lease<'a>(repo: &'a Repository, job: &str) -> Result<Lease<'a>, EngineError> {
     let info = this_process(job);
     let key = format!("{LOCKS_PREFIX}{}-{}-{}", info.started_unix, info.pid, random_suffix());
     let body = serde_json::to_vec(&info).expect("a lease serialises");
     repo.store.put(&key, Bytes::from(body))?;
-    Ok(Lease { store: repo.store.as_ref(), key })
+    let mut lease = Lease { store: repo.store.as_ref(), key, written_at: 0 };
+    lease.written_at = repo.written_at(&lease.key)?;
+    Ok(lease)
 }
 
 fn random_suffix() -> String {
@@ -122,14 +133,30 @@ fn random_suffix() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The other leases in the repository, split into live and dead (key, info).
-fn other_leases(
+/// Another job's lease, as seen at `now` by the store's clock.
+#[derive(Debug, Clone)]
+pub struct SeenLease {
+    /// Its key.
+    pub key: String,
+    /// Who holds it (`None`: unreadable, left alone and counted as live).
+    pub info: Option<LeaseInfo>,
+    /// When it was written, by the store's clock.
+    pub written_at: u64,
+    /// Whether its job may still be running.
+    pub live: bool,
+}
+
+/// The other leases in the repository, judged at `now` (the store's clock).
+///
+/// # Errors
+/// Store errors.
+pub fn other_leases(
     repo: &Repository,
     own: &Lease<'_>,
-) -> Result<(Vec<LeaseInfo>, Vec<String>), EngineError> {
-    let mut live = Vec::new();
-    let mut dead = Vec::new();
-    for object in repo.store.list(LOCKS_PREFIX)? {
+    now: u64,
+) -> Result<Vec<SeenLease>, EngineError> {
+    let mut seen = Vec::new();
+    for object in repo.store.list_dated(LOCKS_PREFIX)? {
         if object.key == own.key {
             continue;
         }
@@ -139,14 +166,12 @@ fn other_leases(
             Err(StoreError::NotFound { .. }) => continue,
             Err(error) => return Err(error.into()),
         };
-        match info {
-            Some(info) if info.is_live() => live.push(info),
-            // Dead, or unreadable (not ours to interpret): an unreadable lease is left alone.
-            Some(_) => dead.push(object.key),
-            None => {}
-        }
+        let age = now.saturating_sub(object.modified_unix);
+        // An unreadable lease is not ours to interpret: it counts as live.
+        let live = info.as_ref().is_none_or(|info| info.is_live(age));
+        seen.push(SeenLease { key: object.key, info, written_at: object.modified_unix, live });
     }
-    Ok((live, dead))
+    Ok(seen)
 }
 
 /// What an upkeep pass did.
@@ -160,15 +185,21 @@ pub struct RepairReport {
     pub removed_leases: usize,
     /// Live jobs seen (other than this one).
     pub live_jobs: usize,
-    /// Packs without an index deleted (keys).
-    pub deleted_orphan_packs: Vec<String>,
-    /// Bytes those packs held.
-    pub orphan_bytes: u64,
-    /// Whether orphan packs were looked for (only when no other job runs).
-    pub orphans_checked: bool,
+    /// Indexes rebuilt from their pack's records (pack keys).
+    pub rebuilt_indexes: Vec<String>,
+    /// Packs without an index left alone: younger than the minimum age and referenced by no
+    /// manifest (a running backup writes their index next), or condemned by a mark.
+    pub unindexed_packs_left: Vec<String>,
+    /// Packs whose records are damaged: (pack key, what was found). Their index covers the
+    /// records before the damage.
+    pub damaged_packs: Vec<(String, String)>,
+    /// Manifests that reference a pack which is missing: (backup id, pack key). Nothing can
+    /// rebuild those; `ferry check` reports them too.
+    pub missing_referenced_packs: Vec<(String, String)>,
 }
 
-/// Aborts multipart uploads no live job can own and removes dead leases.
+/// Aborts multipart uploads no live job can own and removes dead leases, judged by the store's
+/// clock at `own`'s writing.
 ///
 /// # Errors
 /// Store errors.
@@ -176,14 +207,16 @@ pub fn abort_abandoned_uploads(
     repo: &Repository,
     own: &Lease<'_>,
 ) -> Result<RepairReport, EngineError> {
-    let (live, dead) = other_leases(repo, own)?;
-    let oldest_live = live.iter().map(|lease| lease.started_unix).min();
-    let mut report =
-        RepairReport { live_jobs: live.len(), removed_leases: dead.len(), ..Default::default() };
+    let leases = other_leases(repo, own, own.written_at())?;
+    let oldest_live = leases.iter().filter(|lease| lease.live).map(|lease| lease.written_at).min();
+    let mut report = RepairReport {
+        live_jobs: leases.iter().filter(|lease| lease.live).count(),
+        ..Default::default()
+    };
     for upload in repo.store.multipart_list(PACKS_PREFIX)? {
         let abandoned = match (oldest_live, upload.initiated_unix) {
             (None, _) => true,
-            (Some(oldest), Some(initiated)) => initiated + CLOCK_SKEW.as_secs() < oldest,
+            (Some(oldest), Some(initiated)) => initiated + gc::VISIBILITY_MARGIN_SECS < oldest,
             (Some(_), None) => false,
         };
         if abandoned {
@@ -193,77 +226,135 @@ pub fn abort_abandoned_uploads(
             report.kept_uploads += 1;
         }
     }
-    for key in dead {
-        repo.store.delete(&key)?;
+    for lease in leases.iter().filter(|lease| !lease.live) {
+        repo.store.delete(&lease.key)?;
+        report.removed_leases += 1;
     }
     Ok(report)
 }
 
-/// `ferry repair`: abandoned uploads and dead leases as above; then, when no other job runs,
-/// packs that no index describes (a pack whose index never got written is unreachable: backups
-/// reference chunks through indexes).
+/// `ferry repair`: abandoned uploads and dead leases as above; then every pack without an
+/// index that a manifest references, or that is older than `gc::MIN_PACK_AGE_SECS` and not
+/// condemned, gets its index rebuilt from its records. Nothing is deleted but abandoned
+/// uploads, dead leases and stale clock probes.
 ///
 /// # Errors
 /// Store errors.
-pub fn repair(repo: &Repository) -> Result<RepairReport, EngineError> {
+pub fn repair(repo: &Repository, warn: &dyn Fn(String)) -> Result<RepairReport, EngineError> {
     let lease = take_lease(repo, "repair")?;
+    let now = lease.written_at();
     let mut report = abort_abandoned_uploads(repo, &lease)?;
-    if report.live_jobs > 0 {
-        return Ok(report);
+    // Marks first: a pack condemned later cannot be swept before this pass ends (grace).
+    let marks = repo.load_marks()?;
+    let mut referenced: HashSet<PackId> = HashSet::new();
+    for (id, manifest) in repo.load_all_manifests()? {
+        match manifest {
+            Ok(manifest) => referenced.extend(manifest.packs.iter().copied()),
+            Err(error) => warn(format!("backup {id} is not readable: {error}")),
+        }
     }
-    report.orphans_checked = true;
-    // Packs first, indexes second: an index is written right after its pack, so a pack that
-    // completes while we list is seen with its index.
-    let packs = repo.store.list(PACKS_PREFIX)?;
-    let indexed: std::collections::HashSet<PackId> = repo
+    let packs = repo.list_packs()?;
+    let indexed: HashSet<PackId> = repo
         .store
-        .list(INDEX_PREFIX)?
+        .list(layout::INDEX_PREFIX)?
         .iter()
-        .filter_map(|object| object.key.strip_prefix(INDEX_PREFIX))
-        .filter_map(PackId::from_hex)
+        .filter_map(|object| layout::index_pack_from_key(&object.key))
         .collect();
-    for object in packs {
-        let pack = object
-            .key
-            .strip_prefix(PACKS_PREFIX)
-            .and_then(|rest| rest.rsplit('/').next())
-            .and_then(PackId::from_hex)
-            .filter(|pack| pack.pack_key() == object.key);
-        match pack {
-            Some(pack) if !indexed.contains(&pack) => {
-                repo.store.delete(&object.key)?;
-                report.orphan_bytes += object.size_bytes;
-                report.deleted_orphan_packs.push(object.key);
-            }
-            Some(_) => {}
-            None => {
-                return Err(EngineError::new(
-                    ErrorKind::Integrity,
-                    format!("unexpected object {} under {PACKS_PREFIX}", object.key),
-                ));
+    let mut unindexed: Vec<_> = packs.iter().filter(|(pack, _)| !indexed.contains(pack)).collect();
+    unindexed.sort_by_key(|(pack, _)| **pack);
+    for (pack, object) in unindexed {
+        let old = now.saturating_sub(object.modified_unix) >= gc::MIN_PACK_AGE_SECS;
+        if marks.packs.contains(pack) || !(referenced.contains(pack) || old) {
+            report.unindexed_packs_left.push(object.key.clone());
+            continue;
+        }
+        let (index, damage) = rebuild_index(repo, *pack, object.size_bytes)?;
+        if let Some(damage) = damage {
+            report.damaged_packs.push((object.key.clone(), damage));
+        }
+        let encoded = layout::encode_document(ObjectKind::Index, &index);
+        repo.store.put(&pack.index_key(), Bytes::from(encoded))?;
+        report.rebuilt_indexes.push(object.key.clone());
+    }
+    for (id, manifest) in repo.load_all_manifests()? {
+        let Ok(manifest) = manifest else { continue };
+        for pack in &manifest.packs {
+            if !packs.contains_key(pack) {
+                report.missing_referenced_packs.push((id.clone(), pack.pack_key()));
             }
         }
     }
+    for object in repo.store.list_dated(CLOCK_PREFIX)? {
+        if now.saturating_sub(object.modified_unix) >= gc::MIN_PACK_AGE_SECS {
+            repo.store.delete(&object.key)?;
+        }
+    }
     Ok(report)
+}
+
+/// Rebuilds a pack's index by reading its records front to back (ranged GETs of at most
+/// `SCAN_WINDOW_BYTES`, or one record when a record is larger). Returns the index of every
+/// record that verifies, and what stopped the scan early, if anything.
+///
+/// # Errors
+/// Store errors.
+pub fn rebuild_index(
+    repo: &Repository,
+    pack: PackId,
+    size_bytes: u64,
+) -> Result<(PackIndex, Option<String>), EngineError> {
+    let key = pack.pack_key();
+    let mut entries = Vec::new();
+    let mut offset = 0u64;
+    let mut window = SCAN_WINDOW_BYTES;
+    let mut damage = None;
+    // zstd never grows a chunk past this (an incompressible chunk is stored raw).
+    let record_max = 2 * (u64::from(crate::limits::CHUNK_SIZE_BYTES_MAX) + 64);
+    while offset < size_bytes {
+        let remaining = size_bytes - offset;
+        let length = window.min(remaining);
+        let bytes = repo.store.get_range(&key, offset, length)?;
+        match layout::scan_records(&key, &bytes, offset) {
+            Err(error) => {
+                damage = Some(error.to_string());
+                break;
+            }
+            Ok((found, used)) if used > 0 => {
+                entries.extend(found);
+                offset += used as u64;
+                window = SCAN_WINDOW_BYTES;
+            }
+            // A record longer than the window: read more at once.
+            Ok(_) if length < remaining && window < record_max => window *= 2,
+            Ok(_) => {
+                damage = Some(format!(
+                    "the {remaining} bytes at offset {offset} are not a complete record"
+                ));
+                break;
+            }
+        }
+    }
+    // An index describes the whole object: restore and verify compare sizes.
+    Ok((PackIndex { pack, pack_size_bytes: size_bytes, entries }, damage))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    // This process's lease is live; one naming a dead pid, or a reused pid, is not.
+    // This process's lease is live; one naming a dead pid, or a reused pid, is not; another
+    // host's lease lives for a day by the store's clock.
     #[test]
     fn liveness_follows_the_process() {
         let me = this_process("test");
         assert!(me.process_start > 0, "reads /proc/self/stat");
-        assert!(me.is_live());
+        assert!(me.is_live(u64::MAX));
         let reused = LeaseInfo { process_start: me.process_start + 1, ..me.clone() };
-        assert!(!reused.is_live());
+        assert!(!reused.is_live(0));
         let gone = LeaseInfo { pid: u32::MAX - 1, ..me.clone() };
-        assert!(!gone.is_live());
-        let foreign_recent = LeaseInfo { boot_id: "other-host".into(), ..me.clone() };
-        assert!(foreign_recent.is_live());
-        let foreign_old = LeaseInfo { started_unix: 0, ..foreign_recent };
-        assert!(!foreign_old.is_live());
+        assert!(!gone.is_live(0));
+        let foreign = LeaseInfo { boot_id: "other-host".into(), ..me.clone() };
+        assert!(foreign.is_live(gc::LEASE_FOREIGN_MAX_AGE_SECS - 1));
+        assert!(!foreign.is_live(gc::LEASE_FOREIGN_MAX_AGE_SECS));
     }
 }

@@ -3,15 +3,25 @@
 //! its specification), [`chunk`] and [`compress`] are the pure stage bodies (zero check, keyed
 //! BLAKE3, zstd), [`fresh`] makes the two values the pure layout cannot (the current time and
 //! random pack ids), [`repo`] opens a repository in a store, [`maintain`] keeps it (leases, upkeep,
-//! repair), and [`backup`], [`restore`] and [`verify`] are the jobs, built from the shared
+//! repair), [`retention`] is the pure retention policy, [`lifecycle`] runs `forget` and `prune`
+//! (two-phase garbage collection by the store's clock), [`check`] proves the repository
+//! consistent, and [`backup`], [`restore`] and [`verify`] are the jobs, built from the shared
 //! `plane` scaffolding.
 
 pub mod backup;
+pub mod check;
 pub mod chunk;
 pub mod compress;
 pub mod fresh;
 pub mod layout;
+pub mod lifecycle;
 pub mod maintain;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 pub mod verify;
+
+#[cfg(test)]
+mod lifecycle_tests;
+#[cfg(test)]
+mod memstore;

@@ -3,7 +3,7 @@
 //!
 //! It does not run backups or restores; those take a `Repository` and do their own work.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -11,11 +11,12 @@ use bytes::Bytes;
 
 use crate::error::{EngineError, ErrorKind};
 use crate::native::chunk::ChunkHasher;
+use crate::native::layout::gc::{self, Mark};
 use crate::native::layout::{
     self, BACKUPS_PREFIX, CONFIG_KEY, ChunkHash, FORMAT_VERSION, HASH_SCHEME, INDEX_PREFIX,
-    IndexEntry, Manifest, ObjectKind, PackId, PackIndex, RepoConfig,
+    IndexEntry, Manifest, ObjectKind, PACKS_PREFIX, PackId, PackIndex, RepoConfig, Timestamp,
 };
-use crate::store::{ObjectStore, StoreError};
+use crate::store::{DatedObject, ObjectStore, StoreError};
 
 /// Index objects fetched at once when loading a repository's index.
 const INDEX_FETCHES_IN_FLIGHT: usize = 8;
@@ -114,43 +115,173 @@ impl Repository {
         Ok(Repository { store, config, hasher })
     }
 
-    /// Loads the index of every pack in the repository: chunk hash to pack. A damaged index
-    /// object (corrupt, or describing another pack) is reported through `warn` and skipped: its
-    /// chunks are not deduplicated against, so a new backup stores them again instead of failing.
+    /// The store's clock now (Unix seconds): writes a uniquely named probe object, reads its
+    /// `LastModified` and deletes it. Garbage collection measures every age with this clock,
+    /// never with this host's.
+    ///
+    /// # Errors
+    /// Store errors, or a store that keeps no modification times.
+    pub fn store_now(&self) -> Result<u64, EngineError> {
+        let key = gc::clock_key(PackId::random());
+        self.store.put(&key, Bytes::new())?;
+        let time = self.written_at(&key);
+        let _ = self.store.delete(&key);
+        time
+    }
+
+    /// When the store says `key` was written.
+    ///
+    /// # Errors
+    /// `Internal` when the object just written is not listed, store errors otherwise.
+    pub fn written_at(&self, key: &str) -> Result<u64, EngineError> {
+        let listed = self.store.list_dated(key)?;
+        match listed.iter().find(|object| object.key == key) {
+            Some(object) => Ok(object.modified_unix),
+            None => Err(EngineError::new(
+                ErrorKind::Store,
+                format!("{key} was written but {} does not list it", self.store.describe()),
+            )),
+        }
+    }
+
+    /// Every mark in the repository, with its time by the store's clock. A mark that cannot be
+    /// read is returned in `unreadable`: no prune sweeps it, so its packs are never deleted.
     ///
     /// # Errors
     /// Store errors.
-    pub fn load_all_indexes(
-        &self,
-        warn: &dyn Fn(String),
-    ) -> Result<HashMap<ChunkHash, PackId>, EngineError> {
-        let listing = self.store.list(INDEX_PREFIX)?;
-        let packs: Vec<PackId> = listing
-            .iter()
-            .filter_map(|object| object.key.strip_prefix(INDEX_PREFIX))
-            .filter_map(PackId::from_hex)
+    pub fn load_marks(&self) -> Result<Marks, EngineError> {
+        let listing: Vec<DatedObject> = self
+            .store
+            .list_dated(gc::GC_PREFIX)?
+            .into_iter()
+            .filter(|object| gc::is_mark_key(&object.key))
             .collect();
-        let loaded =
-            parallel_map(&packs, INDEX_FETCHES_IN_FLIGHT, |pack| match self.load_index(pack) {
-                Ok(index) => Ok(Ok(index)),
-                Err(error) if error.kind == ErrorKind::Integrity => Ok(Err(error)),
-                Err(error) => Err(error),
-            })?;
-        let mut map = HashMap::new();
-        for result in loaded {
-            match result {
-                Ok(index) => {
-                    for entry in &index.entries {
-                        let _ = map.insert(entry.hash, index.pack);
-                    }
+        let loaded = parallel_map(&listing, INDEX_FETCHES_IN_FLIGHT, |object| {
+            let bytes = match self.store.get(&object.key) {
+                Ok(bytes) => bytes,
+                // Swept since the listing.
+                Err(StoreError::NotFound { .. }) => return Ok(None),
+                Err(error) => return Err(error.into()),
+            };
+            let decoded = layout::decode_document::<Mark>(ObjectKind::Mark, &object.key, &bytes)
+                .and_then(|mark| mark.validate(&object.key).map(|()| mark));
+            Ok(Some(decoded.map_err(|error| (object.key.clone(), error.to_string()))))
+        })?;
+        let mut marks = Marks::default();
+        for (object, loaded) in listing.iter().zip(loaded) {
+            match loaded {
+                None => {}
+                Some(Ok(mark)) => {
+                    marks.packs.extend(mark.packs.iter().copied());
+                    marks.marks.push(LoadedMark {
+                        key: object.key.clone(),
+                        written_at: object.modified_unix,
+                        mark,
+                    });
                 }
-                Err(error) => warn(format!(
-                    "{}; the chunks of its pack are not deduplicated against and are stored again",
-                    error.message
-                )),
+                Some(Err(problem)) => marks.unreadable.push(problem),
             }
         }
-        Ok(map)
+        Ok(marks)
+    }
+
+    /// Every pack object with its size and time, by id (an object under `packs/` whose key
+    /// names no pack is not one: it is neither used nor deleted).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn list_packs(&self) -> Result<HashMap<PackId, DatedObject>, EngineError> {
+        Ok(self
+            .store
+            .list_dated(PACKS_PREFIX)?
+            .into_iter()
+            .filter_map(|object| Some((layout::pack_from_key(&object.key)?, object)))
+            .collect())
+    }
+
+    /// What a backup may deduplicate against: the chunks of every pack that is indexed, present
+    /// with its indexed size and not condemned by a mark. Lists the marks first, then the
+    /// packs, then the indexes (one listing each), so a pack a prune deletes meanwhile is missing
+    /// from one of them, or condemned by a mark already listed.
+    ///
+    /// # Errors
+    /// Store errors (a damaged index or mark is reported in the view, not an error).
+    pub fn load_dedup_view(&self) -> Result<DedupView, EngineError> {
+        let marks = self.load_marks()?;
+        let packs = self.list_packs()?;
+        let indexed: Vec<PackId> = self
+            .store
+            .list(INDEX_PREFIX)?
+            .iter()
+            .filter_map(|object| layout::index_pack_from_key(&object.key))
+            .collect();
+        let mut view = DedupView { marked: marks.packs, ..DedupView::default() };
+        view.problems.extend(
+            marks.unreadable.into_iter().map(|(key, detail)| {
+                format!("{key}: {detail} (its packs are kept; dedup continues)")
+            }),
+        );
+        // A damaged index is reported and skipped; a store error fails the backup (a retried
+        // failure is not damage, and skipping would store its chunks again for nothing).
+        let loaded =
+            parallel_map(&indexed, INDEX_FETCHES_IN_FLIGHT, |pack| match self.load_index(pack) {
+                Ok(index) => Ok(Ok(index)),
+                Err(error) if error.kind == ErrorKind::Integrity => Ok(Err(error.message)),
+                Err(error) => Err(error),
+            })?;
+        for (pack, loaded) in indexed.iter().zip(loaded) {
+            let index = match loaded {
+                Ok(index) => index,
+                Err(message) => {
+                    view.problems.push(format!("{message} (its chunks are stored again)"));
+                    continue;
+                }
+            };
+            let usable = match packs.get(pack) {
+                None => {
+                    view.missing_packs += 1;
+                    view.missing_chunks += index.entries.len();
+                    false
+                }
+                Some(object) if object.size_bytes != index.pack_size_bytes => {
+                    view.problems.push(format!(
+                        "pack {} has {} bytes, its index says {} (its chunks are stored again)",
+                        object.key, object.size_bytes, index.pack_size_bytes
+                    ));
+                    false
+                }
+                Some(_) => !view.marked.contains(pack),
+            };
+            if usable {
+                for entry in &index.entries {
+                    let _ = view.chunks.insert(entry.hash, *pack);
+                }
+            }
+        }
+        Ok(view)
+    }
+
+    /// Reads and verifies one pack's index.
+    ///
+    /// # Errors
+    /// `Integrity` when it is missing, corrupt or describes another pack; store errors.
+    pub fn load_index(&self, pack: &PackId) -> Result<PackIndex, EngineError> {
+        let key = pack.index_key();
+        let bytes = self.store.get(&key).map_err(|error| match error {
+            StoreError::NotFound { .. } => EngineError::new(
+                ErrorKind::Integrity,
+                format!("index object {key} is missing from {}", self.store.describe()),
+            ),
+            other => other.into(),
+        })?;
+        let index: PackIndex = layout::decode_document(ObjectKind::Index, &key, &bytes)?;
+        if index.pack != *pack {
+            return Err(EngineError::new(
+                ErrorKind::Integrity,
+                format!("index object {key} describes pack {}", index.pack),
+            ));
+        }
+        Ok(index)
     }
 
     /// Loads the indexes of `packs` in parallel and returns each chunk's location.
@@ -172,25 +303,6 @@ impl Repository {
 
     fn load_indexes(&self, packs: &[PackId]) -> Result<Vec<PackIndex>, EngineError> {
         parallel_map(packs, INDEX_FETCHES_IN_FLIGHT, |pack| self.load_index(pack))
-    }
-
-    fn load_index(&self, pack: &PackId) -> Result<PackIndex, EngineError> {
-        let key = pack.index_key();
-        let bytes = self.store.get(&key).map_err(|error| match error {
-            StoreError::NotFound { .. } => EngineError::new(
-                ErrorKind::Integrity,
-                format!("index object {key} is missing from {}", self.store.describe()),
-            ),
-            other => other.into(),
-        })?;
-        let index: PackIndex = layout::decode_document(ObjectKind::Index, &key, &bytes)?;
-        if index.pack != *pack {
-            return Err(EngineError::new(
-                ErrorKind::Integrity,
-                format!("index object {key} describes pack {}", index.pack),
-            ));
-        }
-        Ok(index)
     }
 
     /// Ids of every backup, sorted (ids start with their UTC start time).
@@ -244,10 +356,11 @@ impl Repository {
         Ok(manifest)
     }
 
-    /// Deletes a backup's manifest (the packs stay until a later space-reclaiming pass).
+    /// Deletes a backup's manifest (the packs stay until `prune` reclaims them).
     ///
     /// # Errors
-    /// `NotFound` when the backup does not exist, store errors otherwise.
+    /// `NotFound` when the backup does not exist, `Refused` when it is protected, store errors
+    /// otherwise.
     pub fn delete_backup(&self, backup_id: &str) -> Result<(), EngineError> {
         match self.load_manifest(backup_id) {
             // A damaged manifest can be deleted: nothing else removes it.
@@ -255,9 +368,108 @@ impl Repository {
             Err(error) if error.kind == ErrorKind::Integrity => {}
             Err(error) => return Err(error),
         }
+        if self.protected()?.contains(backup_id) {
+            return Err(EngineError::new(
+                ErrorKind::Refused,
+                format!("backup {backup_id} is protected (`ferry unprotect {backup_id}` first)"),
+            ));
+        }
         self.store.delete(&layout::manifest_key(backup_id))?;
         Ok(())
     }
+
+    /// Every manifest in the repository; one that cannot be read is returned with its error
+    /// instead (damage to one backup does not stop a pass over the others).
+    ///
+    /// # Errors
+    /// Store errors listing the manifests.
+    pub fn load_all_manifests(&self) -> Result<Vec<LoadedManifest>, EngineError> {
+        let ids = self.list_backups()?;
+        let loaded = parallel_map(&ids, INDEX_FETCHES_IN_FLIGHT, |id| {
+            Ok(match self.load_manifest(id) {
+                // Deleted since the listing: gone, not damaged.
+                Err(error) if error.kind == ErrorKind::NotFound => None,
+                other => Some(other),
+            })
+        })?;
+        Ok(ids.into_iter().zip(loaded).filter_map(|(id, loaded)| Some((id, loaded?))).collect())
+    }
+
+    /// Ids of the protected backups (`protected/<backup-id>` objects).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn protected(&self) -> Result<HashSet<String>, EngineError> {
+        Ok(self
+            .store
+            .list(gc::PROTECTED_PREFIX)?
+            .iter()
+            .filter_map(|object| gc::protected_backup(&object.key).map(str::to_owned))
+            .collect())
+    }
+
+    /// Protects (or, with `protect` false, unprotects) an existing backup from every retention
+    /// policy and from `delete`.
+    ///
+    /// # Errors
+    /// `Usage` for a malformed id, `NotFound` when the backup does not exist (protecting), store
+    /// errors.
+    pub fn set_protected(&self, backup_id: &str, protect: bool) -> Result<(), EngineError> {
+        if protect {
+            let _ = self.load_manifest(backup_id)?;
+            let body = serde_json::json!({"protected_at_client": Timestamp::now()});
+            self.store.put(&gc::protected_key(backup_id), Bytes::from(body.to_string()))?;
+        } else {
+            if !layout::backup_id_valid(backup_id) {
+                return Err(EngineError::new(
+                    ErrorKind::Usage,
+                    format!("invalid backup id {backup_id:?}"),
+                ));
+            }
+            self.store.delete(&gc::protected_key(backup_id))?;
+        }
+        Ok(())
+    }
+}
+
+/// A backup id and its manifest, or why it cannot be read.
+pub type LoadedManifest = (String, Result<Manifest, EngineError>);
+
+/// A mark and its time by the store's clock.
+#[derive(Debug, Clone)]
+pub struct LoadedMark {
+    /// Its key, `gc/mark-…`.
+    pub key: String,
+    /// Its `LastModified`.
+    pub written_at: u64,
+    /// What it condemns.
+    pub mark: Mark,
+}
+
+/// The marks of a repository.
+#[derive(Debug, Clone, Default)]
+pub struct Marks {
+    /// Every readable mark.
+    pub marks: Vec<LoadedMark>,
+    /// Every pack a readable mark condemns.
+    pub packs: HashSet<PackId>,
+    /// Marks that cannot be read: (key, problem).
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// What a backup may deduplicate against (`Repository::load_dedup_view`).
+#[derive(Debug, Clone, Default)]
+pub struct DedupView {
+    /// Chunk to a pack that holds it and is usable.
+    pub chunks: HashMap<ChunkHash, PackId>,
+    /// Packs condemned by a mark: never deduplicated into.
+    pub marked: HashSet<PackId>,
+    /// Indexed packs that are missing.
+    pub missing_packs: usize,
+    /// Index entries of missing packs.
+    pub missing_chunks: usize,
+    /// Damaged indexes, marks or packs, for warnings.
+    pub problems: Vec<String>,
 }
 
 /// Applies `f` to every item with up to `threads` calls at once; returns results in item order

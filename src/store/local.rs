@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
-use super::{ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId};
+use super::{
+    DatedObject, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId,
+};
 
 /// Directory under the root that holds multipart uploads in progress.
 const MULTIPART_DIR: &str = ".multipart";
@@ -172,6 +174,28 @@ impl ObjectStore for LocalStore {
         found.retain(|info| info.key.starts_with(prefix));
         found.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(found)
+    }
+
+    /// The modification time is the file's mtime: the clock of the host that holds the
+    /// directory, which is this store's server clock.
+    fn list_dated(&self, prefix: &str) -> Result<Vec<DatedObject>, StoreError> {
+        const OP: &str = "list";
+        let mut dated = Vec::new();
+        for info in self.list(prefix)? {
+            let path = self.object_path(OP, &info.key)?;
+            let modified = match fs::metadata(&path).and_then(|meta| meta.modified()) {
+                Ok(modified) => modified,
+                // Deleted since the listing.
+                Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(io_failed(OP, &info.key, &path, &error)),
+            };
+            let modified_unix = modified
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| failed(OP, &info.key, "modification time before 1970".into()))?
+                .as_secs();
+            dated.push(DatedObject { key: info.key, size_bytes: info.size_bytes, modified_unix });
+        }
+        Ok(dated)
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {

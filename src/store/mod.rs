@@ -31,6 +31,18 @@ pub struct ObjectInfo {
     pub size_bytes: u64,
 }
 
+/// One object in a dated listing (`ObjectStore::list_dated`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatedObject {
+    /// Key relative to the repository root.
+    pub key: String,
+    /// Stored size in bytes.
+    pub size_bytes: u64,
+    /// When the store says the object was written (Unix seconds, S3 `LastModified`, a file's
+    /// mtime): the store's clock, not this host's. Garbage collection measures every age with it.
+    pub modified_unix: u64,
+}
+
 /// An in-progress multipart upload, as returned by `ObjectStore::multipart_begin`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadId(pub String);
@@ -83,6 +95,18 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// # Errors
     /// `StoreError` on failure.
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError>;
+
+    /// Lists like `list`, with each object's modification time by the store's clock.
+    ///
+    /// # Errors
+    /// `StoreError` on failure; `StoreError::Config` from a store that keeps no such time (the
+    /// default), which garbage collection then refuses to run on.
+    fn list_dated(&self, prefix: &str) -> Result<Vec<DatedObject>, StoreError> {
+        Err(StoreError::Config(format!(
+            "{} does not report modification times (needed by prune to list {prefix})",
+            self.describe()
+        )))
+    }
 
     /// Deletes `key`. Deleting a missing key succeeds.
     ///

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId};
+use super::{
+    DatedObject, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId,
+};
 use crate::error::{Classify, Status};
 
 /// How often and how long to retry.
@@ -204,6 +206,10 @@ impl<S: ObjectStore> ObjectStore for Retrying<S> {
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         self.call(|_| self.inner.list(prefix))
+    }
+
+    fn list_dated(&self, prefix: &str) -> Result<Vec<DatedObject>, StoreError> {
+        self.call(|_| self.inner.list_dated(prefix))
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -34,7 +34,9 @@ use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPa
 use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
 use bytes::Bytes;
 
-use super::{ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId};
+use super::{
+    DatedObject, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId,
+};
 
 /// Highest part number S3 accepts.
 const MAX_PART_NUMBER: u32 = 10_000;
@@ -469,7 +471,9 @@ impl S3Store {
         })
     }
 
-    async fn list_async(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+    /// Lists `prefix`; each object with its `LastModified` (Unix seconds), `None` when the
+    /// store sent none.
+    async fn list_async(&self, prefix: &str) -> Result<Vec<(ObjectInfo, Option<u64>)>, StoreError> {
         const OP: &str = "ListObjectsV2";
         let full_prefix = format!("{}{prefix}", self.key_base);
         let mut found = Vec::new();
@@ -490,7 +494,9 @@ impl S3Store {
                 };
                 let size_bytes =
                     object.size().and_then(|size| u64::try_from(size).ok()).unwrap_or(0);
-                found.push(ObjectInfo { key: key.to_owned(), size_bytes });
+                let modified =
+                    object.last_modified().and_then(|time| u64::try_from(time.secs()).ok());
+                found.push((ObjectInfo { key: key.to_owned(), size_bytes }, modified));
             }
             match output.next_continuation_token() {
                 Some(next) if output.is_truncated() == Some(true) && !next.is_empty() => {
@@ -499,8 +505,8 @@ impl S3Store {
                 _ => break,
             }
         }
-        found.sort_by(|a, b| a.key.cmp(&b.key));
-        found.dedup_by(|a, b| a.key == b.key);
+        found.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+        found.dedup_by(|a, b| a.0.key == b.0.key);
         Ok(found)
     }
 
@@ -604,7 +610,28 @@ impl ObjectStore for S3Store {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        self.run("ListObjectsV2", prefix, self.list_async(prefix))
+        let listed = self.run("ListObjectsV2", prefix, self.list_async(prefix))?;
+        Ok(listed.into_iter().map(|(info, _)| info).collect())
+    }
+
+    fn list_dated(&self, prefix: &str) -> Result<Vec<DatedObject>, StoreError> {
+        const OP: &str = "ListObjectsV2";
+        let listed = self.run(OP, prefix, self.list_async(prefix))?;
+        listed
+            .into_iter()
+            .map(|(info, modified)| match modified {
+                Some(modified_unix) => {
+                    Ok(DatedObject { key: info.key, size_bytes: info.size_bytes, modified_unix })
+                }
+                // An age cannot be guessed: a missing time must not make an object look old.
+                None => Err(StoreError::Failed {
+                    operation: OP,
+                    key: info.key,
+                    detail: "the listing gives no LastModified".into(),
+                    transient: false,
+                }),
+            })
+            .collect()
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use crate::plane::lock;
-use crate::store::{ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId};
+use crate::store::{
+    DatedObject, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId,
+};
 
 /// An operation of `ObjectStore`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -327,6 +329,10 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
         self.run(Op::List, prefix, || self.inner.list(prefix))
+    }
+
+    fn list_dated(&self, prefix: &str) -> Result<Vec<DatedObject>, StoreError> {
+        self.run(Op::List, prefix, || self.inner.list_dated(prefix))
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {

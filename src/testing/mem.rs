@@ -18,7 +18,9 @@ use bytes::{Bytes, BytesMut};
 use md5::{Digest as _, Md5};
 
 use crate::plane::lock;
-use crate::store::{ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId};
+use crate::store::{
+    DatedObject, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId,
+};
 
 /// S3's smallest part, except for the last part of an upload (`EntityTooSmall` otherwise).
 pub const MIN_PART_BYTES: usize = 5 << 20;
@@ -280,6 +282,21 @@ impl ObjectStore for MemStore {
             .map(|(key, object)| ObjectInfo {
                 key: key.clone(),
                 size_bytes: object.data.len() as u64,
+            })
+            .collect())
+    }
+
+    fn list_dated(&self, prefix: &str) -> Result<Vec<DatedObject>, StoreError> {
+        count(&self.calls.list);
+        let state = lock(&self.state);
+        Ok(state
+            .objects
+            .range(prefix.to_owned()..)
+            .take_while(|(key, _)| key.starts_with(prefix))
+            .map(|(key, object)| DatedObject {
+                key: key.clone(),
+                size_bytes: object.data.len() as u64,
+                modified_unix: object.modified.as_secs(),
             })
             .collect())
     }

@@ -26,6 +26,8 @@ pub enum ObjectKind {
     Index = 2,
     /// A backup's manifest.
     Manifest = 3,
+    /// A garbage-collection mark: packs condemned by `prune`.
+    Mark = 4,
 }
 
 /// Wraps `payload` in an envelope, compressing it unless it is the config (kept readable).

@@ -8,13 +8,14 @@
 //! with a new format version.
 
 mod envelope;
+pub mod gc;
 mod record;
 mod time;
 
 pub use envelope::{ObjectKind, decode_object, encode_object};
 pub use record::{
     Encoding, RECORD_HEADER_BYTES, RecordHeader, decode_record, decode_record_header,
-    encode_record_header,
+    encode_record_header, scan_records,
 };
 pub use time::{Timestamp, civil_from_days};
 
@@ -186,6 +187,17 @@ impl<'de> Deserialize<'de> for PackId {
         let text = String::deserialize(deserializer)?;
         PackId::from_hex(&text).ok_or_else(|| serde::de::Error::custom("bad pack id"))
     }
+}
+
+/// The pack a `packs/<hh>/<hex>` key names (`None` for any other key).
+pub fn pack_from_key(key: &str) -> Option<PackId> {
+    let pack = PackId::from_hex(key.strip_prefix(PACKS_PREFIX)?.rsplit('/').next()?)?;
+    (pack.pack_key() == key).then_some(pack)
+}
+
+/// The pack an `index/<hex>` key names (`None` for any other key).
+pub fn index_pack_from_key(key: &str) -> Option<PackId> {
+    PackId::from_hex(key.strip_prefix(INDEX_PREFIX)?)
 }
 
 /// Key of a backup's manifest.

@@ -134,6 +134,53 @@ pub fn decode_record_header<'a>(
     Ok((record, data))
 }
 
+/// Scans the complete records at the start of `bytes`, which begin at `offset` in the pack named
+/// `what`, verifying each one in full; returns their index entries and the bytes they span. A
+/// record cut off by the end of `bytes` ends the scan (the caller reads on from there).
+///
+/// # Errors
+/// `FormatError` at the first record that does not verify: the pack cannot be trusted past it.
+pub fn scan_records(
+    what: &str,
+    bytes: &[u8],
+    offset: u64,
+) -> Result<(Vec<super::IndexEntry>, usize), FormatError> {
+    let mut entries = Vec::new();
+    let mut position = 0usize;
+    while bytes.len() - position >= RECORD_HEADER_BYTES {
+        let at = offset + position as u64;
+        let header = &bytes[position..position + RECORD_HEADER_BYTES];
+        let stored_bytes = peek_stored_bytes(&format!("{what} at offset {at}"), header)?;
+        let end = position + RECORD_HEADER_BYTES + stored_bytes as usize;
+        if end > bytes.len() {
+            break;
+        }
+        let (record, _) = decode_record(&format!("{what} at offset {at}"), &bytes[position..end])?;
+        entries.push(super::IndexEntry {
+            hash: record.hash,
+            offset: at,
+            stored_bytes: record.stored_bytes,
+            raw_bytes: record.raw_bytes,
+        });
+        position = end;
+    }
+    Ok((entries, position))
+}
+
+/// The stored length a record header announces, after checking its magic and checksum.
+fn peek_stored_bytes(what: &str, header: &[u8]) -> Result<u32, FormatError> {
+    let corrupt =
+        |detail: &str| FormatError::Corrupt { what: what.to_string(), detail: detail.into() };
+    if &header[0..4] != MAGIC {
+        return Err(corrupt("record magic mismatch"));
+    }
+    let checksum = u64::from_le_bytes(header[56..64].try_into().expect("8 bytes"));
+    if XxHash3_64::oneshot(&header[..56]) != checksum {
+        return Err(corrupt("record header checksum mismatch"));
+    }
+    Ok(u32::from_le_bytes(header[12..16].try_into().expect("4 bytes")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +223,36 @@ mod tests {
             assert!(decode_record("r", &bad).is_err(), "byte {position}");
         }
         assert!(decode_record("r", &record[..record.len() - 1]).is_err());
+    }
+
+    // The records of a pack rebuild exactly the entries its writer indexed; a cut-off record
+    // ends the scan, a damaged one stops it with an error naming its offset.
+    #[test]
+    fn scanning_rebuilds_the_index() {
+        let mut pack = Vec::new();
+        let mut expected = Vec::new();
+        for (n, length) in [10usize, 3000, 1].into_iter().enumerate() {
+            let data = vec![n as u8; length];
+            let hash = ChunkHash([n as u8; 32]);
+            let offset = pack.len() as u64;
+            pack.extend_from_slice(&encode_record_header(&hash, Encoding::Raw, 4096, &data));
+            pack.extend_from_slice(&data);
+            expected.push(crate::native::layout::IndexEntry {
+                hash,
+                offset,
+                stored_bytes: length as u32,
+                raw_bytes: 4096,
+            });
+        }
+        let (entries, used) = scan_records("p", &pack, 0).unwrap();
+        assert_eq!((entries, used), (expected.clone(), pack.len()));
+        let (entries, used) = scan_records("p", &pack[..pack.len() - 1], 0).unwrap();
+        assert_eq!((entries.len(), used as u64), (2, expected[2].offset));
+        let (entries, _) = scan_records("p", &pack[74..], 74).unwrap();
+        assert_eq!(entries, expected[1..]);
+        let mut bad = pack.clone();
+        bad[74 + 64 + 5] ^= 1;
+        let error = scan_records("p", &bad, 0).unwrap_err().to_string();
+        assert!(error.contains("offset 74"), "{error}");
     }
 }

@@ -1,0 +1,203 @@
+//! `ferry check`: proves the repository's own consistency without reading pack data.
+//!
+//! Every index decodes, names its pack, and points into a pack that exists with the indexed
+//! size; every manifest decodes, every pack it lists exists and is indexed, and every chunk it
+//! references is in one of those indexes. Packs condemned by a mark that a manifest references
+//! are reported (a sweep recovers them; they are expected when a backup deduplicated into a pack
+//! just before it was marked), as are packs without an index and what `prune` could reclaim.
+//! Listings are taken in the order that concurrent backups and prunes cannot make look wrong:
+//! marks, manifests, packs, indexes.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::error::EngineError;
+use crate::native::layout::{self, ChunkHash, PackId, PackIndex, Timestamp};
+use crate::native::repo::{Repository, parallel_map};
+use crate::native::verify::Problem;
+use crate::store::DatedObject;
+
+/// A pack a manifest references that a mark condemns.
+#[derive(Debug, Clone, Serialize)]
+pub struct MarkedReferenced {
+    /// The pack.
+    pub pack: PackId,
+    /// The mark.
+    pub mark: String,
+    /// When the mark was written (store clock).
+    pub marked_at: Timestamp,
+    /// A backup that references it.
+    pub backup_id: String,
+}
+
+/// What `check` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    /// Backups (manifests) checked.
+    pub backups: usize,
+    /// Pack objects.
+    pub packs: usize,
+    /// Their bytes.
+    pub pack_bytes: u64,
+    /// Index objects.
+    pub indexes: usize,
+    /// Marks.
+    pub marks: usize,
+    /// Packs no manifest references (what prune reclaims over two runs).
+    pub unreferenced_packs: usize,
+    /// Their bytes.
+    pub unreferenced_bytes: u64,
+    /// Packs without an index (an interrupted backup's, or a lost index: `ferry repair`).
+    pub unindexed_packs: Vec<String>,
+    /// Referenced packs that a mark condemns.
+    pub marked_referenced: Vec<MarkedReferenced>,
+    /// Everything wrong (empty: consistent).
+    pub problems: Vec<Problem>,
+}
+
+/// Checks `repo`.
+///
+/// # Errors
+/// Store errors that stop the check itself; damage is reported in `problems`.
+pub fn run(repo: &Repository) -> Result<CheckReport, EngineError> {
+    let mut problems = BTreeSet::new();
+    let mut problem = |object: String, detail: String| {
+        let _ = problems.insert(Problem { object, detail });
+    };
+    let marks = repo.load_marks()?;
+    for (key, detail) in &marks.unreadable {
+        problem(key.clone(), detail.clone());
+    }
+    let manifests = repo.load_all_manifests()?;
+    let packs = repo.list_packs()?;
+    let indexes = check_indexes(repo, &packs, &mut problem)?;
+    let mark_of: HashMap<PackId, (&str, u64)> = marks
+        .marks
+        .iter()
+        .flat_map(|mark| {
+            mark.mark.packs.iter().map(|pack| (*pack, (mark.key.as_str(), mark.written_at)))
+        })
+        .collect();
+    let mut referenced: HashSet<PackId> = HashSet::new();
+    let mut marked_referenced = Vec::new();
+    let mut backups = 0;
+    for (id, manifest) in &manifests {
+        let manifest = match manifest {
+            Ok(manifest) => manifest,
+            Err(error) => {
+                problem(layout::manifest_key(id), error.message.clone());
+                continue;
+            }
+        };
+        backups += 1;
+        let mut chunks: HashSet<ChunkHash> = HashSet::new();
+        for pack in &manifest.packs {
+            if referenced.insert(*pack)
+                && let Some((mark, marked_at)) = mark_of.get(pack)
+            {
+                marked_referenced.push(MarkedReferenced {
+                    pack: *pack,
+                    mark: (*mark).to_owned(),
+                    marked_at: Timestamp(*marked_at),
+                    backup_id: id.clone(),
+                });
+            }
+            match (packs.contains_key(pack), indexes.get(pack)) {
+                (false, _) => {
+                    problem(pack.pack_key(), format!("backup {id} references it and it is missing"))
+                }
+                (true, None) => problem(
+                    pack.index_key(),
+                    format!(
+                        "backup {id} references pack {pack}, whose index is missing (`ferry repair` rebuilds it)"
+                    ),
+                ),
+                (true, Some(index)) => chunks.extend(index.entries.iter().map(|e| e.hash)),
+            }
+        }
+        let unresolved =
+            manifest.chunks.iter().flatten().filter(|hash| !chunks.contains(hash)).count();
+        if unresolved > 0 && manifest.packs.iter().all(|pack| indexes.contains_key(pack)) {
+            problem(
+                layout::manifest_key(id),
+                format!("{unresolved} chunk reference(s) are in no index of the backup's packs"),
+            );
+        }
+    }
+    let mut unindexed_packs: Vec<String> = packs
+        .iter()
+        .filter(|(pack, _)| !indexes.contains_key(pack))
+        .map(|(_, object)| object.key.clone())
+        .collect();
+    unindexed_packs.sort();
+    let unreferenced: Vec<u64> = packs
+        .iter()
+        .filter(|(pack, _)| !referenced.contains(pack))
+        .map(|(_, object)| object.size_bytes)
+        .collect();
+    Ok(CheckReport {
+        backups,
+        packs: packs.len(),
+        pack_bytes: packs.values().map(|object| object.size_bytes).sum(),
+        indexes: indexes.len(),
+        marks: marks.marks.len(),
+        unreferenced_packs: unreferenced.len(),
+        unreferenced_bytes: unreferenced.iter().sum(),
+        unindexed_packs,
+        marked_referenced,
+        problems: problems.into_iter().collect(),
+    })
+}
+
+/// Loads every index and checks it against the packs listed before it; returns the readable
+/// ones.
+fn check_indexes(
+    repo: &Repository,
+    packs: &HashMap<PackId, DatedObject>,
+    problem: &mut impl FnMut(String, String),
+) -> Result<HashMap<PackId, PackIndex>, EngineError> {
+    let index_keys: Vec<PackId> = repo
+        .store
+        .list(layout::INDEX_PREFIX)?
+        .iter()
+        .filter_map(|object| layout::index_pack_from_key(&object.key))
+        .collect();
+    let loaded = parallel_map(&index_keys, 8, |pack| Ok(repo.load_index(pack)))?;
+    let mut indexes = HashMap::new();
+    for (pack, loaded) in index_keys.iter().zip(loaded) {
+        let index = match loaded {
+            Ok(index) => index,
+            Err(error) => {
+                // Deleted since the listing (a sweep) is not damage.
+                if repo.store.list(&pack.index_key())?.is_empty() {
+                    continue;
+                }
+                problem(pack.index_key(), error.message);
+                continue;
+            }
+        };
+        let size = match packs.get(pack) {
+            Some(object) => object.size_bytes,
+            // A backup writes the pack, then its index: look again before calling it lost.
+            None => match repo.store.list(&pack.pack_key())?.first() {
+                Some(object) if object.key == pack.pack_key() => object.size_bytes,
+                _ => {
+                    problem(pack.index_key(), format!("its pack {} is missing", pack.pack_key()));
+                    continue;
+                }
+            },
+        };
+        if index.pack_size_bytes != size {
+            let detail = format!("pack has {size} bytes, its index says {}", index.pack_size_bytes);
+            problem(pack.pack_key(), detail);
+        }
+        if let Some(entry) = index.entries.iter().find(|e| e.offset + e.record_bytes() > size) {
+            let detail =
+                format!("record of chunk {} at {} runs past the end", entry.hash, entry.offset);
+            problem(pack.pack_key(), detail);
+        }
+        let _ = indexes.insert(*pack, index);
+    }
+    Ok(indexes)
+}

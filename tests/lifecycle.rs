@@ -1,0 +1,156 @@
+//! The repository lifecycle through the CLI: forget (retention, protection, dry run, refusal of
+//! an empty policy), prune (mark, grace, sweep), check, and repair of a lost index, against a
+//! local repository and Garage. A local repository's store clock is its files' mtimes, so the
+//! test ages objects with `touch`; on Garage nothing can be aged, so only the first phase runs.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use crate::util::{Repo, Scratch, assert_same, gen_image};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Sets the mtime of every file under `dir` to `secs` ago (the local store's clock).
+fn age(dir: &Path, secs: u64) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let status = std::process::Command::new("find")
+        .arg(dir)
+        .args(["-type", "f", "-exec", "touch", "-m", "-d"])
+        .arg(format!("@{}", now - secs))
+        .args(["{}", "+"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn ids(result: &Value, list: &str) -> Vec<String> {
+    result["forget"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|group| group[list].as_array().unwrap().iter())
+        .map(|decision| decision["backup_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn lifecycle(repo: &Repo, scratch: &Scratch, local: Option<&Path>) {
+    repo.init("64K");
+    let volume = scratch.join("volume.img");
+    let other = scratch.join("other.img");
+    gen_image(&volume, 2 * MIB, "random", 1);
+    gen_image(&other, MIB, "mixed", 2);
+    let old = repo.backup(&volume, "pread")["backup_id"].as_str().unwrap().to_owned();
+    // Backups are dated to the second: the next one of the same volume is newer.
+    std::thread::sleep(Duration::from_millis(1100));
+    gen_image(&volume, 2 * MIB, "random", 3);
+    let new = repo.backup(&volume, "pread")["backup_id"].as_str().unwrap().to_owned();
+    let kept_other = repo.backup(&other, "pread")["backup_id"].as_str().unwrap().to_owned();
+
+    let message = repo.ferry(&["forget"]).fails(2);
+    assert!(message.contains("empty policy"), "{message}");
+    let dry = repo.ferry(&["forget", "--keep-last", "1", "--dry-run"]).ok();
+    assert_eq!(dry["forget"]["dry_run"], true);
+    assert_eq!(ids(&dry, "removed"), std::slice::from_ref(&old));
+    assert_eq!(dry["forget"]["groups"].as_array().unwrap().len(), 2, "one group per source");
+    assert_eq!(repo.ferry(&["list"]).ok()["backups"].as_array().unwrap().len(), 3);
+
+    repo.ferry(&["protect", &old]).ok();
+    let spared = repo.ferry(&["forget", "--keep-last", "1"]).ok();
+    assert_eq!(spared["forget"]["removed_count"], 0);
+    let message = repo.ferry(&["delete", &old]).fails(8);
+    assert!(message.contains("protected"), "{message}");
+    repo.ferry(&["unprotect", &old]).ok();
+    let forgot = repo.ferry(&["forget", "--keep-last", "1"]).ok();
+    assert_eq!(ids(&forgot, "removed"), std::slice::from_ref(&old));
+    let mut kept = ids(&forgot, "kept");
+    kept.sort();
+    let mut want = vec![new.clone(), kept_other.clone()];
+    want.sort();
+    assert_eq!(kept, want);
+    let reasons = &forgot["forget"]["groups"][0]["kept"][0]["reasons"];
+    assert!(reasons.as_array().unwrap().contains(&"last".into()), "{reasons}");
+
+    // The forgotten backup's packs are young: nothing is condemned yet.
+    let young = repo.ferry(&["prune"]).ok();
+    assert!(young["prune"]["marked"].is_null(), "{young}");
+    assert!(young["prune"]["young_unreferenced_packs"].as_u64().unwrap() >= 1);
+    let checked = repo.ferry(&["check"]).ok();
+    assert!(checked["check"]["unreferenced_packs"].as_u64().unwrap() >= 1);
+    assert_eq!(checked["check"]["backups"], 2);
+    let Some(dir) = local else { return };
+
+    age(&dir.join("packs"), 2 * 3600);
+    age(&dir.join("index"), 2 * 3600);
+    let marking = repo.ferry(&["prune"]).ok();
+    let condemned = marking["prune"]["marked"]["packs"].as_u64().unwrap();
+    assert!(condemned >= 1, "{marking}");
+    let waiting = repo.ferry(&["prune"]).ok();
+    let reason = waiting["prune"]["waiting"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("grace"), "{reason}");
+    age(&dir.join("gc"), 25 * 3600);
+    let swept = repo.ferry(&["prune"]).ok();
+    assert_eq!(swept["prune"]["swept"][0]["deleted_packs"], condemned, "{swept}");
+    let checked = repo.ferry(&["check"]).ok();
+    assert_eq!(checked["check"]["unreferenced_packs"], 0);
+    let target = scratch.join("new.restored");
+    repo.restore(&new, &target, "pread", &[]).ok();
+    assert_same(&volume, &target, 2 * MIB);
+
+    // A lost index: check fails naming it, repair rebuilds it from the pack, nothing is lost.
+    let index = std::fs::read_dir(dir.join("index")).unwrap().next().unwrap().unwrap().path();
+    let original = std::fs::read(&index).unwrap();
+    std::fs::remove_file(&index).unwrap();
+    let message = repo.ferry(&["check"]).fails(5);
+    assert!(message.contains("index is missing"), "{message}");
+    let repaired = repo.ferry(&["repair"]).ok();
+    assert_eq!(repaired["repair"]["rebuilt_indexes"].as_array().unwrap().len(), 1);
+    assert_eq!(std::fs::read(&index).unwrap(), original);
+    repo.ferry(&["check"]).ok();
+
+    // Lost packs: the next backup stores their chunks again, with a warning.
+    for pack in walk(&dir.join("packs")) {
+        std::fs::remove_file(&pack).unwrap();
+    }
+    let again =
+        repo.ferry(&["--io-engine", "pread", "backup", "--source", volume.to_str().unwrap()]);
+    let result = again.ok();
+    let warned = again.events.iter().any(|event| {
+        event["event"] == "warning" && event["message"].as_str().unwrap().contains("missing")
+    });
+    assert!(warned, "{:?}", again.events);
+    assert_eq!(result["stats"]["dedup_chunk_count"], 0, "{result}");
+    let target = scratch.join("again.restored");
+    repo.restore(result["backup_id"].as_str().unwrap(), &target, "pread", &[]).ok();
+    assert_same(&volume, &target, 2 * MIB);
+    let message = repo.ferry(&["check"]).fails(5);
+    assert!(message.contains("is missing"), "{message}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[test]
+fn lifecycle_in_a_local_repository() {
+    let scratch = Scratch::new("lifecycle");
+    let dir = scratch.join("repo");
+    lifecycle(&Repo::Local(dir.clone()), &scratch, Some(&dir));
+}
+
+#[test]
+fn lifecycle_on_garage() {
+    let Some(repo) = Repo::garage("lifecycle") else { return };
+    let scratch = Scratch::new("garage-lifecycle");
+    lifecycle(&repo, &scratch, None);
+}
