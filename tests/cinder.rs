@@ -115,8 +115,9 @@ fn ferry_backup(image: &Path, backup: &str, volume: &str, compression: &str, par
     let _ = ferry_ok(&args);
 }
 
+/// Restores with ferry; the start event's memory budget is the one of this backup's objects.
 fn ferry_restore(backup: &str, volume: &str, target: &Path) {
-    let _ = ferry_ok(&[
+    let run = ferry_ok(&[
         "restore",
         "--format",
         "cinder",
@@ -126,6 +127,15 @@ fn ferry_restore(backup: &str, volume: &str, target: &Path) {
         "--target",
         target.to_str().unwrap(),
     ]);
+    let start = run.events.iter().find(|e| e["event"] == "start").expect("a start event");
+    let budget = &start["budget"];
+    let per_download = budget["download_bytes_max"].as_u64().unwrap()
+        / budget["transfers_in_flight"].as_u64().unwrap();
+    let object: u64 = OBJECT_SIZE.parse().unwrap();
+    assert!(
+        (object..2 * object).contains(&per_download),
+        "budget {budget} is not sized for {object}-byte objects"
+    );
 }
 
 pub(crate) fn cinder_backup(

@@ -89,6 +89,10 @@ enum Command {
     Compress(StageArgs),
     /// A whole backup into a null store, so the engine alone is measured.
     Pipeline(PipelineArgs),
+    /// The CPU the Cinder format itself costs on a file, one stage at a time on one thread: MD5
+    /// of every object, SHA-256 of every non-zero block, zlib segments of every non-zero slice
+    /// (one JSON line each).
+    CinderFloor(FloorArgs),
     /// One multipart upload of in-memory random parts to the bucket named by FERRY_TEST_S3_*
     /// and AWS_* (deleted afterwards).
     Upload(UploadArgs),
@@ -143,6 +147,25 @@ struct StageArgs {
     #[arg(long, default_value_t = ferry::native::compress::LEVEL_DEFAULT,
           allow_negative_numbers = true)]
     level: i32,
+}
+
+/// `bench cinder-floor`.
+#[derive(Debug, Args)]
+struct FloorArgs {
+    /// The file whose Cinder-format cost is measured.
+    file: PathBuf,
+    /// Bytes per Cinder object (Cinder's `backup_s3_object_size`); suffixes K, M, G.
+    #[arg(long, default_value = "52428800", value_parser = parse_positive_bytes)]
+    object_size: u64,
+    /// Bytes per SHA-256 block (Cinder's `backup_s3_sha_block_size_bytes`).
+    #[arg(long, default_value = "32768", value_parser = parse_positive_bytes)]
+    block_size: u64,
+    /// Bytes per zlib segment (ferry's read chunk for these sizes).
+    #[arg(long, default_value = "3276800", value_parser = parse_positive_bytes)]
+    segment_size: u64,
+    /// zlib level (ferry's default for Cinder-format backups).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=9))]
+    level: u32,
 }
 
 /// `bench pipeline`.
@@ -234,6 +257,7 @@ fn run(command: Command) -> Result<()> {
         Command::Read(args) => read(&args),
         Command::Hash(args) => stage(&args.file, "hash", args.level),
         Command::Compress(args) => stage(&args.file, "compress", args.level),
+        Command::CinderFloor(args) => cinder_floor(&args),
         Command::Pipeline(args) => pipeline(&args),
         Command::Upload(args) => upload(&args),
         Command::Restore(args) => restore_bench(&args),
@@ -481,6 +505,63 @@ fn stage(path: &Path, name: &str, level: i32) -> Result<()> {
         json!({"stored_bytes": stored}),
     );
     Ok(())
+}
+
+/// Times `pass` over `data` on this thread and reports it as bench `name`.
+fn timed_pass(
+    name: &str,
+    config: &Value,
+    data: &[u8],
+    pass: impl FnOnce() -> Result<Value>,
+) -> Result<()> {
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    let extra = pass()?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
+    report(name, config.clone(), data.len() as u64, seconds, cpu, None, extra);
+    Ok(())
+}
+
+fn cinder_floor(args: &FloorArgs) -> Result<()> {
+    use ferry::cinder::layout::zlib_segments;
+    use md5::Digest as _;
+    let data = std::fs::read(&args.file)?;
+    let size = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
+    let (object, block, segment) =
+        (size(args.object_size), size(args.block_size), size(args.segment_size));
+    let config = json!({"path": args.file.display().to_string(), "object_size": object,
+        "block_size": block, "segment_size": segment, "level": args.level});
+    timed_pass("cinder-md5", &config, &data, || {
+        let objects =
+            data.chunks(object).map(|o| std::hint::black_box(md5::Md5::digest(o))).count();
+        Ok(json!({"objects": objects}))
+    })?;
+    timed_pass("cinder-sha256", &config, &data, || {
+        let mut hashed = 0u64;
+        for b in data.chunks(block) {
+            if !ferry::native::chunk::is_zero(b) {
+                let _ = std::hint::black_box(sha2::Sha256::digest(b));
+                hashed += 1;
+            }
+        }
+        Ok(json!({"blocks_hashed": hashed}))
+    })?;
+    timed_pass("cinder-zlib", &config, &data, || {
+        let mut stored = 0u64;
+        for o in data.chunks(object) {
+            let slices: Vec<&[u8]> = o.chunks(segment).collect();
+            for (i, slice) in slices.iter().enumerate() {
+                // Zero slices are encoded once per length by the job; not counted.
+                if !ferry::native::chunk::is_zero(slice) {
+                    let last = i + 1 == slices.len();
+                    let encoded = zlib_segments::compress_segment(slice, args.level, last)?;
+                    stored += encoded.deflate.len() as u64;
+                }
+            }
+        }
+        Ok(json!({"stored_bytes": stored}))
+    })
 }
 
 /// `read_source` into a consumer that discards: the reader alone, as fio measures a device.

@@ -126,7 +126,9 @@ pub fn budget(job: &RestoreJob, object_bytes: u64) -> Budget {
     )
 }
 
-/// Restores Cinder backup `job.backup_id` (its whole chain) onto `job.target`.
+/// Restores Cinder backup `job.backup_id` (its whole chain) onto `job.target`. `start` is called
+/// once the chain is planned, with the memory budget computed from its largest object, before the
+/// target is touched.
 ///
 /// # Errors
 /// `NotFound`, `Integrity` (listing mismatch, missing, corrupt or unverifiable object), `Refused`
@@ -138,6 +140,7 @@ pub fn restore(
     progress: &Progress,
     cancel: &AtomicBool,
     warn: &dyn Fn(String),
+    start: &dyn Fn(&Budget),
 ) -> Result<RestoreOutcome, EngineError> {
     let started = Instant::now();
     let chain = load_chain(store, &job.volume_id, &job.backup_id)?;
@@ -196,6 +199,7 @@ pub fn restore(
     budget
         .check("--downloads-in-flight and the backup's object size")
         .map_err(|message| EngineError::new(ErrorKind::Usage, message))?;
+    start(&budget);
     let target = plane::prepare_target(&job.target, needed, job.force, warn)?;
     let result = (|| -> Result<(io::Engine, u64), EngineError> {
         let skip_zero = target.skip_holes(job.sparse)?;

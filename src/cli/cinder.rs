@@ -366,19 +366,21 @@ fn run_restore(
         downloads: args.downloads_in_flight,
     };
     let run = |job: &cinder::restore::RestoreJob| {
-        output.start(Start::CinderRestore {
-            repository: store.describe(),
-            format: FormatName::Cinder,
-            bucket: bucket.clone(),
-            backup_id: job.backup_id.clone(),
-            volume_id: volume_id.to_owned(),
-            target: job.target.display().to_string(),
-            budget: cinder::restore::budget(job, cinder::DEFAULT_OBJECT_SIZE),
-        });
+        let start = |budget: &limits::Budget| {
+            output.start(Start::CinderRestore {
+                repository: store.describe(),
+                format: FormatName::Cinder,
+                bucket: bucket.clone(),
+                backup_id: job.backup_id.clone(),
+                volume_id: volume_id.to_owned(),
+                target: job.target.display().to_string(),
+                budget: *budget,
+            });
+        };
         let progress = Progress::default();
         let warn = |message: String| output.warning(&message);
         with_progress(output, &progress, || {
-            cinder::restore::restore(store.as_ref(), job, &progress, cancel, &warn)
+            cinder::restore::restore(store.as_ref(), job, &progress, cancel, &warn, &start)
         })
     };
     let outcome = match &args.lightbits.lightbits_volume {

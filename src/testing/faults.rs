@@ -126,7 +126,14 @@ fn cinder_restore(
         downloads: 3,
     };
     let cancel = AtomicBool::new(false);
-    crate::cinder::restore::restore(store, &job, &Progress::default(), &cancel, &no_warnings)
+    crate::cinder::restore::restore(
+        store,
+        &job,
+        &Progress::default(),
+        &cancel,
+        &no_warnings,
+        &|_| {},
+    )
 }
 
 /// The error of `result`, which must have failed with `kind`.

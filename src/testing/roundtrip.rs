@@ -219,7 +219,7 @@ fn native_backup(case: &Case, repo: &Repository, source: &Disk, pack: u64) -> Ba
     options.parts_in_flight = 2;
     options.pack_size_bytes = pack;
     let cancel = AtomicBool::new(false);
-    crate::native::backup::run(repo, &options, &Progress::default(), &cancel, &no_warnings)
+    crate::native::backup::run(repo, &options, &Progress::default(), &cancel, &no_warnings, &|_| {})
         .unwrap_or_else(fail(case, "native backup"))
 }
 
@@ -350,7 +350,7 @@ fn cinder_backup(
         limit_upload_bytes_per_sec: None,
     };
     let cancel = AtomicBool::new(false);
-    crate::cinder::backup::backup(store, &job, &Progress::default(), &cancel, &no_warnings)
+    crate::cinder::backup::backup(store, &job, &Progress::default(), &cancel, &no_warnings, &|_| {})
         .unwrap_or_else(fail(case, "cinder backup"))
 }
 
@@ -373,9 +373,15 @@ fn cinder_restore(
         downloads: 3,
     };
     let cancel = AtomicBool::new(false);
-    let outcome =
-        crate::cinder::restore::restore(store, &job, &Progress::default(), &cancel, &no_warnings)
-            .unwrap_or_else(fail(case, name));
+    let outcome = crate::cinder::restore::restore(
+        store,
+        &job,
+        &Progress::default(),
+        &cancel,
+        &no_warnings,
+        &|_| {},
+    )
+    .unwrap_or_else(fail(case, name));
     assert_eq!(outcome.io_engine, expected_engine(case.engine), "{case:?}: restore engine");
     assert_eq!(outcome.volume_size_bytes, case.size, "{case:?}");
     assert_eq!(outcome.objects_verified_md5, 0, "{case:?}: every object checked by block");
