@@ -219,7 +219,7 @@ fn native_backup(case: &Case, repo: &Repository, source: &Disk, pack: u64) -> Ba
     options.parts_in_flight = 2;
     options.pack_size_bytes = pack;
     let cancel = AtomicBool::new(false);
-    crate::native::backup::run(repo, &options, &Progress::default(), &cancel, &no_warnings, &|_| {})
+    crate::native::backup::run(repo, &options, &Progress::default(), &cancel, &no_warnings)
         .unwrap_or_else(fail(case, "native backup"))
 }
 
@@ -350,7 +350,7 @@ fn cinder_backup(
         limit_upload_bytes_per_sec: None,
     };
     let cancel = AtomicBool::new(false);
-    crate::cinder::backup::backup(store, &job, &Progress::default(), &cancel, &no_warnings, &|_| {})
+    crate::cinder::backup::backup(store, &job, &Progress::default(), &cancel, &no_warnings)
         .unwrap_or_else(fail(case, "cinder backup"))
 }
 

@@ -38,6 +38,12 @@ const SAMPLE_BYTES: usize = 8 << 10;
 /// Segments shorter than this are compressed and compared, not sampled.
 const SAMPLE_MIN_SEGMENT: usize = 16 * SAMPLE_BYTES;
 
+/// A segment is judged (sampled, then compressed or stored) in pieces of this many bytes, so a
+/// segment that is half text and half random data stores its random half without compressing
+/// it. Each piece after the first starts a fresh compressor (after a full flush), which costs
+/// nothing measurable at the levels ferry uses: the deflate window is only 32 KiB.
+const PIECE_BYTES: usize = 32 * SAMPLE_BYTES;
+
 /// How [`deflate_segment`] wrote a segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SegmentKind {
@@ -195,9 +201,10 @@ fn looks_incompressible(data: &[u8]) -> bool {
 /// Appends one segment of a zlib stream to `out`: `data` as raw deflate at `level` (clamped to
 /// 0..=9), ending on a byte boundary, BFINAL set on its final block only if `last`. A non-last
 /// segment ends with a full flush (an empty stored block), so the next segment may start a
-/// fresh compressor. Stored blocks are written instead when the level is 0, when samples of a
-/// segment of 128 KiB or more do not compress, or when the compressed blocks are not smaller.
-/// An empty non-last segment appends nothing.
+/// fresh compressor. The segment is judged in pieces of `PIECE_BYTES`: a piece is written as
+/// stored blocks when the level is 0, when samples of a piece of 128 KiB or more do not
+/// compress, or when its compressed blocks are not smaller. An empty non-last segment appends
+/// nothing.
 ///
 /// # Errors
 /// [`CinderError::Compress`] if the deflate library fails on the in-memory buffer (a bug).
@@ -208,14 +215,46 @@ pub fn deflate_segment(
     out: &mut Vec<u8>,
 ) -> Result<SegmentKind, CinderError> {
     let level = level.min(9);
-    if level == 0 || (data.is_empty() && !last) || looks_incompressible(data) {
+    if level == 0 || (data.is_empty() && !last) {
+        push_stored(data, last, out);
+        return Ok(SegmentKind::Stored);
+    }
+    // Whole pieces; the last one takes the remainder, so no piece is too short to sample.
+    let pieces = (data.len() / PIECE_BYTES).max(1);
+    let mut compressor = None;
+    let mut kind = SegmentKind::Stored;
+    for i in 0..pieces {
+        let end = if i + 1 == pieces { data.len() } else { (i + 1) * PIECE_BYTES };
+        let piece = &data[i * PIECE_BYTES..end];
+        let piece_last = last && i + 1 == pieces;
+        if deflate_piece(&mut compressor, piece, level, piece_last, out)? == SegmentKind::Compressed
+        {
+            kind = SegmentKind::Compressed;
+        }
+    }
+    Ok(kind)
+}
+
+/// One piece of [`deflate_segment`]: stored when its samples do not compress or its compressed
+/// blocks are not smaller, else compressed by `compressor` (created on first use, reset for
+/// each piece) and ended by a full flush (or the final block when `last`).
+fn deflate_piece(
+    compressor: &mut Option<flate2::Compress>,
+    data: &[u8],
+    level: u32,
+    last: bool,
+    out: &mut Vec<u8>,
+) -> Result<SegmentKind, CinderError> {
+    if looks_incompressible(data) {
         push_stored(data, last, out);
         return Ok(SegmentKind::Stored);
     }
     let fail = |reason: String| CinderError::Compress { algorithm: Algorithm::Zlib, reason };
     let start = out.len();
     out.reserve(segment_bound(data.len()));
-    let mut c = flate2::Compress::new(flate2::Compression::new(level), false);
+    let c = compressor
+        .get_or_insert_with(|| flate2::Compress::new(flate2::Compression::new(level), false));
+    c.reset();
     let flush = if last { flate2::FlushCompress::Finish } else { flate2::FlushCompress::Full };
     loop {
         let consumed = usize::try_from(c.total_in()).map_err(|e| fail(e.to_string()))?;
@@ -604,6 +643,26 @@ print(ok, bad)
         assert_eq!(inflate(&stream).unwrap(), data);
         assert_eq!(stream, encode_zlib_parallel(&data, 1, 250_000, 1).unwrap());
         assert_eq!(stream, encode_zlib_parallel(&data, 1, 250_000, 3).unwrap());
+    }
+
+    /// A segment that is half text, half random: the text is compressed and the random half
+    /// stored (not run through deflate, which would grow it by about 6%), and it decodes.
+    #[test]
+    fn a_mixed_segment_stores_its_random_pieces() {
+        let mut rng = Rng(11);
+        let words = text(&mut rng, 4 * PIECE_BYTES);
+        let random = rng.bytes(4 * PIECE_BYTES);
+        let data = [words.as_slice(), random.as_slice()].concat();
+        let text_alone = compress_segment(&words, 1, false).unwrap().deflate.len();
+        let s = compress_segment(&data, 1, true).unwrap();
+        assert_eq!(s.kind, SegmentKind::Compressed);
+        assert!(
+            s.deflate.len() <= text_alone + stored_len(random.len(), true) + 64,
+            "{} bytes: the random half was not stored",
+            s.deflate.len()
+        );
+        let stream = assemble(1, std::slice::from_ref(&s));
+        assert_eq!(inflate(&stream).unwrap(), data);
     }
 
     #[test]
