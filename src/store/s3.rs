@@ -38,6 +38,9 @@ use super::{
     DatedObject, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId,
 };
 
+/// Largest response body buffer allocated up front from the `Content-Length` a server sends.
+const PREALLOCATE_MAX: usize = 256 << 20;
+
 /// Highest part number S3 accepts.
 const MAX_PART_NUMBER: u32 = 10_000;
 /// Idle connections kept per host; at least the number of requests ferry keeps in flight.
@@ -370,10 +373,23 @@ impl S3Store {
         &self,
         operation: &'static str,
         key: &str,
-        body: ByteStream,
+        mut body: ByteStream,
+        expected_len: Option<u64>,
     ) -> Result<Bytes, StoreError> {
-        match tokio::time::timeout(self.operation_timeout, body.collect()).await {
-            Ok(Ok(data)) => Ok(data.into_bytes()),
+        // Appended segment by segment into one buffer of the announced size, each segment freed
+        // as it is copied: the body is held once, not as segments plus a contiguous copy. The
+        // announcement is the server's word: trusted only up to PREALLOCATE_MAX.
+        let capacity =
+            expected_len.and_then(|n| usize::try_from(n).ok()).unwrap_or(0).min(PREALLOCATE_MAX);
+        let read = async {
+            let mut data = bytes::BytesMut::with_capacity(capacity);
+            while let Some(segment) = body.next().await {
+                data.extend_from_slice(&segment?);
+            }
+            Ok::<_, aws_sdk_s3::primitives::ByteStreamError>(data.freeze())
+        };
+        match tokio::time::timeout(self.operation_timeout, read).await {
+            Ok(Ok(data)) => Ok(data),
             Ok(Err(error)) => Err(StoreError::Unreachable {
                 endpoint: self.endpoint.clone(),
                 operation,
@@ -450,7 +466,8 @@ impl S3Store {
             Err(error) => return Err(self.map_error(OP, key, Missing::IsNotFound, &error)),
         };
         let ranged = output.content_range().is_some();
-        let data = self.collect_body(OP, key, output.body).await?;
+        let announced = output.content_length().and_then(|size| u64::try_from(size).ok());
+        let data = self.collect_body(OP, key, output.body, announced).await?;
         let got = data.len() as u64;
         if got == length {
             return Ok(data);
@@ -592,7 +609,7 @@ impl ObjectStore for S3Store {
                 .await
                 .map_err(|error| self.map_error(OP, key, Missing::IsNotFound, &error))?;
             let expected = output.content_length().and_then(|size| u64::try_from(size).ok());
-            let data = self.collect_body(OP, key, output.body).await?;
+            let data = self.collect_body(OP, key, output.body, expected).await?;
             match expected {
                 Some(expected) if expected != data.len() as u64 => Err(StoreError::ShortRead {
                     key: key.to_owned(),
