@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::io::Engine;
 use crate::native::backup::{self, BackupOptions};
-use crate::native::layout::gc::{GRACE_SECS, MIN_PACK_AGE_SECS};
+use crate::native::layout::gc::GcTiming;
 use crate::native::layout::{self, Manifest, PackId};
 use crate::native::lifecycle::{self, GroupBy, PruneReport};
 use crate::native::memstore::{MemStore, Op, crashed};
@@ -23,6 +23,8 @@ use crate::progress::Progress;
 use crate::store::ObjectStore;
 
 const CHUNK: usize = 64 * 1024;
+const GRACE_SECS: u64 = GcTiming::DEFAULT.grace_secs;
+const MIN_PACK_AGE_SECS: u64 = GcTiming::DEFAULT.min_pack_age_secs;
 /// 2026-11-26T12:00:00Z: far from this host's clock in either direction is fine.
 const T0: u64 = 1_795_694_400;
 
