@@ -289,6 +289,9 @@ cmd_node_start() {
     done
     if ((all == 1)); then
         wait_cluster_healthy "$dir"
+        # A node that was down lists objects deleted meanwhile until its tables are synced
+        # (Garage filters deleted entries per node before merging): start that sync now.
+        cluster_cli "$dir" repair -a --yes tables >/dev/null
         echo "cluster healthy"
     fi
 }
