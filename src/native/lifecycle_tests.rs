@@ -553,3 +553,30 @@ fn live_bytes(world: &World) -> u64 {
     }
     chunks.values().sum()
 }
+
+// A grace chosen at init is in the config, so a job that opens the repository (another host)
+// obeys it: a prune sweeps a mark exactly that long after it, not 24 h later.
+#[test]
+fn the_grace_chosen_at_init_is_what_every_prune_obeys() {
+    let store = MemStore::new(T0);
+    let timing = GcTiming::for_grace(60).unwrap();
+    let _ = Repository::init_with(Box::new(Arc::clone(&store)), CHUNK as u32, timing).unwrap();
+    let dir = std::env::temp_dir().join(format!("ferry-gc-grace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let repo = Repository::open(Box::new(Arc::clone(&store))).unwrap();
+    let world = World { repo, store, dir, warnings: Arc::default() };
+    assert_eq!(world.repo.config.gc(), timing);
+    let source = world.volume("v", 9, 4);
+    let first = world.backup(&source);
+    world.forget(&first.backup_id);
+    world.store.advance(timing.min_pack_age_secs + 1);
+    assert_eq!(world.prune().marked.unwrap().packs, first.packs.len());
+    world.store.advance(timing.grace_secs - 1);
+    assert_eq!(world.prune().waiting.len(), 1, "inside the grace");
+    world.store.advance(1);
+    let swept = world.prune();
+    assert_eq!(swept.swept[0].deleted_packs, first.packs.len());
+    assert_eq!(world.packs_exist(&first.packs), 0);
+    world.consistent();
+}
