@@ -164,7 +164,7 @@ fn overlapping_image(path: &Path, host: u64, round: u64) {
     for chunk in 0..16u64 {
         if chunk == 15 {
             bytes.extend(std::iter::repeat_n(0u8, MIB as usize));
-        } else if (chunk + round + host) % 4 == 0 {
+        } else if (chunk + round + host).is_multiple_of(4) {
             bytes.extend(random_chunk(1_000_000 + host * 10_000 + round * 100 + chunk));
         } else {
             bytes.extend(random_chunk(chunk));
