@@ -272,8 +272,9 @@ fn three_hosts_back_up_while_forget_and_prune_run() {
     eprintln!("three hosts: {total_deleted} packs deleted by prunes");
 }
 
-/// Starts a backup of `image` on `host` through `proxy`, and stops `nodes` once 8 MiB more
-/// have gone through the proxy; returns the finished run.
+/// Starts a backup of `image` on `host` through `proxy`, uploading at most 8 MB/s, and stops
+/// `nodes` once 8 MiB more have gone through the proxy, asserting that the backup is still
+/// running then; returns the finished run.
 fn backup_losing_nodes(
     cluster: &Cluster,
     host: &Host,
@@ -283,7 +284,8 @@ fn backup_losing_nodes(
     nodes: &[u32],
 ) -> Run {
     let start = proxy.upload_bytes();
-    let child = cluster.spawn(host, repo, &["backup", "--source", image.to_str().unwrap()]);
+    let args = ["backup", "--source", image.to_str().unwrap(), "--limit-upload", "8"];
+    let mut child = cluster.spawn(host, repo, &args);
     assert!(
         proxy.wait_upload_bytes(start + 8 * MIB, Duration::from_secs(120)),
         "the backup never uploaded 8 MiB"
@@ -291,6 +293,7 @@ fn backup_losing_nodes(
     for node in nodes {
         cluster.node("node-stop", *node);
     }
+    assert!(child.try_wait().unwrap().is_none(), "the backup ended before the nodes were lost");
     Run::from(child.wait_with_output().unwrap())
 }
 
@@ -340,11 +343,12 @@ fn a_lost_node_is_survived_and_two_are_a_clean_error() {
     assert!(condemned >= 1, "{marked}");
     std::thread::sleep(Duration::from_secs(GRACE_SECS + 2));
     let via_stall = Cluster::via(&repo, &stalling.url(), None);
-    let prune = cluster.spawn(&hosts[1], &via_stall, &["prune"]);
+    let mut prune = cluster.spawn(&hosts[1], &via_stall, &["prune"]);
     while stalling.injected().is_empty() {
         std::thread::sleep(Duration::from_millis(20));
     }
     cluster.node("node-stop", 3);
+    assert!(prune.try_wait().unwrap().is_none(), "the prune ended before the node was lost");
     let swept = Run::from(prune.wait_with_output().unwrap()).ok();
     phase("prune with node 3 lost");
     assert_eq!(deleted_packs(&swept), condemned, "{swept}");

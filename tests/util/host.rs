@@ -90,11 +90,12 @@ impl Host {
     }
 
     /// Proves the host is what it claims: its hostname and boot id as a process on it reads
-    /// them, and its own pid namespace (a process there sees a small pid).
+    /// them, and its own pid namespace with its own `/proc` (a process there has a small pid).
     fn check(&self) -> Result<(), String> {
         let output = self
             .command(Path::new("/bin/sh"))
-            .args(["-c", "hostname; cat /proc/sys/kernel/random/boot_id; echo $$"])
+            // What ferry's lease reads: these two files and its own pid.
+            .args(["-c", "cat /proc/sys/kernel/hostname /proc/sys/kernel/random/boot_id; echo $$"])
             .output()
             .map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
