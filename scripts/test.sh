@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs Garage 2.5.0 when missing, starts a
-# throwaway single-node Garage on loopback (non-default ports), runs every test against it and
-# against loop devices, and stops Garage afterwards. CI runs exactly this (.ci/run).
+# throwaway single-node Garage and a throwaway 3-node Garage cluster on loopback (non-default
+# ports), runs every test against them and against loop devices, and stops both afterwards. CI
+# runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -9,15 +10,21 @@ export PATH="$HOME/.cargo/bin:$PATH"
 scripts/garage.sh install
 
 garage_dir=$(mktemp -d "${TMPDIR:-/tmp}/ferry-garage.XXXXXX")
+cluster_dir=$(mktemp -d "${TMPDIR:-/tmp}/ferry-cluster.XXXXXX")
 cleanup() {
   if [ -f "$garage_dir/tls-proxy.pid" ]; then kill "$(cat "$garage_dir/tls-proxy.pid")" 2>/dev/null || true; fi
   scripts/garage.sh stop "$garage_dir" || true
-  rm -rf "$garage_dir"
+  scripts/garage.sh cluster-stop "$cluster_dir" || true
+  rm -rf "$garage_dir" "$cluster_dir"
 }
 trap cleanup EXIT
 scripts/garage.sh start "$garage_dir"
 # shellcheck disable=SC1091
 source "$garage_dir/env"
+# Three nodes, replication factor 3, for tests/cluster.rs (many hosts, nodes lost mid-job).
+scripts/garage.sh cluster-start "$cluster_dir"
+# shellcheck disable=SC1091
+source "$cluster_dir/cluster-env"
 
 # An https endpoint in front of Garage, with a throwaway CA, for the TLS verification tests.
 garage_port=${FERRY_TEST_S3_ENDPOINT##*:}
@@ -38,6 +45,7 @@ export FERRY_CINDER_PY
 # Make the environment-gated tests mandatory here: skipping them would hide a broken setup.
 export FERRY_TEST_REQUIRE_S3=1
 export FERRY_TEST_REQUIRE_CINDER=1
+export FERRY_TEST_REQUIRE_CLUSTER=1
 if [ "$(id -u)" = 0 ]; then
   export FERRY_TEST_REQUIRE_LOOP=1
 fi

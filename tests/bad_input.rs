@@ -427,6 +427,19 @@ const ROWS: &[Row] = &[
         2,
         &["power of two"],
     ),
+    // A grace below the minimum would let a prune delete packs a running backup still needs.
+    row(
+        "init: --gc-grace 9s",
+        &["--repo", "{scratch}/new-repo", "init", "--gc-grace", "9s"],
+        2,
+        &["--gc-grace 9s", "outside 10 s"],
+    ),
+    row(
+        "init: --gc-grace 1h1h",
+        &["--repo", "{scratch}/new-repo", "init", "--gc-grace", "1h1h"],
+        2,
+        &["not a duration"],
+    ),
     row("workers: -1", &["backup", "--source", "{src}", "--workers", "-1"], 2, &["--workers"]),
     row(
         "limit-read: -5",

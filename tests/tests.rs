@@ -6,6 +6,8 @@
 //! Garage tests need `FERRY_TEST_S3_ENDPOINT` (set by `scripts/test.sh`, which starts Garage);
 //! without it they log that they were skipped, unless `FERRY_TEST_REQUIRE_S3=1` makes that a
 //! failure. Loop-device tests need root; `FERRY_TEST_REQUIRE_LOOP=1` makes their absence a failure.
+//! Cluster tests need `FERRY_TEST_CLUSTER_ENDPOINT` (a 3-node Garage, `scripts/garage.sh
+//! cluster-start`) and namespaces; `FERRY_TEST_REQUIRE_CLUSTER=1` makes their absence a failure.
 
 mod util;
 
@@ -21,6 +23,9 @@ mod bench;
 mod cinder;
 // The cinder-backup driver (scripts/cinder/ferry_cinder) run by Cinder's backup manager code.
 mod cinder_driver;
+// Many hosts (own hostname, boot id, pid namespace) on a 3-node Garage: concurrent backups with
+// forget and prune, a node lost mid-backup and mid-prune, two nodes lost.
+mod cluster;
 // The command-line contract: exit codes, JSON events, refusals, failures of the store.
 mod cli;
 // S3 faults injected by a proxy, kill -9 mid-backup and mid-restore, rate limits.

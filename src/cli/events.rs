@@ -201,6 +201,8 @@ pub enum Done {
         repository_id: String,
         /// Its chunk size.
         chunk_size_bytes: u32,
+        /// Its garbage-collection grace period.
+        gc_grace_secs: u64,
     },
     /// `--help` or `--version` under `--json`: the text clap prints.
     Help {

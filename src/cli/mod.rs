@@ -23,6 +23,7 @@ use crate::error::{EngineError, ErrorKind};
 use crate::io::Engine;
 use crate::limits;
 use crate::native::backup::{self, BackupOptions};
+use crate::native::layout::gc::GcTiming;
 use crate::native::repo::Repository;
 use crate::native::restore::{self, RestoreOptions};
 use crate::native::verify;
@@ -158,6 +159,13 @@ pub struct InitArgs {
     /// Chunk size in bytes (power of two, 64 KiB to 64 MiB); suffixes K, M accepted.
     #[arg(long, default_value = "4M", value_parser = parse_size, allow_hyphen_values = true)]
     pub chunk_size: u32,
+    /// Garbage collection's grace period, recorded in the repository so every host obeys it:
+    /// `prune` deletes a condemned pack only this long after condemning it, and every other
+    /// time rule derives from it (FORMAT.md). From 10s to 366d; units s, m, h, d (e.g. 90s,
+    /// 36h, 1d12h).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_gc_grace,
+          allow_hyphen_values = true)]
+    pub gc_grace: GcTiming,
 }
 
 /// `ferry backup`.
@@ -367,6 +375,36 @@ fn parse_size(text: &str) -> Result<u32, String> {
     Ok(value)
 }
 
+/// Parses a `--gc-grace` duration like `24h`, `90s`, `1d12h` (units `d h m s`, each at most once,
+/// largest first) and checks the rules it gives (`GcTiming::for_grace`).
+fn parse_gc_grace(text: &str) -> Result<GcTiming, String> {
+    let bad = || format!("{text:?} is not a duration like 24h, 90s or 1d12h (units d, h, m, s)");
+    let mut secs: u64 = 0;
+    let mut digits = String::new();
+    let mut units_left = "dhms";
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let position = units_left.find(c).ok_or_else(bad)?;
+        units_left = &units_left[position + 1..];
+        let unit: u64 = match c {
+            'd' => 86_400,
+            'h' => 3600,
+            'm' => 60,
+            _ => 1,
+        };
+        let value: u64 = digits.parse().map_err(|_| bad())?;
+        digits.clear();
+        secs = value.checked_mul(unit).and_then(|add| secs.checked_add(add)).ok_or_else(bad)?;
+    }
+    if !digits.is_empty() || text.is_empty() {
+        return Err(bad());
+    }
+    GcTiming::for_grace(secs).map_err(|rule| format!("--gc-grace {text}: {rule}"))
+}
+
 /// Command names, as `Output` labels events.
 const COMMAND_NAMES: &[&str] = &[
     "init",
@@ -556,12 +594,13 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
     match &cli.command {
         Command::Init(args) => {
             output.start(Start::Repository { repository: describe.clone() });
-            let repo = Repository::init(store, args.chunk_size)?;
+            let repo = Repository::init_with(store, args.chunk_size, args.gc_grace)?;
             output.result(
                 Done::Init {
                     repository: describe.clone(),
                     repository_id: repo.config.repository_id.clone(),
                     chunk_size_bytes: repo.config.chunk_size_bytes,
+                    gc_grace_secs: repo.config.gc().grace_secs,
                 },
                 &format!("initialised repository {} at {describe}", repo.config.repository_id),
             );

@@ -23,7 +23,6 @@ use crate::io::{self, ReadChunk};
 use crate::limits::{self, Budget};
 use crate::native::chunk;
 use crate::native::compress::Compressor;
-use crate::native::layout::gc;
 use crate::native::layout::{
     self, BackupStats, ChunkHash, Encoding, IndexEntry, Manifest, ObjectKind, PackId, PackIndex,
     RECORD_HEADER_BYTES, SourceInfo,
@@ -251,7 +250,7 @@ pub fn run_many(
         }
         // B3: a pass whose dedup decisions may be older than the grace allows re-validates.
         let now = repo.store_now()?;
-        if !gc::backup_must_revalidate(epoch, now) {
+        if !repo.config.gc().backup_must_revalidate(epoch, now) {
             break (manifests, engines);
         }
         let marks = repo.load_marks()?;

@@ -5,9 +5,9 @@
 //! Prune works in two phases, on two runs (rustic's and Kopia's scheme, adapted; FORMAT.md,
 //! "Garbage collection", states the rules as invariants G1-G7 and B1-B3):
 //! - mark: list the manifests, then the packs and indexes; write the packs that no manifest
-//!   references and that are at least `gc::MIN_PACK_AGE_SECS` old into a new, uniquely named
+//!   references and that are at least the minimum pack age old into a new, uniquely named
 //!   mark `gc/mark-<id>`; delete nothing;
-//! - sweep, on a later run: a mark at least `gc::GRACE_SECS` old, while no live backup lease
+//! - sweep, on a later run: a mark at least the grace period old, while no live backup lease
 //!   predates it, is swept: the manifests (listed after the grace expired) are checked again,
 //!   a pack any of them references is recovered, every other pack loses its index and then
 //!   itself, and the mark is deleted last.
@@ -311,13 +311,13 @@ fn sweep(
             packs: mark.mark.packs.len(),
             reason,
         };
-        if !gc::mark_expired(mark.written_at, now) {
-            let until = Timestamp(mark.written_at + gc::GRACE_SECS);
+        if !repo.config.gc().mark_expired(mark.written_at, now) {
+            let until = Timestamp(mark.written_at + repo.config.gc().grace_secs);
             report.waiting.push(waiting(format!("in its grace period until {until}")));
             still_marked.extend(mark.mark.packs.iter().copied());
             continue;
         }
-        if let Some(blocker) = blocking_lease(leases, mark.written_at) {
+        if let Some(blocker) = blocking_lease(repo, leases, mark.written_at) {
             report.waiting.push(waiting(format!(
                 "job lease {} ({}) predates the mark and may still be running",
                 blocker.key,
@@ -384,7 +384,7 @@ fn condemn(
         if live.contains(&pack) || gone.contains(&pack) || still_marked.contains(&pack) {
             continue;
         }
-        if now.saturating_sub(written) < gc::MIN_PACK_AGE_SECS {
+        if now.saturating_sub(written) < repo.config.gc().min_pack_age_secs {
             report.young_unreferenced_packs += 1;
             continue;
         }
@@ -412,10 +412,14 @@ fn condemn(
 
 /// A live lease of a job other than a prune that may have listed the marks before the mark
 /// written at `mark_time` was visible (G3).
-fn blocking_lease(leases: &[SeenLease], mark_time: u64) -> Option<&SeenLease> {
+fn blocking_lease<'a>(
+    repo: &Repository,
+    leases: &'a [SeenLease],
+    mark_time: u64,
+) -> Option<&'a SeenLease> {
     leases.iter().find(|lease| {
         let prune = lease.info.as_ref().is_some_and(|info| info.job == "prune");
-        lease.live && !prune && gc::lease_predates_mark(lease.written_at, mark_time)
+        lease.live && !prune && repo.config.gc().lease_predates_mark(lease.written_at, mark_time)
     })
 }
 
@@ -429,9 +433,12 @@ fn sweep_pack(
     live: &HashSet<PackId>,
     leases: &[SeenLease],
 ) -> Result<(), EngineError> {
-    assert!(gc::mark_expired(mark.written_at, now), "G1: {pack} swept inside its grace");
+    assert!(repo.config.gc().mark_expired(mark.written_at, now), "G1: {pack} swept in its grace");
     assert!(!live.contains(&pack), "G2: {pack} is referenced by a manifest");
-    assert!(blocking_lease(leases, mark.written_at).is_none(), "G3: a lease predates the mark");
+    assert!(
+        blocking_lease(repo, leases, mark.written_at).is_none(),
+        "G3: a lease predates the mark"
+    );
     assert!(mark.mark.packs.binary_search(&pack).is_ok(), "only condemned packs are swept");
     repo.store.delete(&pack.index_key())?;
     repo.store.delete(&pack.pack_key())?;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::io::Engine;
 use crate::native::backup::{self, BackupOptions};
-use crate::native::layout::gc::{GRACE_SECS, MIN_PACK_AGE_SECS};
+use crate::native::layout::gc::GcTiming;
 use crate::native::layout::{self, Manifest, PackId};
 use crate::native::lifecycle::{self, GroupBy, PruneReport};
 use crate::native::memstore::{MemStore, Op, crashed};
@@ -23,6 +23,8 @@ use crate::progress::Progress;
 use crate::store::ObjectStore;
 
 const CHUNK: usize = 64 * 1024;
+const GRACE_SECS: u64 = GcTiming::DEFAULT.grace_secs;
+const MIN_PACK_AGE_SECS: u64 = GcTiming::DEFAULT.min_pack_age_secs;
 /// 2026-11-26T12:00:00Z: far from this host's clock in either direction is fine.
 const T0: u64 = 1_795_694_400;
 
@@ -550,4 +552,31 @@ fn live_bytes(world: &World) -> u64 {
         }
     }
     chunks.values().sum()
+}
+
+// A grace chosen at init is in the config, so a job that opens the repository (another host)
+// obeys it: a prune sweeps a mark exactly that long after it, not 24 h later.
+#[test]
+fn the_grace_chosen_at_init_is_what_every_prune_obeys() {
+    let store = MemStore::new(T0);
+    let timing = GcTiming::for_grace(60).unwrap();
+    let _ = Repository::init_with(Box::new(Arc::clone(&store)), CHUNK as u32, timing).unwrap();
+    let dir = std::env::temp_dir().join(format!("ferry-gc-grace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let repo = Repository::open(Box::new(Arc::clone(&store))).unwrap();
+    let world = World { repo, store, dir, warnings: Arc::default() };
+    assert_eq!(world.repo.config.gc(), timing);
+    let source = world.volume("v", 9, 4);
+    let first = world.backup(&source);
+    world.forget(&first.backup_id);
+    world.store.advance(timing.min_pack_age_secs + 1);
+    assert_eq!(world.prune().marked.unwrap().packs, first.packs.len());
+    world.store.advance(timing.grace_secs - 1);
+    assert_eq!(world.prune().waiting.len(), 1, "inside the grace");
+    world.store.advance(1);
+    let swept = world.prune();
+    assert_eq!(swept.swept[0].deleted_packs, first.packs.len());
+    assert_eq!(world.packs_exist(&first.packs), 0);
+    world.consistent();
 }

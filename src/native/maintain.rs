@@ -6,13 +6,13 @@
 //! store's clock, is when the job started. It is deleted when the job ends; after a kill -9 it
 //! stays, and later jobs recognise it as dead: same host and that process is gone (or is
 //! another process with the same pid), or another host and older than
-//! `gc::LEASE_FOREIGN_MAX_AGE_SECS` by the store's clock. A multipart upload under `packs/` is
+//! the repository's foreign-lease age (`gc::GcTiming`) by the store's clock. A multipart upload under `packs/` is
 //! abandoned when no other live lease exists, or when it was initiated before every live lease
 //! was written; `abort_abandoned_uploads` aborts those at the start of each backup and prune.
 //!
 //! `repair` never deletes a pack: a pack without an index is either being written (its index
 //! follows), condemned by a mark (prune deletes it), or lost its index; the index of a pack
-//! that a manifest references, or that is older than `gc::MIN_PACK_AGE_SECS`, is rebuilt from
+//! that a manifest references, or that is older than the minimum pack age, is rebuilt from
 //! the pack's self-describing records.
 
 use std::collections::HashSet;
@@ -78,12 +78,12 @@ fn process_start(pid: u32) -> Option<u64> {
 
 impl LeaseInfo {
     /// Whether the job that took this lease may still be running, `age_secs` after the lease
-    /// was written (by the store's clock).
-    pub fn is_live(&self, age_secs: u64) -> bool {
+    /// was written (by the store's clock), in a repository whose rules are `gc_timing`.
+    pub fn is_live(&self, age_secs: u64, gc_timing: &gc::GcTiming) -> bool {
         if !self.boot_id.is_empty() && self.boot_id == boot_id() {
             return process_start(self.pid) == Some(self.process_start);
         }
-        age_secs < gc::LEASE_FOREIGN_MAX_AGE_SECS
+        age_secs < gc_timing.lease_foreign_max_age_secs
     }
 }
 
@@ -168,7 +168,7 @@ pub fn other_leases(
         };
         let age = now.saturating_sub(object.modified_unix);
         // An unreadable lease is not ours to interpret: it counts as live.
-        let live = info.as_ref().is_none_or(|info| info.is_live(age));
+        let live = info.as_ref().is_none_or(|info| info.is_live(age, &repo.config.gc()));
         seen.push(SeenLease { key: object.key, info, written_at: object.modified_unix, live });
     }
     Ok(seen)
@@ -216,7 +216,7 @@ pub fn abort_abandoned_uploads(
     for upload in repo.store.multipart_list(PACKS_PREFIX)? {
         let abandoned = match (oldest_live, upload.initiated_unix) {
             (None, _) => true,
-            (Some(oldest), Some(initiated)) => initiated + gc::VISIBILITY_MARGIN_SECS < oldest,
+            (Some(oldest), Some(initiated)) => initiated + repo.config.gc().margin_secs < oldest,
             (Some(_), None) => false,
         };
         if abandoned {
@@ -234,7 +234,7 @@ pub fn abort_abandoned_uploads(
 }
 
 /// `ferry repair`: abandoned uploads and dead leases as above; then every pack without an
-/// index that a manifest references, or that is older than `gc::MIN_PACK_AGE_SECS` and not
+/// index that a manifest references, or that is older than the minimum pack age and not
 /// condemned, gets its index rebuilt from its records. Nothing is deleted but abandoned
 /// uploads, dead leases and stale clock probes.
 ///
@@ -263,7 +263,7 @@ pub fn repair(repo: &Repository, warn: &dyn Fn(String)) -> Result<RepairReport, 
     let mut unindexed: Vec<_> = packs.iter().filter(|(pack, _)| !indexed.contains(pack)).collect();
     unindexed.sort_by_key(|(pack, _)| **pack);
     for (pack, object) in unindexed {
-        let old = now.saturating_sub(object.modified_unix) >= gc::MIN_PACK_AGE_SECS;
+        let old = now.saturating_sub(object.modified_unix) >= repo.config.gc().min_pack_age_secs;
         if marks.packs.contains(pack) || !(referenced.contains(pack) || old) {
             report.unindexed_packs_left.push(object.key.clone());
             continue;
@@ -285,7 +285,7 @@ pub fn repair(repo: &Repository, warn: &dyn Fn(String)) -> Result<RepairReport, 
         }
     }
     for object in repo.store.list_dated(CLOCK_PREFIX)? {
-        if now.saturating_sub(object.modified_unix) >= gc::MIN_PACK_AGE_SECS {
+        if now.saturating_sub(object.modified_unix) >= repo.config.gc().min_pack_age_secs {
             repo.store.delete(&object.key)?;
         }
     }
@@ -347,14 +347,15 @@ mod tests {
     #[test]
     fn liveness_follows_the_process() {
         let me = this_process("test");
+        let timing = gc::GcTiming::DEFAULT;
         assert!(me.process_start > 0, "reads /proc/self/stat");
-        assert!(me.is_live(u64::MAX));
+        assert!(me.is_live(u64::MAX, &timing));
         let reused = LeaseInfo { process_start: me.process_start + 1, ..me.clone() };
-        assert!(!reused.is_live(0));
+        assert!(!reused.is_live(0, &timing));
         let gone = LeaseInfo { pid: u32::MAX - 1, ..me.clone() };
-        assert!(!gone.is_live(0));
+        assert!(!gone.is_live(0, &timing));
         let foreign = LeaseInfo { boot_id: "other-host".into(), ..me.clone() };
-        assert!(foreign.is_live(gc::LEASE_FOREIGN_MAX_AGE_SECS - 1));
-        assert!(!foreign.is_live(gc::LEASE_FOREIGN_MAX_AGE_SECS));
+        assert!(foreign.is_live(timing.lease_foreign_max_age_secs - 1, &timing));
+        assert!(!foreign.is_live(timing.lease_foreign_max_age_secs, &timing));
     }
 }

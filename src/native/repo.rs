@@ -51,6 +51,19 @@ impl Repository {
         store: Box<dyn ObjectStore>,
         chunk_size_bytes: u32,
     ) -> Result<Repository, EngineError> {
+        Repository::init_with(store, chunk_size_bytes, gc::GcTiming::DEFAULT)
+    }
+
+    /// `init` with garbage-collection rules of its own (`ferry init --gc-grace`), recorded in
+    /// the config so that every host obeys them.
+    ///
+    /// # Errors
+    /// As `init`.
+    pub fn init_with(
+        store: Box<dyn ObjectStore>,
+        chunk_size_bytes: u32,
+        gc_timing: gc::GcTiming,
+    ) -> Result<Repository, EngineError> {
         match store.get(CONFIG_KEY) {
             Ok(_) => {
                 return Err(EngineError::new(
@@ -86,6 +99,7 @@ impl Repository {
             hash_key: layout::to_hex(&key),
             compression: "zstd".to_string(),
             created_at: layout::Timestamp::now(),
+            gc_grace_secs: Some(gc_timing.grace_secs),
         };
         config.validate()?;
         store.put(CONFIG_KEY, Bytes::from(layout::encode_document(ObjectKind::Config, &config)))?;

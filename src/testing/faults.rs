@@ -215,8 +215,9 @@ fn native_lost_completion_leaves_an_orphan_for_repair() {
     let report = maintain::repair(&repo, &|_| {}).expect("repair");
     assert_eq!(report.unindexed_packs_left.len(), 1, "young: {report:?}");
     assert_eq!(mem.keys_under("packs/").len(), 1, "repair deletes no pack");
-    mem.clock()
-        .advance(std::time::Duration::from_secs(crate::native::layout::gc::MIN_PACK_AGE_SECS));
+    mem.clock().advance(std::time::Duration::from_secs(
+        crate::native::layout::gc::GcTiming::DEFAULT.min_pack_age_secs,
+    ));
     let report = maintain::repair(&repo, &|_| {}).expect("repair");
     assert_eq!(report.rebuilt_indexes.len(), 1, "old: {report:?}");
     assert_eq!(mem.keys_under("index/").len(), 1);

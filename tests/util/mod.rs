@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod host;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

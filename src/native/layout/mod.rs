@@ -231,6 +231,11 @@ pub struct RepoConfig {
     pub compression: String,
     /// When the repository was created.
     pub created_at: Timestamp,
+    /// Garbage collection's grace period in seconds, chosen at `ferry init` (`gc::GcTiming`
+    /// derives every other time rule from it). Absent in repositories made before it was a
+    /// setting: those use `gc::GRACE_SECS_DEFAULT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gc_grace_secs: Option<u64>,
 }
 
 impl RepoConfig {
@@ -266,7 +271,21 @@ impl RepoConfig {
             return Err(bad(format!("chunk size {} is not a power of two", self.chunk_size_bytes)));
         }
         let _ = self.hash_key_bytes()?;
+        if let Some(grace) = self.gc_grace_secs {
+            let _ = gc::GcTiming::for_grace(grace).map_err(bad)?;
+        }
         Ok(())
+    }
+
+    /// The repository's garbage-collection time rules.
+    ///
+    /// # Panics
+    /// When the grace is out of range: `validate` refuses such a config before any job uses it.
+    pub fn gc(&self) -> gc::GcTiming {
+        match self.gc_grace_secs {
+            Some(grace) => gc::GcTiming::for_grace(grace).expect("validate checked the grace"),
+            None => gc::GcTiming::DEFAULT,
+        }
     }
 }
 
