@@ -14,6 +14,7 @@ pub mod chunk;
 pub mod compress;
 pub mod fresh;
 pub mod layout;
+pub mod incremental;
 pub mod lifecycle;
 pub mod maintain;
 pub mod repo;
