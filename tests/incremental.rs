@@ -93,8 +93,8 @@ fn chain_from_ranges_file(repo: &Repo, scratch: &Scratch) {
     // A third link of the chain, based on the incremental one.
     let changes = [overwrite(&source, 20 * CHUNK, &[7; 4096])];
     let list = ranges_file(scratch, "changes-3.json", &changes);
-    let third = backup(repo, &source, &["--changed-ranges", &list, "--changed-since", &second_id])
-        .ok();
+    let third =
+        backup(repo, &source, &["--changed-ranges", &list, "--changed-since", &second_id]).ok();
     assert_eq!(third["base"]["chunks_read"], 1);
     let third_id = third["backup_id"].as_str().unwrap().to_owned();
 

@@ -1088,7 +1088,8 @@ fn lightbits_incremental_chain_fallbacks_and_kill() {
     full_read_because(&sim, "does not serve the changed-blocks diff (HTTP 404");
     let _ = sim.call("POST", "/sim/diff", Some(json!({"unsupported": null})));
     let base_uuid = sim.state()["snapshots"][0]["UUID"].as_str().unwrap().to_owned();
-    let _ = sim.api("DELETE", &format!("/api/v2/projects/default/snapshots/{base_uuid}"), None, None);
+    let _ =
+        sim.api("DELETE", &format!("/api/v2/projects/default/snapshots/{base_uuid}"), None, None);
     while !ferry_snapshots(&sim).is_empty() {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1107,8 +1108,8 @@ fn lightbits_incremental_chain_fallbacks_and_kill() {
     let _other = sim.volume("vol-o", &other_content, &[]);
     let other = sim.ferry(&["backup", "--lightbits-volume", "vol-o"]).ok();
     let record_path = sim.scratch.join("journal").join(&sim.journal_entries()[0]);
-    let mut record: Value = serde_json::from_str(&std::fs::read_to_string(&record_path).unwrap())
-        .unwrap();
+    let mut record: Value =
+        serde_json::from_str(&std::fs::read_to_string(&record_path).unwrap()).unwrap();
     record["resource"]["backup_id"] = other["backup_id"].clone();
     std::fs::write(&record_path, record.to_string()).unwrap();
     let last_full = full_read_because(&sim, "is of another source");

@@ -348,9 +348,8 @@ fn diff_hint(
 ) -> Option<Hint> {
     let (base, snapshot) = (base?, attached.snapshot()?);
     let fallback = |why: String| {
-        output.warning(&format!(
-            "incremental backup not possible, reading the whole volume: {why}"
-        ));
+        output
+            .warning(&format!("incremental backup not possible, reading the whole volume: {why}"));
         None
     };
     match control.client.get_snapshot(&base.uuid) {
@@ -358,8 +357,7 @@ fn diff_hint(
         Ok(None) => return fallback(format!("base snapshot {} is gone", base.name)),
         Err(error) => return fallback(format!("base snapshot {}: {error}", base.name)),
     }
-    let ranges = match control.client.changed_blocks(&snapshot.uuid, &base.uuid, DIFF_PAGES_MAX)
-    {
+    let ranges = match control.client.changed_blocks(&snapshot.uuid, &base.uuid, DIFF_PAGES_MAX) {
         Ok(ranges) => ranges,
         Err(error) => return fallback(format!("snapshot diff: {}", crate::error::chain(&error))),
     };

@@ -800,24 +800,33 @@ fn run_backup(
             } else {
                 lightbits::Bases::Use
             };
-            lightbits::backup(cli, volume, &backup_id, bases, output, cancel, |device, label, hint| {
-                options.backup_id = Some(backup_id.clone());
-                options.incremental = hint.and_then(|hint| {
-                    let prefix = hint.label_prefix.clone();
-                    let parent = incremental_parent(&repo, &hint.parent_backup_id, output, |path| {
-                        path.starts_with(&prefix)
-                    })?;
-                    Some(Incremental {
-                        parent,
-                        changed: hint.changed,
-                        unit: ExtentUnit::LogicalBlocks,
-                        sample_count,
-                        changes_from: hint.changes_from,
-                    })
-                });
-                options.source_label = Some(label);
-                run_backup_job(&repo, &options, &[device.to_path_buf()], output, cancel)
-            })?
+            lightbits::backup(
+                cli,
+                volume,
+                &backup_id,
+                bases,
+                output,
+                cancel,
+                |device, label, hint| {
+                    options.backup_id = Some(backup_id.clone());
+                    options.incremental = hint.and_then(|hint| {
+                        let prefix = hint.label_prefix.clone();
+                        let parent =
+                            incremental_parent(&repo, &hint.parent_backup_id, output, |path| {
+                                path.starts_with(&prefix)
+                            })?;
+                        Some(Incremental {
+                            parent,
+                            changed: hint.changed,
+                            unit: ExtentUnit::LogicalBlocks,
+                            sample_count,
+                            changes_from: hint.changes_from,
+                        })
+                    });
+                    options.source_label = Some(label);
+                    run_backup_job(&repo, &options, &[device.to_path_buf()], output, cancel)
+                },
+            )?
         }
         None => {
             if let (Some(file), Some(parent_id)) = (&args.changed_ranges, &args.changed_since) {
@@ -841,7 +850,8 @@ fn incremental_parent(
     same_source: impl Fn(&str) -> bool,
 ) -> Option<crate::native::layout::Manifest> {
     let fallback = |why: String| {
-        output.warning(&format!("incremental backup not possible, reading the whole source: {why}"));
+        output
+            .warning(&format!("incremental backup not possible, reading the whole source: {why}"));
         None
     };
     match repo.load_manifest(parent_id) {

@@ -257,7 +257,8 @@ impl AttachedClone<'_> {
                 volume_uuid: self.source.uuid.clone(),
                 backup_id: backup_id.to_owned(),
             };
-            let mut record = journal.intend(backup_id, self.held.control.project(), base.clone())?;
+            let mut record =
+                journal.intend(backup_id, self.held.control.project(), base.clone())?;
             journal.done(&mut record, base)?;
             let snapshot_record = self.held.records.remove(index);
             journal.remove(&snapshot_record.id)?;

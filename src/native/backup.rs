@@ -284,7 +284,10 @@ pub fn run_many(
         ));
         epoch = now;
         if plan.take().is_some() {
-            warn("the parent backup's packs may be gone: the next pass reads the whole source".into());
+            warn(
+                "the parent backup's packs may be gone: the next pass reads the whole source"
+                    .into(),
+            );
         }
         excluded = marks.packs;
         excluded.extend(lost);
@@ -357,8 +360,7 @@ fn run_pass(
         pack_size_bytes: options.pack_size_bytes.max(1),
         uploader,
     };
-    let (collected, engines) =
-        run_pipeline(repo, options, sources, plan, &shared, budget, cancel)?;
+    let (collected, engines) = run_pipeline(repo, options, sources, plan, &shared, budget, cancel)?;
     let dedup = shared.dedup.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     // After a successful pass every claimed chunk is in a stored pack.
     let stored = dedup.into_iter().filter_map(|(hash, pack)| Some((hash, pack?))).collect();

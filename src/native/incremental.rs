@@ -240,7 +240,10 @@ pub fn plan(
         chunks_carried: parent.chunks.len() as u64 - chunks.len() as u64,
     };
     assert!(chunks.len() >= changed_count, "every touched chunk is read");
-    Ok((Some(Plan { chunks, parent_chunks: parent.chunks.clone(), sample_bytes, base }), sample_bytes))
+    Ok((
+        Some(Plan { chunks, parent_chunks: parent.chunks.clone(), sample_bytes, base }),
+        sample_bytes,
+    ))
 }
 
 /// Re-reads `sampled` chunks of `source` and returns those whose content differs from the
@@ -304,9 +307,9 @@ pub fn parse_ranges_json(text: &str) -> Result<Vec<Extent>, EngineError> {
     let usage = |message: String| EngineError::new(ErrorKind::Usage, message);
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|error| usage(format!("changed ranges are not JSON: {error}")))?;
-    let entries = value
-        .as_array()
-        .ok_or_else(|| usage("changed ranges must be a JSON array (rbd diff --format json)".into()))?;
+    let entries = value.as_array().ok_or_else(|| {
+        usage("changed ranges must be a JSON array (rbd diff --format json)".into())
+    })?;
     let number = |entry: &serde_json::Value, key: &str, position: usize| {
         let field = entry.get(key);
         field
