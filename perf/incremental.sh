@@ -3,8 +3,10 @@
 # full backup of the same volume, side by side. A SIZE volume (default 4G, mixed content) is
 # served by scripts/lightbits-sim.py (attached as a loop device), backed up with
 # --lightbits-keep-base, then 1% of its 4 MiB chunks are rewritten through the simulator; the
-# same volume state is then backed up twice: incrementally (diff against the kept base) and in
-# full (the simulator told to answer the diff call with 404, so ferry falls back to a full read).
+# same volume state is then backed up twice from the same repository state (the repository is
+# copied before the first of them): incrementally (diff against the kept base) and in full (the
+# simulator told to answer the diff call with 404, so ferry falls back to a full read); both store
+# the same rewritten chunks.
 # Needs root (losetup). Local repository under a scratch directory; page cache dropped before
 # each backup. Appends a table to perf/results/incremental-<date>.md.
 #
@@ -12,6 +14,9 @@
 #
 #   NOTE="..."             a line copied into the results (e.g. "machine shared with a build")
 #   FERRY_BIN_DIR=DIR      take ferry and bench from DIR instead of `cargo build --release`
+#   REPO_DIR=DIR           put the repositories there (e.g. /dev/shm: the simulator copies
+#                          GiBs into the page cache when it makes a snapshot or clone, and on the
+#                          same ext4 a pack's fsync waits for that data to be written out)
 #
 # Columns: bytes read from the source (the job's stats.bytes_read, the sampling check included);
 # data-plane time = the job's own stats.duration_ms (read + hash + compress + upload, with the
@@ -25,9 +30,10 @@ size=${1:-4G}
 percent=${2:-1}
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/ferry-incremental-perf.XXXXXX")
 sim_pid=""
+repo_dir=$(mktemp -d "${REPO_DIR:-$work}/ferry-incremental-repo.XXXXXX")
 cleanup() {
   if [[ -n "$sim_pid" ]]; then kill "$sim_pid" 2>/dev/null || true; wait "$sim_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
+  rm -rf "$repo_dir" "$work"
 }
 trap cleanup EXIT
 # shellcheck source=perf/lib.sh
@@ -35,7 +41,7 @@ source perf/lib.sh
 mkdir -p perf/results
 perf_commit_label
 perf_private_bins ferry bench
-mkdir -p "$work"/{state,discovery,by-id,journal,repo}
+mkdir -p "$work"/{state,discovery,by-id,journal} "$repo_dir/repo"
 echo perf-token >"$work/token"
 "$work/bench" gen-image "$work/volume.img" --size "$size" --mix mixed --seed 14 >/dev/null
 python3 scripts/lightbits-sim.py --port 0 --port-file "$work/port" --token-file "$work/token" \
@@ -45,7 +51,7 @@ sim_pid=$!
 for _ in $(seq 200); do [[ -s "$work/port" ]] && break; sleep 0.05; done
 api="127.0.0.1:$(cat "$work/port")"
 cat >"$work/config.toml" <<EOF
-repository = "$work/repo"
+repository = "$repo_dir/repo"
 [lightbits]
 api_addresses = ["http://$api"]
 token_file = "$work/token"
@@ -63,7 +69,9 @@ with urllib.request.urlopen(urllib.request.Request(f"http://{sys.argv[1]}/sim/vo
     print(json.load(r)["UUID"])
 EOF
 )
-ferry() { "$work/ferry" --json --config "$work/config.toml" "$@"; }
+sed "s|^repository = .*|repository = \"$repo_dir/repo-full\"|" "$work/config.toml" >"$work/config-full.toml"
+config="$work/config.toml"
+ferry() { "$work/ferry" --json --config "$config" "$@"; }
 ferry init --chunk-size 4M >/dev/null
 
 # One backup: drops the page cache, runs ferry, prints "bytes_read duration_ms wall_s chunks_read".
@@ -100,28 +108,31 @@ for index in random.Random(14).sample(range(size // chunk), count):
 print(count)
 EOF
 )
+cp -a "$repo_dir/repo" "$repo_dir/repo-full"
 read -r inc_bytes inc_ms inc_wall inc_read inc_sampled < <(run_backup --lightbits-keep-base)
 sim <<'EOF'
 import json, sys, urllib.request
 body = json.dumps({"unsupported": 404}).encode()
 urllib.request.urlopen(urllib.request.Request(f"http://{sys.argv[1]}/sim/diff", body)).read()
 EOF
+config="$work/config-full.toml"
 read -r full_bytes full_ms full_wall _ _ < <(run_backup)
 
 out="perf/results/incremental-$(date -u +%Y-%m-%d).md"
 python3 - "$size" "$percent" "$rewritten" "$commit" "${NOTE:-}" \
   "$first_bytes" "$first_ms" "$first_wall" "$inc_bytes" "$inc_ms" "$inc_wall" "$inc_read" \
-  "$inc_sampled" "$full_bytes" "$full_ms" "$full_wall" >>"$out" <<'EOF'
+  "$inc_sampled" "$full_bytes" "$full_ms" "$full_wall" "${REPO_DIR:+REPO_DIR=$REPO_DIR }" >>"$out" <<'EOF'
 import datetime, sys
 (size, percent, rewritten, commit, note, fb, fms, fwall, ib, ims, iwall, iread, isampled,
- gb, gms, gwall) = sys.argv[1:]
+ gb, gms, gwall, repo_env) = sys.argv[1:]
+where = f"in {repo_env.split('=', 1)[1].strip()}" if repo_env else "on the same disk"
 def row(name, b, ms, wall):
     ctl = float(wall) - int(ms) / 1000
     return (f"| {name} | {int(b) / 2**20:.0f} | {int(b) / int(gb) * 100:.1f}% | {int(ms) / 1000:.2f} "
             f"| {wall} | {ctl:.2f} |")
 print(f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}\n")
-print(f"Command: `sudo perf/incremental.sh {size} {percent}`: {size} mixed volume on the Lightbits "
-      f"simulator (loop device), 4 MiB chunks, local repository, {rewritten} chunks ({percent}%) "
+print(f"Command: `sudo {repo_env}perf/incremental.sh {size} {percent}`: {size} mixed volume on the "
+      f"Lightbits simulator (loop device), 4 MiB chunks, local repository {where}, {rewritten} chunks ({percent}%) "
       f"rewritten with random data between the backups; incremental: {iread} chunks read for the "
       f"diff + {isampled} sampled.")
 if note:
@@ -131,7 +142,7 @@ print("| backup | MiB read | of the volume | data-plane s | wall s | control-pla
 print("|---|---|---|---|---|---|")
 print(row("first (full, keeps its base)", fb, fms, fwall))
 print(row("incremental (diff against the base)", ib, ims, iwall))
-print(row("full, same volume state (diff answered 404)", gb, gms, gwall))
+print(row("full, same volume and repository state (diff answered 404)", gb, gms, gwall))
 print(f"\nIncremental / full: bytes read {int(ib) / int(gb):.3f}, data-plane time "
       f"{int(ims) / int(gms):.3f}, wall {float(iwall) / float(gwall):.3f}.")
 EOF
