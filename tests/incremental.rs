@@ -172,6 +172,9 @@ fn incremental_fallbacks_and_refusals() {
     let run = backup(&repo, &source, &["--changed-ranges", &bad, "--changed-since", &parent]);
     assert!(run.fails(2).contains("length"), "{:?}", run.events);
     backup(&repo, &source, &["--changed-ranges", &list]).fails(2);
+    // Refused before the repository is opened: exit 2 even where there is none.
+    let nowhere = Repo::Local(scratch.join("no-repository"));
+    backup(&nowhere, &source, &["--changed-since", &parent]).fails(2);
     backup(&repo, &source, &["--sample-unchanged", "3"]).fails(2);
     backup(&repo, &source, &["--lightbits-keep-base"]).fails(2);
     let run = backup(

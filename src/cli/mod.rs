@@ -365,6 +365,29 @@ fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), Engin
     }
 }
 
+/// Refuses (exit 2, before any repository or device is touched) the incremental flags of
+/// `backup` given without what they need.
+fn check_incremental_flags(cli: &Cli) -> Result<(), EngineError> {
+    let Command::Backup(args) = &cli.command else { return Ok(()) };
+    let usage = |message: &str| Err(EngineError::new(ErrorKind::Usage, message.to_owned()));
+    if args.changed_ranges.is_some() != args.changed_since.is_some() {
+        return usage("--changed-ranges and --changed-since go together");
+    }
+    if args.lightbits_keep_base && args.lightbits.lightbits_volume.is_none() {
+        return usage("--lightbits-keep-base needs --lightbits-volume");
+    }
+    if args.sample_unchanged.is_some()
+        && args.changed_ranges.is_none()
+        && args.lightbits.lightbits_volume.is_none()
+    {
+        return usage(
+            "--sample-unchanged applies to incremental backups: --lightbits-volume or \
+             --changed-ranges",
+        );
+    }
+    Ok(())
+}
+
 /// Parses a byte count: digits with an optional K, M or G suffix (binary; `B`/`iB` allowed).
 fn parse_bytes(text: &str) -> Result<u64, String> {
     let trimmed = text.trim().trim_end_matches("iB").trim_end_matches('B');
@@ -429,6 +452,7 @@ pub fn run() -> u8 {
     let output = Output::new(cli.json, name);
     let cancel = Arc::new(AtomicBool::new(false));
     let checked = check_format_flags(&cli, &matches)
+        .and_then(|()| check_incremental_flags(&cli))
         .and_then(|()| check_environment(&cli))
         .and_then(|()| validate::check_command(&cli));
     let result =
@@ -774,23 +798,6 @@ fn run_backup(
     options.pack_size_bytes = args.pack_size;
     options.limit_read_bytes_per_sec = args.limit_read;
     options.limit_upload_bytes_per_sec = args.limit_upload;
-    let usage = |message: &str| Err(EngineError::new(ErrorKind::Usage, message.to_owned()));
-    if args.changed_ranges.is_some() != args.changed_since.is_some() {
-        return usage("--changed-ranges and --changed-since go together");
-    }
-    if args.lightbits_keep_base && args.lightbits.lightbits_volume.is_none() {
-        return usage("--lightbits-keep-base needs --lightbits-volume");
-    }
-    if args.sample_unchanged.is_some()
-        && args.changed_ranges.is_none()
-        && args.lightbits.lightbits_volume.is_none()
-    {
-        return Err(EngineError::new(
-            ErrorKind::Usage,
-            "--sample-unchanged applies to incremental backups: --lightbits-volume or \
-             --changed-ranges",
-        ));
-    }
     let sample_count = args.sample_unchanged.map(|count| count as usize);
     let (result, summary) = match &args.lightbits.lightbits_volume {
         Some(volume) => {
