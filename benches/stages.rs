@@ -80,6 +80,7 @@ fn stages(c: &mut Criterion) {
             .map(|i| (i % 3 != 0).then(|| hasher.hash(&i.to_le_bytes())))
             .collect::<Vec<Option<ChunkHash>>>(),
         stats: BackupStats::default(),
+        base: None,
     };
     let mut group = c.benchmark_group("format");
     let _ = group.sample_size(10);

@@ -664,12 +664,89 @@ def test_restart_after_kill(root: str) -> None:
 # Runner
 # ------------------------------------------------------------------------------------------------
 
+def test_snapshot_diff(sim: Sim) -> None:
+    """Changed blocks (B.8): the LBAs written between two snapshots, paged at the configured
+    size with nextOffsetLBA, both number encodings, the documented 400/404, an unsupported mode."""
+    size = 1024 * 4096
+    vol = sim_volume(sim, "diffed", size)
+
+    def snapshot(name: str) -> str:
+        snap = expect(200, sim.api("POST", SNAPS, {"name": name, "sourceVolumeUUID": vol["UUID"]}),
+                      name)
+        wait_snapshot(sim, snap["UUID"], "Available")
+        return snap["UUID"]
+
+    def write(offset: int, length: int) -> None:
+        sim.sim("POST", f"/sim/volumes/{vol['UUID']}/write",
+                {"offset": offset, "data_b64": base64.b64encode(b"x" * length).decode()})
+
+    base = snapshot("base")
+    writes = [(0, 512), (100 * 512, 1), (4096 * 100, 8192), (size - 512, 512)]
+    for i in range(20):
+        writes.append((4096 * (300 + 7 * i), 4096))
+    for offset, length in writes:
+        write(offset, length)
+    target = snapshot("target")
+    write(4096 * 900, 4096)  # after the target: not in the diff
+    expected: set[int] = set()
+    for offset, length in writes:
+        expected.update(range(offset // 512, (offset + length - 1) // 512 + 1))
+
+    def all_pages(int64: str) -> tuple[set[int], int]:
+        sim.sim("POST", "/sim/diff", {"pageSize": 3, "int64": int64})
+        lbas: set[int] = set()
+        offset, pages = 0, 0
+        while True:
+            page = expect(200, sim.api(
+                "GET", f"{SNAPS}/diff/{target}?baseSnapshotUUID={base}&offsetLBA={offset}"), "diff")
+            pages += 1
+            for r in page["lbaRanges"]:
+                if int64 == "string":
+                    assert isinstance(r["lbaStart"], str), r
+                start, end = int(r["lbaStart"]), int(r["lbaEnd"])
+                bits = base64.b64decode(r["dataBitMap"])
+                assert len(bits) == (end - start + 1 + 7) // 8, r
+                assert bits[0] & 1 and bits[(end - start) // 8] >> ((end - start) % 8) & 1, r
+                lbas.update(start + i for i in range(end - start + 1)
+                            if bits[i // 8] >> (i % 8) & 1)
+            nxt = int(page["nextOffsetLBA"])
+            if nxt == 0:
+                return lbas, pages
+            assert nxt > offset and nxt % 64 == 0, (nxt, offset)
+            offset = nxt
+
+    for int64 in ("string", "number", "mixed"):
+        lbas, pages = all_pages(int64)
+        assert lbas == expected, sorted(lbas ^ expected)[:20]
+        assert pages > 3, pages
+    expect(400, sim.api("GET", f"{SNAPS}/diff/{target}?baseSnapshotUUID={target}"), "identical")
+    expect(400, sim.api("GET", f"{SNAPS}/diff/{base}?baseSnapshotUUID={target}"), "base newer")
+    expect(400, sim.api("GET", f"{SNAPS}/diff/{target}?baseSnapshotUUID={base}"
+                               f"&offsetLBA={size // 512 + 64}"), "offset beyond the size")
+    expect(404, sim.api("GET", f"{SNAPS}/diff/nope?baseSnapshotUUID={base}"), "unknown target")
+    expect(404, sim.api("GET", f"{SNAPS}/diff/{target}?baseSnapshotUUID=nope"), "unknown base")
+    other = sim_volume(sim, "other", size)
+    other_snap = expect(200, sim.api("POST", SNAPS, {"name": "o",
+                                                     "sourceVolumeUUID": other["UUID"]}), "o")
+    wait_snapshot(sim, other_snap["UUID"], "Available")
+    expect(400, sim.api("GET", f"{SNAPS}/diff/{target}?baseSnapshotUUID={other_snap['UUID']}"),
+           "another volume")
+    sim.sim("POST", "/sim/diff", {"pageSize": 10000, "hide": [[0, 0]]})
+    lied = expect(200, sim.api("GET", f"{SNAPS}/diff/{target}?baseSnapshotUUID={base}"), "hide")
+    assert all(int(r["lbaStart"]) > 0 for r in lied["lbaRanges"]), lied
+    for status in (404, 501):
+        sim.sim("POST", "/sim/diff", {"unsupported": status})
+        expect(status, sim.api("GET", f"{SNAPS}/diff/{target}?baseSnapshotUUID={base}"), "off")
+    sim.sim("POST", "/sim/reset")
+    assert sim.sim("GET", "/sim/diff")["unsupported"] is None
+
+
 SHARED_TESTS: list[Callable[[Sim], None]] = [
     test_auth, test_cluster_and_nodes, test_volume_lifecycle, test_duplicate_name_409,
     test_if_match_412, test_snapshot_point_in_time, test_clone_from_snapshot, test_delete,
     test_injected_503_then_success, test_error_after, test_stuck_clone, test_delete_fails_once,
     test_create_fails, test_attach_detach, test_discovery_lines_checked, test_reset,
-    test_api_nodes, test_nvme_controllers,
+    test_api_nodes, test_nvme_controllers, test_snapshot_diff,
 ]
 
 

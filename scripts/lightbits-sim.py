@@ -61,7 +61,7 @@ VOLUME_STATES = {"Unknown", CREATING, AVAILABLE, DELETING, "Deleted", FAILED, "U
 SNAPSHOT_STATES = {"Unknown", CREATING, AVAILABLE, DELETING, "Deleted", FAILED, "Updating"}
 
 # gRPC status codes carried in error bodies (LightOS' REST API is a gRPC gateway).
-GRPC_CODE = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 409: 6, 412: 9, 500: 13, 503: 14}
+GRPC_CODE = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 409: 6, 412: 9, 500: 13, 501: 12, 503: 14}
 
 SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
               "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
@@ -215,6 +215,10 @@ class Volume(Resource):
     source_snapshot_uuid: str | None = None
     source_snapshot_name: str | None = None
     write_seq: int = 0  # number of /sim writes applied so far
+    # (seq, offset, length) of every change to the data since creation: /sim writes, rollbacks
+    # (the whole volume); what the changed-blocks diff answers from. Writes through the loop
+    # device bypass it (and the point-in-time lock), as documented.
+    write_log: list[tuple[int, int, int]] = field(default_factory=list)
     loop: str | None = None  # /dev/loopN while attached
     link: str | None = None  # by-id symlink while attached
 
@@ -252,6 +256,9 @@ class Snapshot(Resource):
     source_volume_uuid: str = ""
     source_volume_name: str = ""
     source_write_seq: int = 0  # the source's write_seq when the snapshot was taken
+    # The source's write log up to source_write_seq, and a creation counter ("newer" for diff).
+    write_log: list[tuple[int, int, int]] = field(default_factory=list)
+    created_index: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -688,6 +695,115 @@ def detach_stale_loops(state_dir: str, by_id_dir: str) -> None:
                     os.unlink(link)
 
 
+
+# ------------------------------------------------------------------------------------------------
+# Changed blocks between two snapshots (reference B.8)
+# ------------------------------------------------------------------------------------------------
+
+DIFF_ALIGN_LBAS = 64  # offsetLBA is "aligned to 64 and rounded down" (B.8)
+
+
+@dataclass
+class DiffSettings:
+    """How GET .../snapshots/diff/{uuid} answers; set by flags and POST /sim/diff."""
+
+    page_size: int = 10000  # ranges per answer at most (the CLI's page; B.8)
+    unsupported: int | None = None  # 404 or 501: answer like a cluster without the call
+    lba_bytes: int = 512  # the LBA unit: the attached loop device's logical block size
+    int64: str = "string"  # "string" (proto3 JSON), "number", or "mixed" (alternating)
+    # LBA ranges [start, end] (inclusive) left out of every answer: a lying cluster, for
+    # testing the client's sampling check.
+    hide: list[tuple[int, int]] = field(default_factory=list)
+    calls: int = 0  # answered diff calls (every page counts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pageSize": self.page_size, "unsupported": self.unsupported,
+                "lbaBytes": self.lba_bytes, "int64": self.int64,
+                "hide": [list(r) for r in self.hide], "calls": self.calls}
+
+    def update(self, body: dict[str, Any]) -> None:
+        try:
+            if "pageSize" in body:
+                page = int(body["pageSize"])
+                if page < 1:
+                    raise ValueError("pageSize must be at least 1")
+                self.page_size = page
+            if "unsupported" in body:
+                value = body["unsupported"]
+                if value not in (None, 404, 501):
+                    raise ValueError("unsupported is null, 404 or 501")
+                self.unsupported = value
+            if "int64" in body:
+                if body["int64"] not in ("string", "number", "mixed"):
+                    raise ValueError("int64 is string, number or mixed")
+                self.int64 = body["int64"]
+            if "hide" in body:
+                self.hide = [(int(a), int(b)) for a, b in body["hide"]]
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, f"bad diff settings: {e}") from e
+
+
+def merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged inclusive intervals (adjacent ones joined)."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def subtract_intervals(intervals: list[tuple[int, int]],
+                       holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = intervals
+    for hole_start, hole_end in holes:
+        cut: list[tuple[int, int]] = []
+        for start, end in out:
+            if end < hole_start or start > hole_end:
+                cut.append((start, end))
+                continue
+            if start < hole_start:
+                cut.append((start, hole_start - 1))
+            if end > hole_end:
+                cut.append((hole_end + 1, end))
+        out = cut
+    return out
+
+
+def changed_lbas(target: Snapshot, base: Snapshot | None, lba_bytes: int) -> list[tuple[int, int]]:
+    """Inclusive LBA intervals of `target` written after `base` (all of it without a base)."""
+    last_lba = target.size // lba_bytes - 1
+    if base is None:
+        return [(0, last_lba)] if last_lba >= 0 else []
+    touched = [(offset // lba_bytes, (offset + length - 1) // lba_bytes)
+               for seq, offset, length in target.write_log
+               if base.source_write_seq < seq <= target.source_write_seq and length > 0]
+    return [(s, min(e, last_lba)) for s, e in merge_intervals(touched) if s <= last_lba]
+
+
+def bitmap_b64(start: int, end: int, written: list[tuple[int, int]]) -> str:
+    """One bit per LBA of [start, end], least significant bit first, set where written."""
+    count = end - start + 1
+    bits = bytearray((count + 7) // 8)
+    for w_start, w_end in written:
+        for lba in range(max(w_start, start), min(w_end, end) + 1):
+            bits[(lba - start) // 8] |= 1 << ((lba - start) % 8)
+    return base64.b64encode(bytes(bits)).decode()
+
+
+def diff_ranges(intervals: list[tuple[int, int]]) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Written intervals grouped into ranges by 64-LBA window: (lbaStart, lbaEnd, written)."""
+    ranges: list[tuple[int, int, list[tuple[int, int]]]] = []
+    for start, end in intervals:
+        window_start = start - start % DIFF_ALIGN_LBAS
+        if ranges and ranges[-1][1] // DIFF_ALIGN_LBAS >= window_start // DIFF_ALIGN_LBAS:
+            first, _, written = ranges[-1]
+            ranges[-1] = (first, end, written + [(start, end)])
+        else:
+            ranges.append((start, end, [(start, end)]))
+    return ranges
+
 # ------------------------------------------------------------------------------------------------
 # The simulated cluster
 # ------------------------------------------------------------------------------------------------
@@ -704,6 +820,9 @@ class Config:
     subsystem_nqn: str
     node_endpoints: list[str]
     discovery_port: int
+    diff_page_size: int = 10000
+    diff_unsupported: int | None = None
+    lba_bytes: int = 512
 
 
 class Cluster:
@@ -723,6 +842,9 @@ class Cluster:
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=MAX_HISTORY)
         self.faults = FaultBook()
         self.nsids = itertools.count(1)
+        self.snapshot_counter = itertools.count(1)
+        self.diff = DiffSettings(page_size=config.diff_page_size,
+                                 unsupported=config.diff_unsupported, lba_bytes=config.lba_bytes)
         # API nodes: one listening port each; "up", "down" (connections dropped unanswered) or
         # "hang" (requests held unanswered). Ports are filled in by main().
         self.api_nodes: list[dict[str, Any]] = []
@@ -923,7 +1045,8 @@ class Cluster:
             with open(snap.path, "rb") as src, open(vol.path, "r+b") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
                 dst.truncate(max(snap.size, vol.size))
-            vol.write_seq = snap.source_write_seq
+            vol.write_seq = max(vol.write_seq, snap.source_write_seq) + 1
+            vol.write_log.append((vol.write_seq, 0, max(snap.size, vol.size)))
             vol.bump()
             return vol
 
@@ -953,7 +1076,8 @@ class Cluster:
                                 path=os.path.join(self.config.state_dir, "snapshots",
                                                   f"{snap_uuid}.img"),
                                 source_volume_uuid=vol.uuid, source_volume_name=vol.name,
-                                source_write_seq=vol.write_seq)
+                                source_write_seq=vol.write_seq, write_log=list(vol.write_log),
+                                created_index=next(self.snapshot_counter))
                 snap.bump()
                 self.snapshots[snap_uuid] = snap  # Creating, no transition yet: the name is taken
                 source_path = vol.path
@@ -990,6 +1114,7 @@ class Cluster:
                 os.close(fd)
             with self.lock:
                 vol.write_seq += 1
+                vol.write_log.append((vol.write_seq, offset, len(data)))
                 return vol.write_seq
 
     def read(self, kind: str, res_uuid: str, offset: int, length: int | None) -> bytes:
@@ -1089,6 +1214,9 @@ class Cluster:
                 self.deleted.clear()
                 self.requests.clear()
                 self.faults.clear()
+                self.diff = DiffSettings(page_size=self.config.diff_page_size,
+                                         unsupported=self.config.diff_unsupported,
+                                         lba_bytes=self.config.lba_bytes)
                 for node in self.api_nodes:
                     node["state"] = "up"
 
@@ -1292,6 +1420,73 @@ def h_delete_snapshot(cluster: Cluster, req: Request) -> Reply:
     return ok({})
 
 
+def h_snapshot_diff(cluster: Cluster, req: Request) -> Reply:
+    """GET .../snapshots/diff/{uuid}?baseSnapshotUUID=&offsetLBA= (B.8): one page of the LBA
+    ranges of the target that differ from the base, `nextOffsetLBA` 0 on the last page."""
+    settings = cluster.diff
+    if settings.unsupported is not None:
+        raise ApiError(settings.unsupported, f"no route for {req.method} {req.path}")
+    project = project_of(req)
+    try:
+        offset = int(req.arg("offsetLBA") or 0)
+    except ValueError as e:
+        raise ApiError(400, f"bad offsetLBA: {e}") from e
+    offset -= offset % DIFF_ALIGN_LBAS
+    with cluster.lock:
+        if req.params["uuid"] == "" or req.arg("snapshotName"):
+            target = cluster.snapshot_by_name(project, req.arg("snapshotName") or "")
+        else:
+            target = cluster.snapshot(project, req.params["uuid"])
+        base = None
+        if req.arg("baseSnapshotUUID"):
+            base = cluster.snapshot(project, req.arg("baseSnapshotUUID") or "")
+        elif req.arg("baseSnapshotName"):
+            base = cluster.snapshot_by_name(project, req.arg("baseSnapshotName") or "")
+        if base is not None:
+            if base.uuid == target.uuid:
+                raise ApiError(400, "snapshot and base snapshot are identical")
+            if base.source_volume_uuid != target.source_volume_uuid:
+                raise ApiError(400, "snapshots are not on the same chain")
+            if base.created_index > target.created_index:
+                raise ApiError(400, "the base snapshot is newer than the snapshot")
+        lba_bytes = settings.lba_bytes
+        if offset * lba_bytes >= max(target.size, 1) and offset > 0:
+            raise ApiError(400, f"offsetLBA {offset} is beyond the snapshot size")
+        intervals = subtract_intervals(changed_lbas(target, base, lba_bytes), settings.hide)
+        ranges = [(s, e, w) for s, e, w in diff_ranges(intervals) if e >= offset]
+        page = ranges[:settings.page_size]
+        rest = ranges[settings.page_size:]
+        # The next offset must make progress past this call's (aligned) offset.
+        while rest and rest[0][0] - rest[0][0] % DIFF_ALIGN_LBAS <= offset:
+            page.append(rest.pop(0))
+        next_offset = rest[0][0] - rest[0][0] % DIFF_ALIGN_LBAS if rest else 0
+        settings.calls += 1
+        mixed = itertools.count()
+
+        def number(value: int) -> Any:
+            if settings.int64 == "number" or (settings.int64 == "mixed" and next(mixed) % 2):
+                return value
+            return str(value)
+
+        body: dict[str, Any] = {"nextOffsetLBA": number(next_offset), "lbaRanges": [
+            {"lbaStart": number(max(s, offset)), "lbaEnd": number(e),
+             "dataBitMap": bitmap_b64(max(s, offset), e, w)} for s, e, w in page]}
+        return ok(body)
+
+
+def h_sim_diff_get(cluster: Cluster, req: Request) -> Reply:
+    with cluster.lock:
+        return ok(cluster.diff.to_json())
+
+
+def h_sim_diff_set(cluster: Cluster, req: Request) -> Reply:
+    """{"pageSize", "unsupported": null|404|501, "int64", "hide": [[startLBA, endLBA], ...]}."""
+    body = req.json()
+    with cluster.lock:
+        cluster.diff.update(body)
+        return ok(cluster.diff.to_json())
+
+
 # -- /sim control handlers (no auth) -------------------------------------------------------------
 
 def h_sim_state(cluster: Cluster, req: Request) -> Reply:
@@ -1421,6 +1616,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", f"{API}/projects/{P}/snapshots/?", h_create_snapshot),
     ("GET", f"{API}/projects/{P}/snapshots/{U}", h_get_snapshot),
     ("DELETE", f"{API}/projects/{P}/snapshots/{U}", h_delete_snapshot),
+    ("GET", f"{API}/projects/{P}/snapshots/diff/(?P<uuid>[^/]*)", h_snapshot_diff),
     # Non-project path form (pve-lightbits): ?projectName=<p>, POST body "projectName".
     ("GET", f"{API}/volumes/?", h_list_volumes),
     ("POST", f"{API}/volumes/?", h_create_volume),
@@ -1445,6 +1641,8 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", f"/sim/{K}/{U}/sha256", h_sim_sha256),
     ("POST", f"/sim/{K}/{U}/state", h_sim_state_set),
     ("GET", "/sim/api-nodes", h_sim_api_nodes),
+    ("GET", "/sim/diff", h_sim_diff_get),
+    ("POST", "/sim/diff", h_sim_diff_set),
     ("POST", "/sim/api-nodes/(?P<index>[0-9]+)", h_sim_api_node_set),
 ]
 COMPILED = [(method, re.compile(pattern), handler) for method, pattern, handler in ROUTES]
@@ -1649,6 +1847,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "127.0.0.2:4420, 127.0.0.3:4420)")
     p.add_argument("--discovery-port", type=int, default=8009,
                    help="the -s port discovery files must name (default 8009)")
+    p.add_argument("--diff-page-size", type=int, default=10000,
+                   help="ranges per snapshots/diff answer at most (the CLI pages at 10,000)")
+    p.add_argument("--diff-unsupported", type=int, choices=[404, 501], default=None,
+                   help="answer snapshots/diff with this status, like an older cluster")
+    p.add_argument("--lba-bytes", type=int, default=512,
+                   help="the LBA unit of snapshots/diff (the loop device's logical block size)")
     p.add_argument("--fault", action="append", default=[],
                    help="a fault rule as JSON (same shape as POST /sim/faults), repeatable")
     args = p.parse_args(argv)
@@ -1678,7 +1882,9 @@ def build_cluster(args: argparse.Namespace, state_dir: str) -> Cluster:
         snapshot_delay=args.create_delay if args.snapshot_delay is None else args.snapshot_delay,
         cluster_uuid=cluster_uuid,
         subsystem_nqn=args.subsystem_nqn or f"nqn.2016-01.com.lightbitslabs:uuid:{cluster_uuid}",
-        node_endpoints=endpoints, discovery_port=args.discovery_port)
+        node_endpoints=endpoints, discovery_port=args.discovery_port,
+        diff_page_size=args.diff_page_size, diff_unsupported=args.diff_unsupported,
+        lba_bytes=args.lba_bytes)
     by_id_dir = args.by_id_dir or os.path.join(state_dir, "by-id")
     attacher = Attacher(args.discovery_dir, by_id_dir, args.sysfs_dir, config.subsystem_nqn,
                         {endpoint_ip(e) for e in endpoints}, args.discovery_port,

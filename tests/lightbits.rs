@@ -980,3 +980,164 @@ fn lightbits_two_jobs_on_one_volume() {
     sim.ferry(&["backup", "--lightbits-volume", "vol-busy"]).ok();
     sim.assert_clean(&[(&busy, acl.clone()), (&free, acl)], "after both jobs");
 }
+
+/// Writes `data` at `offset` of volume `uuid` through the simulator and into `mirror`.
+fn write_volume(sim: &Sim, uuid: &str, mirror: &mut [u8], offset: u64, data: &[u8]) {
+    let body = json!({"offset": offset, "data_b64": base64(data)});
+    let _ = sim.call("POST", &format!("/sim/volumes/{uuid}/write"), Some(body));
+    let start = usize::try_from(offset).unwrap();
+    mirror[start..start + data.len()].copy_from_slice(data);
+}
+
+/// The ferry snapshots the simulator holds, by name.
+fn ferry_snapshots(sim: &Sim) -> Vec<String> {
+    let mut names: Vec<String> = sim.state()["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|snapshot| snapshot["name"].as_str().unwrap().to_owned())
+        .filter(|name| name.starts_with("ferry-snap-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Restores `backup_id` to a file and compares it with `expected`.
+fn assert_restores(sim: &Sim, backup_id: &str, expected: &[u8]) {
+    let target = sim.scratch.join(&format!("{backup_id}.restored"));
+    sim.ferry(&["restore", backup_id, "--target", target.to_str().unwrap()]).ok();
+    assert!(std::fs::read(&target).unwrap() == expected, "backup {backup_id} restores wrong");
+    std::fs::remove_file(&target).unwrap();
+}
+
+/// A `--lightbits-keep-base` backup that must fall back to a full read, saying `why`.
+fn full_read_because(sim: &Sim, why: &str) -> Value {
+    let run = sim.ferry(&["backup", "--lightbits-volume", "vol-i", "--lightbits-keep-base"]);
+    let result = run.ok();
+    let said = warnings(&run).join("\n");
+    assert!(said.contains(why) && said.contains("reading the whole"), "{why}: {said}");
+    assert!(result.get("base").is_none(), "{why}: {result}");
+    assert_eq!(result["stats"]["bytes_read"], result["volume_size_bytes"], "{why}");
+    result
+}
+
+/// Snapshot diffs as the source of incrementals: a backup keeps its snapshot as the next run's
+/// base; after scattered small writes, one large region and a write at the last LBA, the next
+/// backup reads only the touched chunks (the job's byte counter), every backup of the chain
+/// restores byte-identical, and exactly one base is left. A lying diff is caught by the
+/// sampling check; every fallback (API unsupported, base gone, resized, parent missing, parent
+/// of another volume) is a warning and a full read that succeeds; kill -9 between "snapshot
+/// kept" and the commit, then reclaim and the next run, leave exactly one base.
+#[test]
+fn lightbits_incremental_chain_fallbacks_and_kill() {
+    let Some(sim) = Sim::start("incremental") else { return };
+    let content = sample(&sim, "content.img", 9);
+    let uuid = sim.volume("vol-i", &content, &[]);
+    let mut mirror = std::fs::read(&content).unwrap();
+    sim.ferry(&["init", "--chunk-size", "64K"]).ok();
+    let chunk = 64 * 1024u64;
+    let keep = ["backup", "--lightbits-volume", "vol-i", "--lightbits-keep-base"];
+
+    let full = sim.ferry(&keep).ok();
+    let full_id = full["backup_id"].as_str().unwrap().to_owned();
+    assert!(full.get("base").is_none());
+    assert_eq!(ferry_snapshots(&sim), [format!("ferry-snap-{full_id}")]);
+    assert_eq!(sim.journal_entries(), [format!("{full_id}.base.json")]);
+    let at_full = mirror.clone();
+
+    // Scattered small writes, one large region, and a write at the last LBA.
+    let mut touched = std::collections::BTreeSet::new();
+    for i in 0..12u64 {
+        let offset = (i * 1_234_567) % (VOLUME_BYTES - 4096) / 512 * 512;
+        write_volume(&sim, &uuid, &mut mirror, offset, &pattern(100 + i, 512));
+        let _ = touched.insert(offset / chunk);
+    }
+    write_volume(&sim, &uuid, &mut mirror, 5 << 20, &pattern(200, 1 << 20));
+    touched.extend((5 << 20) / chunk..(6 << 20) / chunk);
+    write_volume(&sim, &uuid, &mut mirror, VOLUME_BYTES - 512, &pattern(201, 512));
+    let _ = touched.insert((VOLUME_BYTES - 1) / chunk);
+    let run = sim.ferry(&keep);
+    let second = run.ok();
+    assert!(warnings(&run).is_empty(), "{:?}", warnings(&run));
+    let second_id = second["backup_id"].as_str().unwrap().to_owned();
+    assert_eq!(second["base"]["parent_backup_id"], full_id.as_str());
+    assert_eq!(second["base"]["chunks_read"], touched.len(), "{second}");
+    let sampled = second["base"]["chunks_sampled"].as_u64().unwrap();
+    assert_eq!(second["stats"]["bytes_read"], (touched.len() as u64 + sampled) * chunk);
+    assert_eq!(ferry_snapshots(&sim), [format!("ferry-snap-{second_id}")]);
+    assert_eq!(sim.journal_entries(), [format!("{second_id}.base.json")]);
+    let at_second = mirror.clone();
+    assert_restores(&sim, &full_id, &at_full);
+    assert_restores(&sim, &second_id, &at_second);
+
+    // A diff that leaves out a written range: caught by sampling every unchanged chunk.
+    let _ = sim.call("POST", "/sim/diff", Some(json!({"hide": [[2048, 2048]]})));
+    write_volume(&sim, &uuid, &mut mirror, 2048 * 512, &pattern(300, 512));
+    let run = sim.ferry(&[&keep[..], &["--sample-unchanged", "100000"]].concat());
+    let lied = run.ok();
+    let said = warnings(&run).join("\n");
+    assert!(said.contains("CHANGE LIST IS WRONG"), "{said}");
+    assert!(lied.get("base").is_none(), "{lied}");
+    assert_restores(&sim, lied["backup_id"].as_str().unwrap(), &mirror);
+    let _ = sim.call("POST", "/sim/diff", Some(json!({"hide": []})));
+
+    // Every fallback, once each.
+    let _ = sim.call("POST", "/sim/diff", Some(json!({"unsupported": 501})));
+    full_read_because(&sim, "does not serve the changed-blocks diff (HTTP 501");
+    let _ = sim.call("POST", "/sim/diff", Some(json!({"unsupported": 404})));
+    full_read_because(&sim, "does not serve the changed-blocks diff (HTTP 404");
+    let _ = sim.call("POST", "/sim/diff", Some(json!({"unsupported": null})));
+    let base_uuid = sim.state()["snapshots"][0]["UUID"].as_str().unwrap().to_owned();
+    let _ =
+        sim.api("DELETE", &format!("/api/v2/projects/default/snapshots/{base_uuid}"), None, None);
+    while !ferry_snapshots(&sim).is_empty() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    full_read_because(&sim, "is gone");
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    let etag = sim.api("GET", &path, None, None)["ETag"].as_str().unwrap().to_owned();
+    let grown = VOLUME_BYTES + (1 << 20);
+    let _ = sim.api("PUT", &path, Some(json!({"size": grown.to_string()})), Some(&etag));
+    mirror.resize(usize::try_from(grown).unwrap(), 0);
+    full_read_because(&sim, "the volume was resized");
+    let base_record = sim.journal_entries()[0].clone();
+    let parent_id = base_record.trim_end_matches(".base.json").to_owned();
+    std::fs::remove_file(sim.scratch.join("repo-dir/backups").join(&parent_id)).unwrap();
+    full_read_because(&sim, &format!("parent backup {parent_id}"));
+    let other_content = sample(&sim, "other.img", 10);
+    let _other = sim.volume("vol-o", &other_content, &[]);
+    let other = sim.ferry(&["backup", "--lightbits-volume", "vol-o"]).ok();
+    let record_path = sim.scratch.join("journal").join(&sim.journal_entries()[0]);
+    let mut record: Value =
+        serde_json::from_str(&std::fs::read_to_string(&record_path).unwrap()).unwrap();
+    record["resource"]["backup_id"] = other["backup_id"].clone();
+    std::fs::write(&record_path, record.to_string()).unwrap();
+    let last_full = full_read_because(&sim, "is of another source");
+    assert_eq!(ferry_snapshots(&sim).len(), 1, "one base after every fallback");
+    assert_restores(&sim, last_full["backup_id"].as_str().unwrap(), &mirror);
+
+    // kill -9 between "snapshot kept" and the commit: reclaim leaves exactly the old base.
+    let old_base = ferry_snapshots(&sim);
+    write_volume(&sim, &uuid, &mut mirror, 3 << 20, &pattern(400, 4096));
+    // The diff call (after the attach, before the data plane) answers only after 4 s.
+    sim.fault(json!({"kind": "delay", "seconds": 4, "method": "GET", "path": "snapshots/diff"}));
+    let mut child = sim.spawn("config.toml", &keep);
+    sim.wait_until(&mut child, "the diff call with two snapshots", &|sim: &Sim| {
+        // The fault is used up when the diff request arrives.
+        let faults = sim.call("GET", "/sim/faults", None);
+        let taken = faults["faults"].as_array().unwrap().iter().all(|f| f["count"] == 0);
+        ferry_snapshots(sim).len() == 2 && taken
+    });
+    child.kill().unwrap();
+    let _ = child.wait();
+    sim.clear_faults();
+    sim.ferry(&["reclaim"]).ok();
+    assert_eq!(ferry_snapshots(&sim), old_base, "reclaim keeps exactly the committed base");
+    let run = sim.ferry(&keep);
+    let next = run.ok();
+    assert_eq!(next["base"]["chunks_read"], 1, "{next}");
+    assert_eq!(ferry_snapshots(&sim).len(), 1);
+    assert_ne!(ferry_snapshots(&sim), old_base);
+    assert_restores(&sim, next["backup_id"].as_str().unwrap(), &mirror);
+    assert_restores(&sim, &second_id, &at_second);
+}

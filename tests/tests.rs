@@ -30,6 +30,8 @@ mod cluster;
 mod cli;
 // S3 faults injected by a proxy, kill -9 mid-backup and mid-restore, rate limits.
 mod faults;
+// Incremental backups from a change list file (--changed-ranges): reads, chain, lies, fallbacks.
+mod incremental;
 // forget, prune, check, protect and repair through the CLI, locally and on Garage.
 mod lifecycle;
 // --lightbits-volume and reclaim against scripts/lightbits-sim.py: in-use backups, restores into

@@ -319,7 +319,8 @@ fn run_backup(
     };
     let (outcome, label) = match &args.lightbits.lightbits_volume {
         Some(volume) => {
-            lightbits::backup(cli, volume, backup_id, output, cancel, |device, label| {
+            let bases = lightbits::Bases::Ignore;
+            lightbits::backup(cli, volume, backup_id, bases, output, cancel, |device, label, _| {
                 job.source = device.to_path_buf();
                 run(&job, &label).map(|outcome| (outcome, label))
             })?

@@ -388,6 +388,9 @@ pub struct BackedUp {
     pub direct_io: bool,
     /// What the run did.
     pub stats: BackupStats,
+    /// An incremental backup's parent and what it read (absent for a full read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<crate::native::layout::BaseInfo>,
 }
 
 /// `done` as the details of an `error` event (a JSON object merged into it).
@@ -449,6 +452,7 @@ mod tests {
             io_engine: "pread",
             direct_io: true,
             stats: BackupStats::default(),
+            base: None,
         };
         let done = Done::Backup {
             bytes_uploaded: 2,

@@ -22,6 +22,7 @@ use crate::lightbits::attach::{AttachMode, AttachOptions};
 use crate::lightbits::client::{Client, ClientOptions, Scheme, TokenSource};
 use crate::lightbits::flow::{self, Control};
 use crate::lightbits::journal::{self, Journal, Outcome, ReclaimReport};
+use crate::native::incremental;
 use crate::native::layout::{self, PackId};
 
 /// `--lightbits-volume`, shared by `backup` and `restore`.
@@ -244,7 +245,7 @@ fn reclaim_dead(control: &Control, output: &Output) -> Result<(), EngineError> {
         journal::reclaim(&control.journal, &control.client, &control.attach.sysfs_root, false)?;
     for item in &report.items {
         match item.outcome {
-            Outcome::SkippedLive => {}
+            Outcome::SkippedLive | Outcome::KeptBase => {}
             Outcome::Failed => output.warning(&format!(
                 "reclaim of {} {} left by job {} failed (kept for the next run): {}",
                 item.kind,
@@ -309,9 +310,82 @@ fn settle<T>(
     }
 }
 
+/// How a Lightbits backup uses snapshot diffs (issue 14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bases {
+    /// Neither read nor kept (a job that cannot use a change list, such as `--format cinder`).
+    Ignore,
+    /// Diff against the volume's kept base when there is one, delete that base once the backup
+    /// has committed, keep none.
+    Use,
+    /// As `Use`, and keep this backup's snapshot as the next run's base (`--lightbits-keep-base`).
+    UseAndKeep,
+}
+
+/// The change list a snapshot diff gave: the parent backup and the changed LBA ranges.
+#[derive(Debug, Clone)]
+pub struct Hint {
+    /// The backup that read the base snapshot.
+    pub parent_backup_id: String,
+    /// Changed extents in LBAs (the attached device's logical blocks).
+    pub changed: Vec<incremental::Extent>,
+    /// What it came from, for the manifest.
+    pub changes_from: String,
+    /// The source label the parent must carry: `lightbits:<project>/<volume> `.
+    pub label_prefix: String,
+}
+
+/// Most diff pages read before giving up (10,000 ranges each: far beyond any volume).
+const DIFF_PAGES_MAX: usize = 100_000;
+
+/// The diff of the new snapshot against the volume's newest kept base, or `None` after a
+/// warning when it cannot be had (no base is not a warning).
+fn diff_hint(
+    control: &Control,
+    attached: &flow::AttachedClone<'_>,
+    base: Option<&flow::Base>,
+    output: &Output,
+) -> Option<Hint> {
+    let (base, snapshot) = (base?, attached.snapshot()?);
+    let fallback = |why: String| {
+        output
+            .warning(&format!("incremental backup not possible, reading the whole volume: {why}"));
+        None
+    };
+    match control.client.get_snapshot(&base.uuid) {
+        Ok(Some(_)) => {}
+        Ok(None) => return fallback(format!("base snapshot {} is gone", base.name)),
+        Err(error) => return fallback(format!("base snapshot {}: {error}", base.name)),
+    }
+    let ranges = match control.client.changed_blocks(&snapshot.uuid, &base.uuid, DIFF_PAGES_MAX) {
+        Ok(ranges) => ranges,
+        Err(error) => return fallback(format!("snapshot diff: {}", crate::error::chain(&error))),
+    };
+    let changed = ranges
+        .iter()
+        .map(|range| incremental::Extent {
+            start: range.lba_start,
+            // `lbaEnd` taken as inclusive: a superset under either reading (reference B.8).
+            length: range.lba_end.saturating_sub(range.lba_start).saturating_add(1),
+        })
+        .collect();
+    Some(Hint {
+        parent_backup_id: base.backup_id.clone(),
+        changed,
+        changes_from: format!("lightbits diff {} against {}", snapshot.name, base.name),
+        label_prefix: format!(
+            "lightbits:{}/{} ",
+            control.client.options().project,
+            attached.source().name
+        ),
+    })
+}
+
 /// A backup of `volume` through a point-in-time clone: reclaims dead records, prepares the
-/// clone, runs `job` on its device (with the label a manifest records as its source), and always
-/// cleans up.
+/// clone, runs `job` on its device (with the label a manifest records as its source, and the
+/// snapshot diff against the volume's kept base when `bases` allows one), and always cleans
+/// up. Once the job has succeeded (its backup committed), the volume's older bases are deleted
+/// and, with [`Bases::UseAndKeep`], this backup's snapshot becomes the next base.
 ///
 /// # Errors
 /// The prepare's, the job's or the cleanup's error.
@@ -319,28 +393,56 @@ pub fn backup<T>(
     cli: &Cli,
     volume: &str,
     backup_id: &str,
+    bases: Bases,
     output: &Output,
     cancel: &Arc<AtomicBool>,
-    job: impl FnOnce(&Path, String) -> Result<T, EngineError>,
+    job: impl FnOnce(&Path, String, Option<Hint>) -> Result<T, EngineError>,
 ) -> Result<T, EngineError> {
     if !layout::backup_id_valid(backup_id) {
         return Err(usage(format!("invalid backup id {backup_id:?}")));
     }
     let control = control(cli, Some(cancel))?;
     reclaim_dead(&control, output)?;
-    let prepared = flow::prepare_backup_source(&control, volume, backup_id);
+    let context = |error: crate::lightbits::LightbitsError| {
+        EngineError::from(error).context(format!("lightbits volume {volume}"))
+    };
+    let base = match bases {
+        Bases::Ignore => None,
+        Bases::Use | Bases::UseAndKeep => {
+            let source = control.client.resolve_volume(volume).map_err(context)?;
+            flow::bases(&control.journal, &source.uuid).map_err(context)?.into_iter().next()
+        }
+    };
+    let keep_snapshot = bases == Bases::UseAndKeep || base.is_some();
+    let prepared = flow::prepare_backup_source(&control, volume, backup_id, keep_snapshot);
     report_warnings(&control, output);
-    let attached = prepared
-        .map_err(|error| EngineError::from(error).context(format!("lightbits volume {volume}")))?;
+    let mut attached = prepared.map_err(context)?;
     let label = format!(
         "lightbits:{}/{} (clone {})",
         control.client.options().project,
         attached.source().name,
         attached.clone_volume().uuid
     );
+    let hint = diff_hint(&control, &attached, base.as_ref(), output);
+    if bases != Bases::UseAndKeep
+        && let Err(error) = attached.release_snapshot()
+    {
+        output.warning(&format!("snapshot kept for the diff not deleted yet: {error}"));
+    }
     let device = attached.device_path().to_path_buf();
-    let result = job(&device, label);
-    let cleanup = attached.finish();
+    let source_uuid = attached.source().uuid.clone();
+    let result = job(&device, label, hint);
+    let cleanup = match (&result, bases) {
+        (Ok(_), Bases::UseAndKeep) => attached.finish_keeping_base(backup_id),
+        _ => attached.finish(),
+    };
+    if result.is_ok() && bases != Bases::Ignore {
+        let keep = (bases == Bases::UseAndKeep).then(|| format!("{backup_id}.base"));
+        match flow::drop_bases(&control, &source_uuid, keep.as_deref()) {
+            Ok(failures) => failures.iter().for_each(|failure| output.warning(failure)),
+            Err(error) => output.warning(&format!("old diff bases not deleted: {error}")),
+        }
+    }
     report_warnings(&control, output);
     settle(result, cleanup, &format!("backup {backup_id}"), output)
 }

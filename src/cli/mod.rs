@@ -12,7 +12,7 @@ pub mod output;
 pub mod secrets;
 pub mod validate;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -23,6 +23,7 @@ use crate::error::{EngineError, ErrorKind};
 use crate::io::Engine;
 use crate::limits;
 use crate::native::backup::{self, BackupOptions};
+use crate::native::incremental::{self, ExtentUnit, Incremental};
 use crate::native::layout::gc::GcTiming;
 use crate::native::repo::Repository;
 use crate::native::restore::{self, RestoreOptions};
@@ -202,6 +203,23 @@ pub struct BackupArgs {
     /// Upload at most this many MB/s (10^6 bytes) to the object store.
     #[arg(long, value_name = "MB_PER_S", value_parser = parse_rate, allow_hyphen_values = true)]
     pub limit_upload: Option<u64>,
+    /// Keep this backup's snapshot of the `--lightbits-volume` as the next backup's diff base,
+    /// so that the next backup reads only the chunks that changed (deleted once that one has
+    /// committed).
+    #[arg(long)]
+    pub lightbits_keep_base: bool,
+    /// An incremental backup of a single `--source`: read only the chunks the changed ranges in
+    /// FILE touch (`rbd diff --format json` shape: byte offset and length), taking every other
+    /// chunk from the backup `--changed-since` names.
+    #[arg(long, value_name = "FILE", conflicts_with = "lightbits_volume")]
+    pub changed_ranges: Option<PathBuf>,
+    /// The backup the `--changed-ranges` are changes since (its parent).
+    #[arg(long, value_name = "BACKUP_ID")]
+    pub changed_since: Option<String>,
+    /// Unchanged chunks an incremental backup re-reads and compares with its parent before it
+    /// trusts the change list (default: 1% of them, at least 8, at most 1024).
+    #[arg(long, value_name = "COUNT", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub sample_unchanged: Option<u32>,
     /// `--format cinder` and its flags.
     #[command(flatten)]
     pub cinder: cinder::BackupFlags,
@@ -298,6 +316,10 @@ const BACKUP_NATIVE_ONLY: &[(&str, &str)] = &[
     ("compression_level", "--compression-level"),
     ("pack_size", "--pack-size"),
     ("parts_in_flight", "--parts-in-flight"),
+    ("lightbits_keep_base", "--lightbits-keep-base"),
+    ("changed_ranges", "--changed-ranges"),
+    ("changed_since", "--changed-since"),
+    ("sample_unchanged", "--sample-unchanged"),
 ];
 const BACKUP_CINDER_ONLY: &[(&str, &str)] = &[
     ("cinder_backup_id", "--cinder-backup-id"),
@@ -349,6 +371,29 @@ fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), Engin
         )),
         None => Ok(()),
     }
+}
+
+/// Refuses (exit 2, before any repository or device is touched) the incremental flags of
+/// `backup` given without what they need.
+fn check_incremental_flags(cli: &Cli) -> Result<(), EngineError> {
+    let Command::Backup(args) = &cli.command else { return Ok(()) };
+    let usage = |message: &str| Err(EngineError::new(ErrorKind::Usage, message.to_owned()));
+    if args.changed_ranges.is_some() != args.changed_since.is_some() {
+        return usage("--changed-ranges and --changed-since go together");
+    }
+    if args.lightbits_keep_base && args.lightbits.lightbits_volume.is_none() {
+        return usage("--lightbits-keep-base needs --lightbits-volume");
+    }
+    if args.sample_unchanged.is_some()
+        && args.changed_ranges.is_none()
+        && args.lightbits.lightbits_volume.is_none()
+    {
+        return usage(
+            "--sample-unchanged applies to incremental backups: --lightbits-volume or \
+             --changed-ranges",
+        );
+    }
+    Ok(())
 }
 
 /// Parses a byte count: digits with an optional K, M or G suffix (binary; `B`/`iB` allowed).
@@ -445,6 +490,7 @@ pub fn run() -> u8 {
     let output = Output::new(cli.json, name);
     let cancel = Arc::new(AtomicBool::new(false));
     let checked = check_format_flags(&cli, &matches)
+        .and_then(|()| check_incremental_flags(&cli))
         .and_then(|()| check_environment(&cli))
         .and_then(|()| validate::check_command(&cli));
     let result =
@@ -791,19 +837,109 @@ fn run_backup(
     options.pack_size_bytes = args.pack_size;
     options.limit_read_bytes_per_sec = args.limit_read;
     options.limit_upload_bytes_per_sec = args.limit_upload;
+    let sample_count = args.sample_unchanged.map(|count| count as usize);
     let (result, summary) = match &args.lightbits.lightbits_volume {
         Some(volume) => {
             let backup_id = options.backup_id.clone().unwrap_or_else(lightbits::new_backup_id);
-            lightbits::backup(cli, volume, &backup_id, output, cancel, |device, label| {
-                options.backup_id = Some(backup_id.clone());
-                options.source_label = Some(label);
-                run_backup_job(&repo, &options, &[device.to_path_buf()], output, cancel)
-            })?
+            let bases = if args.lightbits_keep_base {
+                lightbits::Bases::UseAndKeep
+            } else {
+                lightbits::Bases::Use
+            };
+            lightbits::backup(
+                cli,
+                volume,
+                &backup_id,
+                bases,
+                output,
+                cancel,
+                |device, label, hint| {
+                    options.backup_id = Some(backup_id.clone());
+                    options.incremental = hint.and_then(|hint| {
+                        let prefix = hint.label_prefix.clone();
+                        let parent =
+                            incremental_parent(&repo, &hint.parent_backup_id, output, |path| {
+                                path.starts_with(&prefix)
+                            })?;
+                        Some(Incremental {
+                            parent,
+                            changed: hint.changed,
+                            unit: ExtentUnit::LogicalBlocks,
+                            sample_count,
+                            changes_from: hint.changes_from,
+                        })
+                    });
+                    options.source_label = Some(label);
+                    run_backup_job(&repo, &options, &[device.to_path_buf()], output, cancel)
+                },
+            )?
         }
-        None => run_backup_job(&repo, &options, &args.source, output, cancel)?,
+        None => {
+            if let (Some(file), Some(parent_id)) = (&args.changed_ranges, &args.changed_since) {
+                options.incremental =
+                    ranges_incremental(&repo, &args.source, file, parent_id, sample_count, output)?;
+            }
+            run_backup_job(&repo, &options, &args.source, output, cancel)?
+        }
     };
     output.result(result, &summary);
     Ok(())
+}
+
+/// The parent of an incremental backup, or `None` after a warning (the backup reads the whole
+/// source): a parent that is missing, unreadable, or not a backup of this source
+/// (`same_source` judges its recorded source).
+fn incremental_parent(
+    repo: &Repository,
+    parent_id: &str,
+    output: &Output,
+    same_source: impl Fn(&str) -> bool,
+) -> Option<crate::native::layout::Manifest> {
+    let fallback = |why: String| {
+        output
+            .warning(&format!("incremental backup not possible, reading the whole source: {why}"));
+        None
+    };
+    match repo.load_manifest(parent_id) {
+        Ok(parent) if same_source(&parent.source.path) => Some(parent),
+        Ok(parent) => fallback(format!(
+            "parent backup {parent_id} is of another source ({})",
+            parent.source.path
+        )),
+        Err(error) => fallback(format!("parent backup {parent_id}: {}", error.message)),
+    }
+}
+
+/// `--changed-ranges FILE --changed-since ID` for a single `--source`: the change list read
+/// from the file (a bad file is refused, exit 2); a parent that cannot be used is a warning and
+/// a full read.
+fn ranges_incremental(
+    repo: &Repository,
+    sources: &[PathBuf],
+    file: &Path,
+    parent_id: &str,
+    sample_count: Option<usize>,
+    output: &Output,
+) -> Result<Option<Incremental>, EngineError> {
+    let [source] = sources else {
+        return Err(EngineError::new(ErrorKind::Usage, "--changed-ranges takes a single --source"));
+    };
+    let text = std::fs::read_to_string(file).map_err(|error| {
+        EngineError::new(ErrorKind::Usage, format!("--changed-ranges {}: {error}", file.display()))
+    })?;
+    let changed = incremental::parse_ranges_json(&text)
+        .map_err(|error| error.context(format!("--changed-ranges {}", file.display())))?;
+    let shown = source.display().to_string();
+    let Some(parent) = incremental_parent(repo, parent_id, output, |path| path == shown) else {
+        return Ok(None);
+    };
+    Ok(Some(Incremental {
+        parent,
+        changed,
+        unit: ExtentUnit::Bytes,
+        sample_count,
+        changes_from: format!("ranges file {}", file.display()),
+    }))
 }
 
 fn run_backup_job(
@@ -853,6 +989,7 @@ fn run_backup_job(
             io_engine: outcome.engine.name(),
             direct_io: outcome.direct,
             stats: stats.clone(),
+            base: manifest.base.clone(),
         });
     }
     let result = Done::Backup {

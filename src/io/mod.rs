@@ -34,7 +34,9 @@ use crate::error::{Classify, ErrorKind};
 
 pub use buf::AlignedBuf;
 pub use device::{DeviceInfo, OpenedFile, holds_data, open, probe};
-pub use read::{ReadChunk, ReadOptions, ReadStats, read_source, read_source_with};
+pub use read::{
+    ReadChunk, ReadOptions, ReadStats, read_source, read_source_chunks, read_source_with,
+};
 pub use tune::{
     DEFAULT_READ_REQUEST_BYTES, MAX_RECOMMENDED_QUEUE_DEPTH, MIN_RECOMMENDED_QUEUE_DEPTH,
     ReadShape, TARGET_IN_FLIGHT_BYTES, read_shape,

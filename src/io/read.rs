@@ -116,6 +116,68 @@ pub fn read_source_with(
     out: &Sender<ReadChunk>,
     cancel: &AtomicBool,
 ) -> Result<ReadStats, IoError> {
+    read_chunks_with(file, info, options, None, registration, free, out, cancel)
+}
+
+/// `read_source`, but only the chunks whose indexes `chunks` lists (strictly increasing, each
+/// below the source's chunk count), as an incremental backup reads: every other chunk is left
+/// unread and unsent. `bytes_read` counts the listed chunks only.
+///
+/// # Errors
+/// As `read_source`; `InvalidOptions` for a list that is not strictly increasing or names a
+/// chunk past the end.
+pub fn read_source_chunks(
+    file: &File,
+    info: &DeviceInfo,
+    options: &ReadOptions,
+    chunks: &[u64],
+    free: &Receiver<AlignedBuf>,
+    out: &Sender<ReadChunk>,
+    cancel: &AtomicBool,
+) -> Result<ReadStats, IoError> {
+    let registration = Registration::from_env();
+    read_chunks_with(file, info, options, Some(chunks), registration, free, out, cancel)
+}
+
+/// Which chunks a read covers, in the order they are started.
+#[derive(Debug, Clone, Copy)]
+enum Order<'a> {
+    /// Every chunk, `0..count`.
+    All(u64),
+    /// These chunks (strictly increasing).
+    Listed(&'a [u64]),
+}
+
+impl Order<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Order::All(count) => *count,
+            Order::Listed(chunks) => chunks.len() as u64,
+        }
+    }
+
+    /// The chunk index started at `position` (`position < len()`).
+    fn chunk(&self, position: u64) -> u64 {
+        match self {
+            Order::All(_) => position,
+            Order::Listed(chunks) => {
+                chunks[usize::try_from(position).expect("a listed position fits usize")]
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_chunks_with(
+    file: &File,
+    info: &DeviceInfo,
+    options: &ReadOptions,
+    chunks: Option<&[u64]>,
+    registration: Registration,
+    free: &Receiver<AlignedBuf>,
+    out: &Sender<ReadChunk>,
+    cancel: &AtomicBool,
+) -> Result<ReadStats, IoError> {
     if options.queue_depth == 0 {
         return Err(IoError::InvalidOptions("queue depth must be at least 1".to_string()));
     }
@@ -126,13 +188,26 @@ pub fn read_source_with(
         options.request_size_bytes,
         align,
     )?;
+    let order = match chunks {
+        None => Order::All(plan.chunk_count()),
+        Some(chunks) => {
+            let increasing = chunks.windows(2).all(|pair| pair[0] < pair[1]);
+            if !increasing || chunks.last().is_some_and(|&last| last >= plan.chunk_count()) {
+                return Err(IoError::InvalidOptions(format!(
+                    "chunk list must be strictly increasing and below {}",
+                    plan.chunk_count()
+                )));
+            }
+            Order::Listed(chunks)
+        }
+    };
     let ends = Ends { free, out, cancel, halt: None };
     match open_ring(options.engine, options.queue_depth)? {
         Some(ring) => {
             let driver = Driver::new(ring, file, Direction::Read, align, None, registration);
-            read_uring(driver, &plan, options.queue_depth, &ends)
+            read_uring(driver, &plan, order, options.queue_depth, &ends)
         }
-        None => read_pread(file, &plan, options.queue_depth, &ends),
+        None => read_pread(file, &plan, order, options.queue_depth, &ends),
     }
 }
 
@@ -246,11 +321,12 @@ impl SlotBuffer for ReadSlot {
 fn read_uring(
     mut driver: Driver<ReadSlot>,
     plan: &ReadPlan,
+    order: Order<'_>,
     queue_depth: usize,
     ends: &Ends<'_>,
 ) -> Result<ReadStats, IoError> {
     let queue_depth = queue_depth.min(super::uring::MAX_QUEUE_DEPTH);
-    let chunk_count = plan.chunk_count();
+    let chunk_count = order.len();
     let granule = plan.alignment().granule;
     let mut next_chunk = 0u64;
     let mut bytes_read = 0u64;
@@ -276,7 +352,7 @@ fn read_uring(
                     None => break,
                 }
             };
-            let chunk = plan.chunk(next_chunk);
+            let chunk = plan.chunk(order.chunk(next_chunk));
             next_chunk += 1;
             let spans: Vec<_> = plan.spans(&chunk).collect();
             let slot = driver.slots.insert(ReadSlot { chunk, buf, outstanding: spans.len() });
@@ -341,7 +417,8 @@ pub(crate) const MAX_PREAD_THREADS: usize = 4;
 struct PreadShared<'a> {
     file: &'a File,
     plan: &'a ReadPlan,
-    /// Next chunk index; the lock is held while waiting for a free buffer, so chunks are claimed
+    order: Order<'a>,
+    /// Next position in `order`; the lock is held while waiting for a free buffer, so chunks are claimed
     /// in the order buffers arrive, as with a single thread.
     next: Mutex<u64>,
     /// Raised by the first thread that fails, so the others stop.
@@ -357,14 +434,16 @@ struct PreadShared<'a> {
 fn read_pread(
     file: &File,
     plan: &ReadPlan,
+    order: Order<'_>,
     queue_depth: usize,
     ends: &Ends<'_>,
 ) -> Result<ReadStats, IoError> {
-    let chunk_count = usize::try_from(plan.chunk_count()).unwrap_or(usize::MAX);
+    let chunk_count = usize::try_from(order.len()).unwrap_or(usize::MAX);
     let threads = queue_depth.min(MAX_PREAD_THREADS).min(chunk_count).max(1);
     let shared = PreadShared {
         file,
         plan,
+        order,
         next: Mutex::new(0),
         halt: AtomicBool::new(false),
         error: Mutex::new(None),
@@ -410,11 +489,11 @@ fn pread_chunks(shared: &PreadShared<'_>, ends: &Ends<'_>) -> Result<(), IoError
     loop {
         let (index, mut buf) = {
             let mut next = shared.next.lock().unwrap_or_else(|poison| poison.into_inner());
-            if *next == plan.chunk_count() {
+            if *next == shared.order.len() {
                 return Ok(());
             }
             let buf = ends.take_buffer(plan.chunk_size())?;
-            let index = *next;
+            let index = shared.order.chunk(*next);
             *next += 1;
             (index, buf)
         };

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use super::attach::{self, AttachOptions, Target};
 use super::client::Client;
 use super::journal::{self, Journal, Record, Resource, VolumeLock};
-use super::model::{ACL_ALLOW_ANY, Acl, CreateVolume, UpdateAcl, Volume};
+use super::model::{ACL_ALLOW_ANY, Acl, CreateVolume, Snapshot, UpdateAcl, Volume};
 use super::{CLONE_PREFIX, LightbitsError, Result, SNAPSHOT_PREFIX, resource_name};
 
 /// Everything the flows need: the API client, the journal and the host-side settings.
@@ -189,6 +189,9 @@ pub struct AttachedClone<'a> {
     source: Volume,
     clone: Volume,
     device: PathBuf,
+    /// The snapshot the clone was made from, while it is kept (journalled as a snapshot of this
+    /// job until [`AttachedClone::finish_keeping_base`]), with its record id.
+    snapshot: Option<(Snapshot, String)>,
 }
 
 impl AttachedClone<'_> {
@@ -208,7 +211,7 @@ impl AttachedClone<'_> {
     }
 
     /// Flushes and detaches the device, removes the clone (its ACL first) and waits until it is
-    /// gone, and clears the journal.
+    /// gone, deletes the kept snapshot if any, and clears the journal.
     ///
     /// # Errors
     ///
@@ -216,6 +219,123 @@ impl AttachedClone<'_> {
     pub fn finish(mut self) -> Result<()> {
         self.held.cleanup()
     }
+
+    /// The snapshot the clone was made from, while it is kept.
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.snapshot.as_ref().map(|(snapshot, _)| snapshot)
+    }
+
+    /// Deletes the kept snapshot now (it was kept only to be diffed).
+    ///
+    /// # Errors
+    ///
+    /// The delete's failure (the record stays for `finish` or `reclaim`).
+    pub fn release_snapshot(&mut self) -> Result<()> {
+        let Some((_, record_id)) = self.snapshot.take() else { return Ok(()) };
+        match self.held.records.iter().position(|record| record.id == record_id) {
+            Some(index) => self.held.release(index),
+            None => Ok(()),
+        }
+    }
+
+    /// Like [`AttachedClone::finish`], but the kept snapshot becomes the volume's diff base:
+    /// its record is rewritten as a [`Resource::Base`] of `backup_id` (the backup that read it,
+    /// which must have committed), which `reclaim` leaves alone. Without a kept snapshot, the
+    /// same as `finish`.
+    ///
+    /// # Errors
+    ///
+    /// The journal's or the cleanup's first failure.
+    pub fn finish_keeping_base(mut self, backup_id: &str) -> Result<()> {
+        if let Some((snapshot, record_id)) = self.snapshot.take()
+            && let Some(index) = self.held.records.iter().position(|record| record.id == record_id)
+        {
+            let journal = &self.held.control.journal;
+            let base = Resource::Base {
+                name: snapshot.name.clone(),
+                uuid: snapshot.uuid.clone(),
+                volume_uuid: self.source.uuid.clone(),
+                backup_id: backup_id.to_owned(),
+            };
+            let mut record =
+                journal.intend(backup_id, self.held.control.project(), base.clone())?;
+            journal.done(&mut record, base)?;
+            let snapshot_record = self.held.records.remove(index);
+            journal.remove(&snapshot_record.id)?;
+        }
+        self.held.cleanup()
+    }
+}
+
+/// A kept diff base of a volume: its journal record and what it names.
+#[derive(Debug, Clone)]
+pub struct Base {
+    /// The record id.
+    pub record_id: String,
+    /// The snapshot's name.
+    pub name: String,
+    /// The snapshot's UUID.
+    pub uuid: String,
+    /// The backup that read it.
+    pub backup_id: String,
+    /// When the record was written (seconds since the epoch).
+    pub created_unix_s: u64,
+}
+
+/// The diff bases journalled for `volume_uuid`, newest first.
+///
+/// # Errors
+///
+/// The journal's.
+pub fn bases(journal: &Journal, volume_uuid: &str) -> Result<Vec<Base>> {
+    let mut bases: Vec<Base> = journal
+        .list()?
+        .into_iter()
+        .filter_map(|record| match record.resource {
+            Resource::Base { name, uuid, volume_uuid: of, backup_id } if of == volume_uuid => {
+                Some(Base {
+                    record_id: record.id,
+                    name,
+                    uuid,
+                    backup_id,
+                    created_unix_s: record.created_unix_s,
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    bases.sort_by(|a, b| (b.created_unix_s, &b.record_id).cmp(&(a.created_unix_s, &a.record_id)));
+    Ok(bases)
+}
+
+/// Deletes the diff bases of `volume_uuid` except the record `keep` (after a backup that
+/// superseded them committed); returns what could not be deleted (it stays journalled and is
+/// tried again by the next backup of the volume).
+///
+/// # Errors
+///
+/// Only when the journal cannot be listed.
+pub fn drop_bases(control: &Control, volume_uuid: &str, keep: Option<&str>) -> Result<Vec<String>> {
+    let client = control.client.uncancellable();
+    let mut failures = Vec::new();
+    for base in bases(&control.journal, volume_uuid)? {
+        if Some(base.record_id.as_str()) == keep {
+            continue;
+        }
+        let Some(record) = control.journal.get(&base.record_id)? else { continue };
+        let ours = BTreeSet::new();
+        let undone = journal::undo(&client, &control.attach.sysfs_root, &ours, &record.resource)
+            .and_then(|_| control.journal.remove(&record.id));
+        if let Err(error) = undone {
+            failures.push(format!(
+                "old diff base {} of backup {} not deleted (kept for the next run): {}",
+                base.name,
+                base.backup_id,
+                crate::error::chain(&error)
+            ));
+        }
+    }
+    Ok(failures)
 }
 
 fn text_of(value: Option<&serde_json::Value>) -> Option<String> {
@@ -260,7 +380,9 @@ fn clone_request(
 }
 
 /// Backup source: a crash-consistent, point-in-time clone of `volume` (name or UUID) attached to
-/// this host, named `ferry-snap-<backup_id>` / `ferry-clone-<backup_id>`.
+/// this host, named `ferry-snap-<backup_id>` / `ferry-clone-<backup_id>`. With `keep_snapshot`
+/// the snapshot is not deleted once the clone exists (it is diffed, or kept as the next
+/// backup's base); it stays journalled as this job's until `finish_keeping_base`.
 ///
 /// # Errors
 ///
@@ -269,6 +391,7 @@ pub fn prepare_backup_source<'a>(
     control: &'a Control,
     volume: &str,
     backup_id: &str,
+    keep_snapshot: bool,
 ) -> Result<AttachedClone<'a>> {
     let client = &control.client;
     let snapshot_name = resource_name(SNAPSHOT_PREFIX, backup_id)?;
@@ -285,7 +408,7 @@ pub fn prepare_backup_source<'a>(
         snapshot_index,
         Resource::Snapshot { name: snapshot_name.clone(), uuid: Some(snapshot.uuid.clone()) },
     )?;
-    let _snapshot = client.wait_snapshot_available(&snapshot.uuid)?;
+    let snapshot = client.wait_snapshot_available(&snapshot.uuid)?;
 
     let request = clone_request(control, &source, &clone_name, &snapshot_name, &host_nqn)?;
     let clone_index =
@@ -305,9 +428,14 @@ pub fn prepare_backup_source<'a>(
         let _clone = client.wait_volume_acl(&clone.uuid, &host_nqn, true)?;
     }
 
-    held.release(snapshot_index)?;
+    let kept = if keep_snapshot {
+        Some((snapshot, held.records[snapshot_index].id.clone()))
+    } else {
+        held.release(snapshot_index)?;
+        None
+    };
     let device = held.attach(backup_id, &clone.uuid, &host_nqn)?;
-    Ok(AttachedClone { held, source, clone, device })
+    Ok(AttachedClone { held, source, clone, device, snapshot: kept })
 }
 
 /// An existing volume attached to this host as a restore target. [`AttachedVolume::finish`]

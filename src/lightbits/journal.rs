@@ -98,6 +98,19 @@ pub enum Resource {
         /// The IP ACL before ferry changed it.
         original_ip_acl: Option<Acl>,
     },
+    /// A backup's snapshot kept as the next backup's diff base (`--lightbits-keep-base`):
+    /// written once the backup has committed, so it is never reclaimed; the next backup of the
+    /// volume deletes it once that one has committed.
+    Base {
+        /// The snapshot's name (`ferry-snap-<backup id>`).
+        name: String,
+        /// The snapshot's UUID.
+        uuid: String,
+        /// The volume it is a snapshot of.
+        volume_uuid: String,
+        /// The backup that read it (the next incremental's parent).
+        backup_id: String,
+    },
     /// The host-side attach of a volume.
     Attachment {
         /// The volume.
@@ -114,6 +127,7 @@ impl Resource {
             Resource::Snapshot { .. } => "snapshot",
             Resource::Clone { .. } => "clone",
             Resource::Acl { .. } => "acl",
+            Resource::Base { .. } => "base",
             Resource::Attachment { .. } => "attachment",
         }
     }
@@ -121,7 +135,9 @@ impl Resource {
     /// The name an operator recognises.
     pub fn label(&self) -> String {
         match self {
-            Resource::Snapshot { name, .. } | Resource::Clone { name, .. } => name.clone(),
+            Resource::Snapshot { name, .. }
+            | Resource::Clone { name, .. }
+            | Resource::Base { name, .. } => name.clone(),
             Resource::Acl { volume_name, host_nqn, .. } => format!("{volume_name} acl {host_nqn}"),
             Resource::Attachment { volume_uuid, .. } => volume_uuid.clone(),
         }
@@ -134,6 +150,7 @@ impl Resource {
             Resource::Acl { .. } => 1,
             Resource::Clone { .. } => 2,
             Resource::Snapshot { .. } => 3,
+            Resource::Base { .. } => 4,
         }
     }
 }
@@ -448,6 +465,9 @@ pub enum Outcome {
     LeftConnected,
     /// Its writer is still running; left alone.
     SkippedLive,
+    /// A committed backup's snapshot kept as the next backup's diff base; left alone (the next
+    /// backup of the volume deletes it once it has committed).
+    KeptBase,
     /// Undo failed; the record is kept for the next reclaim.
     Failed,
 }
@@ -481,7 +501,7 @@ pub struct ReclaimReport {
 }
 
 impl ReclaimReport {
-    /// True when nothing failed (live records do not count as failures).
+    /// True when nothing failed (live records and kept bases do not count as failures).
     pub fn is_clean(&self) -> bool {
         self.items.iter().all(|item| item.outcome != Outcome::Failed)
     }
@@ -555,6 +575,12 @@ pub fn undo(
             Ok(if deletion == Deletion::Deleted { Outcome::Deleted } else { Outcome::AlreadyGone }
                 .into())
         }
+        Resource::Base { uuid, .. } => {
+            let deletion = client.delete_snapshot(uuid)?;
+            client.wait_snapshot_gone(uuid)?;
+            Ok(if deletion == Deletion::Deleted { Outcome::Deleted } else { Outcome::AlreadyGone }
+                .into())
+        }
         Resource::Snapshot { name, uuid } => {
             let uuid = match uuid {
                 Some(uuid) => Some(uuid.clone()),
@@ -605,7 +631,9 @@ pub fn reclaim(
             error: None,
             note: None,
         };
-        if !reclaimable(&record) {
+        if matches!(record.resource, Resource::Base { .. }) {
+            item.outcome = Outcome::KeptBase;
+        } else if !reclaimable(&record) {
             item.outcome = Outcome::SkippedLive;
         } else if record.project != client.options().project {
             item.error = Some(format!(
@@ -672,7 +700,7 @@ mod tests {
         });
         let attach = AttachOptions { host_nqn: Some("nqn.me".into()), ..AttachOptions::default() };
         let control = Control::new(client(vec![server.address.clone()]), journal.clone(), attach);
-        let error = prepare_backup_source(&control, "src-vol", "job1").unwrap_err();
+        let error = prepare_backup_source(&control, "src-vol", "job1", false).unwrap_err();
         assert!(matches!(error, LightbitsError::Http { status: 400, .. }), "{error:?}");
         let record: Record =
             serde_json::from_str(seen_at_post.lock().unwrap().as_deref().unwrap()).unwrap();

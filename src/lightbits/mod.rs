@@ -175,6 +175,15 @@ pub enum LightbitsError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The cluster does not serve the changed-blocks call (HTTP 404 or 501: an older LightOS,
+    /// or a snapshot gone meanwhile).
+    #[error("the cluster does not serve the changed-blocks diff (HTTP {status}: {body})")]
+    DiffUnavailable {
+        /// 404 or 501.
+        status: u16,
+        /// The start of the response body.
+        body: String,
+    },
     /// The job was cancelled while waiting.
     #[error("cancelled while {operation}")]
     Cancelled {
@@ -202,6 +211,7 @@ impl Classify for LightbitsError {
             | LightbitsError::Conflict { .. }
             | LightbitsError::Unreachable { .. }
             | LightbitsError::Http { .. }
+            | LightbitsError::DiffUnavailable { .. }
             | LightbitsError::Protocol { .. }
             | LightbitsError::Timeout { .. }
             | LightbitsError::Failed { .. }

@@ -305,6 +305,63 @@ pub struct UpdateAcl {
     pub ip_acl: Option<Acl>,
 }
 
+/// A 64-bit number as proto3 JSON writes it (a decimal string) or as a plain JSON number: both
+/// are accepted (reference B.8).
+fn u64_of_json<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    use serde::de::Error as _;
+    match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::Number(number) => {
+            number.as_u64().ok_or_else(|| D::Error::custom(format!("{number} is not a u64")))
+        }
+        serde_json::Value::String(text) => {
+            text.trim().parse().map_err(|_| D::Error::custom(format!("{text:?} is not a u64")))
+        }
+        serde_json::Value::Null => Ok(0),
+        other => Err(D::Error::custom(format!("{other} is not a u64"))),
+    }
+}
+
+/// `bytes` as proto3 JSON writes it: standard base64 (URL-safe accepted too).
+fn bytes_of_base64<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+    use base64::Engine as _;
+    use serde::de::Error as _;
+    let text = Option::<String>::deserialize(deserializer)?.unwrap_or_default();
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(text.trim()))
+        .map_err(|error| D::Error::custom(format!("dataBitMap is not base64: {error}")))
+}
+
+/// One `LBARange` of `ListChangedBlocksResponse` (reference B.8): LBAs of the target snapshot
+/// that differ from the base.
+///
+/// Whether `lba_end` is inclusive and what one bit of `data_bitmap` covers are not documented;
+/// ferry treats `[lba_start, lba_end]` as inclusive and ignores the bitmap, which is always a
+/// superset of the change (the bitmap could only narrow it).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct LbaRange {
+    /// First LBA of the range.
+    #[serde(rename = "lbaStart", default, deserialize_with = "u64_of_json")]
+    pub lba_start: u64,
+    /// Last LBA of the range (taken as inclusive).
+    #[serde(rename = "lbaEnd", default, deserialize_with = "u64_of_json")]
+    pub lba_end: u64,
+    /// The data bitmap, decoded from base64 (parsed and kept, not used to narrow).
+    #[serde(rename = "dataBitMap", default, deserialize_with = "bytes_of_base64")]
+    pub data_bitmap: Vec<u8>,
+}
+
+/// One page of `GET /api/v2/projects/{p}/snapshots/diff/{uuid}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ChangedBlocksPage {
+    /// Where the next call starts; 0 on the last page.
+    #[serde(rename = "nextOffsetLBA", default, deserialize_with = "u64_of_json")]
+    pub next_offset_lba: u64,
+    /// The ranges of this page.
+    #[serde(rename = "lbaRanges", default)]
+    pub lba_ranges: Vec<LbaRange>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,5 +400,32 @@ mod tests {
         let shared = Acl::of(vec!["nqn.other".into(), "nqn.me".into()]);
         assert_eq!(shared.others("nqn.me"), vec!["nqn.other"]);
         assert_eq!(Acl::of(vec![ACL_ALLOW_ANY.into()]).others("nqn.me"), vec![ACL_ALLOW_ANY]);
+    }
+
+    /// Both JSON encodings of 64-bit numbers parse, base64 bitmaps decode, and a bad bitmap or
+    /// a negative number is refused.
+    #[test]
+    fn changed_blocks_encodings() {
+        let page: ChangedBlocksPage = serde_json::from_str(
+            r#"{"nextOffsetLBA":"18446744073709551615","lbaRanges":[
+                {"lbaStart":"64","lbaEnd":127,"dataBitMap":"/w=="},
+                {"lbaStart":200,"lbaEnd":"200"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(page.next_offset_lba, u64::MAX);
+        assert_eq!(page.lba_ranges[0].lba_start, 64);
+        assert_eq!(page.lba_ranges[0].lba_end, 127);
+        assert_eq!(page.lba_ranges[0].data_bitmap, vec![0xff]);
+        assert!(page.lba_ranges[1].data_bitmap.is_empty());
+        let last: ChangedBlocksPage = serde_json::from_str("{}").unwrap();
+        assert_eq!(last.next_offset_lba, 0);
+        assert!(last.lba_ranges.is_empty());
+        assert!(
+            serde_json::from_str::<ChangedBlocksPage>(
+                r#"{"lbaRanges":[{"lbaStart":1,"lbaEnd":2,"dataBitMap":"***"}]}"#
+            )
+            .is_err()
+        );
+        assert!(serde_json::from_str::<ChangedBlocksPage>(r#"{"nextOffsetLBA":-1}"#).is_err());
     }
 }

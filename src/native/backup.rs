@@ -23,6 +23,7 @@ use crate::io::{self, ReadChunk};
 use crate::limits::{self, Budget};
 use crate::native::chunk;
 use crate::native::compress::Compressor;
+use crate::native::incremental::{self, Incremental};
 use crate::native::layout::{
     self, BackupStats, ChunkHash, Encoding, IndexEntry, Manifest, ObjectKind, PackId, PackIndex,
     RECORD_HEADER_BYTES, SourceInfo,
@@ -58,6 +59,10 @@ pub struct BackupOptions {
     /// What the manifest names as the source instead of the device path (for example
     /// `lightbits:<project>/<volume> (clone <uuid>)`); only with a single source.
     pub source_label: Option<String>,
+    /// Read only the chunks a change list touches, taking the others from a parent backup
+    /// (`native::incremental`); only with a single source. A hint that cannot be trusted is a
+    /// warning and a full read.
+    pub incremental: Option<Incremental>,
 }
 
 impl BackupOptions {
@@ -75,6 +80,7 @@ impl BackupOptions {
             limit_read_bytes_per_sec: None,
             limit_upload_bytes_per_sec: None,
             source_label: None,
+            incremental: None,
         }
     }
 }
@@ -239,11 +245,17 @@ pub fn run_many(
     let mut known = view.chunks;
     let mut excluded = view.marked;
     let mut epoch = lease.written_at();
+    let (mut plan, hint_bytes) = plan_incremental(repo, options, &sources, &known, cancel, warn)?;
     let (manifests, engines) = loop {
         let (collected, engines, stored) =
-            run_pass(repo, options, &sources, known, &budget, progress, cancel)?;
-        let manifests =
+            run_pass(repo, options, &sources, known, plan.as_ref(), &budget, progress, cancel)?;
+        let mut manifests =
             build_manifests(repo, options, &sources, collected, &stored, started, started_at)?;
+        if let [manifest] = &mut manifests[..] {
+            // What checking the change list read counts as read, whether it was trusted or not.
+            manifest.stats.bytes_read += hint_bytes;
+            manifest.base = plan.as_ref().map(|plan| plan.base.clone());
+        }
         for pack in manifests.iter().flat_map(|manifest| &manifest.packs) {
             // B2: a pack condemned by a mark this pass saw is never referenced.
             assert!(!excluded.contains(pack), "manifest references condemned pack {pack}");
@@ -270,6 +282,12 @@ pub fn run_many(
             lost.len()
         ));
         epoch = now;
+        if plan.take().is_some() {
+            warn(
+                "the parent backup's packs may be gone: the next pass reads the whole source"
+                    .into(),
+            );
+        }
         excluded = marks.packs;
         excluded.extend(lost);
         known = stored.into_iter().filter(|(_, pack)| !excluded.contains(pack)).collect();
@@ -291,16 +309,38 @@ pub fn run_many(
     Ok(outcomes)
 }
 
+/// The checked incremental read of `options.incremental`, or `None` (a full read) when there is
+/// none or it cannot be trusted (`native::incremental::plan` warns why).
+fn plan_incremental(
+    repo: &Repository,
+    options: &BackupOptions,
+    sources: &[Source],
+    known: &HashMap<ChunkHash, PackId>,
+    cancel: &AtomicBool,
+    warn: &dyn Fn(String),
+) -> Result<(Option<incremental::Plan>, u64), EngineError> {
+    let Some(hint) = &options.incremental else { return Ok((None, 0)) };
+    let [source] = sources else {
+        return Err(EngineError::new(
+            ErrorKind::Usage,
+            "an incremental backup reads one source; it cannot be used with several",
+        ));
+    };
+    incremental::plan(repo, hint, &source.source, options.engine, known, cancel, warn)
+}
+
 /// What one pass gathered, the engines that read, and where each chunk of the run is stored.
 type PassOutput = (Vec<Collected>, Vec<io::Engine>, HashMap<ChunkHash, PackId>);
 
 /// One pass of the pipeline over every source, deduplicating against `known`; returns what the
 /// collector gathered, the engines, and where every chunk of the run is stored.
+#[allow(clippy::too_many_arguments)]
 fn run_pass(
     repo: &Repository,
     options: &BackupOptions,
     sources: &[Source],
     known: HashMap<ChunkHash, PackId>,
+    plan: Option<&incremental::Plan>,
     budget: &Budget,
     progress: &Progress,
     cancel: &AtomicBool,
@@ -319,7 +359,7 @@ fn run_pass(
         pack_size_bytes: options.pack_size_bytes.max(1),
         uploader,
     };
-    let (collected, engines) = run_pipeline(repo, options, sources, &shared, budget, cancel)?;
+    let (collected, engines) = run_pipeline(repo, options, sources, plan, &shared, budget, cancel)?;
     let dedup = shared.dedup.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     // After a successful pass every claimed chunk is in a stored pack.
     let stored = dedup.into_iter().filter_map(|(hash, pack)| Some((hash, pack?))).collect();
@@ -364,6 +404,7 @@ fn build_manifests(
             packs: packs.into_iter().collect(),
             chunks: collected.table,
             stats: collected.stats,
+            base: None,
         };
         manifest.stats.duration_ms =
             u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -425,6 +466,7 @@ fn run_pipeline(
     repo: &Repository,
     options: &BackupOptions,
     sources: &[Source],
+    plan: Option<&incremental::Plan>,
     shared: &Shared<'_>,
     budget: &Budget,
     cancel: &AtomicBool,
@@ -455,10 +497,11 @@ fn run_pipeline(
                 chunk_size_bytes,
                 options.queue_depth,
             );
-            readers.push(plane::spawn_reader(
+            readers.push(plane::spawn_reader_of(
                 scope,
                 &source.source,
                 read_options,
+                plan.map(|plan| plan.chunks.as_slice()),
                 read_rx.clone(),
                 chunk_tx,
                 control,
@@ -496,7 +539,7 @@ fn run_pipeline(
         });
         drop(report_tx);
         let chunk_size = repo.config.chunk_size_bytes;
-        let collected = collect_reports(shared, &report_rx, sources, chunk_size, cancel);
+        let collected = collect_reports(shared, &report_rx, sources, plan, chunk_size, cancel);
         let engines: Vec<Option<io::Engine>> =
             readers.into_iter().map(|r| r.join().expect("reader thread does not panic")).collect();
         (collected, engines)
@@ -528,6 +571,7 @@ fn collect_reports(
     shared: &Shared<'_>,
     report_rx: &Receiver<Report>,
     sources: &[Source],
+    plan: Option<&incremental::Plan>,
     chunk_size: u32,
     cancel: &AtomicBool,
 ) -> Vec<Collected> {
@@ -540,6 +584,17 @@ fn collect_reports(
             Collected { table: vec![None; count], seen: vec![false; count], stats }
         })
         .collect();
+    if let (Some(plan), [entry]) = (plan, &mut collected[..]) {
+        // An incremental read: the chunks it does not read are the parent's.
+        for (index, hash) in plan.carried() {
+            entry.seen[index] = true;
+            entry.table[index] = hash;
+            match hash {
+                None => entry.stats.zero_chunk_count += 1,
+                Some(_) => entry.stats.dedup_chunk_count += 1,
+            }
+        }
+    }
     let mut pack_count = 0;
     while let Some(report) = shared.control.recv_relaying(report_rx, cancel) {
         match report {

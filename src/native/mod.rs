@@ -13,6 +13,7 @@ pub mod check;
 pub mod chunk;
 pub mod compress;
 pub mod fresh;
+pub mod incremental;
 pub mod layout;
 pub mod lifecycle;
 pub mod maintain;

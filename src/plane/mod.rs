@@ -18,7 +18,7 @@ mod upload;
 
 pub use control::{JobControl, POLL_INTERVAL, lock};
 pub use fetch::fetch_parallel;
-pub use source::{Source, open_source, pace_reads, read_options, spawn_reader};
+pub use source::{Source, open_source, pace_reads, read_options, spawn_reader, spawn_reader_of};
 pub use target::{Edges, Target, prepare_target, spawn_writer};
 pub use upload::{OpenUploads, PooledObject, UploadJob, Uploader};
 

@@ -118,16 +118,29 @@ pub fn spawn_reader<'scope>(
     chunk_tx: Sender<ReadChunk>,
     control: &'scope JobControl,
 ) -> ScopedJoinHandle<'scope, Option<io::Engine>> {
+    spawn_reader_of(scope, source, options, None, free_rx, chunk_tx, control)
+}
+
+/// [`spawn_reader`] reading only the chunks `chunks` lists when it is given (an incremental
+/// backup: `io::read_source_chunks`).
+pub fn spawn_reader_of<'scope>(
+    scope: &'scope Scope<'scope, '_>,
+    source: &'scope Source,
+    options: io::ReadOptions,
+    chunks: Option<&'scope [u64]>,
+    free_rx: Receiver<AlignedBuf>,
+    chunk_tx: Sender<ReadChunk>,
+    control: &'scope JobControl,
+) -> ScopedJoinHandle<'scope, Option<io::Engine>> {
     scope.spawn(move || {
         let _ = io::pin_current_thread(None);
-        let result = io::read_source(
-            &source.opened.file,
-            &source.info,
-            &options,
-            &free_rx,
-            &chunk_tx,
-            control.flag(),
-        );
+        let (file, info, flag) = (&source.opened.file, &source.info, control.flag());
+        let result = match chunks {
+            Some(chunks) => {
+                io::read_source_chunks(file, info, &options, chunks, &free_rx, &chunk_tx, flag)
+            }
+            None => io::read_source(file, info, &options, &free_rx, &chunk_tx, flag),
+        };
         drop(chunk_tx);
         match result {
             Ok(stats) => Some(stats.engine),

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use super::model::{
-    ClusterInfo, CreateSnapshot, CreateVolume, Endpoint, NodeList, Snapshot, SnapshotState,
-    UpdateAcl, Volume, VolumeState,
+    ChangedBlocksPage, ClusterInfo, CreateSnapshot, CreateVolume, Endpoint, LbaRange, NodeList,
+    Snapshot, SnapshotState, UpdateAcl, Volume, VolumeState,
 };
 use super::{LightbitsError, Result};
 
@@ -440,7 +440,8 @@ impl Client {
                 let index = (start + step) % count;
                 let base = &self.bases[index];
                 match self.send_once(base, method, path, body, if_match) {
-                    Ok(reply) if reply.status >= 500 => {
+                    // 501 Not Implemented is an answer, not a fault: retrying cannot change it.
+                    Ok(reply) if reply.status >= 500 && reply.status != 501 => {
                         last_error = Some(http_error(operation, &reply));
                     }
                     Ok(reply) => {
@@ -733,6 +734,64 @@ impl Client {
     pub fn delete_snapshot(&self, uuid: &str) -> Result<Deletion> {
         let path = self.project_path(&format!("snapshots/{}", encode_query(uuid)));
         self.delete("delete snapshot", &path)
+    }
+
+    /// `GET .../snapshots/diff/{snapshot_uuid}?baseSnapshotUUID=..&offsetLBA=..` (reference
+    /// B.8), every page: the LBA ranges of `snapshot_uuid` that differ from `base_uuid`, in the
+    /// order the cluster gave them. Pages until `nextOffsetLBA` is 0; an offset that does not
+    /// advance, or more than `pages_max` pages, is a protocol error (never an endless loop).
+    ///
+    /// # Errors
+    ///
+    /// [`LightbitsError::DiffUnavailable`] for 404 and 501 (a cluster without the call, or a
+    /// snapshot that is gone: the caller checks the snapshots first); HTTP 400 (identical
+    /// snapshots, not on one chain, offset beyond the size) as [`LightbitsError::Http`];
+    /// transport, authentication and parse errors.
+    pub fn changed_blocks(
+        &self,
+        snapshot_uuid: &str,
+        base_uuid: &str,
+        pages_max: usize,
+    ) -> Result<Vec<LbaRange>> {
+        let operation = "list changed blocks";
+        let mut ranges = Vec::new();
+        let mut offset_lba = 0u64;
+        for _ in 0..pages_max.max(1) {
+            let path = self.project_path(&format!(
+                "snapshots/diff/{}?baseSnapshotUUID={}&offsetLBA={offset_lba}",
+                encode_query(snapshot_uuid),
+                encode_query(base_uuid)
+            ));
+            let reply = self.request(operation, "GET", &path, None, None)?;
+            let page: ChangedBlocksPage = match reply.status {
+                200 => parse(operation, &reply.body)?,
+                404 | 501 => {
+                    return Err(LightbitsError::DiffUnavailable {
+                        status: reply.status,
+                        body: body_excerpt(&reply.body),
+                    });
+                }
+                _ => return Err(status_error(operation, &reply)),
+            };
+            ranges.extend(page.lba_ranges);
+            if page.next_offset_lba == 0 {
+                return Ok(ranges);
+            }
+            if page.next_offset_lba <= offset_lba {
+                return Err(LightbitsError::Protocol {
+                    operation: operation.to_owned(),
+                    message: format!(
+                        "nextOffsetLBA {} does not advance past {offset_lba}",
+                        page.next_offset_lba
+                    ),
+                });
+            }
+            offset_lba = page.next_offset_lba;
+        }
+        Err(LightbitsError::Protocol {
+            operation: operation.to_owned(),
+            message: format!("more than {pages_max} pages"),
+        })
     }
 
     /// Polls every `poll_interval` until `step` is ready, a hard error, or `wait_timeout`.

@@ -348,3 +348,51 @@ fn base_urls() {
     assert!(looks_like_uuid("0f6c3c2e-1111-2222-3333-444455556666"));
     assert!(!looks_like_uuid("volume-1"));
 }
+
+/// The diff call pages with `offsetLBA` until `nextOffsetLBA` is 0, accepting both encodings of
+/// 64-bit numbers; 404 and 501 are "not available", 400 is an HTTP error, and an offset that
+/// does not advance is refused instead of looping.
+#[test]
+fn changed_blocks_pages_and_errors() {
+    let server = FakeServer::start(|request| {
+        let target = request.target.as_str();
+        if target.contains("diff/old-cluster") {
+            return (501, r#"{"code":12,"message":"not implemented"}"#.into());
+        }
+        if target.contains("diff/gone") {
+            return (404, r#"{"code":5,"message":"not found"}"#.into());
+        }
+        if target.contains("diff/same") {
+            return (400, r#"{"code":3,"message":"identical"}"#.into());
+        }
+        if target.contains("diff/stuck") {
+            return (200, r#"{"nextOffsetLBA":"64","lbaRanges":[]}"#.into());
+        }
+        assert!(target.contains("baseSnapshotUUID=base-1"), "{target}");
+        if target.ends_with("offsetLBA=0") {
+            (200, r#"{"nextOffsetLBA":"128","lbaRanges":[{"lbaStart":"0","lbaEnd":"7","dataBitMap":"/w=="}]}"#.into())
+        } else if target.ends_with("offsetLBA=128") {
+            (200, r#"{"nextOffsetLBA":0,"lbaRanges":[{"lbaStart":130,"lbaEnd":"131"}]}"#.into())
+        } else {
+            (500, "{}".into())
+        }
+    });
+    let client = client(vec![server.address.clone()]);
+    let ranges = client.changed_blocks("snap-2", "base-1", 100).unwrap();
+    assert_eq!(
+        ranges.iter().map(|range| (range.lba_start, range.lba_end)).collect::<Vec<_>>(),
+        [(0, 7), (130, 131)]
+    );
+    let seen = server.seen();
+    assert!(seen[0].target.starts_with("/api/v2/projects/proj/snapshots/diff/snap-2?"));
+    for (uuid, status) in [("old-cluster", 501), ("gone", 404)] {
+        match client.changed_blocks(uuid, "base-1", 100).unwrap_err() {
+            LightbitsError::DiffUnavailable { status: got, .. } => assert_eq!(got, status),
+            other => panic!("{uuid}: {other:?}"),
+        }
+    }
+    let error = client.changed_blocks("same", "base-1", 100).unwrap_err();
+    assert!(matches!(error, LightbitsError::Http { status: 400, .. }), "{error:?}");
+    let error = client.changed_blocks("stuck", "base-1", 100).unwrap_err();
+    assert!(error.to_string().contains("does not advance"), "{error}");
+}

@@ -380,6 +380,27 @@ pub struct Manifest {
     pub chunks: Vec<Option<ChunkHash>>,
     /// Statistics of the run.
     pub stats: BackupStats,
+    /// What an incremental backup was based on; absent for a full read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseInfo>,
+}
+
+/// What an incremental backup was based on: the parent backup whose chunks it took for the
+/// chunks the change list called unchanged, and what it read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseInfo {
+    /// The parent backup's id.
+    pub parent_backup_id: String,
+    /// Where the change list came from (for example `lightbits diff <snapshot> against
+    /// <base snapshot>`, or `ranges file <path>`).
+    pub changes_from: String,
+    /// Chunks read because the change list touched them (or the parent's chunk was not
+    /// available for dedup).
+    pub chunks_read: u64,
+    /// Chunks the change list called unchanged, re-read and checked against the parent.
+    pub chunks_sampled: u64,
+    /// Chunks taken from the parent without reading them.
+    pub chunks_carried: u64,
 }
 
 impl Manifest {
@@ -495,6 +516,7 @@ mod tests {
             packs: vec![],
             chunks: vec![None; 3],
             stats: BackupStats::default(),
+            base: None,
         };
         manifest.validate().unwrap();
         let _ = manifest.chunks.pop();
