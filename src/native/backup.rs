@@ -29,7 +29,7 @@ use crate::native::layout::{
     RECORD_HEADER_BYTES, SourceInfo,
 };
 use crate::native::maintain;
-use crate::native::repo::Repository;
+use crate::native::repo::{ChunkMap, Repository};
 use crate::plane::{self, JobControl, PooledObject, UploadJob, Uploader, lock};
 use crate::progress::Progress;
 
@@ -121,7 +121,9 @@ struct Shared<'a> {
     store: &'a dyn crate::store::ObjectStore,
     progress: &'a Progress,
     control: &'a JobControl,
-    /// Known chunks: `Some(pack)` when stored, `None` when claimed by this backup.
+    /// Chunks of the repository this run may deduplicate against (read only, compact).
+    known: &'a ChunkMap,
+    /// Chunks of this run: `Some(pack)` when stored, `None` when claimed by this backup.
     dedup: Mutex<HashMap<ChunkHash, Option<PackId>>>,
     /// Part buffers whose upload finished, for the packer to fill again.
     part_spares: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
@@ -238,13 +240,15 @@ pub fn run_many(
         ));
     }
     let mut known = view.chunks;
+    let mut carried: HashMap<ChunkHash, PackId> = HashMap::new();
     let mut excluded = view.marked;
     let mut epoch = lease.written_at();
     let (manifests, engines) = loop {
         let (collected, engines, stored) =
-            run_pass(repo, options, &sources, known, &budget, progress, cancel)?;
-        let manifests =
-            build_manifests(repo, options, &sources, collected, &stored, started, started_at)?;
+            run_pass(repo, options, &sources, &known, carried, &budget, progress, cancel)?;
+        let manifests = build_manifests(
+            repo, options, &sources, collected, &known, &stored, started, started_at,
+        )?;
         for pack in manifests.iter().flat_map(|manifest| &manifest.packs) {
             // B2: a pack condemned by a mark this pass saw is never referenced.
             assert!(!excluded.contains(pack), "manifest references condemned pack {pack}");
@@ -273,7 +277,8 @@ pub fn run_many(
         epoch = now;
         excluded = marks.packs;
         excluded.extend(lost);
-        known = stored.into_iter().filter(|(_, pack)| !excluded.contains(pack)).collect();
+        known = known.without(&excluded);
+        carried = stored.into_iter().filter(|(_, pack)| !excluded.contains(pack)).collect();
     };
     if cancel.load(Ordering::SeqCst) {
         return Err(EngineError::new(ErrorKind::Cancelled, "backup cancelled before commit"));
@@ -292,16 +297,20 @@ pub fn run_many(
     Ok(outcomes)
 }
 
-/// What one pass gathered, the engines that read, and where each chunk of the run is stored.
+/// What one pass gathered, the engines that read, and where each chunk the run stored (or
+/// carried from an earlier pass) is.
 type PassOutput = (Vec<Collected>, Vec<io::Engine>, HashMap<ChunkHash, PackId>);
 
-/// One pass of the pipeline over every source, deduplicating against `known`; returns what the
-/// collector gathered, the engines, and where every chunk of the run is stored.
+/// One pass of the pipeline over every source, deduplicating against `known` and `carried`
+/// (chunks an earlier pass stored); returns what the collector gathered, the engines, and
+/// where every chunk this pass stored or carried is.
+#[allow(clippy::too_many_arguments)]
 fn run_pass(
     repo: &Repository,
     options: &BackupOptions,
     sources: &[Source],
-    known: HashMap<ChunkHash, PackId>,
+    known: &ChunkMap,
+    carried: HashMap<ChunkHash, PackId>,
     budget: &Budget,
     progress: &Progress,
     cancel: &AtomicBool,
@@ -315,7 +324,8 @@ fn run_pass(
         store: repo.store.as_ref(),
         progress,
         control: &control,
-        dedup: Mutex::new(known.into_iter().map(|(hash, pack)| (hash, Some(pack))).collect()),
+        known,
+        dedup: Mutex::new(carried.into_iter().map(|(hash, pack)| (hash, Some(pack))).collect()),
         part_spares,
         pack_size_bytes: options.pack_size_bytes.max(1),
         uploader,
@@ -328,11 +338,13 @@ fn run_pass(
 }
 
 /// The manifests of a finished pass, one per source.
+#[allow(clippy::too_many_arguments)]
 fn build_manifests(
     repo: &Repository,
     options: &BackupOptions,
     sources: &[Source],
     collected: Vec<Collected>,
+    known: &ChunkMap,
     stored: &HashMap<ChunkHash, PackId>,
     started: Instant,
     started_at: layout::Timestamp,
@@ -342,7 +354,7 @@ fn build_manifests(
     for (source, collected) in sources.iter().zip(collected) {
         let mut packs = BTreeSet::new();
         for hash in collected.table.iter().flatten() {
-            let pack = stored.get(hash).copied();
+            let pack = stored.get(hash).copied().or_else(|| known.get(hash));
             let _ = packs.insert(pack.expect("every chunk of a finished backup is in a pack"));
         }
         let mut manifest = Manifest {
@@ -617,13 +629,14 @@ fn work_chunks(
             (None, None)
         } else {
             let hash = repo.hasher.hash(data);
-            let new = match lock(&shared.dedup).entry(hash) {
-                std::collections::hash_map::Entry::Occupied(_) => false,
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    let _ = slot.insert(None);
-                    true
-                }
-            };
+            let new = shared.known.get(&hash).is_none()
+                && match lock(&shared.dedup).entry(hash) {
+                    std::collections::hash_map::Entry::Occupied(_) => false,
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        let _ = slot.insert(None);
+                        true
+                    }
+                };
             let mut stored = None;
             if new {
                 let mut out = outputs.spare_rx.try_recv().unwrap_or_default();

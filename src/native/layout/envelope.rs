@@ -28,6 +28,8 @@ pub enum ObjectKind {
     Manifest = 3,
     /// A garbage-collection mark: packs condemned by `prune`.
     Mark = 4,
+    /// A consolidated index: many packs' index entries (`merged.rs`).
+    MergedIndex = 5,
 }
 
 /// Wraps `payload` in an envelope, compressing it unless it is the config (kept readable).
