@@ -50,6 +50,8 @@ pub struct ConsolidateReport {
     /// Consolidated indexes whose superseded objects wait: in their grace, or a lease
     /// predates them.
     pub waiting: usize,
+    /// The backup catalog written for `list` (`null`: the existing one is current).
+    pub catalog: Option<String>,
 }
 
 /// A consolidated index as consolidation sees it: its packs, not their entries.
@@ -260,4 +262,44 @@ fn delete_superseded(
     assert!(covered, "C3: {key} is not superseded by {}", successor.key);
     repo.store.delete(key)?;
     Ok(())
+}
+
+/// Writes a catalog of `summaries` (every readable backup a prune saw) when the catalogs do
+/// not already hold exactly those backups, then deletes the older catalogs (a `list` that
+/// misses one reads the manifests instead). Returns the catalog written, if any.
+///
+/// # Errors
+/// Store errors.
+pub fn refresh_catalog(
+    repo: &Repository,
+    mut summaries: Vec<layout::BackupSummary>,
+    dry_run: bool,
+) -> Result<Option<String>, EngineError> {
+    summaries.sort_by(|a, b| a.backup_id.cmp(&b.backup_id));
+    let old: Vec<String> = repo
+        .store
+        .list(layout::CATALOG_PREFIX)?
+        .into_iter()
+        .filter(|object| layout::catalog_from_key(&object.key).is_some())
+        .map(|object| object.key)
+        .collect();
+    if let [only] = &old[..]
+        && let Ok(bytes) = repo.store.get(only)
+        && let Ok(catalog) =
+            layout::decode_document::<layout::BackupCatalog>(ObjectKind::Catalog, only, &bytes)
+        && catalog.backups == summaries
+    {
+        return Ok(None);
+    }
+    if dry_run {
+        return Ok(None);
+    }
+    let key = layout::catalog_key(PackId::random());
+    let catalog = layout::BackupCatalog { backups: summaries };
+    let encoded = layout::encode_document(ObjectKind::Catalog, &catalog);
+    repo.store.put(&key, Bytes::from(encoded))?;
+    for old in old {
+        repo.store.delete(&old)?;
+    }
+    Ok(Some(key))
 }

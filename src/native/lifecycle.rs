@@ -238,6 +238,7 @@ pub fn prune(
         warn(format!("mark {key} is not readable, its packs are kept: {problem}"));
     }
     let mut live: HashSet<PackId> = HashSet::new();
+    let mut summaries = Vec::new();
     for (id, manifest) in repo.load_all_manifests()? {
         let manifest = manifest.map_err(|error| {
             EngineError::new(
@@ -249,6 +250,7 @@ pub fn prune(
             )
         })?;
         live.extend(manifest.packs.iter().copied());
+        summaries.push(layout::BackupSummary::of(&manifest));
     }
     let packs = repo.list_packs()?;
     let indexes: HashMap<PackId, u64> = repo
@@ -284,6 +286,7 @@ pub fn prune(
     condemn(&view, &indexes, &gone, &still_marked, &mut report)?;
     report.consolidation =
         consolidate::run(repo, now, dry_run, &packs, &marks.packs, &leases, warn)?;
+    report.consolidation.catalog = consolidate::refresh_catalog(repo, summaries, dry_run)?;
     drop(lease);
     Ok(report)
 }

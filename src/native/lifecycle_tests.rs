@@ -729,3 +729,47 @@ fn a_consolidating_prune_crashing_after_any_step_converges() {
         }
     }
 }
+
+/// GETs of manifests while `f` runs.
+fn manifest_reads(world: &World, f: impl FnOnce()) -> usize {
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&count);
+    world.store.set_hook(Some(Arc::new(move |op, key: &str| {
+        if op == Op::Get && key.starts_with("backups/") {
+            let _ = counter.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    })));
+    f();
+    world.store.set_hook(None);
+    count.load(Ordering::SeqCst)
+}
+
+// `list` reads the catalog prune writes and only the manifests committed since; a forgotten
+// backup is not shown, whatever the catalog says.
+#[test]
+fn list_reads_the_catalog_and_new_manifests_only() {
+    let world = World::new("catalog", T0);
+    let source = world.volume("v", 500, 2);
+    let backups: Vec<Manifest> = (0..3).map(|_| world.backup(&source)).collect();
+    let ids = |world: &World| -> Vec<String> {
+        world
+            .repo
+            .list_summaries()
+            .unwrap()
+            .into_iter()
+            .map(|(id, s)| s.map(|_| id).unwrap())
+            .collect()
+    };
+    assert_eq!(manifest_reads(&world, || drop(ids(&world))), 3);
+    assert!(world.prune().consolidation.catalog.is_some());
+    assert_eq!(manifest_reads(&world, || drop(ids(&world))), 0);
+    let newer = world.backup(&source);
+    world.forget(&backups[0].backup_id);
+    assert_eq!(manifest_reads(&world, || assert_eq!(ids(&world).len(), 3)), 1);
+    let listed = world.repo.list_summaries().unwrap();
+    assert_eq!(listed[2].1.as_ref().unwrap(), &layout::BackupSummary::of(&newer));
+    assert!(world.prune().consolidation.catalog.is_some());
+    assert!(world.prune().consolidation.catalog.is_none(), "nothing changed");
+    assert_eq!(world.store.keys("catalog/").len(), 1);
+}

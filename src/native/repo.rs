@@ -14,13 +14,16 @@ use crate::native::chunk::ChunkHasher;
 use crate::native::layout::gc::{self, Mark};
 use crate::native::layout::merged::{self, MergedIndex};
 use crate::native::layout::{
-    self, BACKUPS_PREFIX, CONFIG_KEY, ChunkHash, FORMAT_VERSION, HASH_SCHEME, INDEX_PREFIX,
-    IndexEntry, Manifest, ObjectKind, PACKS_PREFIX, PackId, PackIndex, RepoConfig, Timestamp,
+    self, BACKUPS_PREFIX, BackupSummary, CATALOG_PREFIX, CONFIG_KEY, ChunkHash, FORMAT_VERSION,
+    HASH_SCHEME, INDEX_PREFIX, IndexEntry, Manifest, ObjectKind, PACKS_PREFIX, PackId, PackIndex,
+    RepoConfig, Timestamp,
 };
 use crate::store::{DatedObject, ObjectStore, StoreError};
 
 /// Index objects fetched at once when loading a repository's index.
 const INDEX_FETCHES_IN_FLIGHT: usize = 8;
+/// Consolidated indexes fetched at once (each up to `MERGED_PACKS_MAX` packs).
+const MERGED_FETCHES_IN_FLIGHT: usize = 2;
 
 /// An opened repository.
 #[derive(Debug)]
@@ -252,15 +255,16 @@ impl Repository {
                 format!("{key}: {detail} (its packs are kept; dedup continues)")
             }),
         );
-        let state = Mutex::new(ViewBuilder {
-            view,
-            map: ChunkMapBuilder::default(),
-            packs: &packs,
-            marked: &marks.packs,
-        });
+        // Sized once: a consolidated index holds about one entry per 48 bytes (hashes do not
+        // compress), so growing by doubling, which would peak at twice the map, is avoided.
+        let mut map = ChunkMapBuilder::default();
+        let merged_bytes: u64 = listing.merged.iter().map(|(_, object)| object.size_bytes).sum();
+        map.reserve(usize::try_from(merged_bytes / 48).unwrap_or(0));
+        let state = Mutex::new(ViewBuilder { view, map, packs: &packs, marked: &marks.packs });
         // A damaged index is reported and skipped; a store error fails the backup (a retried
         // failure is not damage, and skipping would store its chunks again for nothing).
-        let _ = parallel_map(&listing.merged, INDEX_FETCHES_IN_FLIGHT, |(id, _)| {
+        // Two at a time: each is up to 25 MiB decoded, and the map is what must stay small.
+        let _ = parallel_map(&listing.merged, MERGED_FETCHES_IN_FLIGHT, |(id, _)| {
             match self.load_merged(*id) {
                 Ok(Some(merged)) => {
                     let mut state = lock(&state);
@@ -396,6 +400,60 @@ impl Repository {
         Ok(map)
     }
 
+    /// A summary of every backup: from the catalogs a prune wrote, and from the manifests of
+    /// the backups no catalog holds (those committed since the last prune). A summary whose
+    /// manifest is not listed is not shown (forgotten since). One that cannot be read comes
+    /// with its error.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn list_summaries(&self) -> Result<Vec<LoadedSummary>, EngineError> {
+        let ids = self.list_backups()?;
+        let mut known: HashMap<String, BackupSummary> = HashMap::new();
+        for object in self.store.list(CATALOG_PREFIX)? {
+            if layout::catalog_from_key(&object.key).is_none() {
+                continue;
+            }
+            let bytes = match self.store.get(&object.key) {
+                Ok(bytes) => bytes,
+                // Replaced since the listing: the manifests say the same.
+                Err(StoreError::NotFound { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            };
+            // A damaged catalog is informative only: the manifests say the same.
+            let Ok(catalog) = layout::decode_document::<layout::BackupCatalog>(
+                ObjectKind::Catalog,
+                &object.key,
+                &bytes,
+            ) else {
+                continue;
+            };
+            for summary in catalog.backups {
+                let _ = known.insert(summary.backup_id.clone(), summary);
+            }
+        }
+        let missing: Vec<String> =
+            ids.iter().filter(|id| !known.contains_key(*id)).cloned().collect();
+        let loaded = parallel_map(&missing, INDEX_FETCHES_IN_FLIGHT, |id| {
+            Ok(match self.load_manifest(id) {
+                Err(error) if error.kind == ErrorKind::NotFound => None,
+                other => Some(other.map(|manifest| BackupSummary::of(&manifest))),
+            })
+        })?;
+        let mut fresh: HashMap<String, Result<BackupSummary, EngineError>> = missing
+            .into_iter()
+            .zip(loaded)
+            .filter_map(|(id, loaded)| Some((id, loaded?)))
+            .collect();
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| {
+                let summary = known.remove(&id).map(Ok).or_else(|| fresh.remove(&id))?;
+                Some((id, summary))
+            })
+            .collect())
+    }
+
     /// Ids of every backup, sorted (ids start with their UTC start time).
     ///
     /// # Errors
@@ -525,6 +583,9 @@ impl Repository {
 
 /// A backup id and its manifest, or why it cannot be read.
 pub type LoadedManifest = (String, Result<Manifest, EngineError>);
+
+/// A backup id and its summary, or why it cannot be read.
+pub type LoadedSummary = (String, Result<BackupSummary, EngineError>);
 
 /// A mark and its time by the store's clock.
 #[derive(Debug, Clone)]
@@ -670,6 +731,11 @@ pub struct ChunkMapBuilder {
 }
 
 impl ChunkMapBuilder {
+    /// Makes room for `entries` more chunks.
+    pub fn reserve(&mut self, entries: usize) {
+        self.entries.reserve_exact(entries);
+    }
+
     /// Whether `pack` was added.
     pub fn has_pack(&self, pack: &PackId) -> bool {
         self.seen.contains(pack)
@@ -692,8 +758,8 @@ impl ChunkMapBuilder {
     pub fn build(self) -> ChunkMap {
         let mut entries = self.entries;
         entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // No shrink: it would copy the whole array (twice the memory at its peak).
         entries.dedup_by(|a, b| a.0 == b.0);
-        entries.shrink_to_fit();
         let mut packs = self.packs;
         packs.shrink_to_fit();
         ChunkMap { entries, packs }

@@ -30,6 +30,8 @@ pub enum ObjectKind {
     Mark = 4,
     /// A consolidated index: many packs' index entries (`merged.rs`).
     MergedIndex = 5,
+    /// A catalog: summaries of many backups, for `list` (`BackupCatalog`).
+    Catalog = 6,
 }
 
 /// Wraps `payload` in an envelope, compressing it unless it is the config (kept readable).
