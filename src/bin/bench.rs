@@ -872,11 +872,8 @@ impl SynthTarget {
 /// `bench synth-repo`: see `SynthArgs`.
 fn synth_repo(args: &SynthArgs) -> Result<()> {
     use ferry::native::layout::merged::{MERGED_PACKS_MAX, MergedIndex, merged_key};
-    use ferry::native::layout::{
-        self, ChunkHash, IndexEntry, Manifest, ObjectKind, PackId, PackIndex, SourceInfo,
-    };
+    use ferry::native::layout::{self, ObjectKind, PackId, PackIndex};
     const CHUNK: u32 = 4 << 20;
-    const RECORD: u64 = 64 + 1;
     if args.unconsolidated > args.packs || args.chunks_per_pack == 0 || args.backup_chunks == 0 {
         bail!(
             "--unconsolidated must not exceed --packs; --chunks-per-pack and --backup-chunks must be at least 1"
@@ -894,45 +891,9 @@ fn synth_repo(args: &SynthArgs) -> Result<()> {
     let repository_id = repo.config.repository_id.clone();
     let mut rng = Rng(0x5EED_5EED);
     let chunks = args.chunks_per_pack;
-    let pack_size = RECORD * u64::from(chunks);
+    let pack_size = SYNTH_RECORD * u64::from(chunks);
     let zeros = vec![0u8; usize::try_from(pack_size)?];
-    let new_pack = |rng: &mut Rng| {
-        let mut id = [0u8; 16];
-        rng.fill(&mut id);
-        let entries = (0..u64::from(chunks))
-            .map(|n| {
-                let mut hash = [0u8; 32];
-                rng.fill(&mut hash);
-                IndexEntry {
-                    hash: ChunkHash(hash),
-                    offset: n * RECORD,
-                    stored_bytes: 1,
-                    raw_bytes: CHUNK,
-                }
-            })
-            .collect();
-        PackIndex { pack: PackId(id), pack_size_bytes: pack_size, entries }
-    };
-    let put_all = |keys: &[(String, Vec<u8>)]| -> Result<()> {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..args.threads.max(1))
-                .map(|_| {
-                    scope.spawn(|| -> Result<()> {
-                        loop {
-                            let position = next.fetch_add(1, Ordering::Relaxed);
-                            let Some((key, data)) = keys.get(position) else { return Ok(()) };
-                            target.put(key, data)?;
-                        }
-                    })
-                })
-                .collect();
-            for worker in workers {
-                worker.join().map_err(|_| anyhow!("writer thread panicked"))??;
-            }
-            Ok(())
-        })
-    };
+    let put_all = |objects: &[(String, Vec<u8>)]| put_all(&target, args.threads, objects);
     // A sample of packs for the manifests to reference.
     let mut sample: Vec<PackIndex> = Vec::new();
     let mut written_packs = 0u64;
@@ -945,7 +906,8 @@ fn synth_repo(args: &SynthArgs) -> Result<()> {
         } else {
             (args.packs - written_packs).min(MERGED_PACKS_MAX as u64)
         };
-        let mut batch: Vec<PackIndex> = (0..batch_size).map(|_| new_pack(&mut rng)).collect();
+        let mut batch: Vec<PackIndex> =
+            (0..batch_size).map(|_| synth_pack(&mut rng, chunks)).collect();
         batch.sort_unstable_by_key(|index| index.pack);
         let mut objects: Vec<(String, Vec<u8>)> = match &target {
             // Sparse files of the pack's size: nothing reads their records.
@@ -986,7 +948,82 @@ fn synth_repo(args: &SynthArgs) -> Result<()> {
             sample.extend(batch.into_iter().take(4096 - sample.len()));
         }
     }
-    // Manifests: daily backups of 100 volumes, from 2026-01-01 on.
+    synth_manifests(args, &repository_id, &sample, &mut rng, &put_all)?;
+    report(
+        "synth-repo",
+        json!({"packs": args.packs, "chunks_per_pack": chunks, "unconsolidated": args.unconsolidated,
+               "backups": args.backups, "backup_chunks": args.backup_chunks}),
+        args.packs * pack_size,
+        started.elapsed().as_secs_f64(),
+        cpu_seconds(),
+        None,
+        json!({"index_objects": index_objects, "chunks": args.packs * u64::from(chunks),
+               "store": repo.store.describe()}),
+    );
+    Ok(())
+}
+
+/// Objects to write: key and bytes.
+type Objects = [(String, Vec<u8>)];
+
+/// Bytes of a synthetic record: a header and one stored byte.
+const SYNTH_RECORD: u64 = 64 + 1;
+
+/// A synthetic pack's index: `chunks` random hashes, records of `SYNTH_RECORD` bytes.
+fn synth_pack(rng: &mut Rng, chunks: u32) -> ferry::native::layout::PackIndex {
+    use ferry::native::layout::{ChunkHash, IndexEntry, PackId, PackIndex};
+    let mut id = [0u8; 16];
+    rng.fill(&mut id);
+    let entries = (0..u64::from(chunks))
+        .map(|n| {
+            let mut hash = [0u8; 32];
+            rng.fill(&mut hash);
+            IndexEntry {
+                hash: ChunkHash(hash),
+                offset: n * SYNTH_RECORD,
+                stored_bytes: 1,
+                raw_bytes: 4 << 20,
+            }
+        })
+        .collect();
+    PackIndex { pack: PackId(id), pack_size_bytes: SYNTH_RECORD * u64::from(chunks), entries }
+}
+
+/// Writes `objects` to `target`, `threads` at once.
+fn put_all(target: &SynthTarget, threads: usize, objects: &[(String, Vec<u8>)]) -> Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let position = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((key, data)) = objects.get(position) else { return Ok(()) };
+                        target.put(key, data)?;
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().map_err(|_| anyhow!("writer thread panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// `synth-repo`'s manifests: daily backups of 100 volumes from 2026-01-01 on, each of
+/// `--backup-chunks` chunks drawn from `sample`'s packs.
+fn synth_manifests(
+    args: &SynthArgs,
+    repository_id: &str,
+    sample: &[ferry::native::layout::PackIndex],
+    rng: &mut Rng,
+    put_all: &dyn Fn(&Objects) -> Result<()>,
+) -> Result<()> {
+    use ferry::native::layout::{self, Manifest, ObjectKind, SourceInfo};
+    const CHUNK: u32 = 4 << 20;
+    let chunks = args.chunks_per_pack;
+    let repository_id = repository_id.to_owned();
     let mut manifests = Vec::new();
     let base = 1_767_225_600u64;
     for n in 0..args.backups {
@@ -1029,17 +1066,5 @@ fn synth_repo(args: &SynthArgs) -> Result<()> {
             manifests.clear();
         }
     }
-    put_all(&manifests)?;
-    report(
-        "synth-repo",
-        json!({"packs": args.packs, "chunks_per_pack": chunks, "unconsolidated": args.unconsolidated,
-               "backups": args.backups, "backup_chunks": args.backup_chunks}),
-        args.packs * pack_size,
-        started.elapsed().as_secs_f64(),
-        cpu_seconds(),
-        None,
-        json!({"index_objects": index_objects, "chunks": args.packs * u64::from(chunks),
-               "store": repo.store.describe()}),
-    );
-    Ok(())
+    put_all(&manifests)
 }

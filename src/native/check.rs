@@ -157,13 +157,16 @@ pub fn run(repo: &Repository) -> Result<CheckReport, EngineError> {
     })
 }
 
+/// Readable indexes by pack, and (consolidated index objects, their dead packs).
+type CheckedIndexes = (HashMap<PackId, PackIndex>, (usize, usize));
+
 /// Loads every index, own and consolidated, and checks it against the packs listed before it;
 /// returns the readable ones by pack, and (consolidated objects, their dead packs).
 fn check_indexes(
     repo: &Repository,
     packs: &HashMap<PackId, DatedObject>,
     problem: &mut impl FnMut(String, String),
-) -> Result<(HashMap<PackId, PackIndex>, (usize, usize)), EngineError> {
+) -> Result<CheckedIndexes, EngineError> {
     let listing = repo.list_indexes()?;
     let index_keys: Vec<PackId> = listing.per_pack.keys().copied().collect();
     let loaded = parallel_map(&index_keys, 8, |pack| Ok(repo.load_index(pack)))?;

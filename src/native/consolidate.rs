@@ -104,36 +104,15 @@ pub fn run(
     }
 
     // C3: delete what a consolidated index old enough supersedes.
-    let listed: HashSet<PackId> = summaries.iter().map(|summary| summary.id).collect();
-    let mut deleted: HashSet<PackId> = HashSet::new();
-    for summary in &summaries {
-        let superseded_per_pack =
-            summary.packs.iter().filter(|pack| listing.per_pack.contains_key(pack));
-        let superseded_merged = summary.supersedes.iter().filter(|id| listed.contains(id));
-        let pending = superseded_per_pack.clone().count() + superseded_merged.clone().count();
-        if pending == 0 {
-            continue;
-        }
-        if !gc::mark_expired(summary.written_at, now)
-            || blocking_lease(leases, summary.written_at).is_some()
-        {
-            report.waiting += 1;
-            continue;
-        }
-        if dry_run {
-            report.deleted_superseded += pending;
-            continue;
-        }
-        for pack in superseded_per_pack {
-            delete_superseded(repo, summary, &pack.index_key(), now, leases)?;
-            report.deleted_superseded += 1;
-        }
-        for id in superseded_merged {
-            delete_superseded(repo, summary, &merged::merged_key(*id), now, leases)?;
-            let _ = deleted.insert(*id);
-            report.deleted_superseded += 1;
-        }
-    }
+    let deleted = delete_superseded_all(
+        repo,
+        &summaries,
+        &listing.per_pack,
+        now,
+        dry_run,
+        leases,
+        &mut report,
+    )?;
 
     // Which consolidated indexes are current (no other one supersedes them), and what they
     // cover.
@@ -208,6 +187,50 @@ pub fn run(
     let supersedes: Vec<PackId> = rewrite.iter().map(|summary| summary.id).collect();
     writer.flush(&supersedes)?;
     Ok(report)
+}
+
+/// C3 for every consolidated index: deletes what those old enough supersede; returns the
+/// consolidated indexes deleted.
+fn delete_superseded_all(
+    repo: &Repository,
+    summaries: &[Summary],
+    per_pack: &HashMap<PackId, DatedObject>,
+    now: u64,
+    dry_run: bool,
+    leases: &[SeenLease],
+    report: &mut ConsolidateReport,
+) -> Result<HashSet<PackId>, EngineError> {
+    let listed: HashSet<PackId> = summaries.iter().map(|summary| summary.id).collect();
+    let mut deleted: HashSet<PackId> = HashSet::new();
+    for summary in summaries {
+        let superseded_per_pack = summary.packs.iter().filter(|pack| per_pack.contains_key(pack));
+        let superseded_merged = summary.supersedes.iter().filter(|id| listed.contains(id));
+        let pending = superseded_per_pack.clone().count() + superseded_merged.clone().count();
+        if pending == 0 {
+            continue;
+        }
+        if !gc::mark_expired(summary.written_at, now)
+            || blocking_lease(leases, summary.written_at).is_some()
+        {
+            report.waiting += 1;
+            continue;
+        }
+        if dry_run {
+            report.deleted_superseded += pending;
+            continue;
+        }
+        for pack in superseded_per_pack {
+            delete_superseded(repo, summary, &pack.index_key(), now, leases)?;
+            report.deleted_superseded += 1;
+        }
+        for id in superseded_merged {
+            delete_superseded(repo, summary, &merged::merged_key(*id), now, leases)?;
+            let _ = deleted.insert(*id);
+            report.deleted_superseded += 1;
+        }
+    }
+
+    Ok(deleted)
 }
 
 /// Writes consolidated indexes of at most `MERGED_PACKS_MAX` packs.

@@ -666,7 +666,7 @@ impl ViewBuilder<'_> {
             }
             Some(_) => !self.marked.contains(&index.pack),
         };
-        self.map.add_pack(index.pack, usable.then_some(&index.entries[..]).unwrap_or(&[]));
+        self.map.add_pack(index.pack, if usable { &index.entries[..] } else { &[] });
     }
 }
 
@@ -757,7 +757,7 @@ impl ChunkMapBuilder {
     /// The map (a chunk held by several packs maps to one of them).
     pub fn build(self) -> ChunkMap {
         let mut entries = self.entries;
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        entries.sort_unstable_by_key(|entry| entry.0);
         // No shrink: it would copy the whole array (twice the memory at its peak).
         entries.dedup_by(|a, b| a.0 == b.0);
         let mut packs = self.packs;
