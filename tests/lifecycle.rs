@@ -98,10 +98,16 @@ fn lifecycle(repo: &Repo, scratch: &Scratch, local: Option<&Path>) {
     repo.restore(&new, &target, "pread", &[]).ok();
     assert_same(&volume, &target, 2 * MIB);
 
-    // A lost index: check fails naming it, repair rebuilds it from the pack, nothing is lost.
-    let index = std::fs::read_dir(dir.join("index")).unwrap().next().unwrap().unwrap().path();
+    // A lost index (its own and the consolidated copy prune made): check fails naming it,
+    // repair rebuilds it from the pack, nothing is lost.
+    let index = std::fs::read_dir(dir.join("index"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.is_file())
+        .unwrap();
     let original = std::fs::read(&index).unwrap();
     std::fs::remove_file(&index).unwrap();
+    std::fs::remove_dir_all(dir.join("index/merged")).unwrap();
     let message = repo.ferry(&["check"]).fails(5);
     assert!(message.contains("index is missing"), "{message}");
     let repaired = repo.ferry(&["repair"]).ok();

@@ -98,6 +98,40 @@ enum Command {
     Upload(UploadArgs),
     /// Back FILE up into a local repository, then time only the restore onto --target.
     Restore(RestoreArgs),
+    /// Generate a synthetic repository at scale: index objects (consolidated, plus per-pack
+    /// ones as if written since the last consolidation), pack objects of the indexed size
+    /// (zeros: nothing reads their records) and manifests, written directly.
+    SynthRepo(SynthArgs),
+}
+
+/// `bench synth-repo`.
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("where").required(true).args(["repo", "s3_prefix"]))]
+struct SynthArgs {
+    /// A local directory to create the repository in (must not exist or be empty).
+    #[arg(long)]
+    repo: Option<PathBuf>,
+    /// A prefix in the bucket named by FERRY_TEST_S3_* (must hold nothing).
+    #[arg(long)]
+    s3_prefix: Option<String>,
+    /// Packs in the repository.
+    #[arg(long)]
+    packs: u64,
+    /// Chunks per pack (a 128 MiB pack of 4 MiB chunks holds 32).
+    #[arg(long, default_value_t = 32)]
+    chunks_per_pack: u32,
+    /// Of the packs, how many have only their own index (written since the last consolidation).
+    #[arg(long, default_value_t = 64)]
+    unconsolidated: u64,
+    /// Backups (manifests) to write.
+    #[arg(long, default_value_t = 0)]
+    backups: u64,
+    /// Chunks per backup (its volume is this many chunks).
+    #[arg(long, default_value_t = 256)]
+    backup_chunks: u32,
+    /// Objects written at once.
+    #[arg(long, default_value_t = 16)]
+    threads: usize,
 }
 
 /// `--io-engine`.
@@ -261,6 +295,7 @@ fn run(command: Command) -> Result<()> {
         Command::Pipeline(args) => pipeline(&args),
         Command::Upload(args) => upload(&args),
         Command::Restore(args) => restore_bench(&args),
+        Command::SynthRepo(args) => synth_repo(&args),
     }
 }
 
@@ -712,10 +747,15 @@ fn pipeline(args: &PipelineArgs) -> Result<()> {
 /// The S3 bucket of the test environment: `FERRY_TEST_S3_ENDPOINT`, `FERRY_TEST_S3_BUCKET`,
 /// `FERRY_TEST_S3_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`.
 fn test_s3_store() -> Result<S3Store> {
+    test_s3_store_at("")
+}
+
+/// The same, under `prefix`.
+fn test_s3_store_at(prefix: &str) -> Result<S3Store> {
     let var = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let mut options = S3Options::new(
         var("FERRY_TEST_S3_BUCKET")?,
-        "",
+        prefix,
         std::env::var("FERRY_TEST_S3_REGION").unwrap_or_else(|_| "garage".to_string()),
         var("AWS_ACCESS_KEY_ID")?,
         var("AWS_SECRET_ACCESS_KEY")?,
@@ -885,4 +925,227 @@ fn cpu_seconds() -> f64 {
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of stat; after the ')' they are at 11 and 12.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Where `synth-repo` writes: a local directory (files written directly, without the local
+/// store's fsyncs, which would take hours for a million packs) or an S3 prefix.
+enum SynthTarget {
+    Local(PathBuf),
+    S3(S3Store),
+}
+
+impl SynthTarget {
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        match self {
+            SynthTarget::Local(root) => {
+                let path = root.join(key);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(&path, data)?;
+            }
+            SynthTarget::S3(store) => store.put(key, Bytes::copy_from_slice(data))?,
+        }
+        Ok(())
+    }
+}
+
+/// `bench synth-repo`: see `SynthArgs`.
+fn synth_repo(args: &SynthArgs) -> Result<()> {
+    use ferry::native::layout::merged::{MERGED_PACKS_MAX, MergedIndex, merged_key};
+    use ferry::native::layout::{self, ObjectKind, PackId, PackIndex};
+    const CHUNK: u32 = 4 << 20;
+    if args.unconsolidated > args.packs || args.chunks_per_pack == 0 || args.backup_chunks == 0 {
+        bail!(
+            "--unconsolidated must not exceed --packs; --chunks-per-pack and --backup-chunks must be at least 1"
+        );
+    }
+    let (store, target): (Box<dyn ObjectStore>, SynthTarget) = match (&args.repo, &args.s3_prefix) {
+        (Some(path), None) => (Box::new(LocalStore::new(path)?), SynthTarget::Local(path.clone())),
+        (None, Some(prefix)) => {
+            (Box::new(test_s3_store_at(prefix)?), SynthTarget::S3(test_s3_store_at(prefix)?))
+        }
+        _ => bail!("give exactly one of --repo and --s3-prefix"),
+    };
+    let started = Instant::now();
+    let repo = Repository::init(store, CHUNK)?;
+    let repository_id = repo.config.repository_id.clone();
+    let mut rng = Rng(0x5EED_5EED);
+    let chunks = args.chunks_per_pack;
+    let pack_size = SYNTH_RECORD * u64::from(chunks);
+    let zeros = vec![0u8; usize::try_from(pack_size)?];
+    let put_all = |objects: &[(String, Vec<u8>)]| put_all(&target, args.threads, objects);
+    // A sample of packs for the manifests to reference.
+    let mut sample: Vec<PackIndex> = Vec::new();
+    let mut written_packs = 0u64;
+    let mut index_objects = 0u64;
+    let consolidated = args.packs - args.unconsolidated;
+    while written_packs < args.packs {
+        let in_merged = written_packs < consolidated;
+        let batch_size = if in_merged {
+            (consolidated - written_packs).min(MERGED_PACKS_MAX as u64)
+        } else {
+            (args.packs - written_packs).min(MERGED_PACKS_MAX as u64)
+        };
+        let mut batch: Vec<PackIndex> =
+            (0..batch_size).map(|_| synth_pack(&mut rng, chunks)).collect();
+        batch.sort_unstable_by_key(|index| index.pack);
+        let mut objects: Vec<(String, Vec<u8>)> = match &target {
+            // Sparse files of the pack's size: nothing reads their records.
+            SynthTarget::Local(root) => {
+                for index in &batch {
+                    let path = root.join(index.pack.pack_key());
+                    if let Some(parent) = path.parent() {
+                        std::fs::create_dir_all(parent)?;
+                    }
+                    std::fs::File::create(&path)?.set_len(pack_size)?;
+                }
+                Vec::new()
+            }
+            SynthTarget::S3(_) => {
+                batch.iter().map(|index| (index.pack.pack_key(), zeros.clone())).collect()
+            }
+        };
+        if in_merged {
+            let merged = MergedIndex { supersedes: Vec::new(), packs: batch };
+            objects.push((
+                merged_key(PackId::random()),
+                layout::encode_object(ObjectKind::MergedIndex, &merged.to_bytes()),
+            ));
+            index_objects += 1;
+            batch = merged.packs;
+        } else {
+            for index in &batch {
+                objects.push((
+                    index.pack.index_key(),
+                    layout::encode_document(ObjectKind::Index, index),
+                ));
+                index_objects += 1;
+            }
+        }
+        put_all(&objects)?;
+        written_packs += batch_size;
+        if sample.len() < 4096 {
+            sample.extend(batch.into_iter().take(4096 - sample.len()));
+        }
+    }
+    synth_manifests(args, &repository_id, &sample, &mut rng, &put_all)?;
+    report(
+        "synth-repo",
+        json!({"packs": args.packs, "chunks_per_pack": chunks, "unconsolidated": args.unconsolidated,
+               "backups": args.backups, "backup_chunks": args.backup_chunks}),
+        args.packs * pack_size,
+        started.elapsed().as_secs_f64(),
+        cpu_seconds(),
+        None,
+        json!({"index_objects": index_objects, "chunks": args.packs * u64::from(chunks),
+               "store": repo.store.describe()}),
+    );
+    Ok(())
+}
+
+/// Objects to write: key and bytes.
+type Objects = [(String, Vec<u8>)];
+
+/// Bytes of a synthetic record: a header and one stored byte.
+const SYNTH_RECORD: u64 = 64 + 1;
+
+/// A synthetic pack's index: `chunks` random hashes, records of `SYNTH_RECORD` bytes.
+fn synth_pack(rng: &mut Rng, chunks: u32) -> ferry::native::layout::PackIndex {
+    use ferry::native::layout::{ChunkHash, IndexEntry, PackId, PackIndex};
+    let mut id = [0u8; 16];
+    rng.fill(&mut id);
+    let entries = (0..u64::from(chunks))
+        .map(|n| {
+            let mut hash = [0u8; 32];
+            rng.fill(&mut hash);
+            IndexEntry {
+                hash: ChunkHash(hash),
+                offset: n * SYNTH_RECORD,
+                stored_bytes: 1,
+                raw_bytes: 4 << 20,
+            }
+        })
+        .collect();
+    PackIndex { pack: PackId(id), pack_size_bytes: SYNTH_RECORD * u64::from(chunks), entries }
+}
+
+/// Writes `objects` to `target`, `threads` at once.
+fn put_all(target: &SynthTarget, threads: usize, objects: &[(String, Vec<u8>)]) -> Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    loop {
+                        let position = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((key, data)) = objects.get(position) else { return Ok(()) };
+                        target.put(key, data)?;
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().map_err(|_| anyhow!("writer thread panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// `synth-repo`'s manifests: daily backups of 100 volumes from 2026-01-01 on, each of
+/// `--backup-chunks` chunks drawn from `sample`'s packs.
+fn synth_manifests(
+    args: &SynthArgs,
+    repository_id: &str,
+    sample: &[ferry::native::layout::PackIndex],
+    rng: &mut Rng,
+    put_all: &dyn Fn(&Objects) -> Result<()>,
+) -> Result<()> {
+    use ferry::native::layout::{self, Manifest, ObjectKind, SourceInfo};
+    const CHUNK: u32 = 4 << 20;
+    let chunks = args.chunks_per_pack;
+    let repository_id = repository_id.to_owned();
+    let mut manifests = Vec::new();
+    let base = 1_767_225_600u64;
+    for n in 0..args.backups {
+        let time = base + (n / 100) * 86_400 + (n % 100) * 60;
+        let mut packs = std::collections::BTreeSet::new();
+        let hashes = (0..args.backup_chunks)
+            .map(|_| {
+                let pack = &sample[usize::try_from(rng.next() % sample.len() as u64).unwrap_or(0)];
+                let _ = packs.insert(pack.pack);
+                Some(
+                    pack.entries[usize::try_from(rng.next() % u64::from(chunks)).unwrap_or(0)].hash,
+                )
+            })
+            .collect();
+        let started_at = layout::Timestamp(time);
+        let backup_id = format!("{}-{:08x}", started_at.compact(), n);
+        let manifest = Manifest {
+            format_version: layout::FORMAT_VERSION,
+            backup_id: backup_id.clone(),
+            repository_id: repository_id.clone(),
+            source: SourceInfo {
+                path: format!("/dev/synth/volume-{:03}", n % 100),
+                kind: "block_device".into(),
+                logical_block_bytes: 512,
+            },
+            volume_size_bytes: u64::from(args.backup_chunks) * u64::from(CHUNK),
+            chunk_size_bytes: CHUNK,
+            started_at,
+            completed_at: layout::Timestamp(time + 600),
+            packs: packs.into_iter().collect(),
+            chunks: hashes,
+            stats: layout::BackupStats::default(),
+        };
+        manifests.push((
+            layout::manifest_key(&backup_id),
+            layout::encode_document(ObjectKind::Manifest, &manifest),
+        ));
+        if manifests.len() == 1024 {
+            put_all(&manifests)?;
+            manifests.clear();
+        }
+    }
+    put_all(&manifests)
 }

@@ -658,10 +658,12 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
             let repo = Repository::open(store)?;
             let mut backups = Vec::new();
             let mut lines = Vec::new();
-            for id in repo.list_backups()? {
+            // Summaries from the catalog prune keeps, and the manifests committed since (8 read
+            // at once); a backup deleted since the listing is left out.
+            for (id, summary) in repo.list_summaries()? {
                 // A damaged manifest is listed as damaged; the rest of the listing goes on.
-                let manifest = match repo.load_manifest(&id) {
-                    Ok(manifest) => manifest,
+                let summary = match summary {
+                    Ok(summary) => summary,
                     Err(error) if error.kind == ErrorKind::Integrity => {
                         output.warning(&format!("backup {id} is damaged: {}", error.message));
                         lines.push(format!("{id}  DAMAGED: {}", error.message));
@@ -672,13 +674,13 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
                 };
                 lines.push(format!(
                     "{id}  {}  {} bytes  {}",
-                    manifest.completed_at, manifest.volume_size_bytes, manifest.source.path
+                    summary.completed_at, summary.volume_size_bytes, summary.source
                 ));
                 backups.push(ListEntry::Backup(Listed {
                     backup_id: id,
-                    completed_at: manifest.completed_at.to_string(),
-                    volume_size_bytes: manifest.volume_size_bytes,
-                    source: manifest.source.path,
+                    completed_at: summary.completed_at.to_string(),
+                    volume_size_bytes: summary.volume_size_bytes,
+                    source: summary.source,
                 }));
             }
             output.result(Done::List { backups }, &lines.join("\n"));

@@ -29,7 +29,7 @@ use crate::native::layout::{
     RECORD_HEADER_BYTES, SourceInfo,
 };
 use crate::native::maintain;
-use crate::native::repo::Repository;
+use crate::native::repo::{ChunkMap, Repository};
 use crate::plane::{self, JobControl, PooledObject, UploadJob, Uploader, lock};
 use crate::progress::Progress;
 
@@ -126,7 +126,9 @@ struct Shared<'a> {
     store: &'a dyn crate::store::ObjectStore,
     progress: &'a Progress,
     control: &'a JobControl,
-    /// Known chunks: `Some(pack)` when stored, `None` when claimed by this backup.
+    /// Chunks of the repository this run may deduplicate against (read only, compact).
+    known: &'a ChunkMap,
+    /// Chunks of this run: `Some(pack)` when stored, `None` when claimed by this backup.
     dedup: Mutex<HashMap<ChunkHash, Option<PackId>>>,
     /// Part buffers whose upload finished, for the packer to fill again.
     part_spares: (Sender<Vec<u8>>, Receiver<Vec<u8>>),
@@ -243,14 +245,16 @@ pub fn run_many(
         ));
     }
     let mut known = view.chunks;
+    let mut carried: HashMap<ChunkHash, PackId> = HashMap::new();
     let mut excluded = view.marked;
     let mut epoch = lease.written_at();
     let (mut plan, hint_bytes) = plan_incremental(repo, options, &sources, &known, cancel, warn)?;
     let (manifests, engines) = loop {
         let (collected, engines, stored) =
-            run_pass(repo, options, &sources, known, plan.as_ref(), &budget, progress, cancel)?;
-        let mut manifests =
-            build_manifests(repo, options, &sources, collected, &stored, started, started_at)?;
+            run_pass(repo, options, &sources, &known, carried, plan.as_ref(), &budget, progress, cancel)?;
+        let mut manifests = build_manifests(
+            repo, options, &sources, collected, &known, &stored, started, started_at,
+        )?;
         if let [manifest] = &mut manifests[..] {
             // What checking the change list read counts as read, whether it was trusted or not.
             manifest.stats.bytes_read += hint_bytes;
@@ -290,7 +294,8 @@ pub fn run_many(
         }
         excluded = marks.packs;
         excluded.extend(lost);
-        known = stored.into_iter().filter(|(_, pack)| !excluded.contains(pack)).collect();
+        known = known.without(&excluded);
+        carried = stored.into_iter().filter(|(_, pack)| !excluded.contains(pack)).collect();
     };
     if cancel.load(Ordering::SeqCst) {
         return Err(EngineError::new(ErrorKind::Cancelled, "backup cancelled before commit"));
@@ -315,7 +320,7 @@ fn plan_incremental(
     repo: &Repository,
     options: &BackupOptions,
     sources: &[Source],
-    known: &HashMap<ChunkHash, PackId>,
+    known: &ChunkMap,
     cancel: &AtomicBool,
     warn: &dyn Fn(String),
 ) -> Result<(Option<incremental::Plan>, u64), EngineError> {
@@ -329,17 +334,20 @@ fn plan_incremental(
     incremental::plan(repo, hint, &source.source, options.engine, known, cancel, warn)
 }
 
-/// What one pass gathered, the engines that read, and where each chunk of the run is stored.
+/// What one pass gathered, the engines that read, and where each chunk the run stored (or
+/// carried from an earlier pass) is.
 type PassOutput = (Vec<Collected>, Vec<io::Engine>, HashMap<ChunkHash, PackId>);
 
-/// One pass of the pipeline over every source, deduplicating against `known`; returns what the
-/// collector gathered, the engines, and where every chunk of the run is stored.
+/// One pass of the pipeline over every source, deduplicating against `known` and `carried`
+/// (chunks an earlier pass stored); returns what the collector gathered, the engines, and
+/// where every chunk this pass stored or carried is.
 #[allow(clippy::too_many_arguments)]
 fn run_pass(
     repo: &Repository,
     options: &BackupOptions,
     sources: &[Source],
-    known: HashMap<ChunkHash, PackId>,
+    known: &ChunkMap,
+    carried: HashMap<ChunkHash, PackId>,
     plan: Option<&incremental::Plan>,
     budget: &Budget,
     progress: &Progress,
@@ -354,7 +362,8 @@ fn run_pass(
         store: repo.store.as_ref(),
         progress,
         control: &control,
-        dedup: Mutex::new(known.into_iter().map(|(hash, pack)| (hash, Some(pack))).collect()),
+        known,
+        dedup: Mutex::new(carried.into_iter().map(|(hash, pack)| (hash, Some(pack))).collect()),
         part_spares,
         pack_size_bytes: options.pack_size_bytes.max(1),
         uploader,
@@ -367,11 +376,13 @@ fn run_pass(
 }
 
 /// The manifests of a finished pass, one per source.
+#[allow(clippy::too_many_arguments)]
 fn build_manifests(
     repo: &Repository,
     options: &BackupOptions,
     sources: &[Source],
     collected: Vec<Collected>,
+    known: &ChunkMap,
     stored: &HashMap<ChunkHash, PackId>,
     started: Instant,
     started_at: layout::Timestamp,
@@ -381,7 +392,7 @@ fn build_manifests(
     for (source, collected) in sources.iter().zip(collected) {
         let mut packs = BTreeSet::new();
         for hash in collected.table.iter().flatten() {
-            let pack = stored.get(hash).copied();
+            let pack = stored.get(hash).copied().or_else(|| known.get(hash));
             let _ = packs.insert(pack.expect("every chunk of a finished backup is in a pack"));
         }
         let mut manifest = Manifest {
@@ -671,13 +682,14 @@ fn work_chunks(
             (None, None)
         } else {
             let hash = repo.hasher.hash(data);
-            let new = match lock(&shared.dedup).entry(hash) {
-                std::collections::hash_map::Entry::Occupied(_) => false,
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    let _ = slot.insert(None);
-                    true
-                }
-            };
+            let new = shared.known.get(&hash).is_none()
+                && match lock(&shared.dedup).entry(hash) {
+                    std::collections::hash_map::Entry::Occupied(_) => false,
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        let _ = slot.insert(None);
+                        true
+                    }
+                };
             let mut stored = None;
             if new {
                 let mut out = outputs.spare_rx.try_recv().unwrap_or_default();

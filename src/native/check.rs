@@ -40,8 +40,13 @@ pub struct CheckReport {
     pub packs: usize,
     /// Their bytes.
     pub pack_bytes: u64,
-    /// Index objects.
+    /// Packs indexed (by their own index object or a consolidated one).
     pub indexes: usize,
+    /// Consolidated index objects.
+    pub consolidated_indexes: usize,
+    /// Packs listed in a consolidated index that are gone (swept since: dead entries, which the
+    /// next consolidation drops).
+    pub dead_consolidated_packs: usize,
     /// Marks.
     pub marks: usize,
     /// Packs no manifest references (what prune reclaims over two runs).
@@ -71,7 +76,7 @@ pub fn run(repo: &Repository) -> Result<CheckReport, EngineError> {
     }
     let manifests = repo.load_all_manifests()?;
     let packs = repo.list_packs()?;
-    let indexes = check_indexes(repo, &packs, &mut problem)?;
+    let (indexes, dead) = check_indexes(repo, &packs, &mut problem)?;
     let mark_of: HashMap<PackId, (&str, u64)> = marks
         .marks
         .iter()
@@ -141,6 +146,8 @@ pub fn run(repo: &Repository) -> Result<CheckReport, EngineError> {
         packs: packs.len(),
         pack_bytes: packs.values().map(|object| object.size_bytes).sum(),
         indexes: indexes.len(),
+        consolidated_indexes: dead.0,
+        dead_consolidated_packs: dead.1,
         marks: marks.marks.len(),
         unreferenced_packs: unreferenced.len(),
         unreferenced_bytes: unreferenced.iter().sum(),
@@ -150,19 +157,18 @@ pub fn run(repo: &Repository) -> Result<CheckReport, EngineError> {
     })
 }
 
-/// Loads every index and checks it against the packs listed before it; returns the readable
-/// ones.
+/// Readable indexes by pack, and (consolidated index objects, their dead packs).
+type CheckedIndexes = (HashMap<PackId, PackIndex>, (usize, usize));
+
+/// Loads every index, own and consolidated, and checks it against the packs listed before it;
+/// returns the readable ones by pack, and (consolidated objects, their dead packs).
 fn check_indexes(
     repo: &Repository,
     packs: &HashMap<PackId, DatedObject>,
     problem: &mut impl FnMut(String, String),
-) -> Result<HashMap<PackId, PackIndex>, EngineError> {
-    let index_keys: Vec<PackId> = repo
-        .store
-        .list(layout::INDEX_PREFIX)?
-        .iter()
-        .filter_map(|object| layout::index_pack_from_key(&object.key))
-        .collect();
+) -> Result<CheckedIndexes, EngineError> {
+    let listing = repo.list_indexes()?;
+    let index_keys: Vec<PackId> = listing.per_pack.keys().copied().collect();
     let loaded = parallel_map(&index_keys, 8, |pack| Ok(repo.load_index(pack)))?;
     let mut indexes = HashMap::new();
     for (pack, loaded) in index_keys.iter().zip(loaded) {
@@ -177,27 +183,72 @@ fn check_indexes(
                 continue;
             }
         };
-        let size = match packs.get(pack) {
-            Some(object) => object.size_bytes,
-            // A backup writes the pack, then its index: look again before calling it lost.
-            None => match repo.store.list(&pack.pack_key())?.first() {
-                Some(object) if object.key == pack.pack_key() => object.size_bytes,
-                _ => {
-                    problem(pack.index_key(), format!("its pack {} is missing", pack.pack_key()));
-                    continue;
-                }
-            },
-        };
-        if index.pack_size_bytes != size {
-            let detail = format!("pack has {size} bytes, its index says {}", index.pack_size_bytes);
-            problem(pack.pack_key(), detail);
+        if check_against_pack(repo, &pack.index_key(), &index, packs, problem)? == Some(true) {
+            let _ = indexes.insert(*pack, index);
         }
-        if let Some(entry) = index.entries.iter().find(|e| e.offset + e.record_bytes() > size) {
-            let detail =
-                format!("record of chunk {} at {} runs past the end", entry.hash, entry.offset);
-            problem(pack.pack_key(), detail);
-        }
-        let _ = indexes.insert(*pack, index);
     }
-    Ok(indexes)
+    let mut dead = 0;
+    for (id, object) in &listing.merged {
+        let merged = match repo.load_merged(*id) {
+            Ok(Some(merged)) => merged,
+            // Superseded and deleted since the listing.
+            Ok(None) => continue,
+            Err(error) => {
+                problem(object.key.clone(), error.message);
+                continue;
+            }
+        };
+        for index in merged.packs {
+            match check_against_pack(repo, &object.key, &index, packs, problem)? {
+                None => dead += 1,
+                Some(false) => {}
+                Some(true) => match indexes.get(&index.pack) {
+                    Some(own) if *own != index => problem(
+                        object.key.clone(),
+                        format!("its entries for pack {} differ from another index", index.pack),
+                    ),
+                    Some(_) => {}
+                    None => {
+                        let _ = indexes.insert(index.pack, index);
+                    }
+                },
+            }
+        }
+    }
+    Ok((indexes, (listing.merged.len(), dead)))
+}
+
+/// Checks one pack's index (found in `key`) against the pack: `None` when the pack is gone
+/// and `key` is a consolidated index (a dead entry), `Some(usable)` otherwise.
+fn check_against_pack(
+    repo: &Repository,
+    key: &str,
+    index: &PackIndex,
+    packs: &HashMap<PackId, DatedObject>,
+    problem: &mut impl FnMut(String, String),
+) -> Result<Option<bool>, EngineError> {
+    let pack = &index.pack;
+    let consolidated = key != pack.index_key();
+    let size = match packs.get(pack) {
+        Some(object) => object.size_bytes,
+        // A backup writes the pack, then its index: look again before calling it lost.
+        None => match repo.store.list(&pack.pack_key())?.first() {
+            Some(object) if object.key == pack.pack_key() => object.size_bytes,
+            _ if consolidated => return Ok(None),
+            _ => {
+                problem(key.to_owned(), format!("its pack {} is missing", pack.pack_key()));
+                return Ok(Some(false));
+            }
+        },
+    };
+    if index.pack_size_bytes != size {
+        let detail = format!("pack has {size} bytes, its index says {}", index.pack_size_bytes);
+        problem(pack.pack_key(), detail);
+    }
+    if let Some(entry) = index.entries.iter().find(|e| e.offset + e.record_bytes() > size) {
+        let detail =
+            format!("record of chunk {} at {} runs past the end", entry.hash, entry.offset);
+        problem(pack.pack_key(), detail);
+    }
+    Ok(Some(true))
 }

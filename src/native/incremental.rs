@@ -22,7 +22,7 @@ use crate::io::{self, ReadChunk};
 use crate::native::chunk;
 use crate::native::fresh;
 use crate::native::layout::{BaseInfo, ChunkHash, Manifest, PackId, chunk_count};
-use crate::native::repo::Repository;
+use crate::native::repo::{ChunkMap, Repository};
 use crate::plane::{self, JobControl};
 
 /// Fewest unchanged chunks re-read by default (or all of them, when there are fewer).
@@ -158,7 +158,7 @@ pub fn plan(
     incremental: &Incremental,
     source: &plane::Source,
     engine: io::Engine,
-    known: &HashMap<ChunkHash, PackId>,
+    known: &ChunkMap,
     cancel: &AtomicBool,
     warn: &dyn Fn(String),
 ) -> Result<(Option<Plan>, u64), EngineError> {
@@ -201,7 +201,7 @@ pub fn plan(
             continue;
         }
         match entry {
-            Some(hash) if !known.contains_key(hash) => unavailable += 1,
+            Some(hash) if known.get(hash).is_none() => unavailable += 1,
             _ => carried.push(index),
         }
     }

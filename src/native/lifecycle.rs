@@ -21,9 +21,10 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::error::{EngineError, ErrorKind};
+use crate::native::consolidate::{self, ConsolidateReport};
 use crate::native::layout::gc::{self, Mark};
 use crate::native::layout::{self, ObjectKind, PackId, Timestamp};
-use crate::native::maintain::{self, SeenLease};
+use crate::native::maintain::{self, SeenLease, blocking_lease};
 use crate::native::repo::{LoadedMark, Repository};
 use crate::native::retention::{self, Candidate, Decision, Policy};
 use crate::store::DatedObject;
@@ -206,6 +207,8 @@ pub struct PruneReport {
     pub young_unreferenced_packs: usize,
     /// Multipart uploads of dead jobs aborted, and dead leases removed.
     pub upkeep: maintain::RepairReport,
+    /// Per-pack indexes merged into consolidated ones, and superseded indexes deleted.
+    pub consolidation: ConsolidateReport,
 }
 
 /// `ferry prune`: sweeps the marks whose grace has passed, then marks what no manifest
@@ -235,6 +238,7 @@ pub fn prune(
         warn(format!("mark {key} is not readable, its packs are kept: {problem}"));
     }
     let mut live: HashSet<PackId> = HashSet::new();
+    let mut summaries = Vec::new();
     for (id, manifest) in repo.load_all_manifests()? {
         let manifest = manifest.map_err(|error| {
             EngineError::new(
@@ -246,6 +250,7 @@ pub fn prune(
             )
         })?;
         live.extend(manifest.packs.iter().copied());
+        summaries.push(layout::BackupSummary::of(&manifest));
     }
     let packs = repo.list_packs()?;
     let indexes: HashMap<PackId, u64> = repo
@@ -266,6 +271,7 @@ pub fn prune(
         live_bytes: 0,
         young_unreferenced_packs: 0,
         upkeep,
+        consolidation: ConsolidateReport::default(),
     };
     for (pack, object) in &packs {
         if live.contains(pack) {
@@ -278,6 +284,9 @@ pub fn prune(
     let view = View { repo, now, dry_run, live: &live, packs: &packs, leases: &leases };
     let (gone, still_marked) = sweep(&view, &marks.marks, &mut report)?;
     condemn(&view, &indexes, &gone, &still_marked, &mut report)?;
+    report.consolidation =
+        consolidate::run(repo, now, dry_run, &packs, &marks.packs, &leases, warn)?;
+    report.consolidation.catalog = consolidate::refresh_catalog(repo, summaries, dry_run)?;
     drop(lease);
     Ok(report)
 }
@@ -408,19 +417,6 @@ fn condemn(
         report.marked = Some(NewMark { mark: key, packs: count, bytes });
     }
     Ok(())
-}
-
-/// A live lease of a job other than a prune that may have listed the marks before the mark
-/// written at `mark_time` was visible (G3).
-fn blocking_lease<'a>(
-    repo: &Repository,
-    leases: &'a [SeenLease],
-    mark_time: u64,
-) -> Option<&'a SeenLease> {
-    leases.iter().find(|lease| {
-        let prune = lease.info.as_ref().is_some_and(|info| info.job == "prune");
-        lease.live && !prune && repo.config.gc().lease_predates_mark(lease.written_at, mark_time)
-    })
 }
 
 /// Deletes one condemned pack: its index first, then the pack (G4), after checking the rules

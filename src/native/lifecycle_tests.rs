@@ -346,7 +346,7 @@ fn a_prune_crashing_after_any_step_converges() {
         assert_eq!(world.packs_exist(&doomed), 0, "crash at write {crash_at}");
         assert_eq!(world.packs_exist(&a.packs), a.packs.len());
         assert!(world.store.keys("gc/").is_empty());
-        assert_eq!(world.store.keys("index/").len(), a.packs.len());
+        assert!(world.repo.find_indexes(&a.packs).unwrap().iter().all(Result::is_ok));
         world.restores(&a, &va);
         world.consistent();
         if crashed_run.is_ok() {
@@ -579,4 +579,227 @@ fn the_grace_chosen_at_init_is_what_every_prune_obeys() {
     assert_eq!(swept.swept[0].deleted_packs, first.packs.len());
     assert_eq!(world.packs_exist(&first.packs), 0);
     world.consistent();
+}
+
+/// GETs of `index/` objects while `f` runs.
+fn index_reads(world: &World, f: impl FnOnce()) -> usize {
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&count);
+    world.store.set_hook(Some(Arc::new(move |op, key: &str| {
+        if op == Op::Get && key.starts_with("index/") {
+            let _ = counter.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    })));
+    f();
+    world.store.set_hook(None);
+    count.load(Ordering::SeqCst)
+}
+
+// Prune consolidates the per-pack indexes: a backup then starts by reading one consolidated
+// index plus the per-pack indexes written since; the superseded per-pack indexes go only after
+// the grace; restore, verify, check and repair read both kinds; a consolidated index whose
+// packs are mostly swept is rewritten.
+#[test]
+fn consolidated_indexes_replace_per_pack_indexes() {
+    let world = World::new("merge", T0);
+    let volumes: Vec<PathBuf> =
+        (0..4).map(|n| world.volume(&format!("v{n}"), 100 + n, 12)).collect();
+    let manifests: Vec<Manifest> = volumes.iter().map(|v| world.backup(v)).collect();
+    let pack_count = world.store.keys("index/").len();
+    assert_eq!(pack_count, 12);
+    assert_eq!(index_reads(&world, || drop(world.repo.load_dedup_view().unwrap())), pack_count);
+    let first = world.prune();
+    assert_eq!(first.consolidation.merged_packs, pack_count);
+    assert_eq!(first.consolidation.written.len(), 1);
+    assert_eq!(world.store.keys("index/").len(), pack_count + 1, "nothing deleted in the grace");
+    let view = index_reads(&world, || {
+        let view = world.repo.load_dedup_view().unwrap();
+        assert_eq!(view.chunks.len(), 48);
+        assert!(view.problems.is_empty(), "{:?}", view.problems);
+    });
+    assert_eq!(view, 1, "one consolidated index, no per-pack index");
+    // A new backup adds per-pack indexes; the next start reads those and the consolidated one.
+    let fresh = world.volume("fresh", 200, 4);
+    let newer = world.backup(&fresh);
+    assert_eq!(index_reads(&world, || drop(world.repo.load_dedup_view().unwrap())), 2);
+    let again = world.backup(&volumes[0]);
+    assert_eq!(again.stats.new_chunk_count, 0, "dedups through it");
+    world.consistent();
+    // After the grace, a prune deletes the superseded per-pack indexes (and consolidates the
+    // newer pack, merging the small consolidated index with it).
+    world.store.advance(GRACE_SECS);
+    let second = world.prune();
+    assert_eq!(second.consolidation.deleted_superseded, pack_count);
+    assert_eq!(second.consolidation.rewritten.len(), 1);
+    world.store.advance(GRACE_SECS);
+    let third = world.prune();
+    assert_eq!(third.consolidation.deleted_superseded, 2, "the newer pack's and the old merged");
+    assert_eq!(world.store.keys("index/").len(), 1);
+    for (manifest, volume) in manifests.iter().zip(&volumes) {
+        world.restores(manifest, volume);
+    }
+    world.restores(&newer, &fresh);
+    world.consistent();
+    let options = crate::native::verify::VerifyOptions {
+        read_data_percent: Some(100.0),
+        downloads_in_flight: 2,
+        seed: 1,
+    };
+    let verified = crate::native::verify::run(
+        &world.repo,
+        &manifests[1],
+        &options,
+        &Progress::default(),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    assert!(verified.problems.is_empty(), "{:?}", verified.problems);
+    // Half the packs swept: the consolidated index is rewritten without them.
+    world.forget(&manifests[0].backup_id);
+    world.forget(&manifests[1].backup_id);
+    world.forget(&again.backup_id);
+    let _ = world.prune();
+    world.store.advance(GRACE_SECS);
+    let sweep = world.prune();
+    assert_eq!(sweep.swept[0].deleted_packs, 6);
+    assert_eq!(check::run(&world.repo).unwrap().dead_consolidated_packs, 6);
+    // The next prune sees them gone from its pack listing.
+    let rewrite = world.prune();
+    assert_eq!(rewrite.consolidation.rewritten.len(), 1, "{:?}", rewrite.consolidation);
+    world.store.advance(GRACE_SECS);
+    let _ = world.prune();
+    let report = check::run(&world.repo).unwrap();
+    assert_eq!((report.dead_consolidated_packs, report.consolidated_indexes), (0, 1));
+    world.restores(&manifests[2], &volumes[2]);
+    // The consolidated index lost: repair rebuilds every pack's own index from its records.
+    let merged = world.store.keys("index/merged/");
+    world.store.delete(&merged[0]).unwrap();
+    let repaired = maintain::repair(&world.repo, &|_| {}).unwrap();
+    assert_eq!(repaired.rebuilt_indexes.len(), 7);
+    world.restores(&manifests[3], &volumes[3]);
+    world.restores(&newer, &fresh);
+    world.consistent();
+}
+
+// A backup that listed `index/` before a consolidation reads per-pack indexes the
+// consolidation supersedes: they stay while its lease is live, however long the grace.
+#[test]
+fn a_backup_that_listed_before_consolidation_finds_its_indexes() {
+    let world = World::new("merge-race", T0);
+    let source = world.volume("v", 300, 12);
+    let _ = world.backup(&source);
+    let other = world.other();
+    let store = Arc::clone(&world.store);
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&reports);
+    world.store.set_hook(Some(once(Op::Get, "index/", move || {
+        let mut seen = lock(&seen);
+        seen.push(lifecycle::prune(&other, false, &|_| {}).unwrap());
+        store.advance(GRACE_SECS + 1);
+        seen.push(lifecycle::prune(&other, false, &|_| {}).unwrap());
+    })));
+    let second = world.backup(&source);
+    world.store.set_hook(None);
+    let reports = lock(&reports);
+    assert_eq!(reports[0].consolidation.written.len(), 1);
+    assert_eq!(reports[1].consolidation.deleted_superseded, 0);
+    assert_eq!(reports[1].consolidation.waiting, 1, "the backup's lease predates it");
+    assert_eq!(second.stats.new_chunk_count, 0, "every per-pack index it listed was there");
+    assert!(lock(&world.warnings).is_empty(), "{:?}", lock(&world.warnings));
+    let last = world.prune();
+    assert_eq!(last.consolidation.deleted_superseded, 3);
+    world.restores(&second, &source);
+    world.consistent();
+}
+
+// A consolidating prune that crashes after any write converges when run again: one
+// consolidated index holds every pack, the superseded per-pack indexes go after the grace.
+#[test]
+fn a_consolidating_prune_crashing_after_any_step_converges() {
+    for crash_at in 1.. {
+        let world = World::new("merge-crash", T0);
+        let volumes: Vec<PathBuf> =
+            (0..3).map(|n| world.volume(&format!("v{n}"), 400 + n, 8)).collect();
+        let manifests: Vec<Manifest> = volumes.iter().map(|v| world.backup(v)).collect();
+        let _ = world.prune();
+        world.store.advance(GRACE_SECS);
+        let _ = world.backup(&world.volume("w", 410, 4));
+        let writes = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&writes);
+        world.store.set_hook(Some(Arc::new(move |op, key: &str| {
+            let write = matches!(op, Op::Put | Op::Delete);
+            if write && counter.fetch_add(1, Ordering::SeqCst) + 1 >= crash_at {
+                return Err(crashed(key));
+            }
+            if counter.load(Ordering::SeqCst) >= crash_at { Err(crashed(key)) } else { Ok(()) }
+        })));
+        let crashed_run = lifecycle::prune(&world.other(), false, &|_| {});
+        world.store.set_hook(None);
+        world.consistent();
+        for (manifest, volume) in manifests.iter().zip(&volumes) {
+            world.restores(manifest, volume);
+        }
+        let _ = world.prune();
+        world.store.advance(GRACE_SECS);
+        let _ = world.prune();
+        world.store.advance(GRACE_SECS);
+        let _ = world.prune();
+        assert_eq!(world.store.keys("index/"), world.store.keys("index/merged/"), "at {crash_at}");
+        assert_eq!(world.store.keys("index/merged/").len(), 1, "crash at write {crash_at}");
+        assert_eq!(world.repo.load_dedup_view().unwrap().chunks.len(), 28);
+        for (manifest, volume) in manifests.iter().zip(&volumes) {
+            world.restores(manifest, volume);
+        }
+        world.consistent();
+        if crashed_run.is_ok() {
+            assert!(crash_at > 3, "the prune has several writes");
+            break;
+        }
+    }
+}
+
+/// GETs of manifests while `f` runs.
+fn manifest_reads(world: &World, f: impl FnOnce()) -> usize {
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&count);
+    world.store.set_hook(Some(Arc::new(move |op, key: &str| {
+        if op == Op::Get && key.starts_with("backups/") {
+            let _ = counter.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    })));
+    f();
+    world.store.set_hook(None);
+    count.load(Ordering::SeqCst)
+}
+
+// `list` reads the catalog prune writes and only the manifests committed since; a forgotten
+// backup is not shown, whatever the catalog says.
+#[test]
+fn list_reads_the_catalog_and_new_manifests_only() {
+    let world = World::new("catalog", T0);
+    let source = world.volume("v", 500, 2);
+    let backups: Vec<Manifest> = (0..3).map(|_| world.backup(&source)).collect();
+    let ids = |world: &World| -> Vec<String> {
+        world
+            .repo
+            .list_summaries()
+            .unwrap()
+            .into_iter()
+            .map(|(id, s)| s.map(|_| id).unwrap())
+            .collect()
+    };
+    assert_eq!(manifest_reads(&world, || drop(ids(&world))), 3);
+    assert!(world.prune().consolidation.catalog.is_some());
+    assert_eq!(manifest_reads(&world, || drop(ids(&world))), 0);
+    let newer = world.backup(&source);
+    world.forget(&backups[0].backup_id);
+    assert_eq!(manifest_reads(&world, || assert_eq!(ids(&world).len(), 3)), 1);
+    let listed = world.repo.list_summaries().unwrap();
+    let shown = listed.iter().find(|(id, _)| *id == newer.backup_id).unwrap();
+    assert_eq!(shown.1.as_ref().unwrap(), &layout::BackupSummary::of(&newer));
+    assert!(world.prune().consolidation.catalog.is_some());
+    assert!(world.prune().consolidation.catalog.is_none(), "nothing changed");
+    assert_eq!(world.store.keys("catalog/").len(), 1);
 }

@@ -174,6 +174,19 @@ pub fn other_leases(
     Ok(seen)
 }
 
+/// A live lease of a job other than a prune that may have listed `index/` or the marks before
+/// an object written at `time` was visible (FORMAT.md, G3 and C3).
+pub fn blocking_lease<'a>(
+    repo: &Repository,
+    leases: &'a [SeenLease],
+    time: u64,
+) -> Option<&'a SeenLease> {
+    leases.iter().find(|lease| {
+        let prune = lease.info.as_ref().is_some_and(|info| info.job == "prune");
+        lease.live && !prune && repo.config.gc().lease_predates_mark(lease.written_at, time)
+    })
+}
+
 /// What an upkeep pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RepairReport {
@@ -254,12 +267,17 @@ pub fn repair(repo: &Repository, warn: &dyn Fn(String)) -> Result<RepairReport, 
         }
     }
     let packs = repo.list_packs()?;
-    let indexed: HashSet<PackId> = repo
-        .store
-        .list(layout::INDEX_PREFIX)?
-        .iter()
-        .filter_map(|object| layout::index_pack_from_key(&object.key))
-        .collect();
+    // Indexed: by its own index object, or by a readable consolidated index (whose copy of
+    // the pack's index is the same bytes' worth: a pack never changes).
+    let listing = repo.list_indexes()?;
+    let mut indexed: HashSet<PackId> = listing.per_pack.keys().copied().collect();
+    for (id, object) in &listing.merged {
+        match repo.load_merged(*id) {
+            Ok(Some(merged)) => indexed.extend(merged.packs.iter().map(|index| index.pack)),
+            Ok(None) => {}
+            Err(error) => warn(format!("{}: {error} (its packs' indexes are rebuilt)", object.key)),
+        }
+    }
     let mut unindexed: Vec<_> = packs.iter().filter(|(pack, _)| !indexed.contains(pack)).collect();
     unindexed.sort_by_key(|(pack, _)| **pack);
     for (pack, object) in unindexed {

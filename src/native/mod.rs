@@ -4,7 +4,8 @@
 //! BLAKE3, zstd), [`fresh`] makes the two values the pure layout cannot (the current time and
 //! random pack ids), [`repo`] opens a repository in a store, [`maintain`] keeps it (leases, upkeep,
 //! repair), [`retention`] is the pure retention policy, [`lifecycle`] runs `forget` and `prune`
-//! (two-phase garbage collection by the store's clock), [`check`] proves the repository
+//! (two-phase garbage collection by the store's clock), [`consolidate`] merges per-pack indexes
+//! into consolidated ones for prune, [`check`] proves the repository
 //! consistent, and [`backup`], [`restore`] and [`verify`] are the jobs, built from the shared
 //! `plane` scaffolding.
 
@@ -12,6 +13,7 @@ pub mod backup;
 pub mod check;
 pub mod chunk;
 pub mod compress;
+pub mod consolidate;
 pub mod fresh;
 pub mod incremental;
 pub mod layout;

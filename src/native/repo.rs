@@ -12,14 +12,18 @@ use bytes::Bytes;
 use crate::error::{EngineError, ErrorKind};
 use crate::native::chunk::ChunkHasher;
 use crate::native::layout::gc::{self, Mark};
+use crate::native::layout::merged::{self, MergedIndex};
 use crate::native::layout::{
-    self, BACKUPS_PREFIX, CONFIG_KEY, ChunkHash, FORMAT_VERSION, HASH_SCHEME, INDEX_PREFIX,
-    IndexEntry, Manifest, ObjectKind, PACKS_PREFIX, PackId, PackIndex, RepoConfig, Timestamp,
+    self, BACKUPS_PREFIX, BackupSummary, CATALOG_PREFIX, CONFIG_KEY, ChunkHash, FORMAT_VERSION,
+    HASH_SCHEME, INDEX_PREFIX, IndexEntry, Manifest, ObjectKind, PACKS_PREFIX, PackId, PackIndex,
+    RepoConfig, Timestamp,
 };
 use crate::store::{DatedObject, ObjectStore, StoreError};
 
 /// Index objects fetched at once when loading a repository's index.
 const INDEX_FETCHES_IN_FLIGHT: usize = 8;
+/// Consolidated indexes fetched at once (each up to `MERGED_PACKS_MAX` packs).
+const MERGED_FETCHES_IN_FLIGHT: usize = 2;
 
 /// An opened repository.
 #[derive(Debug)]
@@ -213,69 +217,107 @@ impl Repository {
             .collect())
     }
 
+    /// What `index/` holds: per-pack indexes by pack, and consolidated indexes.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn list_indexes(&self) -> Result<IndexListing, EngineError> {
+        let mut listing = IndexListing::default();
+        for object in self.store.list_dated(INDEX_PREFIX)? {
+            if let Some(pack) = layout::index_pack_from_key(&object.key) {
+                let _ = listing.per_pack.insert(pack, object);
+            } else if let Some(id) = merged::merged_from_key(&object.key) {
+                listing.merged.push((id, object));
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Reads and verifies a consolidated index; `None` when it is gone (superseded and deleted
+    /// since it was listed: its successor is older than the grace, so any listing taken after
+    /// this one shows it).
+    ///
+    /// # Errors
+    /// `Integrity` when it does not verify; store errors.
+    pub fn load_merged(&self, id: PackId) -> Result<Option<MergedIndex>, EngineError> {
+        let key = merged::merged_key(id);
+        let bytes = match self.store.get(&key) {
+            Ok(bytes) => bytes,
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        let payload = layout::decode_object(ObjectKind::MergedIndex, &key, &bytes)?;
+        Ok(Some(MergedIndex::from_bytes(&key, &payload)?))
+    }
+
     /// What a backup may deduplicate against: the chunks of every pack that is indexed, present
     /// with its indexed size and not condemned by a mark. Lists the marks first, then the
-    /// packs, then the indexes (one listing each), so a pack a prune deletes meanwhile is missing
-    /// from one of them, or condemned by a mark already listed.
+    /// packs, then `index/` (one listing each), so a pack a prune deletes meanwhile is missing
+    /// from one of them, or condemned by a mark already listed. Reads every consolidated index,
+    /// then only the per-pack indexes of packs none of them covers (those written since the
+    /// last consolidation): its cost in requests is O(index objects), not O(packs).
     ///
     /// # Errors
     /// Store errors (a damaged index or mark is reported in the view, not an error).
     pub fn load_dedup_view(&self) -> Result<DedupView, EngineError> {
         let marks = self.load_marks()?;
         let packs = self.list_packs()?;
-        let indexed: Vec<PackId> = self
-            .store
-            .list(INDEX_PREFIX)?
-            .iter()
-            .filter_map(|object| layout::index_pack_from_key(&object.key))
-            .collect();
-        let mut view = DedupView { marked: marks.packs, ..DedupView::default() };
+        let listing = self.list_indexes()?;
+        let mut view = DedupView::default();
         view.problems.extend(
             marks.unreadable.into_iter().map(|(key, detail)| {
                 format!("{key}: {detail} (its packs are kept; dedup continues)")
             }),
         );
+        // Sized once: a consolidated index holds about one entry per 48 bytes (hashes do not
+        // compress), so growing by doubling, which would peak at twice the map, is avoided.
+        let mut map = ChunkMapBuilder::default();
+        let merged_bytes: u64 = listing.merged.iter().map(|(_, object)| object.size_bytes).sum();
+        map.reserve(usize::try_from(merged_bytes / 48).unwrap_or(0));
+        let state = Mutex::new(ViewBuilder { view, map, packs: &packs, marked: &marks.packs });
         // A damaged index is reported and skipped; a store error fails the backup (a retried
         // failure is not damage, and skipping would store its chunks again for nothing).
-        let loaded =
-            parallel_map(&indexed, INDEX_FETCHES_IN_FLIGHT, |pack| match self.load_index(pack) {
-                Ok(index) => Ok(Ok(index)),
-                Err(error) if error.kind == ErrorKind::Integrity => Ok(Err(error.message)),
-                Err(error) => Err(error),
-            })?;
-        for (pack, loaded) in indexed.iter().zip(loaded) {
-            let index = match loaded {
-                Ok(index) => index,
-                Err(message) => {
-                    view.problems.push(format!("{message} (its chunks are stored again)"));
-                    continue;
+        // Two at a time: each is up to 25 MiB decoded, and the map is what must stay small.
+        let _ = parallel_map(&listing.merged, MERGED_FETCHES_IN_FLIGHT, |(id, _)| {
+            match self.load_merged(*id) {
+                Ok(Some(merged)) => {
+                    let mut state = lock(&state);
+                    for index in &merged.packs {
+                        state.add(index, true);
+                    }
                 }
-            };
-            let usable = match packs.get(pack) {
-                None => {
-                    view.missing_packs += 1;
-                    view.missing_chunks += index.entries.len();
-                    false
-                }
-                Some(object) if object.size_bytes != index.pack_size_bytes => {
-                    view.problems.push(format!(
-                        "pack {} has {} bytes, its index says {} (its chunks are stored again)",
-                        object.key, object.size_bytes, index.pack_size_bytes
-                    ));
-                    false
-                }
-                Some(_) => !view.marked.contains(pack),
-            };
-            if usable {
-                for entry in &index.entries {
-                    let _ = view.chunks.insert(entry.hash, *pack);
-                }
+                Ok(None) => {}
+                Err(error) if error.kind == ErrorKind::Integrity => lock(&state)
+                    .view
+                    .problems
+                    .push(format!("{} (its packs' own indexes are read instead)", error.message)),
+                Err(error) => return Err(error),
             }
-        }
+            Ok(())
+        })?;
+        let uncovered: Vec<PackId> = {
+            let state = lock(&state);
+            listing.per_pack.keys().filter(|pack| !state.map.has_pack(pack)).copied().collect()
+        };
+        let _ = parallel_map(&uncovered, INDEX_FETCHES_IN_FLIGHT, |pack| {
+            match self.load_index(pack) {
+                Ok(index) => lock(&state).add(&index, false),
+                Err(error) if error.kind == ErrorKind::Integrity => lock(&state)
+                    .view
+                    .problems
+                    .push(format!("{} (its chunks are stored again)", error.message)),
+                Err(error) => return Err(error),
+            }
+            Ok(())
+        })?;
+        let ViewBuilder { mut view, map, .. } =
+            state.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        view.chunks = map.build();
+        view.marked = marks.packs;
         Ok(view)
     }
 
-    /// Reads and verifies one pack's index.
+    /// Reads and verifies one pack's own index.
     ///
     /// # Errors
     /// `Integrity` when it is missing, corrupt or describes another pack; store errors.
@@ -298,7 +340,63 @@ impl Repository {
         Ok(index)
     }
 
-    /// Loads the indexes of `packs` in parallel and returns each chunk's location.
+    /// The index of each of `packs`, from its own index object or, when that is missing or
+    /// damaged, from a consolidated index (read only then). A pack found in neither keeps the
+    /// error of its own index.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn find_indexes(
+        &self,
+        packs: &[PackId],
+    ) -> Result<Vec<Result<PackIndex, EngineError>>, EngineError> {
+        let mut found =
+            parallel_map(packs, INDEX_FETCHES_IN_FLIGHT, |pack| match self.load_index(pack) {
+                Err(error) if error.kind == ErrorKind::Integrity => Ok(Err(error)),
+                other => other.map(Ok),
+            })?;
+        // A consolidated index deleted between our listing and our read was superseded by one
+        // older than the grace: the next listing has it. Three listings settle any race.
+        for _ in 0..3 {
+            let wanted: HashMap<PackId, usize> = packs
+                .iter()
+                .zip(&found)
+                .enumerate()
+                .filter(|(_, (_, found))| found.is_err())
+                .map(|(position, (pack, _))| (*pack, position))
+                .collect();
+            if wanted.is_empty() {
+                break;
+            }
+            let listing = self.list_indexes()?;
+            let results = Mutex::new(Vec::new());
+            let vanished = AtomicUsize::new(0);
+            let _ = parallel_map(&listing.merged, INDEX_FETCHES_IN_FLIGHT, |(id, _)| {
+                match self.load_merged(*id) {
+                    Ok(Some(merged)) => lock(&results).extend(
+                        merged.packs.into_iter().filter(|index| wanted.contains_key(&index.pack)),
+                    ),
+                    Ok(None) => {
+                        let _ = vanished.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // A damaged consolidated index: the packs it alone held stay unresolved.
+                    Err(error) if error.kind == ErrorKind::Integrity => {}
+                    Err(error) => return Err(error),
+                }
+                Ok(())
+            })?;
+            for index in results.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+                let position = wanted[&index.pack];
+                found[position] = Ok(index);
+            }
+            if vanished.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Loads the indexes of `packs` (own or consolidated) and returns each chunk's location.
     ///
     /// # Errors
     /// `Integrity` when an index is missing or corrupt, store errors otherwise.
@@ -307,7 +405,8 @@ impl Repository {
         packs: &[PackId],
     ) -> Result<HashMap<ChunkHash, Location>, EngineError> {
         let mut map = HashMap::new();
-        for index in self.load_indexes(packs)? {
+        for index in self.find_indexes(packs)? {
+            let index = index?;
             for entry in index.entries {
                 let _ = map.insert(entry.hash, Location { pack: index.pack, entry });
             }
@@ -315,8 +414,58 @@ impl Repository {
         Ok(map)
     }
 
-    fn load_indexes(&self, packs: &[PackId]) -> Result<Vec<PackIndex>, EngineError> {
-        parallel_map(packs, INDEX_FETCHES_IN_FLIGHT, |pack| self.load_index(pack))
+    /// A summary of every backup: from the catalogs a prune wrote, and from the manifests of
+    /// the backups no catalog holds (those committed since the last prune). A summary whose
+    /// manifest is not listed is not shown (forgotten since). One that cannot be read comes
+    /// with its error.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn list_summaries(&self) -> Result<Vec<LoadedSummary>, EngineError> {
+        let ids = self.list_backups()?;
+        let mut known: HashMap<String, BackupSummary> = HashMap::new();
+        for object in self.store.list(CATALOG_PREFIX)? {
+            if layout::catalog_from_key(&object.key).is_none() {
+                continue;
+            }
+            let bytes = match self.store.get(&object.key) {
+                Ok(bytes) => bytes,
+                // Replaced since the listing: the manifests say the same.
+                Err(StoreError::NotFound { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            };
+            // A damaged catalog is informative only: the manifests say the same.
+            let Ok(catalog) = layout::decode_document::<layout::BackupCatalog>(
+                ObjectKind::Catalog,
+                &object.key,
+                &bytes,
+            ) else {
+                continue;
+            };
+            for summary in catalog.backups {
+                let _ = known.insert(summary.backup_id.clone(), summary);
+            }
+        }
+        let missing: Vec<String> =
+            ids.iter().filter(|id| !known.contains_key(*id)).cloned().collect();
+        let loaded = parallel_map(&missing, INDEX_FETCHES_IN_FLIGHT, |id| {
+            Ok(match self.load_manifest(id) {
+                Err(error) if error.kind == ErrorKind::NotFound => None,
+                other => Some(other.map(|manifest| BackupSummary::of(&manifest))),
+            })
+        })?;
+        let mut fresh: HashMap<String, Result<BackupSummary, EngineError>> = missing
+            .into_iter()
+            .zip(loaded)
+            .filter_map(|(id, loaded)| Some((id, loaded?)))
+            .collect();
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| {
+                let summary = known.remove(&id).map(Ok).or_else(|| fresh.remove(&id))?;
+                Some((id, summary))
+            })
+            .collect())
     }
 
     /// Ids of every backup, sorted (ids start with their UTC start time).
@@ -449,6 +598,9 @@ impl Repository {
 /// A backup id and its manifest, or why it cannot be read.
 pub type LoadedManifest = (String, Result<Manifest, EngineError>);
 
+/// A backup id and its summary, or why it cannot be read.
+pub type LoadedSummary = (String, Result<BackupSummary, EngineError>);
+
 /// A mark and its time by the store's clock.
 #[derive(Debug, Clone)]
 pub struct LoadedMark {
@@ -475,7 +627,7 @@ pub struct Marks {
 #[derive(Debug, Clone, Default)]
 pub struct DedupView {
     /// Chunk to a pack that holds it and is usable.
-    pub chunks: HashMap<ChunkHash, PackId>,
+    pub chunks: ChunkMap,
     /// Packs condemned by a mark: never deduplicated into.
     pub marked: HashSet<PackId>,
     /// Indexed packs that are missing.
@@ -484,6 +636,148 @@ pub struct DedupView {
     pub missing_chunks: usize,
     /// Damaged indexes, marks or packs, for warnings.
     pub problems: Vec<String>,
+}
+
+/// What `index/` holds (`Repository::list_indexes`).
+#[derive(Debug, Clone, Default)]
+pub struct IndexListing {
+    /// Per-pack index objects `index/<pack>`, by pack.
+    pub per_pack: HashMap<PackId, DatedObject>,
+    /// Consolidated indexes `index/merged/<id>`.
+    pub merged: Vec<(PackId, DatedObject)>,
+}
+
+/// The dedup view while its indexes load.
+struct ViewBuilder<'a> {
+    view: DedupView,
+    map: ChunkMapBuilder,
+    packs: &'a HashMap<PackId, DatedObject>,
+    marked: &'a HashSet<PackId>,
+}
+
+impl ViewBuilder<'_> {
+    /// Takes `index`'s chunks if its pack is usable. A pack seen twice (in its own index and
+    /// a consolidated one, or in two consolidated ones) is the same immutable pack: the first
+    /// copy counts. A consolidated index's entries for a pack that is gone are dead (a sweep
+    /// deletes packs without rewriting consolidated indexes), not a problem.
+    fn add(&mut self, index: &PackIndex, consolidated: bool) {
+        if self.map.has_pack(&index.pack) {
+            return;
+        }
+        let usable = match self.packs.get(&index.pack) {
+            None if consolidated => false,
+            None => {
+                self.view.missing_packs += 1;
+                self.view.missing_chunks += index.entries.len();
+                false
+            }
+            Some(object) if object.size_bytes != index.pack_size_bytes => {
+                self.view.problems.push(format!(
+                    "pack {} has {} bytes, its index says {} (its chunks are stored again)",
+                    object.key, object.size_bytes, index.pack_size_bytes
+                ));
+                false
+            }
+            Some(_) => !self.marked.contains(&index.pack),
+        };
+        self.map.add_pack(index.pack, if usable { &index.entries[..] } else { &[] });
+    }
+}
+
+/// Bytes of memory per chunk in a `ChunkMap`: the 32-byte hash and a 4-byte pack ordinal.
+pub const CHUNK_MAP_BYTES_PER_CHUNK: usize = std::mem::size_of::<(ChunkHash, u32)>();
+
+/// Which pack holds each known chunk, in a compact form: one sorted array of (hash, pack
+/// ordinal) and the table of packs, `CHUNK_MAP_BYTES_PER_CHUNK` (36) bytes per chunk and 16
+/// per pack, against about 60 per chunk for a `HashMap<ChunkHash, PackId>`.
+#[derive(Debug, Clone, Default)]
+pub struct ChunkMap {
+    entries: Vec<(ChunkHash, u32)>,
+    packs: Vec<PackId>,
+}
+
+impl ChunkMap {
+    /// The pack holding `hash`, if known.
+    pub fn get(&self, hash: &ChunkHash) -> Option<PackId> {
+        let position = self.entries.binary_search_by(|(probe, _)| probe.cmp(hash)).ok()?;
+        Some(self.packs[self.entries[position].1 as usize])
+    }
+
+    /// Chunks known.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no chunk is known.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of memory the map holds.
+    pub fn memory_bytes(&self) -> usize {
+        self.entries.capacity() * CHUNK_MAP_BYTES_PER_CHUNK
+            + self.packs.capacity() * std::mem::size_of::<PackId>()
+    }
+
+    /// The map without the chunks of `excluded` packs.
+    pub fn without(&self, excluded: &HashSet<PackId>) -> ChunkMap {
+        let entries = self
+            .entries
+            .iter()
+            .filter(|(_, ordinal)| !excluded.contains(&self.packs[*ordinal as usize]))
+            .copied()
+            .collect();
+        ChunkMap { entries, packs: self.packs.clone() }
+    }
+
+    /// Every (hash, pack), in hash order.
+    pub fn iter(&self) -> impl Iterator<Item = (ChunkHash, PackId)> + '_ {
+        self.entries.iter().map(|(hash, ordinal)| (*hash, self.packs[*ordinal as usize]))
+    }
+}
+
+/// Builds a `ChunkMap` pack by pack.
+#[derive(Debug, Default)]
+pub struct ChunkMapBuilder {
+    entries: Vec<(ChunkHash, u32)>,
+    packs: Vec<PackId>,
+    seen: HashSet<PackId>,
+}
+
+impl ChunkMapBuilder {
+    /// Makes room for `entries` more chunks.
+    pub fn reserve(&mut self, entries: usize) {
+        self.entries.reserve_exact(entries);
+    }
+
+    /// Whether `pack` was added.
+    pub fn has_pack(&self, pack: &PackId) -> bool {
+        self.seen.contains(pack)
+    }
+
+    /// Adds `pack` with `entries` (none: the pack is known but not usable).
+    ///
+    /// # Panics
+    /// Past 2^32 packs.
+    pub fn add_pack(&mut self, pack: PackId, entries: &[IndexEntry]) {
+        if !self.seen.insert(pack) || entries.is_empty() {
+            return;
+        }
+        let ordinal = u32::try_from(self.packs.len()).expect("fewer than 2^32 packs");
+        self.packs.push(pack);
+        self.entries.extend(entries.iter().map(|entry| (entry.hash, ordinal)));
+    }
+
+    /// The map (a chunk held by several packs maps to one of them).
+    pub fn build(self) -> ChunkMap {
+        let mut entries = self.entries;
+        entries.sort_unstable_by_key(|entry| entry.0);
+        // No shrink: it would copy the whole array (twice the memory at its peak).
+        entries.dedup_by(|a, b| a.0 == b.0);
+        let mut packs = self.packs;
+        packs.shrink_to_fit();
+        ChunkMap { entries, packs }
+    }
 }
 
 /// Applies `f` to every item with up to `threads` calls at once; returns results in item order

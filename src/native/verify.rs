@@ -16,12 +16,9 @@ use serde::Serialize;
 use crate::error::{EngineError, ErrorKind};
 use crate::limits;
 use crate::native::compress;
-use crate::native::layout::{
-    self, ChunkHash, IndexEntry, Manifest, ObjectKind, PACKS_PREFIX, PackId, PackIndex,
-};
+use crate::native::layout::{self, ChunkHash, IndexEntry, Manifest, PACKS_PREFIX, PackId};
 use crate::native::repo::{Repository, lock, parallel_map};
 use crate::progress::Progress;
-use crate::store::StoreError;
 
 /// How much to check.
 #[derive(Debug, Clone, Copy)]
@@ -84,31 +81,22 @@ pub fn run(
         .into_iter()
         .map(|object| (object.key, object.size_bytes))
         .collect();
-    let indexes = parallel_map(&manifest.packs, 8, |pack| {
+    // Each pack's own index, or its consolidated one when that is gone.
+    let found = repo.find_indexes(&manifest.packs)?;
+    let mut indexes = Vec::with_capacity(found.len());
+    for (pack, index) in manifest.packs.iter().zip(found) {
         let pack_key = pack.pack_key();
         let Some(&size) = sizes.get(&pack_key) else {
             report(pack_key, "pack is missing".into());
-            return Ok(None);
+            continue;
         };
-        let key = pack.index_key();
-        let index: PackIndex = match repo.store.get(&key) {
-            Ok(bytes) => match layout::decode_document(ObjectKind::Index, &key, &bytes) {
-                Ok(index) => index,
-                Err(error) => {
-                    report(key, error.to_string());
-                    return Ok(None);
-                }
-            },
-            Err(StoreError::NotFound { .. }) => {
-                report(key, "index is missing".into());
-                return Ok(None);
+        let index = match index {
+            Ok(index) => index,
+            Err(error) => {
+                report(pack.index_key(), error.message);
+                continue;
             }
-            Err(error) => return Err(error.into()),
         };
-        if index.pack != *pack {
-            report(key, format!("index describes pack {}", index.pack));
-            return Ok(None);
-        }
         if index.pack_size_bytes != size {
             let detail = format!("pack has {size} bytes, its index says {}", index.pack_size_bytes);
             report(pack_key.clone(), detail);
@@ -120,10 +108,10 @@ pub fn run(
                 report(pack_key.clone(), detail);
             }
         }
-        Ok(Some(index))
-    })?;
+        indexes.push(index);
+    }
     let mut locations: HashMap<ChunkHash, (PackId, IndexEntry)> = HashMap::new();
-    for index in indexes.into_iter().flatten() {
+    for index in indexes {
         for entry in index.entries {
             let _ = locations.insert(entry.hash, (index.pack, entry));
         }

@@ -28,6 +28,10 @@ pub enum ObjectKind {
     Manifest = 3,
     /// A garbage-collection mark: packs condemned by `prune`.
     Mark = 4,
+    /// A consolidated index: many packs' index entries (`merged.rs`).
+    MergedIndex = 5,
+    /// A catalog: summaries of many backups, for `list` (`BackupCatalog`).
+    Catalog = 6,
 }
 
 /// Wraps `payload` in an envelope, compressing it unless it is the config (kept readable).

@@ -9,6 +9,7 @@
 
 mod envelope;
 pub mod gc;
+pub mod merged;
 mod record;
 mod time;
 
@@ -37,6 +38,8 @@ pub const PACKS_PREFIX: &str = "packs/";
 pub const INDEX_PREFIX: &str = "index/";
 /// Prefix of manifests (one per backup).
 pub const BACKUPS_PREFIX: &str = "backups/";
+/// Prefix of backup catalogs (`catalog/<32 hex>`): summaries of many backups, for `list`.
+pub const CATALOG_PREFIX: &str = "catalog/";
 
 /// Errors decoding or validating stored bytes.
 #[derive(Debug, thiserror::Error)]
@@ -423,6 +426,50 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// What `list` shows of a backup, without its chunk list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSummary {
+    /// The backup id.
+    pub backup_id: String,
+    /// The manifest's source path.
+    pub source: String,
+    /// Size of the volume in bytes.
+    pub volume_size_bytes: u64,
+    /// When the backup completed.
+    pub completed_at: Timestamp,
+}
+
+impl BackupSummary {
+    /// The summary of `manifest`.
+    pub fn of(manifest: &Manifest) -> BackupSummary {
+        BackupSummary {
+            backup_id: manifest.backup_id.clone(),
+            source: manifest.source.path.clone(),
+            volume_size_bytes: manifest.volume_size_bytes,
+            completed_at: manifest.completed_at,
+        }
+    }
+}
+
+/// A catalog: the summaries of the backups a prune saw, so that `list` reads one object
+/// instead of every manifest. Informative only: a backup exists if and only if its manifest
+/// does, so readers show only summaries whose manifest is listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupCatalog {
+    /// The summaries, sorted by backup id.
+    pub backups: Vec<BackupSummary>,
+}
+
+/// Key of the catalog named `id`.
+pub fn catalog_key(id: PackId) -> String {
+    format!("{CATALOG_PREFIX}{}", id.to_hex())
+}
+
+/// The id a catalog key names.
+pub fn catalog_from_key(key: &str) -> Option<PackId> {
+    PackId::from_hex(key.strip_prefix(CATALOG_PREFIX)?)
 }
 
 /// Number of chunks covering `size_bytes` (the last may be short).
