@@ -1140,6 +1140,7 @@ fn synth_manifests(
             packs: packs.into_iter().collect(),
             chunks: hashes,
             stats: layout::BackupStats::default(),
+            base: None,
         };
         manifests.push((
             layout::manifest_key(&backup_id),

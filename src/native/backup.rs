@@ -250,8 +250,17 @@ pub fn run_many(
     let mut epoch = lease.written_at();
     let (mut plan, hint_bytes) = plan_incremental(repo, options, &sources, &known, cancel, warn)?;
     let (manifests, engines) = loop {
-        let (collected, engines, stored) =
-            run_pass(repo, options, &sources, &known, carried, plan.as_ref(), &budget, progress, cancel)?;
+        let (collected, engines, stored) = run_pass(
+            repo,
+            options,
+            &sources,
+            &known,
+            carried,
+            plan.as_ref(),
+            &budget,
+            progress,
+            cancel,
+        )?;
         let mut manifests = build_manifests(
             repo, options, &sources, collected, &known, &stored, started, started_at,
         )?;

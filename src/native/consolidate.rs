@@ -19,7 +19,6 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::error::{EngineError, ErrorKind};
-use crate::native::layout::gc;
 use crate::native::layout::merged::{self, MERGED_PACKS_MAX, MergedIndex};
 use crate::native::layout::{self, ObjectKind, PackId, PackIndex};
 use crate::native::maintain::{SeenLease, blocking_lease};
@@ -277,8 +276,14 @@ fn delete_superseded(
     now: u64,
     leases: &[SeenLease],
 ) -> Result<(), EngineError> {
-    assert!(repo.config.gc().mark_expired(successor.written_at, now), "C3: {key} deleted inside the grace");
-    assert!(blocking_lease(repo, leases, successor.written_at).is_none(), "C3: a lease predates it");
+    assert!(
+        repo.config.gc().mark_expired(successor.written_at, now),
+        "C3: {key} deleted inside the grace"
+    );
+    assert!(
+        blocking_lease(repo, leases, successor.written_at).is_none(),
+        "C3: a lease predates it"
+    );
     let covered = layout::index_pack_from_key(key)
         .is_some_and(|pack| successor.packs.binary_search(&pack).is_ok())
         || merged::merged_from_key(key).is_some_and(|id| successor.supersedes.contains(&id));

@@ -12,7 +12,6 @@
 //! This module does not talk to a storage cluster (the change list is handed in), and it does
 //! not decide where a change list comes from.
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 
 use crossbeam_channel::bounded;
@@ -21,7 +20,7 @@ use crate::error::{EngineError, ErrorKind};
 use crate::io::{self, ReadChunk};
 use crate::native::chunk;
 use crate::native::fresh;
-use crate::native::layout::{BaseInfo, ChunkHash, Manifest, PackId, chunk_count};
+use crate::native::layout::{BaseInfo, ChunkHash, Manifest, chunk_count};
 use crate::native::repo::{ChunkMap, Repository};
 use crate::plane::{self, JobControl};
 
