@@ -273,16 +273,10 @@ impl ObjectStore for MemStore {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        count(&self.calls.list);
-        let state = lock(&self.state);
-        Ok(state
-            .objects
-            .range(prefix.to_owned()..)
-            .take_while(|(key, _)| key.starts_with(prefix))
-            .map(|(key, object)| ObjectInfo {
-                key: key.clone(),
-                size_bytes: object.data.len() as u64,
-            })
+        Ok(self
+            .list_dated(prefix)?
+            .into_iter()
+            .map(|object| ObjectInfo { key: object.key, size_bytes: object.size_bytes })
             .collect())
     }
 
