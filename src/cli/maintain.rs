@@ -11,7 +11,7 @@ use crate::error::{EngineError, ErrorKind};
 use crate::native::lifecycle::{self, GroupBy};
 use crate::native::repo::Repository;
 use crate::native::retention::{Keep, Policy, Within};
-use crate::native::{check, maintain};
+use crate::native::{check, maintain, repack};
 
 use super::events::{self, Done, Start};
 use super::output::Output;
@@ -65,6 +65,11 @@ pub struct PruneArgs {
     /// Report what would be condemned and deleted; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Repack packs at least PERCENT of whose bytes no backup uses: their used records are
+    /// copied into new packs and the old packs are condemned (0-100; 100 never repacks).
+    #[arg(long, value_name = "PERCENT", default_value_t = repack::WASTE_PERCENT_DEFAULT,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub repack_waste: u8,
 }
 
 /// `ferry protect` and `ferry unprotect`.
@@ -156,7 +161,9 @@ fn forget(repo: &Repository, args: &ForgetArgs, output: &Output) -> Result<(), E
 
 fn prune(repo: &Repository, args: &PruneArgs, output: &Output) -> Result<(), EngineError> {
     let warn = |message: String| output.warning(&message);
-    let report = lifecycle::prune(repo, args.dry_run, &warn)?;
+    let options =
+        lifecycle::PruneOptions { dry_run: args.dry_run, repack_waste_percent: args.repack_waste };
+    let report = lifecycle::prune(repo, &options, &warn)?;
     let deleted: u64 = report.swept.iter().map(|s| s.deleted_bytes).sum();
     let deleted_packs: usize = report.swept.iter().map(|s| s.deleted_packs).sum();
     let recovered: usize = report.swept.iter().map(|s| s.recovered_packs.len()).sum();
@@ -168,10 +175,21 @@ fn prune(repo: &Repository, args: &PruneArgs, output: &Output) -> Result<(), Eng
         report.swept.len(),
         report.waiting.len(),
     );
+    if !report.repack.sources.is_empty() {
+        summary.push_str(&format!(
+            "{} pack(s) ({} bytes) repacked into {} ({} bytes copied); ",
+            report.repack.sources.len(),
+            report.repack.source_bytes,
+            report.repack.written.len(),
+            report.repack.copied_bytes,
+        ));
+    }
     match &report.marked {
         Some(mark) => summary.push_str(&format!(
-            "{} unreferenced pack(s) ({} bytes) condemned, deleted by a prune at least 24 h from now",
-            mark.packs, mark.bytes
+            "{} pack(s) ({} bytes) condemned, deleted by a prune at least {} s from now",
+            mark.packs,
+            mark.bytes,
+            repo.config.gc().grace_secs
         )),
         None => summary.push_str("nothing new to condemn"),
     }

@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use serde::Serialize;
 
 use crate::error::EngineError;
-use crate::native::layout::{self, ChunkHash, PackId, PackIndex, Timestamp};
+use crate::native::layout::{self, PackId, PackIndex, Timestamp, liveness};
 use crate::native::repo::{Repository, parallel_map};
 use crate::native::verify::Problem;
 use crate::store::DatedObject;
@@ -84,52 +84,58 @@ pub fn run(repo: &Repository) -> Result<CheckReport, EngineError> {
             mark.mark.packs.iter().map(|pack| (*pack, (mark.key.as_str(), mark.written_at)))
         })
         .collect();
-    let mut referenced: HashSet<PackId> = HashSet::new();
+    let readable: Vec<(&str, &layout::Manifest)> = manifests
+        .iter()
+        .filter_map(|(id, manifest)| Some((id.as_str(), manifest.as_ref().ok()?)))
+        .collect();
+    // What the backups need: the packs they list, or, for a pack condemned or gone after a
+    // repack, the packs that hold its chunks now.
+    let needed = liveness::needed(readable.iter().copied(), &indexes, &marks.packs);
+    let unresolved: HashMap<&str, usize> =
+        needed.unresolved.iter().map(|(id, count)| (id.as_str(), *count)).collect();
+    let mut listed: HashSet<PackId> = HashSet::new();
     let mut marked_referenced = Vec::new();
-    let mut backups = 0;
     for (id, manifest) in &manifests {
-        let manifest = match manifest {
-            Ok(manifest) => manifest,
-            Err(error) => {
-                problem(layout::manifest_key(id), error.message.clone());
-                continue;
-            }
-        };
-        backups += 1;
-        let mut chunks: HashSet<ChunkHash> = HashSet::new();
+        if let Err(error) = manifest {
+            problem(layout::manifest_key(id), error.message.clone());
+        }
+    }
+    for (id, manifest) in &readable {
         for pack in &manifest.packs {
-            if referenced.insert(*pack)
+            if listed.insert(*pack)
                 && let Some((mark, marked_at)) = mark_of.get(pack)
             {
                 marked_referenced.push(MarkedReferenced {
                     pack: *pack,
                     mark: (*mark).to_owned(),
                     marked_at: Timestamp(*marked_at),
-                    backup_id: id.clone(),
+                    backup_id: (*id).to_owned(),
                 });
             }
-            match (packs.contains_key(pack), indexes.get(pack)) {
+        }
+        // A pack the backup lists that is gone or unindexed matters only when some chunk of
+        // the backup is held by no existing pack.
+        let Some(count) = unresolved.get(id) else { continue };
+        for pack in &manifest.packs {
+            match (packs.contains_key(pack), indexes.contains_key(pack)) {
                 (false, _) => {
                     problem(pack.pack_key(), format!("backup {id} references it and it is missing"))
                 }
-                (true, None) => problem(
+                (true, false) => problem(
                     pack.index_key(),
                     format!(
                         "backup {id} references pack {pack}, whose index is missing (`ferry repair` rebuilds it)"
                     ),
                 ),
-                (true, Some(index)) => chunks.extend(index.entries.iter().map(|e| e.hash)),
+                (true, true) => {}
             }
         }
-        let unresolved =
-            manifest.chunks.iter().flatten().filter(|hash| !chunks.contains(hash)).count();
-        if unresolved > 0 && manifest.packs.iter().all(|pack| indexes.contains_key(pack)) {
-            problem(
-                layout::manifest_key(id),
-                format!("{unresolved} chunk reference(s) are in no index of the backup's packs"),
-            );
-        }
+        problem(
+            layout::manifest_key(id),
+            format!("{count} chunk reference(s) are in no index of an existing pack"),
+        );
     }
+    let backups = readable.len();
     let mut unindexed_packs: Vec<String> = packs
         .iter()
         .filter(|(pack, _)| !indexes.contains_key(pack))
@@ -138,7 +144,7 @@ pub fn run(repo: &Repository) -> Result<CheckReport, EngineError> {
     unindexed_packs.sort();
     let unreferenced: Vec<u64> = packs
         .iter()
-        .filter(|(pack, _)| !referenced.contains(pack))
+        .filter(|(pack, _)| !needed.packs.contains(pack))
         .map(|(_, object)| object.size_bytes)
         .collect();
     Ok(CheckReport {

@@ -12,6 +12,10 @@
 //!   a pack any of them references is recovered, every other pack loses its index and then
 //!   itself, and the mark is deleted last.
 //!
+//! Between the two, packs that are mostly dead are repacked (`native::repack`): their used
+//! records are copied into new packs and the prune's mark condemns the old ones, which a
+//! manifest may still list; liveness is then judged chunk by chunk (`layout::liveness`).
+//!
 //! Every time is the store's (`LastModified` of the prune's own lease, of marks, packs, leases);
 //! nothing here reads this host's clock.
 
@@ -23,8 +27,10 @@ use serde::Serialize;
 use crate::error::{EngineError, ErrorKind};
 use crate::native::consolidate::{self, ConsolidateReport};
 use crate::native::layout::gc::{self, Mark};
-use crate::native::layout::{self, ObjectKind, PackId, Timestamp};
+use crate::native::layout::liveness;
+use crate::native::layout::{self, ChunkHash, ObjectKind, PackId, Timestamp};
 use crate::native::maintain::{self, SeenLease, blocking_lease};
+use crate::native::repack::{self, RepackReport};
 use crate::native::repo::{LoadedMark, Repository};
 use crate::native::retention::{self, Candidate, Decision, Policy};
 use crate::store::DatedObject;
@@ -207,8 +213,25 @@ pub struct PruneReport {
     pub young_unreferenced_packs: usize,
     /// Multipart uploads of dead jobs aborted, and dead leases removed.
     pub upkeep: maintain::RepairReport,
+    /// Packs repacked: their used records copied, the packs condemned by this prune's mark.
+    pub repack: RepackReport,
     /// Per-pack indexes merged into consolidated ones, and superseded indexes deleted.
     pub consolidation: ConsolidateReport,
+}
+
+/// How `prune` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneOptions {
+    /// Write and delete nothing; report what would be done.
+    pub dry_run: bool,
+    /// Repack packs at least this many percent dead (100: never).
+    pub repack_waste_percent: u8,
+}
+
+impl Default for PruneOptions {
+    fn default() -> PruneOptions {
+        PruneOptions { dry_run: false, repack_waste_percent: repack::WASTE_PERCENT_DEFAULT }
+    }
 }
 
 /// `ferry prune`: sweeps the marks whose grace has passed, then marks what no manifest
@@ -219,9 +242,10 @@ pub struct PruneReport {
 /// condemned or deleted); store errors.
 pub fn prune(
     repo: &Repository,
-    dry_run: bool,
+    options: &PruneOptions,
     warn: &dyn Fn(String),
 ) -> Result<PruneReport, EngineError> {
+    let dry_run = options.dry_run;
     let lease = maintain::take_lease(repo, "prune")?;
     // G5: the one clock: when the store wrote this prune's lease. Everything listed below is
     // listed after this instant.
@@ -237,7 +261,7 @@ pub fn prune(
     for (key, problem) in &marks.unreadable {
         warn(format!("mark {key} is not readable, its packs are kept: {problem}"));
     }
-    let mut live: HashSet<PackId> = HashSet::new();
+    let mut manifests = Vec::new();
     let mut summaries = Vec::new();
     for (id, manifest) in repo.load_all_manifests()? {
         let manifest = manifest.map_err(|error| {
@@ -249,8 +273,8 @@ pub fn prune(
                 ),
             )
         })?;
-        live.extend(manifest.packs.iter().copied());
         summaries.push(layout::BackupSummary::of(&manifest));
+        manifests.push((id, manifest));
     }
     let packs = repo.list_packs()?;
     let indexes: HashMap<PackId, u64> = repo
@@ -261,6 +285,15 @@ pub fn prune(
             Some((layout::index_pack_from_key(&object.key)?, object.modified_unix))
         })
         .collect();
+    // G2 with repacking: which packs the manifests need, chunk by chunk where a manifest lists
+    // a condemned or gone pack (`layout::liveness`).
+    let present_indexes = repo.load_present_indexes(&packs)?;
+    let needed = liveness::needed(
+        manifests.iter().map(|(id, manifest)| (id.as_str(), manifest)),
+        &present_indexes,
+        &marks.packs,
+    );
+    let live = needed.packs;
     let mut report = PruneReport {
         dry_run,
         store_time: Timestamp(now),
@@ -271,6 +304,7 @@ pub fn prune(
         live_bytes: 0,
         young_unreferenced_packs: 0,
         upkeep,
+        repack: RepackReport::default(),
         consolidation: ConsolidateReport::default(),
     };
     for (pack, object) in &packs {
@@ -283,7 +317,26 @@ pub fn prune(
     // Phase 2, then phase 1 (a pack swept now is not condemned again).
     let view = View { repo, now, dry_run, live: &live, packs: &packs, leases: &leases };
     let (gone, still_marked) = sweep(&view, &marks.marks, &mut report)?;
-    condemn(&view, &indexes, &gone, &still_marked, &mut report)?;
+    // Repack before marking: the copies exist before the mark condemns their sources.
+    let referenced: HashSet<ChunkHash> = manifests
+        .iter()
+        .flat_map(|(_, manifest)| manifest.chunks.iter().flatten().copied())
+        .collect();
+    let excluded: HashSet<PackId> = marks.packs.union(&gone).copied().collect();
+    let pool = repack::Pool {
+        packs: &packs,
+        indexes: &present_indexes,
+        needed: &live,
+        excluded: &excluded,
+        referenced: &referenced,
+    };
+    let candidates = repack::select(repo, now, &pool, options.repack_waste_percent);
+    report.repack =
+        repack::run(repo, &candidates, &referenced, options.repack_waste_percent, dry_run, warn)?;
+    drop(candidates);
+    drop(present_indexes);
+    let repacked = report.repack.sources.clone();
+    condemn(&view, &indexes, &gone, &still_marked, &repacked, &mut report)?;
     report.consolidation =
         consolidate::run(repo, now, dry_run, &packs, &marks.packs, &leases, warn)?;
     report.consolidation.catalog = consolidate::refresh_catalog(repo, summaries, dry_run)?;
@@ -374,11 +427,13 @@ fn condemn(
     indexes: &HashMap<PackId, u64>,
     gone: &HashSet<PackId>,
     still_marked: &HashSet<PackId>,
+    repacked: &[PackId],
     report: &mut PruneReport,
 ) -> Result<(), EngineError> {
     let View { repo, now, dry_run, live, packs, .. } = *view;
-    let mut condemned: Vec<PackId> = Vec::new();
-    let mut bytes = 0;
+    // Repacked packs are needed until their copies are (a sweep judges that again).
+    let mut condemned: Vec<PackId> = repacked.to_vec();
+    let mut bytes = report.repack.source_bytes;
     let candidates = packs
         .iter()
         .map(|(pack, object)| (*pack, object.modified_unix, object.size_bytes))

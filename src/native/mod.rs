@@ -19,6 +19,7 @@ pub mod incremental;
 pub mod layout;
 pub mod lifecycle;
 pub mod maintain;
+pub mod repack;
 pub mod repo;
 pub mod restore;
 pub mod retention;

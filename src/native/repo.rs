@@ -277,44 +277,85 @@ impl Repository {
         let state = Mutex::new(ViewBuilder { view, map, packs: &packs, marked: &marks.packs });
         // A damaged index is reported and skipped; a store error fails the backup (a retried
         // failure is not damage, and skipping would store its chunks again for nothing).
-        // Two at a time: each is up to 25 MiB decoded, and the map is what must stay small.
+        let problems = self.visit_indexes(&listing, |index, consolidated| {
+            lock(&state).add(index, consolidated);
+        })?;
+        let ViewBuilder { mut view, map, .. } =
+            state.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        view.chunks = map.build();
+        view.marked = marks.packs;
+        view.problems.extend(problems);
+        Ok(view)
+    }
+
+    /// Calls `visit` with every readable index `listing` shows: every consolidated index's
+    /// packs (`true`), then the own index of each pack none of them holds (`false`). A pack
+    /// may be visited more than once (held by two consolidated indexes). Returns the damaged
+    /// indexes as problems; a store error stops the visit.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn visit_indexes(
+        &self,
+        listing: &IndexListing,
+        visit: impl Fn(&PackIndex, bool) + Sync,
+    ) -> Result<Vec<String>, EngineError> {
+        let problems = Mutex::new(Vec::new());
+        let covered = Mutex::new(HashSet::new());
+        // Two at a time: each is up to 25 MiB decoded, and what the caller builds must stay
+        // small.
         let _ = parallel_map(&listing.merged, MERGED_FETCHES_IN_FLIGHT, |(id, _)| {
             match self.load_merged(*id) {
                 Ok(Some(merged)) => {
-                    let mut state = lock(&state);
                     for index in &merged.packs {
-                        state.add(index, true);
+                        visit(index, true);
                     }
+                    lock(&covered).extend(merged.packs.iter().map(|index| index.pack));
                 }
                 Ok(None) => {}
-                Err(error) if error.kind == ErrorKind::Integrity => lock(&state)
-                    .view
-                    .problems
+                Err(error) if error.kind == ErrorKind::Integrity => lock(&problems)
                     .push(format!("{} (its packs' own indexes are read instead)", error.message)),
                 Err(error) => return Err(error),
             }
             Ok(())
         })?;
         let uncovered: Vec<PackId> = {
-            let state = lock(&state);
-            listing.per_pack.keys().filter(|pack| !state.map.has_pack(pack)).copied().collect()
+            let covered = lock(&covered);
+            listing.per_pack.keys().filter(|pack| !covered.contains(*pack)).copied().collect()
         };
         let _ = parallel_map(&uncovered, INDEX_FETCHES_IN_FLIGHT, |pack| {
             match self.load_index(pack) {
-                Ok(index) => lock(&state).add(&index, false),
-                Err(error) if error.kind == ErrorKind::Integrity => lock(&state)
-                    .view
-                    .problems
-                    .push(format!("{} (its chunks are stored again)", error.message)),
+                Ok(index) => visit(&index, false),
+                Err(error) if error.kind == ErrorKind::Integrity => {
+                    lock(&problems).push(format!("{} (its chunks are stored again)", error.message))
+                }
                 Err(error) => return Err(error),
             }
             Ok(())
         })?;
-        let ViewBuilder { mut view, map, .. } =
-            state.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        view.chunks = map.build();
-        view.marked = marks.packs;
-        Ok(view)
+        Ok(problems.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// The readable index of every pack in `packs` (a listing) whose size is what its index
+    /// says: what prune and the fallback of `locate` resolve chunks through.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn load_present_indexes(
+        &self,
+        packs: &HashMap<PackId, DatedObject>,
+    ) -> Result<HashMap<PackId, PackIndex>, EngineError> {
+        let listing = self.list_indexes()?;
+        let found = Mutex::new(HashMap::new());
+        let _ = self.visit_indexes(&listing, |index, _| {
+            if packs
+                .get(&index.pack)
+                .is_some_and(|object| object.size_bytes == index.pack_size_bytes)
+            {
+                let _ = lock(&found).entry(index.pack).or_insert_with(|| index.clone());
+            }
+        })?;
+        Ok(found.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// Reads and verifies one pack's own index.
@@ -350,10 +391,22 @@ impl Repository {
         &self,
         packs: &[PackId],
     ) -> Result<Vec<Result<PackIndex, EngineError>>, EngineError> {
+        Ok(self
+            .find_indexes_sourced(packs)?
+            .into_iter()
+            .map(|found| found.map(|(index, _)| index))
+            .collect())
+    }
+
+    /// `find_indexes`, saying of each index found whether it is the pack's own (`true`) or a
+    /// consolidated index's copy: a sweep deletes a pack's own index before the pack, so a
+    /// pack with its own index exists, while one found only in a consolidated index may be
+    /// gone (consolidated indexes are not rewritten when a pack is swept).
+    fn find_indexes_sourced(&self, packs: &[PackId]) -> Result<Vec<FoundIndex>, EngineError> {
         let mut found =
             parallel_map(packs, INDEX_FETCHES_IN_FLIGHT, |pack| match self.load_index(pack) {
                 Err(error) if error.kind == ErrorKind::Integrity => Ok(Err(error)),
-                other => other.map(Ok),
+                other => other.map(|index| Ok((index, true))),
             })?;
         // A consolidated index deleted between our listing and our read was superseded by one
         // older than the grace: the next listing has it. Three listings settle any race.
@@ -387,7 +440,7 @@ impl Repository {
             })?;
             for index in results.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
                 let position = wanted[&index.pack];
-                found[position] = Ok(index);
+                found[position] = Ok((index, false));
             }
             if vanished.load(Ordering::Relaxed) == 0 {
                 break;
@@ -396,22 +449,81 @@ impl Repository {
         Ok(found)
     }
 
-    /// Loads the indexes of `packs` (own or consolidated) and returns each chunk's location.
+    /// Whether the object of `pack` exists (one listing request).
     ///
     /// # Errors
-    /// `Integrity` when an index is missing or corrupt, store errors otherwise.
-    pub fn load_locations(
-        &self,
-        packs: &[PackId],
-    ) -> Result<HashMap<ChunkHash, Location>, EngineError> {
+    /// Store errors.
+    pub fn pack_exists(&self, pack: &PackId) -> Result<bool, EngineError> {
+        let key = pack.pack_key();
+        Ok(self.store.list(&key)?.iter().any(|object| object.key == key))
+    }
+
+    /// Where each chunk of `manifest` is: through the indexes of the packs it lists, and, for
+    /// chunks none of those holds any more (their pack was repacked and swept), through every
+    /// index of the repository (the copies a repack wrote). A pack known only from a
+    /// consolidated index is checked to exist first.
+    ///
+    /// # Errors
+    /// `Integrity` naming the first chunk no existing pack holds (with what is wrong with the
+    /// backup's own packs); store errors.
+    pub fn locate(&self, manifest: &Manifest) -> Result<HashMap<ChunkHash, Location>, EngineError> {
+        let found = self.find_indexes_sourced(&manifest.packs)?;
+        let exists = parallel_map(&found, INDEX_FETCHES_IN_FLIGHT, |found| match found {
+            Ok((index, false)) => self.pack_exists(&index.pack),
+            Ok((_, true)) => Ok(true),
+            Err(_) => Ok(false),
+        })?;
         let mut map = HashMap::new();
-        for index in self.find_indexes(packs)? {
-            let index = index?;
-            for entry in index.entries {
-                let _ = map.insert(entry.hash, Location { pack: index.pack, entry });
+        let mut problems = Vec::new();
+        for ((pack, found), exists) in manifest.packs.iter().zip(found).zip(exists) {
+            match found {
+                Ok((index, _)) if exists => {
+                    for entry in index.entries {
+                        let _ = map.insert(entry.hash, Location { pack: index.pack, entry });
+                    }
+                }
+                Ok(_) => problems.push(format!("pack {} is missing", pack.pack_key())),
+                Err(error) => problems.push(error.message),
             }
         }
-        Ok(map)
+        let mut missing: HashSet<ChunkHash> = manifest
+            .chunks
+            .iter()
+            .flatten()
+            .filter(|hash| !map.contains_key(*hash))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return Ok(map);
+        }
+        let packs = self.list_packs()?;
+        let mut indexes: Vec<PackIndex> =
+            self.load_present_indexes(&packs)?.into_values().collect();
+        indexes.sort_unstable_by_key(|index| index.pack);
+        for index in indexes {
+            for entry in index.entries {
+                if missing.remove(&entry.hash) {
+                    let _ = map.insert(entry.hash, Location { pack: index.pack, entry });
+                }
+            }
+        }
+        match missing.iter().next() {
+            None => Ok(map),
+            Some(hash) => Err(EngineError::new(
+                ErrorKind::Integrity,
+                format!(
+                    "backup {} references chunk {hash} (and {} more), which no existing pack \
+                     holds{}",
+                    manifest.backup_id,
+                    missing.len() - 1,
+                    if problems.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", problems.join("; "))
+                    }
+                ),
+            )),
+        }
     }
 
     /// A summary of every backup: from the catalogs a prune wrote, and from the manifests of
@@ -594,6 +706,9 @@ impl Repository {
         Ok(())
     }
 }
+
+/// An index found for a pack and whether it is the pack's own, or why none was.
+type FoundIndex = Result<(PackIndex, bool), EngineError>;
 
 /// A backup id and its manifest, or why it cannot be read.
 pub type LoadedManifest = (String, Result<Manifest, EngineError>);

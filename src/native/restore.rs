@@ -120,7 +120,7 @@ pub fn run(
 ) -> Result<RestoreStats, EngineError> {
     let started = Instant::now();
     manifest.validate()?;
-    let locations = repo.load_locations(&manifest.packs)?;
+    let locations = repo.locate(manifest)?;
     let mut placements: HashMap<ChunkHash, Vec<u64>> = HashMap::new();
     for (chunk_index, hash) in manifest.chunks.iter().enumerate() {
         if let Some(hash) = hash {

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::error::{EngineError, ErrorKind};
 use crate::limits;
 use crate::native::compress;
-use crate::native::layout::{self, ChunkHash, IndexEntry, Manifest, PACKS_PREFIX, PackId};
+use crate::native::layout::{self, ChunkHash, IndexEntry, Manifest, PackId, PackIndex};
 use crate::native::repo::{Repository, lock, parallel_map};
 use crate::progress::Progress;
 
@@ -75,25 +75,24 @@ pub fn run(
     let report = |object: String, detail: String| {
         let _ = lock(&problems).insert(Problem { object, detail });
     };
-    let sizes: HashMap<String, u64> = repo
-        .store
-        .list(PACKS_PREFIX)?
-        .into_iter()
-        .map(|object| (object.key, object.size_bytes))
-        .collect();
+    let listed = repo.list_packs()?;
     // Each pack's own index, or its consolidated one when that is gone.
     let found = repo.find_indexes(&manifest.packs)?;
     let mut indexes = Vec::with_capacity(found.len());
+    // A pack of the backup that is gone or unindexed is a problem only when some chunk of the
+    // backup is held by no other pack (a repack copies a pack's used records before a prune
+    // sweeps it).
+    let mut unusable = Vec::new();
     for (pack, index) in manifest.packs.iter().zip(found) {
         let pack_key = pack.pack_key();
-        let Some(&size) = sizes.get(&pack_key) else {
-            report(pack_key, "pack is missing".into());
+        let Some(size) = listed.get(pack).map(|object| object.size_bytes) else {
+            unusable.push((pack_key, "pack is missing".to_owned()));
             continue;
         };
         let index = match index {
             Ok(index) => index,
             Err(error) => {
-                report(pack.index_key(), error.message);
+                unusable.push((pack.index_key(), error.message));
                 continue;
             }
         };
@@ -117,11 +116,28 @@ pub fn run(
         }
     }
     let referenced: BTreeSet<ChunkHash> = manifest.chunks.iter().flatten().copied().collect();
-    for hash in &referenced {
-        if !locations.contains_key(hash) {
-            let object = layout::manifest_key(&manifest.backup_id);
-            report(object, format!("chunk {hash} is in no index of the backup's packs"));
+    if referenced.iter().any(|hash| !locations.contains_key(hash)) {
+        let mut elsewhere: Vec<PackIndex> =
+            repo.load_present_indexes(&listed)?.into_values().collect();
+        elsewhere.sort_unstable_by_key(|index| index.pack);
+        for index in elsewhere {
+            for entry in index.entries {
+                if referenced.contains(&entry.hash) && !locations.contains_key(&entry.hash) {
+                    let _ = locations.insert(entry.hash, (index.pack, entry));
+                }
+            }
         }
+    }
+    let unresolved: Vec<&ChunkHash> =
+        referenced.iter().filter(|hash| !locations.contains_key(*hash)).collect();
+    if !unresolved.is_empty() {
+        for (object, detail) in unusable {
+            report(object, detail);
+        }
+    }
+    for hash in unresolved {
+        let object = layout::manifest_key(&manifest.backup_id);
+        report(object, format!("chunk {hash} is in no index of the backup's packs"));
     }
 
     let mut chunks_read = 0;

@@ -9,6 +9,7 @@
 
 mod envelope;
 pub mod gc;
+pub mod liveness;
 pub mod merged;
 mod record;
 mod time;
