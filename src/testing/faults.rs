@@ -260,7 +260,8 @@ fn native_corrupt_reads_are_integrity_errors() {
         .with(Rule::new(Op::Get, When::Nth(1), Fault::Corrupt).on_keys("index/"));
     let repo = Repository::open(Box::new(faulty)).expect("open");
     let target = scratch.join("restored-healed.img");
-    native_restore(&repo, &backup_id, &target).expect("a corrupt index read once is read again");
+    let _ = native_restore(&repo, &backup_id, &target)
+        .expect("a corrupt index read once is read again");
     assert!(std::fs::read(&target).unwrap() == std::fs::read(&source).unwrap());
     for fault in [Fault::Corrupt, Fault::Truncate] {
         let faulty = FaultyStore::new(mem.clone(), 5)
