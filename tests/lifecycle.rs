@@ -160,3 +160,61 @@ fn lifecycle_on_garage() {
     let scratch = Scratch::new("garage-lifecycle");
     lifecycle(&repo, &scratch, None);
 }
+
+/// The sum of `deleted_packs` over a prune's sweeps.
+fn deleted_packs(prune: &Value) -> u64 {
+    prune["prune"]["swept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["deleted_packs"].as_u64().unwrap())
+        .sum()
+}
+
+// Repacking on Garage: a pack half of whose chunks only a forgotten backup used is repacked
+// (its used chunks copied, the pack condemned) by a prune that runs while another backup runs;
+// a grace later the sweep deletes it, and the backup that lists it restores through the copy.
+#[test]
+fn repack_on_garage() {
+    let Some(repo) = Repo::garage("repack") else { return };
+    let scratch = Scratch::new("garage-repack");
+    repo.ferry(&["init", "--chunk-size", "1M", "--gc-grace", "10s"]).ok();
+    let (v, w, x) = (scratch.join("v.img"), scratch.join("w.img"), scratch.join("x.img"));
+    gen_image(&v, 12 * MIB, "random", 7);
+    gen_image(&x, 6 * MIB, "random", 8);
+    let mut shared = std::fs::read(&v).unwrap()[..6 * MIB as usize].to_vec();
+    shared.extend(std::fs::read(&x).unwrap());
+    std::fs::write(&w, shared).unwrap();
+    let backup = |source: &Path| {
+        let args = ["--io-engine", "pread", "backup", "--source", source.to_str().unwrap()];
+        let result = repo.ferry(&[&args[..], &["--pack-size", "4M"]].concat()).ok();
+        result["backup_id"].as_str().unwrap().to_owned()
+    };
+    let first = backup(&v);
+    let kept = backup(&w);
+    repo.ferry(&["delete", &first]).ok();
+    // Older than the minimum pack age (a 24th of the grace, at least 1 s).
+    std::thread::sleep(Duration::from_secs(2));
+    let (repacked, during) = std::thread::scope(|scope| {
+        let running = scope.spawn(|| backup(&x));
+        let prune = repo.ferry(&["prune"]).ok();
+        (prune, running.join().unwrap())
+    });
+    let sources = repacked["prune"]["repack"]["sources"].as_array().unwrap().len();
+    assert_eq!(sources, 1, "the pack of chunks 5-8 of v: {repacked}");
+    assert_eq!(repacked["prune"]["repack"]["written"].as_array().unwrap().len(), 1);
+    assert_eq!(repacked["prune"]["repack"]["copied_bytes"].as_u64().unwrap() / MIB, 2);
+    std::thread::sleep(Duration::from_secs(12));
+    let swept = repo.ferry(&["prune"]).ok();
+    assert!(deleted_packs(&swept) >= 2, "the repacked pack and the dead one: {swept}");
+    let checked = repo.ferry(&["check"]).ok();
+    assert!(checked["check"]["problems"].as_array().unwrap().is_empty(), "{checked}");
+    assert_eq!(checked["check"]["unreferenced_packs"], 0, "{checked}");
+    for (id, source) in [(&kept, &w), (&during, &x)] {
+        let target = scratch.join(&format!("{id}.restored"));
+        repo.restore(id, &target, "pread", &[]).ok();
+        assert_same(source, &target, std::fs::metadata(source).unwrap().len());
+    }
+    let verified = repo.ferry(&["verify", &kept, "--read-data"]).ok();
+    assert!(verified["verified"][0]["problems"].as_array().unwrap().is_empty(), "{verified}");
+}
