@@ -496,15 +496,41 @@ impl Repository {
         if missing.is_empty() {
             return Ok(map);
         }
-        let packs = self.list_packs()?;
-        let mut indexes: Vec<PackIndex> =
-            self.load_present_indexes(&packs)?.into_values().collect();
-        indexes.sort_unstable_by_key(|index| index.pack);
-        for index in indexes {
-            for entry in index.entries {
-                if missing.remove(&entry.hash) {
-                    let _ = map.insert(entry.hash, Location { pack: index.pack, entry });
-                }
+        // Every index's entries for the missing chunks (not the whole index: a repository's
+        // index can be far larger than one backup), then which of those packs exist.
+        let listing = self.list_indexes()?;
+        let candidates: Mutex<Vec<(PackId, u64, IndexEntry)>> = Mutex::new(Vec::new());
+        let _ = self.visit_indexes(&listing, |index, _| {
+            let found: Vec<_> = index
+                .entries
+                .iter()
+                .filter(|entry| missing.contains(&entry.hash))
+                .map(|entry| (index.pack, index.pack_size_bytes, *entry))
+                .collect();
+            lock(&candidates).extend(found);
+        })?;
+        let mut candidates =
+            candidates.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        candidates.sort_unstable_by_key(|(pack, _, entry)| (*pack, entry.offset));
+        let mut packs: Vec<(PackId, u64)> =
+            candidates.iter().map(|(pack, size, _)| (*pack, *size)).collect();
+        packs.dedup();
+        let present: HashSet<PackId> = packs
+            .iter()
+            .zip(parallel_map(&packs, INDEX_FETCHES_IN_FLIGHT, |(pack, size)| {
+                let key = pack.pack_key();
+                Ok(self
+                    .store
+                    .list(&key)?
+                    .iter()
+                    .any(|object| object.key == key && object.size_bytes == *size))
+            })?)
+            .filter(|(_, present)| *present)
+            .map(|((pack, _), _)| *pack)
+            .collect();
+        for (pack, _, entry) in candidates {
+            if present.contains(&pack) && missing.remove(&entry.hash) {
+                let _ = map.insert(entry.hash, Location { pack, entry });
             }
         }
         match missing.iter().next() {
