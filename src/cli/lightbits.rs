@@ -22,8 +22,8 @@ use crate::lightbits::attach::{AttachMode, AttachOptions};
 use crate::lightbits::client::{Client, ClientOptions, Scheme, TokenSource};
 use crate::lightbits::flow::{self, Control};
 use crate::lightbits::journal::{self, Journal, Outcome, ReclaimReport};
-use crate::native::incremental;
 use crate::native::layout::{self, PackId};
+use crate::plane::changes::{ChangeList, Extent, ExtentUnit};
 
 /// `--lightbits-volume`, shared by `backup` and `restore`.
 #[derive(Debug, Clone, Args)]
@@ -313,13 +313,18 @@ fn settle<T>(
 /// How a Lightbits backup uses snapshot diffs (issue 14).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bases {
-    /// Neither read nor kept (a job that cannot use a change list, such as `--format cinder`).
-    Ignore,
     /// Diff against the volume's kept base when there is one, delete that base once the backup
     /// has committed, keep none.
     Use,
     /// As `Use`, and keep this backup's snapshot as the next run's base (`--lightbits-keep-base`).
     UseAndKeep,
+}
+
+impl Bases {
+    /// What a backup does with bases: use them, and keep its own with `--lightbits-keep-base`.
+    pub fn of(keep_base: bool) -> Bases {
+        if keep_base { Bases::UseAndKeep } else { Bases::Use }
+    }
 }
 
 /// The change list a snapshot diff gave: the parent backup and the changed LBA ranges.
@@ -328,11 +333,23 @@ pub struct Hint {
     /// The backup that read the base snapshot.
     pub parent_backup_id: String,
     /// Changed extents in LBAs (the attached device's logical blocks).
-    pub changed: Vec<incremental::Extent>,
+    pub changed: Vec<Extent>,
     /// What it came from, for the manifest.
     pub changes_from: String,
     /// The source label the parent must carry: `lightbits:<project>/<volume> `.
     pub label_prefix: String,
+}
+
+impl Hint {
+    /// The change list, in the attached device's logical blocks.
+    pub fn changes(self, sample_count: Option<usize>) -> ChangeList {
+        ChangeList {
+            changed: self.changed,
+            unit: ExtentUnit::LogicalBlocks,
+            sample_count,
+            changes_from: self.changes_from,
+        }
+    }
 }
 
 /// Most diff pages read before giving up (10,000 ranges each: far beyond any volume).
@@ -363,7 +380,7 @@ fn diff_hint(
     };
     let changed = ranges
         .iter()
-        .map(|range| incremental::Extent {
+        .map(|range| Extent {
             start: range.lba_start,
             // `lbaEnd` taken as inclusive: a superset under either reading (reference B.8).
             length: range.lba_end.saturating_sub(range.lba_start).saturating_add(1),
@@ -406,13 +423,8 @@ pub fn backup<T>(
     let context = |error: crate::lightbits::LightbitsError| {
         EngineError::from(error).context(format!("lightbits volume {volume}"))
     };
-    let base = match bases {
-        Bases::Ignore => None,
-        Bases::Use | Bases::UseAndKeep => {
-            let source = control.client.resolve_volume(volume).map_err(context)?;
-            flow::bases(&control.journal, &source.uuid).map_err(context)?.into_iter().next()
-        }
-    };
+    let source = control.client.resolve_volume(volume).map_err(context)?;
+    let base = flow::bases(&control.journal, &source.uuid).map_err(context)?.into_iter().next();
     let keep_snapshot = bases == Bases::UseAndKeep || base.is_some();
     let prepared = flow::prepare_backup_source(&control, volume, backup_id, keep_snapshot);
     report_warnings(&control, output);
@@ -436,7 +448,7 @@ pub fn backup<T>(
         (Ok(_), Bases::UseAndKeep) => attached.finish_keeping_base(backup_id),
         _ => attached.finish(),
     };
-    if result.is_ok() && bases != Bases::Ignore {
+    if result.is_ok() {
         let keep = (bases == Bases::UseAndKeep).then(|| format!("{backup_id}.base"));
         match flow::drop_bases(&control, &source_uuid, keep.as_deref()) {
             Ok(failures) => failures.iter().for_each(|failure| output.warning(failure)),
