@@ -1147,8 +1147,9 @@ fn lightbits_incremental_chain_fallbacks_and_kill() {
 /// the last LBA, the next backup is a Cinder incremental of the first that reads only the touched
 /// read chunks (the job's byte counter); a third builds on the second. Cinder's own driver and
 /// ferry restore every backup of the chain byte-identical to the volume at its time. A lying
-/// diff is caught by the sampling check (a full-read incremental), and a base whose backup is
-/// missing is a warning and a full backup; one base is left.
+/// diff is caught by the sampling check (a full-read incremental), a cluster without the diff
+/// call is a warning and a full-read incremental, and a base whose backup is missing is a
+/// warning and a full backup; one base is left.
 #[test]
 fn lightbits_cinder_incremental_chain_lie_and_fallback() {
     let Some(py) = crate::cinder::cinder_py("lightbits_cinder_incremental_chain_lie_and_fallback")
@@ -1184,7 +1185,7 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
         assert!(std::fs::read(&by_ferry).unwrap() == expected, "ferry restores {context} wrong");
         std::fs::remove_file(&by_ferry).unwrap();
     };
-    let ids: Vec<String> = (0..5).map(|_| crate::cinder::uuid()).collect();
+    let ids: Vec<String> = (0..6).map(|_| crate::cinder::uuid()).collect();
 
     let run = backup(&ids[0], &[]);
     let full = run.ok();
@@ -1238,6 +1239,19 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
     let _ = sim.call("POST", "/sim/diff", Some(json!({"hide": []})));
     restores(&ids[3], &mirror, "the lied-to incremental");
 
+    // No diff call on the cluster: a warning and a full-read incremental of the base's backup.
+    let _ = sim.call("POST", "/sim/diff", Some(json!({"unsupported": 404})));
+    write_volume(&sim, &uuid, &mut mirror, 6 << 20, &pattern(350, 4096));
+    let run = backup(&ids[4], &[]);
+    let unsupported = run.ok();
+    let said = warnings(&run).join("\n");
+    assert!(said.contains("does not serve the changed-blocks diff (HTTP 404"), "{said}");
+    assert_eq!(unsupported["stats"]["parent_id"], ids[3].as_str(), "{unsupported}");
+    assert!(unsupported["stats"]["base"].is_null(), "{unsupported}");
+    assert_eq!(unsupported["stats"]["bytes_read"], VOLUME_BYTES);
+    let _ = sim.call("POST", "/sim/diff", Some(json!({"unsupported": null})));
+    restores(&ids[4], &mirror, "the incremental without a diff");
+
     // The base's backup is missing: a warning and a full backup.
     let record_path = sim.scratch.join("journal").join(&sim.journal_entries()[0]);
     let mut record: Value =
@@ -1246,13 +1260,13 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
     record["resource"]["backup_id"] = json!(gone);
     std::fs::write(&record_path, record.to_string()).unwrap();
     write_volume(&sim, &uuid, &mut mirror, 7 << 20, &pattern(400, 4096));
-    let run = backup(&ids[4], &[]);
+    let run = backup(&ids[5], &[]);
     let fallen = run.ok();
     let said = warnings(&run).join("\n");
     assert!(said.contains(&format!("parent backup {gone}")), "{said}");
     assert!(said.contains("reading the whole"), "{said}");
     assert!(fallen["stats"]["parent_id"].is_null(), "{fallen}");
     assert_eq!(fallen["stats"]["bytes_read"], VOLUME_BYTES);
-    assert_eq!(ferry_snapshots(&sim), [format!("ferry-snap-{}", ids[4])]);
-    restores(&ids[4], &mirror, "the fallback full backup");
+    assert_eq!(ferry_snapshots(&sim), [format!("ferry-snap-{}", ids[5])]);
+    restores(&ids[5], &mirror, "the fallback full backup");
 }

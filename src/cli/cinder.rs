@@ -372,11 +372,12 @@ fn run_backup(
     Ok(())
 }
 
-/// A Lightbits diff for a Cinder-format backup: its base's backup becomes the parent (a parent
-/// that cannot be used is then a warning and a full backup, as a native backup falls back),
-/// unless `--incremental-parent` names another one, whose incremental then reads everything.
-/// The base ties to the parent by the Cinder backup id it was kept for; the parent must be a
-/// backup of this `--cinder-volume-id`, or it is not found.
+/// A Lightbits base for a Cinder-format backup: its backup becomes the parent (a parent that
+/// cannot be used is then a warning and a full backup), and its diff, when the cluster gave one,
+/// the change list; without the diff, the backup is a full-read incremental of that parent.
+/// `--incremental-parent` naming another backup makes the base unused, with a warning. The base
+/// ties to the parent by the Cinder backup id it was kept for; the parent must be a backup of
+/// this `--cinder-volume-id`, or it is not found.
 fn apply_hint(
     job: &mut cinder::backup::BackupJob,
     hint: Option<lightbits::Hint>,
@@ -392,11 +393,11 @@ fn apply_hint(
                 hint.parent_backup_id
             ));
         }
-        Some(_) => job.changes = Some(hint.changes(sample_count)),
+        Some(_) => job.changes = hint.changes(sample_count),
         None => {
             job.parent_id = Some(hint.parent_backup_id.clone());
             job.parent_is_hint = true;
-            job.changes = Some(hint.changes(sample_count));
+            job.changes = hint.changes(sample_count);
         }
     }
 }

@@ -866,12 +866,15 @@ fn run_backup(
                 |device, label, hint| {
                     options.backup_id = Some(backup_id.clone());
                     options.incremental = hint.and_then(|hint| {
+                        // Without the diff a native backup reads everything anyway (and
+                        // dedups against the whole repository): no parent to load.
+                        let changes = hint.changes(sample_count)?;
                         let prefix = hint.label_prefix.clone();
                         let parent =
                             incremental_parent(&repo, &hint.parent_backup_id, output, |path| {
                                 path.starts_with(&prefix)
                             })?;
-                        Some(Incremental { parent, changes: hint.changes(sample_count) })
+                        Some(Incremental { parent, changes })
                     });
                     options.source_label = Some(label);
                     run_backup_job(&repo, &options, &[device.to_path_buf()], output, cancel)
