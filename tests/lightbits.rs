@@ -1142,6 +1142,48 @@ fn lightbits_incremental_chain_fallbacks_and_kill() {
     assert_restores(&sim, &second_id, &at_second);
 }
 
+/// Cinder-format backups of the simulator's `vol-ci` into the test bucket, all of one Cinder
+/// volume, with 256 KiB objects (so 256 KiB read chunks).
+struct CinderChain<'a> {
+    sim: &'a Sim,
+    py: String,
+    s3: [String; 6],
+    volume: String,
+}
+
+impl<'a> CinderChain<'a> {
+    fn new(sim: &'a Sim, py: String) -> CinderChain<'a> {
+        let endpoint = std::env::var("FERRY_TEST_S3_ENDPOINT").unwrap();
+        let repo = format!("s3://{}", crate::cinder::bucket());
+        let s3 = ["--repo", &repo, "--s3-endpoint", &endpoint, "--s3-region", "garage"];
+        CinderChain { sim, py, s3: s3.map(str::to_owned), volume: crate::cinder::uuid() }
+    }
+
+    /// A `--lightbits-keep-base` backup `id`.
+    fn backup(&self, id: &str, extra: &[&str]) -> Run {
+        let mut args: Vec<&str> = self.s3.iter().map(String::as_str).collect();
+        args.extend(["backup", "--lightbits-volume", "vol-ci", "--lightbits-keep-base"]);
+        args.extend(["--format", "cinder", "--cinder-backup-id", id]);
+        args.extend(["--cinder-volume-id", &self.volume, "--cinder-object-size", "262144"]);
+        args.extend(extra);
+        self.sim.ferry(&args)
+    }
+
+    /// Cinder's own driver and ferry both restore `id` to `expected`.
+    fn restores(&self, id: &str, expected: &[u8], context: &str) {
+        let by_cinder = self.sim.scratch.join("by-cinder.img");
+        crate::cinder::cinder_restore(&self.py, id, &by_cinder, VOLUME_BYTES);
+        assert!(std::fs::read(&by_cinder).unwrap() == expected, "Cinder restores {context} wrong");
+        let by_ferry = self.sim.scratch.join("by-ferry.img");
+        let mut args: Vec<&str> = self.s3.iter().map(String::as_str).collect();
+        args.extend(["restore", "--format", "cinder", id, "--cinder-volume-id", &self.volume]);
+        args.extend(["--target", by_ferry.to_str().unwrap()]);
+        self.sim.ferry(&args).ok();
+        assert!(std::fs::read(&by_ferry).unwrap() == expected, "ferry restores {context} wrong");
+        std::fs::remove_file(&by_ferry).unwrap();
+    }
+}
+
 /// `--format cinder` incrementals from Lightbits snapshot diffs (issue 14 item 2): a full backup
 /// keeps its snapshot as the base; after scattered small writes, one large region and a write at
 /// the last LBA, the next backup is a Cinder incremental of the first that reads only the touched
@@ -1157,34 +1199,13 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
         return;
     };
     let Some(sim) = Sim::start("cinder-inc") else { return };
-    let endpoint = std::env::var("FERRY_TEST_S3_ENDPOINT").unwrap();
-    let repo = format!("s3://{}", crate::cinder::bucket());
-    let s3 = ["--repo", &repo, "--s3-endpoint", &endpoint, "--s3-region", "garage"];
     let content = sample(&sim, "content.img", 19);
     let uuid = sim.volume("vol-ci", &content, &[]);
     let mut mirror = std::fs::read(&content).unwrap();
-    let volume = crate::cinder::uuid();
+    let chain = CinderChain::new(&sim, py);
     let chunk = 256 * 1024u64;
-    let backup = |id: &str, extra: &[&str]| {
-        let mut args: Vec<&str> = s3.to_vec();
-        args.extend(["backup", "--lightbits-volume", "vol-ci", "--lightbits-keep-base"]);
-        args.extend(["--format", "cinder", "--cinder-backup-id", id]);
-        args.extend(["--cinder-volume-id", &volume, "--cinder-object-size", "262144"]);
-        args.extend(extra);
-        sim.ferry(&args)
-    };
-    let restores = |id: &str, expected: &[u8], context: &str| {
-        let by_cinder = sim.scratch.join("by-cinder.img");
-        crate::cinder::cinder_restore(&py, id, &by_cinder, VOLUME_BYTES);
-        assert!(std::fs::read(&by_cinder).unwrap() == expected, "Cinder restores {context} wrong");
-        let by_ferry = sim.scratch.join("by-ferry.img");
-        let mut args: Vec<&str> = s3.to_vec();
-        args.extend(["restore", "--format", "cinder", id, "--cinder-volume-id", &volume]);
-        args.extend(["--target", by_ferry.to_str().unwrap()]);
-        sim.ferry(&args).ok();
-        assert!(std::fs::read(&by_ferry).unwrap() == expected, "ferry restores {context} wrong");
-        std::fs::remove_file(&by_ferry).unwrap();
-    };
+    let backup = |id: &str, extra: &[&str]| chain.backup(id, extra);
+    let restores = |id: &str, expected: &[u8], context: &str| chain.restores(id, expected, context);
     let ids: Vec<String> = (0..6).map(|_| crate::cinder::uuid()).collect();
 
     let run = backup(&ids[0], &[]);
