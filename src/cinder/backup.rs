@@ -468,7 +468,8 @@ fn plan_reads(
     let (block, parent) = (job.geometry.block_size(), hint.parent);
     if parent.len() as u64 != job.geometry.blocks_in(size_bytes) {
         let why = format!(
-            "the volume was resized: {size_bytes} bytes now, {} blocks of {block} bytes in              parent backup {}",
+            "the volume was resized: {size_bytes} bytes now, {} blocks of {block} bytes in \
+             parent backup {}",
             parent.len(),
             hint.parent_id
         );
