@@ -341,6 +341,20 @@ pub fn backup(
     let (parent_id, parent) = match &job.parent_id {
         None => (None, None),
         Some(parent_id) => match load_parent(store, job, &keys, parent_id, &source) {
+            // Cinder's own check lets a volume grow within its GiB, then fails on the blocks
+            // the parent lacks; a parent the user did not name is not worth that failure.
+            Ok(hashes)
+                if job.parent_is_hint
+                    && (hashes.len() as u64) < job.geometry.blocks_in(source.info.size_bytes) =>
+            {
+                let why = format!(
+                    "the volume was resized: {} bytes now, larger than parent backup {parent_id}; \
+                     a full backup",
+                    source.info.size_bytes
+                );
+                changes::fall_back(warn, &why);
+                (None, None)
+            }
             Ok(hashes) => (Some(parent_id.clone()), Some(hashes)),
             Err(error) if job.parent_is_hint => {
                 let why = format!("parent backup {parent_id}: {}; a full backup", error.message);

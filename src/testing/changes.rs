@@ -146,4 +146,15 @@ fn cinder_change_lists_make_the_full_read_incremental() {
     assert_eq!(lied.bytes_read, 2 * size, "every chunk sampled, then every chunk read");
     assert_eq!(lied.object_count, 1);
     restores(&mem, &scratch, 5, &data);
+
+    // A volume grown within its GiB, with a parent that came from a hint (a Lightbits base):
+    // Cinder's check lets it through and would then fail; a warning and a full backup instead.
+    data.extend(volume::sample(Content::Mixed, usize::try_from(MIB).expect("fits"), 4));
+    std::fs::write(&source, &data).expect("write");
+    let mut grown = job(&source, 6, Some(5), changes(&[(size, MIB)], None));
+    grown.parent_is_hint = true;
+    let (full, warned) = backup(&mem, &grown);
+    assert!(warned.iter().any(|w| w.contains("the volume was resized")), "{warned:?}");
+    assert_eq!((full.parent_id, full.bytes_read), (None, size + MIB));
+    restores(&mem, &scratch, 6, &data);
 }
