@@ -338,32 +338,7 @@ pub fn backup(
             format!("Cinder backup {} of volume {} already exists", job.backup_id, job.volume_id),
         ));
     }
-    let (parent_id, parent) = match &job.parent_id {
-        None => (None, None),
-        Some(parent_id) => match load_parent(store, job, &keys, parent_id, &source) {
-            // Cinder's own check lets a volume grow within its GiB, then fails on the blocks
-            // the parent lacks; a parent the user did not name is not worth that failure.
-            Ok(hashes)
-                if job.parent_is_hint
-                    && (hashes.len() as u64) < job.geometry.blocks_in(source.info.size_bytes) =>
-            {
-                let why = format!(
-                    "the volume was resized: {} bytes now, larger than parent backup {parent_id}; \
-                     a full backup",
-                    source.info.size_bytes
-                );
-                changes::fall_back(warn, &why);
-                (None, None)
-            }
-            Ok(hashes) => (Some(parent_id.clone()), Some(hashes)),
-            Err(error) if job.parent_is_hint => {
-                let why = format!("parent backup {parent_id}: {}; a full backup", error.message);
-                changes::fall_back(warn, &why);
-                (None, None)
-            }
-            Err(error) => return Err(error),
-        },
-    };
+    let (parent_id, parent) = resolve_parent(store, job, &keys, &source, warn)?;
     let (plan, sample_bytes) = match (&parent_id, &parent, &job.changes) {
         (Some(parent_id), Some(parent), Some(changes)) => {
             let hint = Hint { parent_id, parent, changes };
@@ -434,6 +409,44 @@ pub fn backup(
         io_engine: engine.name(),
         direct_io: source.opened.direct,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+/// The parent an incremental is made on and its block hashes, or none: a parent that came from
+/// a hint (`parent_is_hint`) and cannot be used is a warning and a full backup; one the user
+/// named is an error, as in Cinder.
+fn resolve_parent(
+    store: &dyn crate::store::ObjectStore,
+    job: &BackupJob,
+    keys: &[String],
+    source: &plane::Source,
+    warn: &dyn Fn(String),
+) -> Result<(Option<String>, Option<Vec<Hash>>), EngineError> {
+    Ok(match &job.parent_id {
+        None => (None, None),
+        Some(parent_id) => match load_parent(store, job, keys, parent_id, source) {
+            // Cinder's own check lets a volume grow within its GiB, then fails on the blocks
+            // the parent lacks; a parent the user did not name is not worth that failure.
+            Ok(hashes)
+                if job.parent_is_hint
+                    && (hashes.len() as u64) < job.geometry.blocks_in(source.info.size_bytes) =>
+            {
+                let why = format!(
+                    "the volume was resized: {} bytes now, larger than parent backup {parent_id}; \
+                     a full backup",
+                    source.info.size_bytes
+                );
+                changes::fall_back(warn, &why);
+                (None, None)
+            }
+            Ok(hashes) => (Some(parent_id.clone()), Some(hashes)),
+            Err(error) if job.parent_is_hint => {
+                let why = format!("parent backup {parent_id}: {}; a full backup", error.message);
+                changes::fall_back(warn, &why);
+                (None, None)
+            }
+            Err(error) => return Err(error),
+        },
     })
 }
 
