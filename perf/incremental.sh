@@ -10,7 +10,17 @@
 # Needs root (losetup). Local repository under a scratch directory; page cache dropped before
 # each backup. Appends a table to perf/results/incremental-<date>.md.
 #
+# FORMAT=cinder: the same with `--format cinder` (Cinder's default 50 MiB objects and 32 KiB
+# blocks, zlib) into an S3 bucket (FERRY_TEST_S3_ENDPOINT/FERRY_TEST_S3_BUCKET and the AWS_*
+# keys from the environment, else a throwaway Garage, perf/lib.sh): the first backup is a full
+# Cinder backup; the incremental reads the read chunks (3.2 MiB) the diff touches and takes every
+# other block's SHA-256 from the first backup's _sha256file; the comparison is the full-read
+# Cinder incremental of the same volume state onto the same parent (diff answered 404,
+# `--incremental-parent`): it reads and hashes everything and uploads the same changed blocks.
+# The Cinder backups are deleted afterwards (PYTHON, a python with boto3, default python3).
+#
 #   sudo perf/incremental.sh [SIZE] [PERCENT]      (default: 4G 1)
+#   sudo FORMAT=cinder perf/incremental.sh [SIZE] [PERCENT]
 #
 #   NOTE="..."             a line copied into the results (e.g. "machine shared with a build")
 #   FERRY_BIN_DIR=DIR      take ferry and bench from DIR instead of `cargo build --release`
@@ -22,17 +32,34 @@
 # data-plane time = the job's own stats.duration_ms (read + hash + compress + upload, with the
 # sample re-read); wall = the whole command, the snapshot/clone/attach lifecycle and the diff
 # call included; control plane = wall - data plane (the simulator's create/delete delays of
-# 0.2 s and the 0.1 s poll interval dominate it: it is the simulator's, not a cluster's).
+# 0.2 s and the 0.1 s poll interval dominate it: it is the simulator's, not a cluster's);
+# CPU s = user + system of the ferry process (/usr/bin/time), peak RSS its maximum resident set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 size=${1:-4G}
 percent=${2:-1}
+format=${FORMAT:-native}
+[[ "$format" == native || "$format" == cinder ]] || { echo "FORMAT is native or cinder" >&2; exit 2; }
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/ferry-incremental-perf.XXXXXX")
 sim_pid=""
 repo_dir=$(mktemp -d "${REPO_DIR:-$work}/ferry-incremental-repo.XXXXXX")
+cinder_volume=""
+garage_pid=""
 cleanup() {
   if [[ -n "$sim_pid" ]]; then kill "$sim_pid" 2>/dev/null || true; wait "$sim_pid" 2>/dev/null || true; fi
+  if [[ -n "$cinder_volume" ]]; then
+    "${PYTHON:-python3}" - "$cinder_volume" <<'EOF' || echo "Cinder backups of volume $cinder_volume not deleted" >&2
+import os, sys, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["FERRY_TEST_S3_ENDPOINT"],
+                  region_name=os.environ.get("FERRY_TEST_S3_REGION", "garage"))
+bucket = os.environ.get("FERRY_TEST_S3_BUCKET", "ferry-test")
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"volume_{sys.argv[1]}/"):
+    for item in page.get("Contents", []):
+        s3.delete_object(Bucket=bucket, Key=item["Key"])
+EOF
+  fi
+  if [[ -n "$garage_pid" ]]; then kill "$garage_pid" 2>/dev/null || true; fi
   rm -rf "$repo_dir" "$work"
 }
 trap cleanup EXIT
@@ -41,6 +68,13 @@ source perf/lib.sh
 mkdir -p perf/results
 perf_commit_label
 perf_private_bins ferry bench
+if [[ "$format" == cinder ]]; then
+  perf_start_garage
+  s3_args=(--repo "s3://${FERRY_TEST_S3_BUCKET:-ferry-test}" --s3-endpoint "$FERRY_TEST_S3_ENDPOINT"
+           --s3-region "${FERRY_TEST_S3_REGION:-garage}")
+  new_uuid() { python3 -c 'import uuid; print(uuid.uuid4())'; }
+  cinder_volume=$(new_uuid)
+fi
 mkdir -p "$work"/{state,discovery,by-id,journal} "$repo_dir/repo"
 echo perf-token >"$work/token"
 "$work/bench" gen-image "$work/volume.img" --size "$size" --mix mixed --seed 14 >/dev/null
@@ -72,27 +106,39 @@ EOF
 sed "s|^repository = .*|repository = \"$repo_dir/repo-full\"|" "$work/config.toml" >"$work/config-full.toml"
 config="$work/config.toml"
 ferry() { "$work/ferry" --json --config "$config" "$@"; }
-ferry init --chunk-size 4M >/dev/null
+if [[ "$format" == native ]]; then
+  ferry init --chunk-size 4M >/dev/null
+fi
 
-# One backup: drops the page cache, runs ferry, prints "bytes_read duration_ms wall_s chunks_read".
+# One backup: drops the page cache, runs ferry under /usr/bin/time, prints "bytes_read
+# duration_ms wall_s chunks_read chunks_sampled cpu_s peak_rss_kib backup_id".
 run_backup() {
   sync; echo 3 >/proc/sys/vm/drop_caches
   local start end
+  local format_args=()
+  if [[ "$format" == cinder ]]; then
+    format_args=("${s3_args[@]}" --format cinder --cinder-volume-id "$cinder_volume"
+                 --cinder-backup-id "$(new_uuid)")
+  fi
   start=$(date +%s.%N)
-  ferry backup --lightbits-volume vol-perf "$@" >"$work/out.jsonl"
+  /usr/bin/time -f "%U %S %M" -o "$work/time.txt" "$work/ferry" --json --config "$config" \
+    backup --lightbits-volume vol-perf "${format_args[@]}" "$@" >"$work/out.jsonl"
   end=$(date +%s.%N)
-  python3 - "$work/out.jsonl" "$start" "$end" <<'EOF'
+  python3 - "$work/out.jsonl" "$start" "$end" "$work/time.txt" <<'EOF'
 import json, sys
 result = [json.loads(l) for l in open(sys.argv[1])][-1]
 assert result["event"] == "result", result
 wall = float(sys.argv[3]) - float(sys.argv[2])
-base = result.get("base") or {}
-print(result["stats"]["bytes_read"], result["stats"]["duration_ms"], f"{wall:.2f}",
-      base.get("chunks_read", "-"), base.get("chunks_sampled", "-"))
+user, system, rss = open(sys.argv[4]).read().split()[-3:]
+stats = result["stats"]
+base = result.get("base") or stats.get("base") or {}
+print(stats["bytes_read"], stats["duration_ms"], f"{wall:.2f}", base.get("chunks_read", "-"),
+      base.get("chunks_sampled", "-"), f"{float(user) + float(system):.2f}", rss,
+      result.get("backup_id", "-"))
 EOF
 }
 
-read -r first_bytes first_ms first_wall _ _ < <(run_backup --lightbits-keep-base)
+read -r first_bytes first_ms first_wall _ _ first_cpu first_rss first_id < <(run_backup --lightbits-keep-base)
 # Rewrite PERCENT% of the 4 MiB chunks (random chunks, random data) through the simulator.
 rewritten=$(sim "$uuid" "$size" "$percent" <<'EOF'
 import base64, json, os, random, sys, urllib.request
@@ -109,41 +155,63 @@ print(count)
 EOF
 )
 cp -a "$repo_dir/repo" "$repo_dir/repo-full"
-read -r inc_bytes inc_ms inc_wall inc_read inc_sampled < <(run_backup --lightbits-keep-base)
+read -r inc_bytes inc_ms inc_wall inc_read inc_sampled inc_cpu inc_rss _ < <(run_backup --lightbits-keep-base)
 sim <<'EOF'
 import json, sys, urllib.request
 body = json.dumps({"unsupported": 404}).encode()
 urllib.request.urlopen(urllib.request.Request(f"http://{sys.argv[1]}/sim/diff", body)).read()
 EOF
 config="$work/config-full.toml"
-read -r full_bytes full_ms full_wall _ _ < <(run_backup)
+full_args=()
+if [[ "$format" == cinder ]]; then
+  # The same parent as the incremental's: a full-read Cinder incremental (every block compared).
+  full_args=(--incremental-parent "$first_id")
+fi
+read -r full_bytes full_ms full_wall _ _ full_cpu full_rss _ < <(run_backup "${full_args[@]}")
 
 out="perf/results/incremental-$(date -u +%Y-%m-%d).md"
+env_prefix="${REPO_DIR:+REPO_DIR=$REPO_DIR }"
+if [[ "$format" == cinder ]]; then env_prefix="FORMAT=cinder $env_prefix"; fi
 python3 - "$size" "$percent" "$rewritten" "$commit" "${NOTE:-}" \
   "$first_bytes" "$first_ms" "$first_wall" "$inc_bytes" "$inc_ms" "$inc_wall" "$inc_read" \
-  "$inc_sampled" "$full_bytes" "$full_ms" "$full_wall" "${REPO_DIR:+REPO_DIR=$REPO_DIR }" >>"$out" <<'EOF'
+  "$inc_sampled" "$full_bytes" "$full_ms" "$full_wall" "$env_prefix" "$format" \
+  "$first_cpu" "$first_rss" "$inc_cpu" "$inc_rss" "$full_cpu" "$full_rss" >>"$out" <<'EOF'
 import datetime, sys
 (size, percent, rewritten, commit, note, fb, fms, fwall, ib, ims, iwall, iread, isampled,
- gb, gms, gwall, repo_env) = sys.argv[1:]
+ gb, gms, gwall, env_prefix, fmt, fcpu, frss, icpu, irss, gcpu, grss) = sys.argv[1:]
+repo_env = " ".join(w for w in env_prefix.split() if w.startswith("REPO_DIR="))
 where = f"in {repo_env.split('=', 1)[1].strip()}" if repo_env else "on the same disk"
-def row(name, b, ms, wall):
+def row(name, b, ms, wall, cpu, rss):
     ctl = float(wall) - int(ms) / 1000
+    gib = int(b) / 2**30
+    per_gib = f"{float(cpu) / gib:.2f}" if gib > 0 else "-"
     return (f"| {name} | {int(b) / 2**20:.0f} | {int(b) / int(gb) * 100:.1f}% | {int(ms) / 1000:.2f} "
-            f"| {wall} | {ctl:.2f} |")
+            f"| {wall} | {ctl:.2f} | {cpu} | {per_gib} | {int(rss) / 1024:.0f} |")
 print(f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}\n")
-print(f"Command: `sudo {repo_env}perf/incremental.sh {size} {percent}`: {size} mixed volume on the "
-      f"Lightbits simulator (loop device), 4 MiB chunks, local repository {where}, {rewritten} chunks ({percent}%) "
-      f"rewritten with random data between the backups; incremental: {iread} chunks read for the "
-      f"diff + {isampled} sampled.")
+if fmt == "cinder":
+    print(f"Command: `sudo {env_prefix}perf/incremental.sh {size} {percent}`: {size} mixed volume on the "
+          f"Lightbits simulator (loop device), --format cinder (50 MiB objects, 32 KiB blocks, zlib, "
+          f"3.2 MiB read chunks) into Garage, {rewritten} 4 MiB chunks ({percent}%) rewritten with "
+          f"random data between the backups; incremental: {iread} read chunks read for the diff + "
+          f"{isampled} sampled; the comparison is the full-read Cinder incremental onto the same parent.")
+else:
+    print(f"Command: `sudo {env_prefix}perf/incremental.sh {size} {percent}`: {size} mixed volume on the "
+          f"Lightbits simulator (loop device), 4 MiB chunks, local repository {where}, {rewritten} chunks ({percent}%) "
+          f"rewritten with random data between the backups; incremental: {iread} chunks read for the "
+          f"diff + {isampled} sampled.")
 if note:
     print(f"Note: {note}")
 print()
-print("| backup | MiB read | of the volume | data-plane s | wall s | control-plane s |")
-print("|---|---|---|---|---|---|")
-print(row("first (full, keeps its base)", fb, fms, fwall))
-print(row("incremental (diff against the base)", ib, ims, iwall))
-print(row("full, same volume and repository state (diff answered 404)", gb, gms, gwall))
+print("| backup | MiB read | of the volume | data-plane s | wall s | control-plane s | CPU s "
+      "| CPU s/GiB read | peak RSS MiB |")
+print("|---|---|---|---|---|---|---|---|---|")
+print(row("first (full, keeps its base)", fb, fms, fwall, fcpu, frss))
+print(row("incremental (diff against the base)", ib, ims, iwall, icpu, irss))
+full_name = ("full-read incremental, same volume state and parent (diff answered 404)"
+             if fmt == "cinder" else "full, same volume and repository state (diff answered 404)")
+print(row(full_name, gb, gms, gwall, gcpu, grss))
 print(f"\nIncremental / full: bytes read {int(ib) / int(gb):.3f}, data-plane time "
-      f"{int(ims) / int(gms):.3f}, wall {float(iwall) / float(gwall):.3f}.")
+      f"{int(ims) / int(gms):.3f}, wall {float(iwall) / float(gwall):.3f}, CPU "
+      f"{float(icpu) / float(gcpu):.3f}.")
 EOF
 cat "$out"

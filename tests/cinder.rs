@@ -479,6 +479,7 @@ fn every_flag_applies_or_is_refused() {
             }
         }
     }
+    incremental_flags_apply_to_both_formats(&dir, missing, &cid, &vid);
     let restore_flags: &[(&[&str], bool, bool)] = &[
         (&["--force"], true, true),
         (&["--sparse"], true, true),
@@ -501,4 +502,201 @@ fn every_flag_applies_or_is_refused() {
         ferry(&["restore", "b", "--target", target.to_str().unwrap(), "--cinder-volume-id", &vid]);
     assert!(run.fails(2).contains("--cinder-volume-id"));
     assert!(!target.exists());
+}
+
+/// Writes `data` at `offset` of `image` and returns the `rbd diff --format json` entry of it.
+fn write_at(image: &Path, offset: u64, data: &[u8]) -> Value {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(image).unwrap();
+    file.write_all_at(data, offset).unwrap();
+    serde_json::json!({"offset": offset, "length": data.len(), "exists": "true"})
+}
+
+/// The `_sha256file` hashes and the `_metadata` objects (offset, length, md5) of backups of
+/// `volume`, one line per backup: what makes two backups the same up to names and times.
+fn documents(py: &str, volume: &str, ids: &[&str]) -> Vec<String> {
+    let script = r#"
+import json
+vol = sys.argv[1]
+keys = [o['Key'] for p in s3.get_paginator('list_objects_v2').paginate(Bucket=B, Prefix='volume_%s/' % vol) for o in p.get('Contents', [])]
+for bid in sys.argv[2:]:
+    [k] = [k for k in keys if k.endswith('_backup_%s_metadata' % bid)]
+    p = k[:-len('_metadata')]
+    get = lambda k: json.loads(s3.get_object(Bucket=B, Key=k)['Body'].read())
+    sha, meta = get(p + '_sha256file'), get(p + '_metadata')
+    objects = [(v['offset'], v['length'], v['md5']) for e in meta['objects'] for v in e.values()]
+    print(json.dumps([sha['chunk_size'], sha['sha256s'], objects, meta['parent_id'] is not None]))
+"#;
+    let mut args = vec![volume];
+    args.extend(ids);
+    boto(py, script, &args).lines().map(str::to_owned).collect()
+}
+
+/// `--changed-ranges FILE` with `--format cinder` (the parent named by `--incremental-parent`):
+/// the incremental reads only the read chunks the ranges touch (and the sample), and its
+/// `_sha256file` and objects are exactly those of the full-read incremental of the same image
+/// (every unread block's hash is the parent's); Cinder's own driver and ferry restore it
+/// byte-identically. A range list that leaves out a write is caught by the sampling check: a
+/// loud warning, a full-read incremental, a backup that still restores right.
+#[test]
+fn cinder_changed_ranges_read_only_touched_chunks() {
+    let Some(py) = cinder_py("cinder_changed_ranges_read_only_touched_chunks") else { return };
+    let dir = Scratch::new("cinder-ranges");
+    let size = 24 * MIB;
+    let image = dir.join("vol.img");
+    gen_image(&image, size, "mixed", 41);
+    let volume = uuid();
+    let ids = [uuid(), uuid(), uuid(), uuid()];
+    let backup = |id: &str, extra: &[&str]| {
+        let mut args = vec!["backup", "--format", "cinder", "--source", image.to_str().unwrap()];
+        args.extend(["--cinder-backup-id", id, "--cinder-volume-id", &volume]);
+        args.extend(["--cinder-object-size", "1048576"]);
+        args.extend(extra);
+        ferry(&args)
+    };
+    let full = backup(&ids[0], &[]).ok();
+    assert_eq!(full["stats"]["bytes_read"], size);
+
+    // Scattered small writes, a 2 MiB region across read chunks, the last byte: 6 of 24 chunks.
+    let ranges = [
+        write_at(&image, 5, b"small write"),
+        write_at(&image, 7 * MIB + 4096, &[0u8; 512]),
+        write_at(&image, 9 * MIB + 100, &vec![0x5a; 2 * MIB as usize]),
+        write_at(&image, size - 1, b"!"),
+    ];
+    let touched = 6;
+    let file = dir.join("ranges.json");
+    std::fs::write(&file, serde_json::to_string(&ranges).unwrap()).unwrap();
+    let file = file.to_str().unwrap();
+    let run = backup(&ids[1], &["--changed-ranges", file, "--incremental-parent", &ids[0]]);
+    let hinted = run.ok();
+    let warned: Vec<&Value> = run.events.iter().filter(|e| e["event"] == "warning").collect();
+    assert!(warned.is_empty(), "{warned:?}");
+    let stats = &hinted["stats"];
+    assert_eq!(stats["parent_id"], ids[0].as_str());
+    assert_eq!(stats["read_chunk_bytes"], MIB);
+    assert_eq!(stats["base"]["chunks_read"], touched, "{stats}");
+    assert_eq!(stats["base"]["chunks_carried"], 24 - touched);
+    let sampled = stats["base"]["chunks_sampled"].as_u64().unwrap();
+    assert_eq!(sampled, 8, "the default sample: at least 8");
+    assert_eq!(stats["bytes_read"], (touched + sampled) * MIB, "{stats}");
+    // The same incremental by reading everything: the same documents.
+    let read_all = backup(&ids[2], &["--incremental-parent", &ids[0]]).ok();
+    assert_eq!(read_all["stats"]["bytes_read"], size);
+    let docs = documents(&py, &volume, &[&ids[1], &ids[2]]);
+    assert_eq!(docs[0], docs[1], "a ranges incremental is the full-read incremental");
+    let target = dir.join("by-cinder.out");
+    cinder_restore(&py, &ids[1], &target, size);
+    assert_same(&image, &target, size);
+    let target = dir.join("by-ferry.out");
+    let mut args = vec!["restore", "--format", "cinder", &ids[1], "--cinder-volume-id", &volume];
+    args.extend(["--target", target.to_str().unwrap()]);
+    let _ = ferry_ok(&args);
+    assert_same(&image, &target, size);
+
+    // A list that leaves out a write: caught, a full read, still right.
+    let _ = write_at(&image, 20 * MIB, b"not in the list");
+    std::fs::write(dir.join("ranges.json"), "[]").unwrap();
+    let extra = ["--changed-ranges", file, "--incremental-parent", &ids[1]];
+    let run = backup(&ids[3], &[&extra[..], &["--sample-unchanged", "1000"]].concat());
+    let lied = run.ok();
+    let said: Vec<&str> = run
+        .events
+        .iter()
+        .filter(|e| e["event"] == "warning")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(said.iter().any(|m| m.contains("CHANGE LIST IS WRONG")), "{said:?}");
+    assert!(said.iter().any(|m| m.contains("reading the whole source")), "{said:?}");
+    assert!(lied["stats"]["base"].is_null(), "{lied}");
+    assert_eq!(lied["stats"]["parent_id"], ids[1].as_str());
+    assert_eq!(lied["stats"]["bytes_read"], 2 * size, "every chunk sampled, then all read");
+    let target = dir.join("lied.out");
+    cinder_restore(&py, &ids[3], &target, size);
+    assert_same(&image, &target, size);
+}
+
+/// A row of the incremental flags' table: the flag, the rest of its arguments for each format,
+/// and whether it applies to each.
+struct IncrementalFlag<'a> {
+    flag: &'a str,
+    native: &'a [&'a str],
+    cinder: &'a [&'a str],
+    applies: (bool, bool),
+}
+
+/// The incremental flags apply to both formats, each naming the parent its own way
+/// (`--changed-since` native, `--incremental-parent` cinder); `--lightbits-keep-base` gets past
+/// the format check and fails later (no repository, no [lightbits] table), never as a flag that
+/// does not apply.
+fn incremental_flags_apply_to_both_formats(dir: &Scratch, missing: &str, cid: &str, vid: &str) {
+    let ranges = dir.join("ranges.json");
+    std::fs::write(&ranges, "[]").unwrap();
+    let r = ranges.to_str().unwrap();
+    let rows = [
+        IncrementalFlag {
+            flag: "--changed-ranges",
+            native: &["--changed-ranges", r, "--changed-since", "b-0"],
+            cinder: &["--changed-ranges", r, "--incremental-parent", "0"],
+            applies: (true, true),
+        },
+        IncrementalFlag {
+            flag: "--sample-unchanged",
+            native: &["--sample-unchanged", "5", "--changed-ranges", r, "--changed-since", "b-0"],
+            cinder: &[
+                "--sample-unchanged",
+                "5",
+                "--changed-ranges",
+                r,
+                "--incremental-parent",
+                "0",
+            ],
+            applies: (true, true),
+        },
+        IncrementalFlag {
+            flag: "--changed-since",
+            native: &["--changed-since", "b-0", "--changed-ranges", r],
+            cinder: &["--changed-since", "0", "--changed-ranges", r],
+            applies: (true, false),
+        },
+        IncrementalFlag {
+            flag: "--changed-ranges",
+            native: &["--changed-ranges", r],
+            cinder: &["--changed-ranges", r],
+            applies: (false, false),
+        },
+        IncrementalFlag {
+            flag: "--lightbits-keep-base",
+            native: &["--lightbits-keep-base", "--lightbits-volume", "v"],
+            cinder: &["--lightbits-keep-base", "--lightbits-volume", "v"],
+            applies: (true, true),
+        },
+    ];
+    for row in rows {
+        let flag = row.flag;
+        for (format, extra, applies) in
+            [("native", row.native, row.applies.0), ("cinder", row.cinder, row.applies.1)]
+        {
+            let mut args = vec!["backup", "--format", format];
+            if flag != "--lightbits-keep-base" {
+                args.extend(["--source", missing]);
+            }
+            if format == "cinder" {
+                args.extend(["--cinder-backup-id", cid, "--cinder-volume-id", vid]);
+            }
+            args.extend(extra);
+            let run = ferry(&args);
+            if applies && flag == "--lightbits-keep-base" {
+                let message = run.events.last().map(|e| e["message"].to_string());
+                let message = message.unwrap_or_default();
+                assert!(!message.contains("does not apply"), "{format} {flag}: {message}");
+                assert_ne!(run.code, 0, "{format} {flag}");
+            } else if applies {
+                assert_ne!(run.code, 2, "{format} {flag} was refused: {}", run.stderr);
+            } else {
+                let message = run.fails(2);
+                assert!(message.contains(flag), "{format} {flag}: {message}");
+            }
+        }
+    }
 }

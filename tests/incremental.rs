@@ -177,10 +177,13 @@ fn incremental_fallbacks_and_refusals() {
     backup(&nowhere, &source, &["--changed-since", &parent]).fails(2);
     backup(&repo, &source, &["--sample-unchanged", "3"]).fails(2);
     backup(&repo, &source, &["--lightbits-keep-base"]).fails(2);
+    // --format cinder names the parent with --incremental-parent (tests/cinder.rs runs it).
     let run = backup(
         &repo,
         &source,
         &["--changed-ranges", &list, "--changed-since", &parent, "--format", "cinder"],
     );
-    assert!(run.fails(2).contains("--changed-ranges"), "{:?}", run.events);
+    assert!(run.fails(2).contains("--incremental-parent"), "{:?}", run.events);
+    let run = backup(&repo, &source, &["--changed-ranges", &list, "--format", "cinder"]);
+    assert!(run.fails(2).contains("needs --incremental-parent"), "{:?}", run.events);
 }

@@ -1141,3 +1141,153 @@ fn lightbits_incremental_chain_fallbacks_and_kill() {
     assert_restores(&sim, next["backup_id"].as_str().unwrap(), &mirror);
     assert_restores(&sim, &second_id, &at_second);
 }
+
+/// Cinder-format backups of the simulator's `vol-ci` into the test bucket, all of one Cinder
+/// volume, with 256 KiB objects (so 256 KiB read chunks).
+struct CinderChain<'a> {
+    sim: &'a Sim,
+    py: String,
+    s3: [String; 6],
+    volume: String,
+}
+
+impl<'a> CinderChain<'a> {
+    fn new(sim: &'a Sim, py: String) -> CinderChain<'a> {
+        let endpoint = std::env::var("FERRY_TEST_S3_ENDPOINT").unwrap();
+        let repo = format!("s3://{}", crate::cinder::bucket());
+        let s3 = ["--repo", &repo, "--s3-endpoint", &endpoint, "--s3-region", "garage"];
+        CinderChain { sim, py, s3: s3.map(str::to_owned), volume: crate::cinder::uuid() }
+    }
+
+    /// A `--lightbits-keep-base` backup `id`.
+    fn backup(&self, id: &str, extra: &[&str]) -> Run {
+        let mut args: Vec<&str> = self.s3.iter().map(String::as_str).collect();
+        args.extend(["backup", "--lightbits-volume", "vol-ci", "--lightbits-keep-base"]);
+        args.extend(["--format", "cinder", "--cinder-backup-id", id]);
+        args.extend(["--cinder-volume-id", &self.volume, "--cinder-object-size", "262144"]);
+        args.extend(extra);
+        self.sim.ferry(&args)
+    }
+
+    /// Cinder's own driver and ferry both restore `id` to `expected`.
+    fn restores(&self, id: &str, expected: &[u8], context: &str) {
+        let by_cinder = self.sim.scratch.join("by-cinder.img");
+        crate::cinder::cinder_restore(&self.py, id, &by_cinder, VOLUME_BYTES);
+        assert!(std::fs::read(&by_cinder).unwrap() == expected, "Cinder restores {context} wrong");
+        let by_ferry = self.sim.scratch.join("by-ferry.img");
+        let mut args: Vec<&str> = self.s3.iter().map(String::as_str).collect();
+        args.extend(["restore", "--format", "cinder", id, "--cinder-volume-id", &self.volume]);
+        args.extend(["--target", by_ferry.to_str().unwrap()]);
+        self.sim.ferry(&args).ok();
+        assert!(std::fs::read(&by_ferry).unwrap() == expected, "ferry restores {context} wrong");
+        std::fs::remove_file(&by_ferry).unwrap();
+    }
+}
+
+/// `--format cinder` incrementals from Lightbits snapshot diffs (issue 14 item 2): a full backup
+/// keeps its snapshot as the base; after scattered small writes, one large region and a write at
+/// the last LBA, the next backup is a Cinder incremental of the first that reads only the touched
+/// read chunks (the job's byte counter); a third builds on the second. Cinder's own driver and
+/// ferry restore every backup of the chain byte-identical to the volume at its time. A lying
+/// diff is caught by the sampling check (a full-read incremental), a cluster without the diff
+/// call is a warning and a full-read incremental, and a base whose backup is missing is a
+/// warning and a full backup; one base is left.
+#[test]
+fn lightbits_cinder_incremental_chain_lie_and_fallback() {
+    let Some(py) = crate::cinder::cinder_py("lightbits_cinder_incremental_chain_lie_and_fallback")
+    else {
+        return;
+    };
+    let Some(sim) = Sim::start("cinder-inc") else { return };
+    let content = sample(&sim, "content.img", 19);
+    let uuid = sim.volume("vol-ci", &content, &[]);
+    let mut mirror = std::fs::read(&content).unwrap();
+    let chain = CinderChain::new(&sim, py);
+    let chunk = 256 * 1024u64;
+    let backup = |id: &str, extra: &[&str]| chain.backup(id, extra);
+    let restores = |id: &str, expected: &[u8], context: &str| chain.restores(id, expected, context);
+    let ids: Vec<String> = (0..6).map(|_| crate::cinder::uuid()).collect();
+
+    let run = backup(&ids[0], &[]);
+    let full = run.ok();
+    assert!(warnings(&run).is_empty(), "{:?}", warnings(&run));
+    assert!(full["stats"]["parent_id"].is_null() && full["stats"]["base"].is_null(), "{full}");
+    assert_eq!(full["stats"]["bytes_read"], VOLUME_BYTES);
+    assert_eq!(ferry_snapshots(&sim), [format!("ferry-snap-{}", ids[0])]);
+    let mut states = vec![mirror.clone()];
+
+    // Scattered small writes, one large region, and a write at the last LBA; then a few more.
+    let rounds: [Vec<(u64, usize)>; 2] = [
+        (0..12u64)
+            .map(|i| ((i * 1_234_567) % (VOLUME_BYTES - 4096) / 512 * 512, 512))
+            .chain([(5 << 20, 1 << 20), (VOLUME_BYTES - 512, 512)])
+            .collect(),
+        vec![(3 << 20, 4096), (11 << 20, 512), (VOLUME_BYTES - 512, 512)],
+    ];
+    for (round, writes) in rounds.iter().enumerate() {
+        let mut touched = std::collections::BTreeSet::new();
+        for (i, &(offset, length)) in writes.iter().enumerate() {
+            let data = pattern(100 * round as u64 + i as u64, length);
+            write_volume(&sim, &uuid, &mut mirror, offset, &data);
+            touched.extend(offset / chunk..=(offset + length as u64 - 1) / chunk);
+        }
+        let run = backup(&ids[round + 1], &[]);
+        let result = run.ok();
+        assert!(warnings(&run).is_empty(), "{:?}", warnings(&run));
+        let stats = &result["stats"];
+        assert_eq!(stats["parent_id"], ids[round].as_str(), "{result}");
+        assert_eq!(stats["base"]["parent_backup_id"], ids[round].as_str());
+        assert_eq!(stats["base"]["chunks_read"], touched.len(), "{result}");
+        let sampled = stats["base"]["chunks_sampled"].as_u64().unwrap();
+        assert_eq!(stats["bytes_read"], (touched.len() as u64 + sampled) * chunk, "{result}");
+        assert_eq!(ferry_snapshots(&sim), [format!("ferry-snap-{}", ids[round + 1])]);
+        states.push(mirror.clone());
+    }
+    for (id, state) in ids.iter().zip(&states) {
+        restores(id, state, &format!("backup {id}"));
+    }
+
+    // A diff that leaves out a written range: caught by sampling every unchanged chunk.
+    let _ = sim.call("POST", "/sim/diff", Some(json!({"hide": [[2048, 2048]]})));
+    write_volume(&sim, &uuid, &mut mirror, 2048 * 512, &pattern(300, 512));
+    let run = backup(&ids[3], &["--sample-unchanged", "100000"]);
+    let lied = run.ok();
+    let said = warnings(&run).join("\n");
+    assert!(said.contains("CHANGE LIST IS WRONG"), "{said}");
+    assert!(lied["stats"]["base"].is_null(), "{lied}");
+    assert_eq!(lied["stats"]["parent_id"], ids[2].as_str(), "a full-read incremental");
+    assert_eq!(lied["stats"]["bytes_read"], 2 * VOLUME_BYTES, "every chunk sampled, then read");
+    let _ = sim.call("POST", "/sim/diff", Some(json!({"hide": []})));
+    restores(&ids[3], &mirror, "the lied-to incremental");
+
+    // No diff call on the cluster: a warning and a full-read incremental of the base's backup.
+    let _ = sim.call("POST", "/sim/diff", Some(json!({"unsupported": 404})));
+    write_volume(&sim, &uuid, &mut mirror, 6 << 20, &pattern(350, 4096));
+    let run = backup(&ids[4], &[]);
+    let unsupported = run.ok();
+    let said = warnings(&run).join("\n");
+    assert!(said.contains("does not serve the changed-blocks diff (HTTP 404"), "{said}");
+    assert_eq!(unsupported["stats"]["parent_id"], ids[3].as_str(), "{unsupported}");
+    assert!(unsupported["stats"]["base"].is_null(), "{unsupported}");
+    assert_eq!(unsupported["stats"]["bytes_read"], VOLUME_BYTES);
+    let _ = sim.call("POST", "/sim/diff", Some(json!({"unsupported": null})));
+    restores(&ids[4], &mirror, "the incremental without a diff");
+
+    // The base's backup is missing: a warning and a full backup.
+    let record_path = sim.scratch.join("journal").join(&sim.journal_entries()[0]);
+    let mut record: Value =
+        serde_json::from_str(&std::fs::read_to_string(&record_path).unwrap()).unwrap();
+    let gone = crate::cinder::uuid();
+    record["resource"]["backup_id"] = json!(gone);
+    std::fs::write(&record_path, record.to_string()).unwrap();
+    write_volume(&sim, &uuid, &mut mirror, 7 << 20, &pattern(400, 4096));
+    let run = backup(&ids[5], &[]);
+    let fallen = run.ok();
+    let said = warnings(&run).join("\n");
+    assert!(said.contains(&format!("parent backup {gone}")), "{said}");
+    assert!(said.contains("reading the whole"), "{said}");
+    assert!(fallen["stats"]["parent_id"].is_null(), "{fallen}");
+    assert_eq!(fallen["stats"]["bytes_read"], VOLUME_BYTES);
+    assert_eq!(ferry_snapshots(&sim), [format!("ferry-snap-{}", ids[5])]);
+    restores(&ids[5], &mirror, "the fallback full backup");
+}

@@ -16,6 +16,12 @@
 //! `_sha256file` then `_metadata` are written after every data object is stored: a backup without
 //! its `_metadata` is incomplete, and its objects are deleted (and multipart uploads aborted) on
 //! failure or cancellation.
+//!
+//! An incremental with a change list (`BackupJob::changes`: a Lightbits snapshot diff or
+//! `--changed-ranges`) reads only the read chunks the list touches (after the sampling check of
+//! `plane::changes`, judged by the parent's `_sha256file`); the sequencer takes every other
+//! chunk's block hashes from the parent's `_sha256file`, so the new one is complete, and such a
+//! chunk has no changed blocks, so it uploads nothing (Cinder writes no object for it either).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -38,6 +44,8 @@ use super::{
 use crate::error::{EngineError, ErrorKind};
 use crate::io::{self, AlignedBuf, ReadChunk};
 use crate::limits::Budget;
+use crate::native::layout::BaseInfo;
+use crate::plane::changes::{self, ChangeList};
 use crate::plane::{self, JobControl, PooledObject, UploadJob, Uploader, lock};
 use crate::progress::Progress;
 
@@ -57,6 +65,14 @@ pub struct BackupJob {
     pub volume_id: String,
     /// Parent backup UUID: makes this an incremental.
     pub parent_id: Option<String>,
+    /// Where `parent_id` came from: `true` when from a hint (a Lightbits diff base) rather than
+    /// the user, so that a parent that cannot be used (missing, another block size, a volume
+    /// that grew) is a warning and a full backup instead of an error.
+    pub parent_is_hint: bool,
+    /// The source's changes since `parent_id` (a Lightbits diff, `--changed-ranges`): only the
+    /// read chunks they touch are read. A list that cannot be trusted is a warning and a full
+    /// read; without a usable parent it is not used.
+    pub changes: Option<ChangeList>,
     /// `backup_compression_algorithm`.
     pub algorithm: Algorithm,
     /// `backup_s3_object_size` and `backup_s3_block_size`.
@@ -98,6 +114,12 @@ pub struct BackupOutcome {
     pub raw_object_count: u64,
     /// The backup's parent, for an incremental.
     pub parent_id: Option<String>,
+    /// Bytes read from the source (the sampling check included).
+    pub bytes_read: u64,
+    /// The read chunk: the unit of reading, and of a change list's plan.
+    pub read_chunk_bytes: u64,
+    /// What a change list made of this incremental, when it was trusted (its read chunks).
+    pub base: Option<BaseInfo>,
     /// Reader engine that ran.
     pub io_engine: &'static str,
     /// Whether the source was read with O_DIRECT.
@@ -193,10 +215,11 @@ fn concat(slices: &[Slice]) -> Vec<u8> {
     raw
 }
 
-/// A chunk whose blocks are hashed, on its way to the sequencer.
+/// A chunk whose blocks are hashed, on its way to the sequencer; or a chunk a change list
+/// leaves unread, with the parent's hashes and no bytes.
 struct Hashed {
     chunk_index: u64,
-    held: Arc<Held>,
+    held: Option<Arc<Held>>,
     hashes: Vec<Hash>,
 }
 
@@ -315,17 +338,15 @@ pub fn backup(
             format!("Cinder backup {} of volume {} already exists", job.backup_id, job.volume_id),
         ));
     }
-    let parent = match &job.parent_id {
-        None => None,
-        Some(parent_id) => {
-            let found = find_in(&keys, &job.volume_id, parent_id)
-                .map_err(|e| e.context("incremental parent"))?;
-            let sha = load_sha256file(store, &found.prefix)?;
-            let parent_gib = size_gib(sha.sha256s.len() as u64 * sha.chunk_size);
-            check_incremental(&sha, job.geometry, size_gib(source.info.size_bytes), parent_gib)?;
-            Some(sha.sha256s)
+    let (parent_id, parent) = resolve_parent(store, job, &keys, &source, warn)?;
+    let (plan, sample_bytes) = match (&parent_id, &parent, &job.changes) {
+        (Some(parent_id), Some(parent), Some(changes)) => {
+            let hint = Hint { parent_id, parent, changes };
+            plan_reads(job, &hint, &source, read_chunk, cancel, warn)?
         }
+        _ => (None, 0),
     };
+    Progress::add(&progress.bytes_read, sample_bytes);
     let prefix = object_prefix(&job.volume_id, &job.backup_id, &job.availability_zone, &started_at);
     Progress::add(&progress.bytes_total, source.info.size_bytes);
     let control = JobControl::new();
@@ -339,8 +360,8 @@ pub fn backup(
         zero_block_hash: Sha256::digest(vec![0u8; job.geometry.block_size() as usize]).into(),
         zero_segments: Mutex::new(HashMap::new()),
     };
-    let result =
-        run_pipeline(&shared, &source, &budget, read_chunk, parent.as_deref(), &prefix, cancel);
+    let inputs = Inputs { parent: parent.as_deref(), plan: plan.as_ref(), prefix: &prefix };
+    let result = run_pipeline(&shared, &source, &budget, read_chunk, &inputs, cancel);
     let (engine, hashes, objects) = match result {
         Ok(done) => done,
         Err(error) => {
@@ -358,7 +379,7 @@ pub fn backup(
     let mut metadata = Metadata::new(&job.backup_id, &job.volume_id, &created_at);
     metadata.backup_name = job.name.clone();
     metadata.backup_description = job.description.clone();
-    metadata.parent_id = job.parent_id.clone();
+    metadata.parent_id = parent_id.clone();
     metadata.volume_meta = job.volume_meta.clone();
     metadata.objects = objects;
     let documents = [
@@ -381,11 +402,127 @@ pub fn backup(
         bytes_uploaded: Progress::get(&progress.bytes_uploaded),
         raw_object_count: metadata.objects.iter().filter(|o| o.compression == "none").count()
             as u64,
-        parent_id: job.parent_id.clone(),
+        parent_id,
+        bytes_read: Progress::get(&progress.bytes_read),
+        read_chunk_bytes: read_chunk as u64,
+        base: plan.map(|plan| plan.base),
         io_engine: engine.name(),
         direct_io: source.opened.direct,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
+}
+
+/// The parent an incremental is made on and its block hashes, or none: a parent that came from
+/// a hint (`parent_is_hint`) and cannot be used is a warning and a full backup; one the user
+/// named is an error, as in Cinder.
+fn resolve_parent(
+    store: &dyn crate::store::ObjectStore,
+    job: &BackupJob,
+    keys: &[String],
+    source: &plane::Source,
+    warn: &dyn Fn(String),
+) -> Result<(Option<String>, Option<Vec<Hash>>), EngineError> {
+    Ok(match &job.parent_id {
+        None => (None, None),
+        Some(parent_id) => match load_parent(store, job, keys, parent_id, source) {
+            // Cinder's own check lets a volume grow within its GiB, then fails on the blocks
+            // the parent lacks; a parent the user did not name is not worth that failure.
+            Ok(hashes)
+                if job.parent_is_hint
+                    && (hashes.len() as u64) < job.geometry.blocks_in(source.info.size_bytes) =>
+            {
+                let why = format!(
+                    "the volume was resized: {} bytes now, larger than parent backup {parent_id}; \
+                     a full backup",
+                    source.info.size_bytes
+                );
+                changes::fall_back(warn, &why);
+                (None, None)
+            }
+            Ok(hashes) => (Some(parent_id.clone()), Some(hashes)),
+            Err(error) if job.parent_is_hint => {
+                let why = format!("parent backup {parent_id}: {}; a full backup", error.message);
+                changes::fall_back(warn, &why);
+                (None, None)
+            }
+            Err(error) => return Err(error),
+        },
+    })
+}
+
+/// The parent's block hashes, after Cinder's checks of an incremental.
+fn load_parent(
+    store: &dyn crate::store::ObjectStore,
+    job: &BackupJob,
+    keys: &[String],
+    parent_id: &str,
+    source: &plane::Source,
+) -> Result<Vec<Hash>, EngineError> {
+    let found =
+        find_in(keys, &job.volume_id, parent_id).map_err(|e| e.context("incremental parent"))?;
+    let sha = load_sha256file(store, &found.prefix)?;
+    let parent_gib = size_gib(sha.sha256s.len() as u64 * sha.chunk_size);
+    check_incremental(&sha, job.geometry, size_gib(source.info.size_bytes), parent_gib)?;
+    Ok(sha.sha256s)
+}
+
+/// A change list and the parent it is relative to.
+struct Hint<'a> {
+    parent_id: &'a str,
+    parent: &'a [Hash],
+    changes: &'a ChangeList,
+}
+
+/// What a trusted change list reads: read chunks, strictly increasing.
+#[derive(Debug)]
+struct ReadPlan {
+    chunks: Vec<u64>,
+    base: BaseInfo,
+}
+
+/// Checks `hint` against the source (the volume's size, then the sampling check of
+/// `plane::changes`, judged by the parent's block hashes) and returns the read chunks to read,
+/// or `None` after a warning: a full-read incremental. Also returns the bytes the check read.
+fn plan_reads(
+    job: &BackupJob,
+    hint: &Hint<'_>,
+    source: &plane::Source,
+    read_chunk: usize,
+    cancel: &AtomicBool,
+    warn: &dyn Fn(String),
+) -> Result<(Option<ReadPlan>, u64), EngineError> {
+    let size_bytes = source.info.size_bytes;
+    let (block, parent) = (job.geometry.block_size(), hint.parent);
+    if parent.len() as u64 != job.geometry.blocks_in(size_bytes) {
+        let why = format!(
+            "the volume was resized: {size_bytes} bytes now, {} blocks of {block} bytes in \
+             parent backup {}",
+            parent.len(),
+            hint.parent_id
+        );
+        changes::fall_back(warn, &why);
+        return Ok((None, 0));
+    }
+    let blocks_per_chunk = read_chunk / block as usize;
+    let zero: Hash = Sha256::digest(vec![0u8; block as usize]).into();
+    let same = |index: u64, data: &[u8]| {
+        let first = usize::try_from(index).expect("index fits") * blocks_per_chunk;
+        data.chunks(block as usize)
+            .zip(&parent[first..])
+            .all(|(bytes, hash)| block_hash(bytes, block as usize, &zero) == *hash)
+    };
+    let reading = changes::Reading { source, engine: job.engine, chunk_bytes: read_chunk };
+    let (checked, sample_bytes) =
+        changes::check(hint.changes, reading, hint.parent_id, |_| true, same, cancel, warn)?;
+    let Some(checked) = checked else { return Ok((None, sample_bytes)) };
+    let base = BaseInfo {
+        parent_backup_id: hint.parent_id.to_owned(),
+        changes_from: hint.changes.changes_from.clone(),
+        chunks_read: checked.read.len() as u64,
+        chunks_sampled: checked.sampled,
+        chunks_carried: checked.chunk_count - checked.read.len() as u64,
+    };
+    Ok((Some(ReadPlan { chunks: checked.read, base }), sample_bytes))
 }
 
 /// Deletes the objects a failed backup stored and aborts its open uploads (Cinder deletes a
@@ -417,13 +554,20 @@ fn cleanup(store: &dyn crate::store::ObjectStore, shared: &Shared<'_>, prefix: &
 
 type BackupParts = (io::Engine, Vec<Hash>, Vec<ObjectEntry>);
 
+/// What the pipeline builds on: the parent's block hashes (an incremental), the read chunks a
+/// trusted change list reads, and the backup's prefix.
+struct Inputs<'a> {
+    parent: Option<&'a [Hash]>,
+    plan: Option<&'a ReadPlan>,
+    prefix: &'a str,
+}
+
 fn run_pipeline(
     shared: &Shared<'_>,
     source: &plane::Source,
     budget: &Budget,
     read_chunk: usize,
-    parent: Option<&[Hash]>,
-    prefix: &str,
+    inputs: &Inputs<'_>,
     cancel: &AtomicBool,
 ) -> Result<BackupParts, EngineError> {
     let control = shared.control;
@@ -446,7 +590,9 @@ fn run_pipeline(
             read_chunk as u64,
             control,
         );
-        let reader = plane::spawn_reader(scope, source, read_options, read_rx, chunk_tx, control);
+        let chunks = inputs.plan.map(|plan| plan.chunks.as_slice());
+        let reader =
+            plane::spawn_reader_of(scope, source, read_options, chunks, read_rx, chunk_tx, control);
         drop(free_rx);
         for _ in 0..job.workers.max(1) {
             let (chunk_rx, task_rx, done_tx, free_tx) =
@@ -466,8 +612,7 @@ fn run_pipeline(
             });
         }
         drop(upload_rx);
-        let mut sequencer =
-            Sequencer::new(shared, source.info.size_bytes, read_chunk, parent, prefix);
+        let mut sequencer = Sequencer::new(shared, source.info.size_bytes, read_chunk, inputs);
         let sequenced = sequencer.run(&done_rx, &task_tx, &upload_tx, cancel);
         drop((task_tx, upload_tx));
         if sequenced.is_none() {
@@ -541,19 +686,21 @@ fn hash_chunk(shared: &Shared<'_>, chunk: ReadChunk, free_tx: &Sender<AlignedBuf
     let block = shared.job.geometry.block_size() as usize;
     let data = chunk.buf.as_slice();
     Progress::add(&shared.progress.bytes_read, data.len() as u64);
-    let hashes = data
-        .chunks(block)
-        .map(|b| {
-            if b.len() == block && crate::native::chunk::is_zero(b) {
-                shared.zero_block_hash
-            } else {
-                Sha256::digest(b).into()
-            }
-        })
-        .collect();
+    let hashes =
+        data.chunks(block).map(|b| block_hash(b, block, &shared.zero_block_hash)).collect();
     let chunk_index = chunk.chunk_index;
-    let held = Arc::new(Held { chunk: Some(chunk), free_tx: free_tx.clone() });
+    let held = Some(Arc::new(Held { chunk: Some(chunk), free_tx: free_tx.clone() }));
     Done::Hashed(Hashed { chunk_index, held, hashes })
+}
+
+/// The SHA-256 of one block of `block` bytes (or the volume's shorter last one); a whole zero
+/// block's is `zero` (computed once).
+fn block_hash(bytes: &[u8], block: usize, zero: &Hash) -> Hash {
+    if bytes.len() == block && crate::native::chunk::is_zero(bytes) {
+        *zero
+    } else {
+        Sha256::digest(bytes).into()
+    }
 }
 
 fn run_task(shared: &Shared<'_>, task: Task) -> Result<Done, EngineError> {
@@ -599,9 +746,12 @@ fn run_task(shared: &Shared<'_>, task: Task) -> Result<Done, EngineError> {
 struct Sequencer<'s, 'a> {
     shared: &'s Shared<'a>,
     volume_size: u64,
+    read_chunk: u64,
     chunks_per_object: u64,
     chunk_count: u64,
     parent: Option<&'s [Hash]>,
+    /// The read chunks read, when a change list says which (the others are the parent's).
+    read: Option<&'s [u64]>,
     prefix: &'s str,
     waiting: BTreeMap<u64, Hashed>,
     next_chunk: u64,
@@ -616,16 +766,17 @@ impl<'s, 'a> Sequencer<'s, 'a> {
         shared: &'s Shared<'a>,
         volume_size: u64,
         read_chunk: usize,
-        parent: Option<&'s [Hash]>,
-        prefix: &'s str,
+        inputs: &Inputs<'s>,
     ) -> Self {
         Sequencer {
             shared,
             volume_size,
+            read_chunk: read_chunk as u64,
             chunks_per_object: shared.job.geometry.object_size() / read_chunk as u64,
             chunk_count: volume_size.div_ceil(read_chunk as u64),
-            parent,
-            prefix,
+            parent: inputs.parent,
+            read: inputs.plan.map(|plan| plan.chunks.as_slice()),
+            prefix: inputs.prefix,
             waiting: BTreeMap::new(),
             next_chunk: 0,
             pending: HashMap::new(),
@@ -643,6 +794,11 @@ impl<'s, 'a> Sequencer<'s, 'a> {
         cancel: &AtomicBool,
     ) -> Option<(Vec<Hash>, Vec<ObjectEntry>)> {
         let control = self.shared.control;
+        // Objects made only of chunks a change list leaves unread have nothing to wait for.
+        if let Err(error) = self.plan_ready_objects(task_tx) {
+            control.fail(error);
+            return None;
+        }
         while self.next_chunk < self.chunk_count || self.next_upload < self.objects.len() as u64 {
             let done = control.recv_relaying(done_rx, cancel)?;
             if control.stopped() {
@@ -687,14 +843,31 @@ impl<'s, 'a> Sequencer<'s, 'a> {
                 return Ok(());
             }
             let last = (first + self.chunks_per_object).min(self.chunk_count);
-            if !(first..last).all(|i| self.waiting.contains_key(&i)) {
+            if !(first..last).all(|i| self.waiting.contains_key(&i) || self.carried(i)) {
                 return Ok(());
             }
-            let chunks: Vec<Hashed> =
-                (first..last).map(|i| self.waiting.remove(&i).expect("present")).collect();
+            let chunks: Vec<Hashed> = (first..last).map(|i| self.take_chunk(i)).collect();
             self.next_chunk = last;
             self.plan_object(chunks, task_tx)?;
         }
+    }
+
+    /// Whether a change list leaves read chunk `index` unread.
+    fn carried(&self, index: u64) -> bool {
+        self.read.is_some_and(|read| read.binary_search(&index).is_err())
+    }
+
+    /// Read chunk `index`: hashed by a worker, or the parent's hashes for a chunk left unread.
+    fn take_chunk(&mut self, index: u64) -> Hashed {
+        if let Some(hashed) = self.waiting.remove(&index) {
+            return hashed;
+        }
+        assert!(self.carried(index), "read chunk {index} planned before it was hashed");
+        let parent = self.parent.expect("a change list has a parent");
+        let blocks_per_chunk = self.read_chunk / self.shared.job.geometry.block_size();
+        let first = usize::try_from(index * blocks_per_chunk).expect("fits");
+        let last = (first + blocks_per_chunk as usize).min(parent.len());
+        Hashed { chunk_index: index, held: None, hashes: parent[first..last].to_vec() }
     }
 
     fn plan_object(
@@ -703,7 +876,7 @@ impl<'s, 'a> Sequencer<'s, 'a> {
         task_tx: &Sender<Task>,
     ) -> Result<(), EngineError> {
         let job = self.shared.job;
-        let start = chunks[0].held.offset();
+        let start = chunks[0].chunk_index * self.read_chunk;
         let end = (start + job.geometry.object_size()).min(self.volume_size);
         let hashes: Vec<Hash> = chunks.iter().flat_map(|c| c.hashes.iter().copied()).collect();
         let whole = Extent { offset: start, length: end - start };
@@ -716,15 +889,19 @@ impl<'s, 'a> Sequencer<'s, 'a> {
             let slices: Vec<Slice> = chunks
                 .iter()
                 .filter_map(|c| {
-                    let (c_start, c_len) = (c.held.offset(), c.held.data().len() as u64);
+                    let held = c.held.as_ref()?;
+                    let (c_start, c_len) = (held.offset(), held.data().len() as u64);
                     let from = extent.offset.max(c_start);
                     let to = extent.end().min(c_start + c_len);
                     (from < to).then(|| Slice {
-                        held: Arc::clone(&c.held),
+                        held: Arc::clone(held),
                         range: (from - c_start) as usize..(to - c_start) as usize,
                     })
                 })
                 .collect();
+            // A chunk left unread has the parent's hashes: no changed block, so no extent.
+            let covered: usize = slices.iter().map(|slice| slice.range.len()).sum();
+            assert_eq!(covered as u64, extent.length, "an object is made of read bytes only");
             self.queue_object(extent, slices, task_tx)?;
         }
         Ok(())

@@ -244,6 +244,25 @@ fn required<'a>(value: &'a Option<String>, flag: &str) -> Result<&'a str, Engine
     value.as_deref().ok_or_else(|| usage(format!("--format cinder needs {flag}")))
 }
 
+/// The compression and the object and block sizes: the flags, else the `[cinder]` table, else
+/// Cinder's defaults.
+fn layout_settings(
+    flags: &BackupFlags,
+    c: &CinderSection,
+) -> Result<(Algorithm, Geometry), EngineError> {
+    let name = flags
+        .compression
+        .clone()
+        .or(c.backup_compression_algorithm.clone())
+        .unwrap_or_else(|| "zlib".into());
+    let algorithm = Algorithm::from_name(&name)?;
+    let geometry = Geometry::new(
+        flags.cinder_object_size.or(c.backup_s3_object_size).unwrap_or(cinder::DEFAULT_OBJECT_SIZE),
+        flags.cinder_block_size.or(c.backup_s3_block_size).unwrap_or(cinder::DEFAULT_BLOCK_SIZE),
+    )?;
+    Ok((algorithm, geometry))
+}
+
 fn run_backup(
     cli: &Cli,
     args: &super::BackupArgs,
@@ -260,18 +279,11 @@ fn run_backup(
     };
     // Validate everything before opening the bucket.
     let pre = config::load_config_file(config::config_path(&store_args(cli)).as_deref())?;
-    let c = &pre.cinder;
-    let name = flags
-        .compression
-        .clone()
-        .or(c.backup_compression_algorithm.clone())
-        .unwrap_or_else(|| "zlib".into());
-    let algorithm = Algorithm::from_name(&name)?;
-    let geometry = Geometry::new(
-        flags.cinder_object_size.or(c.backup_s3_object_size).unwrap_or(cinder::DEFAULT_OBJECT_SIZE),
-        flags.cinder_block_size.or(c.backup_s3_block_size).unwrap_or(cinder::DEFAULT_BLOCK_SIZE),
-    )?;
+    let (algorithm, geometry) = layout_settings(flags, &pre.cinder)?;
     let volume_meta = flags.cinder_volume_meta_file.as_deref().map(read_volume_meta).transpose()?;
+    let sample_count = args.sample_unchanged.map(|count| count as usize);
+    let changes = args.changed_ranges.as_deref();
+    let changes = changes.map(|file| super::read_ranges(file, sample_count)).transpose()?;
     let (store, bucket, config) = open_bucket(cli)?;
     let mut job = cinder::backup::BackupJob {
         source,
@@ -279,6 +291,8 @@ fn run_backup(
         backup_id: backup_id.to_owned(),
         volume_id: volume_id.to_owned(),
         parent_id: flags.incremental_parent.clone(),
+        parent_is_hint: false,
+        changes,
         algorithm,
         geometry,
         availability_zone: config
@@ -319,11 +333,20 @@ fn run_backup(
     };
     let (outcome, label) = match &args.lightbits.lightbits_volume {
         Some(volume) => {
-            let bases = lightbits::Bases::Ignore;
-            lightbits::backup(cli, volume, backup_id, bases, output, cancel, |device, label, _| {
-                job.source = device.to_path_buf();
-                run(&job, &label).map(|outcome| (outcome, label))
-            })?
+            let bases = lightbits::Bases::of(args.lightbits_keep_base);
+            lightbits::backup(
+                cli,
+                volume,
+                backup_id,
+                bases,
+                output,
+                cancel,
+                |device, label, hint| {
+                    job.source = device.to_path_buf();
+                    apply_hint(&mut job, hint, sample_count, output);
+                    run(&job, &label).map(|outcome| (outcome, label))
+                },
+            )?
         }
         None => (run(&job, &job.source.display().to_string())?, job.source.display().to_string()),
     };
@@ -347,6 +370,36 @@ fn run_backup(
         &summary,
     );
     Ok(())
+}
+
+/// A Lightbits base for a Cinder-format backup: its backup becomes the parent (a parent that
+/// cannot be used is then a warning and a full backup), and its diff, when the cluster gave one,
+/// the change list; without the diff, the backup is a full-read incremental of that parent.
+/// `--incremental-parent` naming another backup makes the base unused, with a warning. The base
+/// ties to the parent by the Cinder backup id it was kept for; the parent must be a backup of
+/// this `--cinder-volume-id`, or it is not found.
+fn apply_hint(
+    job: &mut cinder::backup::BackupJob,
+    hint: Option<lightbits::Hint>,
+    sample_count: Option<usize>,
+    output: &Output,
+) {
+    let Some(hint) = hint else { return };
+    match &job.parent_id {
+        Some(parent) if *parent != hint.parent_backup_id => {
+            output.warning(&format!(
+                "incremental backup not possible, reading the whole source: the diff base is of \
+                 backup {}, not of --incremental-parent {parent}",
+                hint.parent_backup_id
+            ));
+        }
+        Some(_) => job.changes = hint.changes(sample_count),
+        None => {
+            job.parent_id = Some(hint.parent_backup_id.clone());
+            job.parent_is_hint = true;
+            job.changes = hint.changes(sample_count);
+        }
+    }
 }
 
 fn run_restore(

@@ -22,8 +22,8 @@ use crate::lightbits::attach::{AttachMode, AttachOptions};
 use crate::lightbits::client::{Client, ClientOptions, Scheme, TokenSource};
 use crate::lightbits::flow::{self, Control};
 use crate::lightbits::journal::{self, Journal, Outcome, ReclaimReport};
-use crate::native::incremental;
 use crate::native::layout::{self, PackId};
+use crate::plane::changes::{ChangeList, Extent, ExtentUnit};
 
 /// `--lightbits-volume`, shared by `backup` and `restore`.
 #[derive(Debug, Clone, Args)]
@@ -313,8 +313,6 @@ fn settle<T>(
 /// How a Lightbits backup uses snapshot diffs (issue 14).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bases {
-    /// Neither read nor kept (a job that cannot use a change list, such as `--format cinder`).
-    Ignore,
     /// Diff against the volume's kept base when there is one, delete that base once the backup
     /// has committed, keep none.
     Use,
@@ -322,24 +320,46 @@ pub enum Bases {
     UseAndKeep,
 }
 
-/// The change list a snapshot diff gave: the parent backup and the changed LBA ranges.
+impl Bases {
+    /// What a backup does with bases: use them, and keep its own with `--lightbits-keep-base`.
+    pub fn of(keep_base: bool) -> Bases {
+        if keep_base { Bases::UseAndKeep } else { Bases::Use }
+    }
+}
+
+/// What the volume's kept base gave: the backup that read it and, when the diff could be had,
+/// the changed LBA ranges since.
 #[derive(Debug, Clone)]
 pub struct Hint {
     /// The backup that read the base snapshot.
     pub parent_backup_id: String,
-    /// Changed extents in LBAs (the attached device's logical blocks).
-    pub changed: Vec<incremental::Extent>,
+    /// Changed extents in LBAs (the attached device's logical blocks); `None` when the diff
+    /// could not be had (a warning said why): a Cinder-format backup still makes a full-read
+    /// incremental of the parent, a native one has nothing to take from it.
+    pub changed: Option<Vec<Extent>>,
     /// What it came from, for the manifest.
     pub changes_from: String,
     /// The source label the parent must carry: `lightbits:<project>/<volume> `.
     pub label_prefix: String,
 }
 
+impl Hint {
+    /// The change list, in the attached device's logical blocks, if the diff could be had.
+    pub fn changes(&self, sample_count: Option<usize>) -> Option<ChangeList> {
+        Some(ChangeList {
+            changed: self.changed.clone()?,
+            unit: ExtentUnit::LogicalBlocks,
+            sample_count,
+            changes_from: self.changes_from.clone(),
+        })
+    }
+}
+
 /// Most diff pages read before giving up (10,000 ranges each: far beyond any volume).
 const DIFF_PAGES_MAX: usize = 100_000;
 
-/// The diff of the new snapshot against the volume's newest kept base, or `None` after a
-/// warning when it cannot be had (no base is not a warning).
+/// The diff of the new snapshot against the volume's newest kept base; without the changes
+/// after a warning when it cannot be had; `None` without a base (not a warning).
 fn diff_hint(
     control: &Control,
     attached: &flow::AttachedClone<'_>,
@@ -347,38 +367,43 @@ fn diff_hint(
     output: &Output,
 ) -> Option<Hint> {
     let (base, snapshot) = (base?, attached.snapshot()?);
-    let fallback = |why: String| {
-        output
-            .warning(&format!("incremental backup not possible, reading the whole volume: {why}"));
-        None
-    };
-    match control.client.get_snapshot(&base.uuid) {
-        Ok(Some(_)) => {}
-        Ok(None) => return fallback(format!("base snapshot {} is gone", base.name)),
-        Err(error) => return fallback(format!("base snapshot {}: {error}", base.name)),
-    }
-    let ranges = match control.client.changed_blocks(&snapshot.uuid, &base.uuid, DIFF_PAGES_MAX) {
-        Ok(ranges) => ranges,
-        Err(error) => return fallback(format!("snapshot diff: {}", crate::error::chain(&error))),
-    };
-    let changed = ranges
-        .iter()
-        .map(|range| incremental::Extent {
-            start: range.lba_start,
-            // `lbaEnd` taken as inclusive: a superset under either reading (reference B.8).
-            length: range.lba_end.saturating_sub(range.lba_start).saturating_add(1),
-        })
-        .collect();
-    Some(Hint {
+    let mut hint = Hint {
         parent_backup_id: base.backup_id.clone(),
-        changed,
+        changed: None,
         changes_from: format!("lightbits diff {} against {}", snapshot.name, base.name),
         label_prefix: format!(
             "lightbits:{}/{} ",
             control.client.options().project,
             attached.source().name
         ),
-    })
+    };
+    let fallback = |why: String| {
+        output
+            .warning(&format!("incremental backup not possible, reading the whole volume: {why}"));
+    };
+    match control.client.get_snapshot(&base.uuid) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            fallback(format!("base snapshot {} is gone", base.name));
+            return Some(hint);
+        }
+        Err(error) => {
+            fallback(format!("base snapshot {}: {error}", base.name));
+            return Some(hint);
+        }
+    }
+    match control.client.changed_blocks(&snapshot.uuid, &base.uuid, DIFF_PAGES_MAX) {
+        Ok(ranges) => {
+            let changed = ranges.iter().map(|range| Extent {
+                start: range.lba_start,
+                // `lbaEnd` taken as inclusive: a superset under either reading (reference B.8).
+                length: range.lba_end.saturating_sub(range.lba_start).saturating_add(1),
+            });
+            hint.changed = Some(changed.collect());
+        }
+        Err(error) => fallback(format!("snapshot diff: {}", crate::error::chain(&error))),
+    }
+    Some(hint)
 }
 
 /// A backup of `volume` through a point-in-time clone: reclaims dead records, prepares the
@@ -406,13 +431,8 @@ pub fn backup<T>(
     let context = |error: crate::lightbits::LightbitsError| {
         EngineError::from(error).context(format!("lightbits volume {volume}"))
     };
-    let base = match bases {
-        Bases::Ignore => None,
-        Bases::Use | Bases::UseAndKeep => {
-            let source = control.client.resolve_volume(volume).map_err(context)?;
-            flow::bases(&control.journal, &source.uuid).map_err(context)?.into_iter().next()
-        }
-    };
+    let source = control.client.resolve_volume(volume).map_err(context)?;
+    let base = flow::bases(&control.journal, &source.uuid).map_err(context)?.into_iter().next();
     let keep_snapshot = bases == Bases::UseAndKeep || base.is_some();
     let prepared = flow::prepare_backup_source(&control, volume, backup_id, keep_snapshot);
     report_warnings(&control, output);
@@ -436,7 +456,7 @@ pub fn backup<T>(
         (Ok(_), Bases::UseAndKeep) => attached.finish_keeping_base(backup_id),
         _ => attached.finish(),
     };
-    if result.is_ok() && bases != Bases::Ignore {
+    if result.is_ok() {
         let keep = (bases == Bases::UseAndKeep).then(|| format!("{backup_id}.base"));
         match flow::drop_bases(&control, &source_uuid, keep.as_deref()) {
             Ok(failures) => failures.iter().for_each(|failure| output.warning(failure)),

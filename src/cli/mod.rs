@@ -23,11 +23,12 @@ use crate::error::{EngineError, ErrorKind};
 use crate::io::Engine;
 use crate::limits;
 use crate::native::backup::{self, BackupOptions};
-use crate::native::incremental::{self, ExtentUnit, Incremental};
+use crate::native::incremental::Incremental;
 use crate::native::layout::gc::GcTiming;
 use crate::native::repo::Repository;
 use crate::native::restore::{self, RestoreOptions};
 use crate::native::verify;
+use crate::plane::changes::{self, ChangeList, ExtentUnit};
 use crate::progress::Progress;
 use config::StoreArgs;
 use events::{BackedUp, Done, ListEntry, Listed, Shown, Start};
@@ -210,10 +211,12 @@ pub struct BackupArgs {
     pub lightbits_keep_base: bool,
     /// An incremental backup of a single `--source`: read only the chunks the changed ranges in
     /// FILE touch (`rbd diff --format json` shape: byte offset and length), taking every other
-    /// chunk from the backup `--changed-since` names.
+    /// chunk from the backup `--changed-since` names (`--incremental-parent` with
+    /// `--format cinder`).
     #[arg(long, value_name = "FILE", conflicts_with = "lightbits_volume")]
     pub changed_ranges: Option<PathBuf>,
-    /// The backup the `--changed-ranges` are changes since (its parent).
+    /// The backup the `--changed-ranges` are changes since (its parent; `--format cinder` names
+    /// it with `--incremental-parent`).
     #[arg(long, value_name = "BACKUP_ID")]
     pub changed_since: Option<String>,
     /// Unchanged chunks an incremental backup re-reads and compares with its parent before it
@@ -316,10 +319,8 @@ const BACKUP_NATIVE_ONLY: &[(&str, &str)] = &[
     ("compression_level", "--compression-level"),
     ("pack_size", "--pack-size"),
     ("parts_in_flight", "--parts-in-flight"),
-    ("lightbits_keep_base", "--lightbits-keep-base"),
-    ("changed_ranges", "--changed-ranges"),
+    // A Cinder incremental names its parent with --incremental-parent, ranges or not.
     ("changed_since", "--changed-since"),
-    ("sample_unchanged", "--sample-unchanged"),
 ];
 const BACKUP_CINDER_ONLY: &[(&str, &str)] = &[
     ("cinder_backup_id", "--cinder-backup-id"),
@@ -366,7 +367,11 @@ fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), Engin
             ErrorKind::Usage,
             format!(
                 "{flag} does not apply to --format {format}{}",
-                if cinder { "" } else { "; it needs --format cinder" }
+                match (cinder, *flag) {
+                    (true, "--changed-since") => "; name the parent with --incremental-parent",
+                    (true, _) => "",
+                    (false, _) => "; it needs --format cinder",
+                }
             ),
         )),
         None => Ok(()),
@@ -378,7 +383,14 @@ fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), Engin
 fn check_incremental_flags(cli: &Cli) -> Result<(), EngineError> {
     let Command::Backup(args) = &cli.command else { return Ok(()) };
     let usage = |message: &str| Err(EngineError::new(ErrorKind::Usage, message.to_owned()));
-    if args.changed_ranges.is_some() != args.changed_since.is_some() {
+    if args.cinder.format == cinder::Format::Cinder {
+        if args.changed_ranges.is_some() && args.cinder.incremental_parent.is_none() {
+            return usage(
+                "--changed-ranges with --format cinder needs --incremental-parent (the backup \
+                 the ranges are changes since)",
+            );
+        }
+    } else if args.changed_ranges.is_some() != args.changed_since.is_some() {
         return usage("--changed-ranges and --changed-since go together");
     }
     if args.lightbits_keep_base && args.lightbits.lightbits_volume.is_none() {
@@ -843,11 +855,7 @@ fn run_backup(
     let (result, summary) = match &args.lightbits.lightbits_volume {
         Some(volume) => {
             let backup_id = options.backup_id.clone().unwrap_or_else(lightbits::new_backup_id);
-            let bases = if args.lightbits_keep_base {
-                lightbits::Bases::UseAndKeep
-            } else {
-                lightbits::Bases::Use
-            };
+            let bases = lightbits::Bases::of(args.lightbits_keep_base);
             lightbits::backup(
                 cli,
                 volume,
@@ -858,18 +866,15 @@ fn run_backup(
                 |device, label, hint| {
                     options.backup_id = Some(backup_id.clone());
                     options.incremental = hint.and_then(|hint| {
+                        // Without the diff a native backup reads everything anyway (and
+                        // dedups against the whole repository): no parent to load.
+                        let changes = hint.changes(sample_count)?;
                         let prefix = hint.label_prefix.clone();
                         let parent =
                             incremental_parent(&repo, &hint.parent_backup_id, output, |path| {
                                 path.starts_with(&prefix)
                             })?;
-                        Some(Incremental {
-                            parent,
-                            changed: hint.changed,
-                            unit: ExtentUnit::LogicalBlocks,
-                            sample_count,
-                            changes_from: hint.changes_from,
-                        })
+                        Some(Incremental { parent, changes })
                     });
                     options.source_label = Some(label);
                     run_backup_job(&repo, &options, &[device.to_path_buf()], output, cancel)
@@ -926,22 +931,27 @@ fn ranges_incremental(
     let [source] = sources else {
         return Err(EngineError::new(ErrorKind::Usage, "--changed-ranges takes a single --source"));
     };
-    let text = std::fs::read_to_string(file).map_err(|error| {
-        EngineError::new(ErrorKind::Usage, format!("--changed-ranges {}: {error}", file.display()))
-    })?;
-    let changed = incremental::parse_ranges_json(&text)
-        .map_err(|error| error.context(format!("--changed-ranges {}", file.display())))?;
+    let changes = read_ranges(file, sample_count)?;
     let shown = source.display().to_string();
     let Some(parent) = incremental_parent(repo, parent_id, output, |path| path == shown) else {
         return Ok(None);
     };
-    Ok(Some(Incremental {
-        parent,
+    Ok(Some(Incremental { parent, changes }))
+}
+
+/// The change list of `--changed-ranges FILE` (a bad file is refused, exit 2).
+fn read_ranges(file: &Path, sample_count: Option<usize>) -> Result<ChangeList, EngineError> {
+    let text = std::fs::read_to_string(file).map_err(|error| {
+        EngineError::new(ErrorKind::Usage, format!("--changed-ranges {}: {error}", file.display()))
+    })?;
+    let changed = changes::parse_ranges_json(&text)
+        .map_err(|error| error.context(format!("--changed-ranges {}", file.display())))?;
+    Ok(ChangeList {
         changed,
         unit: ExtentUnit::Bytes,
         sample_count,
         changes_from: format!("ranges file {}", file.display()),
-    }))
+    })
 }
 
 fn run_backup_job(

@@ -1,7 +1,6 @@
 //! The two values the pure `layout` cannot make itself, because they are not functions of its
 //! inputs: the current time (`Timestamp::now`) and fresh random ids (`PackId::random`, also the
-//! random part of backup ids, lease keys and restore job ids), and the seed of an incremental
-//! backup's random sample (`random_seed`).
+//! random part of backup ids, lease keys and restore job ids).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -26,14 +25,4 @@ impl PackId {
         getrandom::fill(&mut bytes).expect("the OS random source must work");
         PackId(bytes)
     }
-}
-
-/// A fresh random 64-bit seed (the sample of unchanged chunks an incremental backup re-reads).
-///
-/// # Panics
-/// If the operating system's random source fails, which is not recoverable.
-pub fn random_seed() -> u64 {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).expect("the OS random source must work");
-    u64::from_le_bytes(bytes)
 }

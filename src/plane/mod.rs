@@ -10,6 +10,7 @@
 //! packer, index, manifest; Cinder: SHA-256 blocks, incremental diff, codec, sequencer,
 //! `_sha256file`, `_metadata`, chain restore) stay in their format's job, as plain code.
 
+pub mod changes;
 mod control;
 mod fetch;
 mod source;

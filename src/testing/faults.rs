@@ -89,6 +89,8 @@ fn cinder_job(
         backup_id: backup_id.into(),
         volume_id: VOLUME_ID.into(),
         parent_id: None,
+        parent_is_hint: false,
+        changes: None,
         algorithm,
         geometry: Geometry::new(object_bytes, 32 << 10).expect("valid geometry"),
         availability_zone: "nova".into(),

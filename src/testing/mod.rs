@@ -5,7 +5,8 @@
 //!
 //! The tests here run whole jobs in-process: `roundtrip` backs up and restores across I/O
 //! engines, both repository formats, chunk and object sizes, source kinds and contents;
-//! `faults` checks what failed, corrupted and cancelled jobs leave behind. The binary-level tests
+//! `faults` checks what failed, corrupted and cancelled jobs leave behind; `changes` checks
+//! Cinder-format incrementals made from change lists against the full-read ones. The binary-level tests
 //! against Garage and Cinder's own driver stay in `tests/`.
 //!
 //! Nothing here is used by the engine itself.
@@ -14,6 +15,8 @@ pub mod faulty;
 pub mod mem;
 pub mod volume;
 
+#[cfg(test)]
+mod changes;
 #[cfg(test)]
 mod faults;
 #[cfg(test)]

@@ -337,6 +337,8 @@ fn cinder_backup(
         backup_id: uuid(case.seed, backup),
         volume_id: uuid(case.seed, 0),
         parent_id: parent.map(|p| uuid(case.seed, p)),
+        parent_is_hint: false,
+        changes: None,
         algorithm,
         geometry,
         availability_zone: "nova".into(),
