@@ -3,7 +3,7 @@
 //! full pass, so random data costs a few percent of a zstd pass instead of a whole one.
 //! Pure, no I/O: a `Compressor` is owned by one worker thread and reuses its zstd context.
 
-use crate::native::layout::Encoding;
+use crate::native::layout::{Crypt, Encoding, RecordHeader};
 
 /// Default zstd level: 1. Compression is the data plane's CPU bottleneck (see perf/README.md);
 /// level 3 costs about twice the CPU for some 15% better ratio on block data.
@@ -100,6 +100,26 @@ pub fn decompress(
         }
     }
     Ok(())
+}
+
+/// Opens (in an encrypted repository) and decodes a verified record's stored bytes into `out`
+/// (exactly `header.raw_bytes` long). `scratch` holds an opened compressed chunk; a raw one is
+/// opened straight into `out`.
+///
+/// # Errors
+/// A message when the record does not authenticate or does not decode.
+pub fn decode_record_data(
+    crypt: &Crypt,
+    header: &RecordHeader,
+    stored: &[u8],
+    out: &mut [u8],
+    scratch: &mut Vec<u8>,
+) -> Result<(), String> {
+    let raw_bytes = usize::try_from(header.raw_bytes).expect("fits");
+    match crypt.open_record(header, stored, out, scratch)? {
+        Some(encoded) => decompress(header.encoding, encoded, raw_bytes, out),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
