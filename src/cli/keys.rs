@@ -94,9 +94,10 @@ pub fn passphrase_in_env() -> bool {
 /// As the `native::keys` functions.
 pub fn run(repo: &Repository, args: &KeyArgs, output: &Output) -> Result<(), EngineError> {
     let new_passphrase = || source("FERRY_NEW_PASSPHRASE", "FERRY_NEW_PASSPHRASE_FILE");
+    let ring = repo.key_ring()?;
     match &args.action {
         KeyAction::List => {
-            let listed = keys::list(repo)?;
+            let listed = keys::list(&ring)?;
             let lines: Vec<String> = listed
                 .iter()
                 .map(|key| {
@@ -113,18 +114,18 @@ pub fn run(repo: &Repository, args: &KeyArgs, output: &Output) -> Result<(), Eng
             output.result(Done::Keys { keys: listed }, &lines.join("\n"));
         }
         KeyAction::Add => {
-            let id = keys::add(repo, &new_passphrase()?)?;
+            let id = keys::add(&ring, &new_passphrase()?)?;
             output.result(Done::KeyAdded { key_id: id.clone() }, &format!("added key {id}"));
         }
         KeyAction::Remove { key_id } => {
-            keys::remove(repo, key_id)?;
+            keys::remove(&ring, key_id)?;
             output.result(
                 Done::KeyRemoved { key_id: key_id.clone() },
                 &format!("removed key {key_id}"),
             );
         }
         KeyAction::Passwd => {
-            let id = keys::passwd(repo, &new_passphrase()?)?;
+            let id = keys::passwd(&ring, &new_passphrase()?)?;
             output.result(
                 Done::KeyAdded { key_id: id.clone() },
                 &format!("changed the passphrase: key {id} replaces the key that opened it"),

@@ -8,9 +8,8 @@ use serde::Serialize;
 
 use crate::error::{EngineError, ErrorKind};
 use crate::native::fresh;
-use crate::native::layout::crypt::{self, Cipher, Crypt, KdfParams, KeyObject, RepoKeys};
+use crate::native::layout::crypt::{self, Cipher, KdfParams, KeyObject, RepoKeys};
 use crate::native::layout::{self, Timestamp};
-use crate::native::repo::Repository;
 use crate::store::{ObjectStore, StoreError};
 
 /// Where the passphrase of an encrypted repository comes from.
@@ -147,27 +146,29 @@ pub fn unlock(
     Err(EngineError::new(ErrorKind::KeyRefused, message))
 }
 
-fn sealed_keys(repo: &Repository) -> Result<&RepoKeys, EngineError> {
-    match &repo.crypt {
-        Crypt::Sealed(keys) => Ok(keys),
-        Crypt::Plain => Err(EngineError::new(
-            ErrorKind::Usage,
-            format!("the repository at {} is not encrypted: it has no keys", repo.store.describe()),
-        )),
-    }
+/// An opened encrypted repository's keys, for the key commands (`Repository::key_ring`).
+#[derive(Debug)]
+pub struct KeyRing<'a> {
+    /// Its store.
+    pub store: &'a dyn ObjectStore,
+    /// Its id.
+    pub repository_id: &'a str,
+    /// Its keys.
+    pub keys: &'a RepoKeys,
+    /// The key object that opened it.
+    pub opened_with: &'a str,
 }
 
 /// The key objects of an encrypted repository.
 ///
 /// # Errors
-/// `Usage` for an unencrypted repository, store errors.
-pub fn list(repo: &Repository) -> Result<Vec<KeyInfo>, EngineError> {
-    let _ = sealed_keys(repo)?;
-    let (objects, _) = load_key_objects(repo.store.as_ref())?;
+/// Store errors.
+pub fn list(ring: &KeyRing<'_>) -> Result<Vec<KeyInfo>, EngineError> {
+    let (objects, _) = load_key_objects(ring.store)?;
     let mut keys: Vec<KeyInfo> = objects
         .into_iter()
         .map(|(id, object)| KeyInfo {
-            current: repo.key_id.as_deref() == Some(id.as_str()),
+            current: ring.opened_with == id,
             key_id: id,
             created_at: object.created_at.0,
             kdf_memory_kib: object.kdf.memory_kib,
@@ -181,25 +182,23 @@ pub fn list(repo: &Repository) -> Result<Vec<KeyInfo>, EngineError> {
 /// Adds a key object wrapping the master secret under `passphrase`; returns its id.
 ///
 /// # Errors
-/// `Usage` for an unencrypted repository or an empty passphrase, store errors.
-pub fn add(repo: &Repository, passphrase: &Passphrase) -> Result<String, EngineError> {
-    let keys = sealed_keys(repo)?;
+/// `Usage` for an empty passphrase, store errors.
+pub fn add(ring: &KeyRing<'_>, passphrase: &Passphrase) -> Result<String, EngineError> {
     let passphrase = passphrase.resolve("new passphrase: ")?;
-    write_key_object(repo.store.as_ref(), &repo.config.repository_id, keys, &passphrase)
+    write_key_object(ring.store, ring.repository_id, ring.keys, &passphrase)
 }
 
 /// Removes the key object `id`. Refuses to remove the last one (the data would be lost).
 ///
 /// # Errors
-/// `Usage` for an unencrypted repository, `NotFound` for an unknown id, `Refused` for the last
+/// `NotFound` for an unknown id, `Refused` for the last
 /// key, store errors.
-pub fn remove(repo: &Repository, id: &str) -> Result<(), EngineError> {
-    let _ = sealed_keys(repo)?;
-    let (objects, _) = load_key_objects(repo.store.as_ref())?;
+pub fn remove(ring: &KeyRing<'_>, id: &str) -> Result<(), EngineError> {
+    let (objects, _) = load_key_objects(ring.store)?;
     if !objects.iter().any(|(known, _)| known == id) {
         return Err(EngineError::new(
             ErrorKind::NotFound,
-            format!("no key object {id} in the repository at {}", repo.store.describe()),
+            format!("no key object {id} in the repository at {}", ring.store.describe()),
         ));
     }
     if objects.len() == 1 {
@@ -211,7 +210,7 @@ pub fn remove(repo: &Repository, id: &str) -> Result<(), EngineError> {
             ),
         ));
     }
-    repo.store.delete(&crypt::key_object_key(id))?;
+    ring.store.delete(&crypt::key_object_key(id))?;
     Ok(())
 }
 
@@ -220,11 +219,8 @@ pub fn remove(repo: &Repository, id: &str) -> Result<(), EngineError> {
 ///
 /// # Errors
 /// As `add` and `remove`.
-pub fn passwd(repo: &Repository, passphrase: &Passphrase) -> Result<String, EngineError> {
-    let old = repo.key_id.clone().ok_or_else(|| {
-        EngineError::new(ErrorKind::Usage, "the repository is not encrypted: it has no keys")
-    })?;
-    let new = add(repo, passphrase)?;
-    remove(repo, &old)?;
+pub fn passwd(ring: &KeyRing<'_>, passphrase: &Passphrase) -> Result<String, EngineError> {
+    let new = add(ring, passphrase)?;
+    remove(ring, ring.opened_with)?;
     Ok(new)
 }

@@ -220,6 +220,28 @@ impl Repository {
         }
     }
 
+    /// The keys of an encrypted repository, for the key commands.
+    ///
+    /// # Errors
+    /// `Usage` for an unencrypted repository.
+    pub fn key_ring(&self) -> Result<keys::KeyRing<'_>, EngineError> {
+        match (&self.crypt, &self.key_id) {
+            (Crypt::Sealed(keys), Some(id)) => Ok(keys::KeyRing {
+                store: self.store.as_ref(),
+                repository_id: &self.config.repository_id,
+                keys,
+                opened_with: id,
+            }),
+            _ => Err(EngineError::new(
+                ErrorKind::Usage,
+                format!(
+                    "the repository at {} is not encrypted: it has no keys",
+                    self.store.describe()
+                ),
+            )),
+        }
+    }
+
     /// The store's clock now (Unix seconds): writes a uniquely named probe object, reads its
     /// `LastModified` and deletes it. Garbage collection measures every age with this clock,
     /// never with this host's.

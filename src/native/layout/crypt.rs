@@ -18,7 +18,7 @@
 //! - An envelope payload is sealed with the object key and a random nonce; its associated data
 //!   is the envelope header (magic, version, kind, encoding, decoded length).
 
-use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::aead::{self, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
@@ -226,13 +226,17 @@ fn open_into(key: &LessSafeKey, aad: &[u8], sealed: &[u8], out: &mut [u8]) -> Re
         return Err(format!("{length} bytes of ciphertext where {} were expected", out.len()));
     }
     let nonce: [u8; NONCE_BYTES] = sealed[length..length + NONCE_BYTES].try_into().expect("12");
-    key.open_separate_gather(
+    let tag: [u8; TAG_BYTES] = sealed[length + NONCE_BYTES..].try_into().expect("16");
+    // One copy into the destination, then decryption in place there (ring opens in place).
+    out.copy_from_slice(&sealed[..length]);
+    key.open_in_place_separate_tag(
         Nonce::assume_unique_for_key(nonce),
         Aad::from(aad),
-        &sealed[..length],
-        &sealed[length + NONCE_BYTES..],
+        Tag::from(tag),
         out,
+        0..,
     )
+    .map(|_| ())
     .map_err(|_| "authentication failed (tampered, or sealed for another chunk)".to_string())
 }
 
