@@ -165,6 +165,48 @@ mod tests {
         assert!(out.len() < raw.len() / 2 + 100_000);
     }
 
+    // A sealed record copied verbatim to another offset of another pack (what repacking does)
+    // still opens: neither the pack nor the offset is bound. A record whose header is rewritten
+    // to name another chunk (to match an index entry) does not.
+    #[test]
+    fn sealed_records_move_verbatim_but_not_under_another_name() {
+        use crate::native::layout::crypt::{Cipher, MasterSecret, RepoKeys};
+        use crate::native::layout::{self, ChunkHash};
+        let crypt = Crypt::Sealed(std::sync::Arc::new(RepoKeys::derive(
+            Cipher::for_this_cpu(),
+            MasterSecret([8; 32]),
+            crate::native::fresh::random_nonce,
+        )));
+        let mut compressor = Compressor::new(LEVEL_DEFAULT);
+        let raw = b"block device contents ".repeat(3000);
+        let hash = ChunkHash([6; 32]);
+        let raw_bytes = u32::try_from(raw.len()).unwrap();
+        let mut stored = Vec::new();
+        let encoding = compressor.compress(&raw, &mut stored);
+        crypt.seal_record(&hash, encoding, raw_bytes, &mut stored);
+        let mut record = layout::encode_record_header(&hash, (encoding, true), raw_bytes, &stored)
+            .to_vec();
+        record.extend_from_slice(&stored);
+        let (mut out, mut scratch) = (vec![0u8; raw.len()], Vec::new());
+        for padding in [0usize, 77, 4096] {
+            let mut pack = vec![0xeeu8; padding];
+            pack.extend_from_slice(&record);
+            let (header, data) = layout::decode_record("moved", &pack[padding..]).unwrap();
+            decode_record_data(&crypt, &header, data, &mut out, &mut scratch).unwrap();
+            assert_eq!(out, raw);
+        }
+        let other = ChunkHash([7; 32]);
+        let mut renamed =
+            layout::encode_record_header(&other, (encoding, true), raw_bytes, &stored).to_vec();
+        renamed.extend_from_slice(&stored);
+        let (header, data) = layout::decode_record("renamed", &renamed).unwrap();
+        let error = decode_record_data(&crypt, &header, data, &mut out, &mut scratch).unwrap_err();
+        assert!(error.contains("authentication failed"), "{error}");
+        // An unsealed record in an encrypted repository is refused, and the other way round.
+        let (header, data) = layout::decode_record("moved", &record).unwrap();
+        assert!(decode_record_data(&Crypt::Plain, &header, data, &mut out, &mut scratch).is_err());
+    }
+
     #[test]
     fn corrupt_frame_is_an_error() {
         let mut out = vec![0u8; 100];
