@@ -184,8 +184,8 @@ mod tests {
         let mut stored = Vec::new();
         let encoding = compressor.compress(&raw, &mut stored);
         crypt.seal_record(&hash, encoding, raw_bytes, &mut stored);
-        let mut record = layout::encode_record_header(&hash, (encoding, true), raw_bytes, &stored)
-            .to_vec();
+        let mut record =
+            layout::encode_record_header(&hash, (encoding, true), raw_bytes, &stored).to_vec();
         record.extend_from_slice(&stored);
         let (mut out, mut scratch) = (vec![0u8; raw.len()], Vec::new());
         for padding in [0usize, 77, 4096] {
