@@ -85,7 +85,13 @@ fn stages(c: &mut Criterion) {
     let mut group = c.benchmark_group("format");
     let _ = group.sample_size(10);
     let _ = group.bench_function("manifest_encode_1tib", |b| {
-        b.iter(|| layout::encode_document(ObjectKind::Manifest, black_box(&manifest)))
+        b.iter(|| {
+            layout::encode_document(
+                &layout::Crypt::Plain,
+                ObjectKind::Manifest,
+                black_box(&manifest),
+            )
+        })
     });
     group.finish();
 }

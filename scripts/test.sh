@@ -37,6 +37,8 @@ done
 [ -f "$garage_dir/tls-proxy.pid" ] || { cat "$garage_dir/tls-proxy.log"; exit 1; }
 export FERRY_TEST_S3_TLS_ENDPOINT=https://127.0.0.1:$tls_port
 export FERRY_TEST_S3_CA_BUNDLE=$garage_dir/ca.pem
+# tests/encryption.rs searches its data and metadata for plaintext.
+export FERRY_TEST_GARAGE_DIR=$garage_dir
 
 # Cinder's own S3 backup driver, the judge of --format cinder (tests/cinder.rs).
 FERRY_CINDER_PY=$(scripts/cinder/setup.sh | tail -n1)

@@ -57,11 +57,16 @@ pub(crate) fn bucket() -> String {
 
 /// Runs `ferry --json --repo s3://BUCKET ... ARGS`.
 fn ferry(args: &[&str]) -> Run {
+    ferry_env(args, &[])
+}
+
+fn ferry_env(args: &[&str], envs: &[(&str, &str)]) -> Run {
     let endpoint = std::env::var("FERRY_TEST_S3_ENDPOINT").unwrap_or_default();
     let output = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["--json", "--repo", &format!("s3://{}", bucket()), "--s3-endpoint", &endpoint])
         .args(["--s3-region", "garage"])
         .args(args)
+        .envs(envs.iter().copied())
         .output()
         .unwrap();
     Run::from(output)
@@ -502,6 +507,25 @@ fn every_flag_applies_or_is_refused() {
         ferry(&["restore", "b", "--target", target.to_str().unwrap(), "--cinder-volume-id", &vid]);
     assert!(run.fails(2).contains("--cinder-volume-id"));
     assert!(!target.exists());
+    // Encryption (a passphrase in the environment) applies to the native format only: Cinder's
+    // has none of its own.
+    let file = dir.join("passphrase");
+    std::fs::write(&file, "a passphrase\n").unwrap();
+    for (name, value) in
+        [("FERRY_PASSPHRASE", "a passphrase"), ("FERRY_PASSPHRASE_FILE", file.to_str().unwrap())]
+    {
+        let cinder = ["--format", "cinder", "--cinder-volume-id", vid.as_str()];
+        for (format, flags) in [("native", &[][..]), ("cinder", &cinder[..])] {
+            let mut args = vec!["restore", "no-such-backup", "--target", target.to_str().unwrap()];
+            args.extend(flags);
+            let run = ferry_env(&args, &[(name, value)]);
+            if format == "cinder" {
+                assert!(run.fails(2).contains(name), "{format} {name}: {}", run.stderr);
+            } else {
+                assert_ne!(run.code, 2, "{format} {name}: {}", run.stderr);
+            }
+        }
+    }
 }
 
 /// Writes `data` at `offset` of `image` and returns the `rbd diff --format json` entry of it.

@@ -28,6 +28,8 @@ mod cinder_driver;
 mod cluster;
 // The command-line contract: exit codes, JSON events, refusals, failures of the store.
 mod cli;
+// Encrypted repositories: no plaintext in the store, tampering, passphrases, key rotation.
+mod encryption;
 // S3 faults injected by a proxy, kill -9 mid-backup and mid-restore, rate limits.
 mod faults;
 // Incremental backups from a change list file (--changed-ranges): reads, chain, lies, fallbacks.

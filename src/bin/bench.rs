@@ -1013,7 +1013,11 @@ fn synth_repo(args: &SynthArgs) -> Result<()> {
             let merged = MergedIndex { supersedes: Vec::new(), packs: batch };
             objects.push((
                 merged_key(PackId::random()),
-                layout::encode_object(ObjectKind::MergedIndex, &merged.to_bytes()),
+                layout::encode_object(
+                    &layout::Crypt::Plain,
+                    ObjectKind::MergedIndex,
+                    &merged.to_bytes(),
+                ),
             ));
             index_objects += 1;
             batch = merged.packs;
@@ -1021,7 +1025,7 @@ fn synth_repo(args: &SynthArgs) -> Result<()> {
             for index in &batch {
                 objects.push((
                     index.pack.index_key(),
-                    layout::encode_document(ObjectKind::Index, index),
+                    layout::encode_document(&layout::Crypt::Plain, ObjectKind::Index, index),
                 ));
                 index_objects += 1;
             }
@@ -1144,7 +1148,7 @@ fn synth_manifests(
         };
         manifests.push((
             layout::manifest_key(&backup_id),
-            layout::encode_document(ObjectKind::Manifest, &manifest),
+            layout::encode_document(&layout::Crypt::Plain, ObjectKind::Manifest, &manifest),
         ));
         if manifests.len() == 1024 {
             put_all(&manifests)?;

@@ -244,6 +244,21 @@ pub enum Done {
         /// What was found.
         check: CheckReport,
     },
+    /// `key list`.
+    Keys {
+        /// The key objects.
+        keys: Vec<crate::native::keys::KeyInfo>,
+    },
+    /// `key add` and `key passwd`: the new key object.
+    KeyAdded {
+        /// Its id.
+        key_id: String,
+    },
+    /// `key remove`.
+    KeyRemoved {
+        /// Its id.
+        key_id: String,
+    },
     /// `protect` and `unprotect`.
     Protection {
         /// The backups.

@@ -89,6 +89,7 @@ pub fn name(command: &Command) -> Option<&'static str> {
         Command::Protect(_) => "protect",
         Command::Unprotect(_) => "unprotect",
         Command::Repair => "repair",
+        Command::Key(_) => "key",
         _ => return None,
     })
 }
@@ -104,7 +105,8 @@ pub fn dispatch(
 }
 
 fn run(cli: &Cli, output: &Output) -> Result<(), EngineError> {
-    let repo = Repository::open(config::open_store(&store_args(cli))?)?;
+    let repo =
+        Repository::open_with(config::open_store(&store_args(cli))?, &super::keys::passphrase()?)?;
     output.start(Start::Repository { repository: repo.store.describe() });
     match &cli.command {
         Command::Forget(args) => forget(&repo, args, output),
@@ -113,6 +115,7 @@ fn run(cli: &Cli, output: &Output) -> Result<(), EngineError> {
         Command::Protect(args) => protect(&repo, &args.backup_ids, true, output),
         Command::Unprotect(args) => protect(&repo, &args.backup_ids, false, output),
         Command::Repair => repair(&repo, output),
+        Command::Key(args) => super::keys::run(&repo, args, output),
         _ => unreachable!("dispatch checks the command"),
     }
 }

@@ -5,6 +5,7 @@
 pub mod cinder;
 pub mod config;
 pub mod events;
+pub mod keys;
 pub mod lightbits;
 pub mod location;
 pub mod maintain;
@@ -24,8 +25,10 @@ use crate::io::Engine;
 use crate::limits;
 use crate::native::backup::{self, BackupOptions};
 use crate::native::incremental::Incremental;
+use crate::native::keys::Passphrase;
+use crate::native::layout::crypt::Cipher;
 use crate::native::layout::gc::GcTiming;
-use crate::native::repo::Repository;
+use crate::native::repo::{NewEncryption, Repository};
 use crate::native::restore::{self, RestoreOptions};
 use crate::native::verify;
 use crate::plane::changes::{self, ChangeList, ExtentUnit};
@@ -116,6 +119,8 @@ pub enum Command {
     #[command(override_usage = "ferry --repo REPO [GLOBAL OPTIONS] verify (BACKUP_ID ... | \
                                 --all) [--read-data[=PERCENT]] [OPTIONS]")]
     Verify(VerifyArgs),
+    /// Manage the passphrases of an encrypted repository: list, add, remove, passwd.
+    Key(keys::KeyArgs),
     /// Abort multipart uploads left by interrupted backups, remove their leases, and rebuild
     /// lost pack indexes from the packs' records (never deletes a pack).
     Repair,
@@ -168,6 +173,10 @@ pub struct InitArgs {
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_gc_grace,
           allow_hyphen_values = true)]
     pub gc_grace: GcTiming,
+    /// Encrypt the repository (format version 2): the passphrase of its first key comes from
+    /// FERRY_PASSPHRASE, FERRY_PASSPHRASE_FILE or a prompt, never the command line.
+    #[arg(long)]
+    pub encrypt: bool,
 }
 
 /// `ferry backup`.
@@ -361,6 +370,16 @@ fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), Engin
             Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
         )
     };
+    if cinder && keys::passphrase_in_env() {
+        return Err(EngineError::new(
+            ErrorKind::Usage,
+            format!(
+                "{} does not apply to --format cinder: Cinder's format has no encryption \
+                 (use --format native with an encrypted repository)",
+                keys::PASSPHRASE_ENV.join(" / ")
+            ),
+        ));
+    }
     let (refused, format) = if cinder { (native_only, "cinder") } else { (cinder_only, "native") };
     match refused.iter().find(|(id, _)| given(id)) {
         Some((_, flag)) => Err(EngineError::new(
@@ -649,10 +668,12 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
     }
     let store = config::open_store(&store_args(cli))?;
     let describe = store.describe();
+    let open = |store| Repository::open_with(store, &keys::passphrase()?);
     match &cli.command {
         Command::Init(args) => {
             output.start(Start::Repository { repository: describe.clone() });
-            let repo = Repository::init_with(store, args.chunk_size, args.gc_grace)?;
+            let encryption = if args.encrypt { Some(new_encryption()?) } else { None };
+            let repo = Repository::init_with(store, args.chunk_size, args.gc_grace, encryption)?;
             output.result(
                 Done::Init {
                     repository: describe.clone(),
@@ -664,10 +685,10 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
             );
             Ok(())
         }
-        Command::Backup(args) => run_backup(cli, args, Repository::open(store)?, output, cancel),
-        Command::Restore(args) => run_restore(cli, args, Repository::open(store)?, output, cancel),
+        Command::Backup(args) => run_backup(cli, args, open(store)?, output, cancel),
+        Command::Restore(args) => run_restore(cli, args, open(store)?, output, cancel),
         Command::List => {
-            let repo = Repository::open(store)?;
+            let repo = open(store)?;
             let mut backups = Vec::new();
             let mut lines = Vec::new();
             // Summaries from the catalog prune keeps, and the manifests committed since (8 read
@@ -699,7 +720,7 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
             Ok(())
         }
         Command::Show(args) => {
-            let repo = Repository::open(store)?;
+            let repo = open(store)?;
             let manifest = repo.load_manifest(&args.backup_id)?;
             let backup = Shown {
                 backup_id: manifest.backup_id,
@@ -716,7 +737,7 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
             Ok(())
         }
         Command::Delete(args) => {
-            let repo = Repository::open(store)?;
+            let repo = open(store)?;
             repo.delete_backup(&args.backup_id)?;
             output.result(
                 Done::Delete { backup_id: args.backup_id.clone() },
@@ -724,11 +745,34 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
             );
             Ok(())
         }
-        Command::Verify(args) => run_verify(args, &Repository::open(store)?, output, cancel),
+        Command::Verify(args) => run_verify(args, &open(store)?, output, cancel),
         Command::Reclaim => unreachable!("handled before the store is opened"),
         Command::CinderRecord(_) => unreachable!("handled by cinder::dispatch"),
         _ => unreachable!("handled by maintain::dispatch"),
     }
+}
+
+/// The encryption of `init --encrypt`: the passphrase (asked twice on a terminal) and the
+/// AEAD this CPU runs fastest.
+fn new_encryption() -> Result<NewEncryption, EngineError> {
+    let passphrase = match keys::passphrase()? {
+        Passphrase::Given(bytes) => bytes,
+        Passphrase::Prompt(ask) => {
+            let first = ask("new repository passphrase: ")?;
+            if ask("repeat the passphrase: ")? != first {
+                return Err(EngineError::new(ErrorKind::KeyNeeded, "the passphrases differ"));
+            }
+            first
+        }
+        Passphrase::None => {
+            return Err(EngineError::new(
+                ErrorKind::KeyNeeded,
+                "init --encrypt needs a passphrase: FERRY_PASSPHRASE or FERRY_PASSPHRASE_FILE \
+                 (or run on a terminal to be asked)",
+            ));
+        }
+    };
+    Ok(NewEncryption { cipher: Cipher::for_this_cpu(), passphrase })
 }
 
 fn run_verify(

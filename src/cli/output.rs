@@ -37,6 +37,11 @@ pub enum ExitCode {
     Refused = 8,
     /// The storage cluster (Lightbits) control API failed.
     Cluster = 9,
+    /// An encrypted repository's key objects refuse the passphrase given (or none is readable).
+    KeyRefused = 10,
+    /// Key material missing (an encrypted repository, no passphrase) or misplaced (a
+    /// passphrase for an unencrypted repository).
+    KeyNeeded = 11,
 }
 
 impl ExitCode {
@@ -52,6 +57,8 @@ impl ExitCode {
             ErrorKind::NotFound => ExitCode::NotFound,
             ErrorKind::Refused => ExitCode::Refused,
             ErrorKind::Cluster => ExitCode::Cluster,
+            ErrorKind::KeyRefused => ExitCode::KeyRefused,
+            ErrorKind::KeyNeeded => ExitCode::KeyNeeded,
         }
     }
 }

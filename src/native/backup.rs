@@ -124,6 +124,8 @@ type PackTag = Mutex<Option<(PackId, u64, Vec<IndexEntry>)>>;
 /// State shared by every thread of one backup.
 struct Shared<'a> {
     store: &'a dyn crate::store::ObjectStore,
+    /// How records and indexes are sealed (the repository's).
+    crypt: &'a layout::Crypt,
     progress: &'a Progress,
     control: &'a JobControl,
     /// Chunks of the repository this run may deduplicate against (read only, compact).
@@ -315,9 +317,9 @@ pub fn run_many(
     let mut outcomes = Vec::with_capacity(manifests.len());
     for ((manifest, source), engine) in manifests.into_iter().zip(&sources).zip(engines) {
         // The commit point: everything the manifest references is durable.
-        let encoded = Bytes::from(layout::encode_document(ObjectKind::Manifest, &manifest));
+        let encoded = layout::encode_document(&repo.crypt, ObjectKind::Manifest, &manifest);
         Progress::add(&progress.bytes_uploaded, encoded.len() as u64);
-        repo.store.put(&layout::manifest_key(&manifest.backup_id), encoded)?;
+        repo.store.put(&layout::manifest_key(&manifest.backup_id), Bytes::from(encoded))?;
         outcomes.push(BackupOutcome { manifest, engine, direct: source.source.opened.direct });
     }
     Ok(outcomes)
@@ -369,6 +371,7 @@ fn run_pass(
             .recycling_into(part_spares.0.clone());
     let shared = Shared {
         store: repo.store.as_ref(),
+        crypt: &repo.crypt,
         progress,
         control: &control,
         known,
@@ -662,7 +665,7 @@ struct WorkerOutputs {
 }
 
 /// A chunk worker: takes chunks from any source's reader, then zero check, hash, dedup claim,
-/// compression.
+/// compression and, in an encrypted repository, sealing.
 fn work_chunks(
     repo: &Repository,
     shared: &Shared<'_>,
@@ -703,9 +706,11 @@ fn work_chunks(
             if new {
                 let mut out = outputs.spare_rx.try_recv().unwrap_or_default();
                 let encoding = compressor.compress(data, &mut out);
+                let raw_bytes = u32::try_from(data.len()).expect("chunks are below 4 GiB");
+                // Sealed here, in the parallel workers, not in the serial packer.
+                repo.crypt.seal_record(&hash, encoding, raw_bytes, &mut out);
                 Progress::add(&shared.progress.bytes_new, length);
                 stored = Some((RECORD_HEADER_BYTES + out.len()) as u64);
-                let raw_bytes = u32::try_from(data.len()).expect("chunks are below 4 GiB");
                 let compressed = Compressed { hash, raw_bytes, encoding, data: out };
                 if outputs.compressed_tx.send(compressed).is_err() {
                     break;
@@ -766,8 +771,12 @@ fn pack_chunks(
             return Ok(());
         }
         let pack = open.get_or_insert_with(|| OpenPack::new(shared));
-        let header =
-            layout::encode_record_header(&chunk.hash, chunk.encoding, chunk.raw_bytes, &chunk.data);
+        let header = layout::encode_record_header(
+            &chunk.hash,
+            (chunk.encoding, shared.crypt.is_sealed()),
+            chunk.raw_bytes,
+            &chunk.data,
+        );
         let stored_bytes = u32::try_from(chunk.data.len()).expect("chunks are below 4 GiB");
         pack.entries.push(IndexEntry {
             hash: chunk.hash,
@@ -852,7 +861,7 @@ fn store_index(
 ) -> Result<(), EngineError> {
     let hashes = entries.iter().map(|entry| entry.hash).collect();
     let index = PackIndex { pack, pack_size_bytes, entries };
-    let encoded = Bytes::from(layout::encode_document(ObjectKind::Index, &index));
+    let encoded = Bytes::from(layout::encode_document(shared.crypt, ObjectKind::Index, &index));
     Progress::add(&shared.progress.bytes_uploaded, encoded.len() as u64);
     shared.store.put(&pack.index_key(), encoded)?;
     let _ = report_tx.send(Report::Pack { pack, hashes });

@@ -3,7 +3,7 @@
 //! full pass, so random data costs a few percent of a zstd pass instead of a whole one.
 //! Pure, no I/O: a `Compressor` is owned by one worker thread and reuses its zstd context.
 
-use crate::native::layout::Encoding;
+use crate::native::layout::{Crypt, Encoding, RecordHeader};
 
 /// Default zstd level: 1. Compression is the data plane's CPU bottleneck (see perf/README.md);
 /// level 3 costs about twice the CPU for some 15% better ratio on block data.
@@ -102,6 +102,26 @@ pub fn decompress(
     Ok(())
 }
 
+/// Opens (in an encrypted repository) and decodes a verified record's stored bytes into `out`
+/// (exactly `header.raw_bytes` long). `scratch` holds an opened compressed chunk; a raw one is
+/// opened straight into `out`.
+///
+/// # Errors
+/// A message when the record does not authenticate or does not decode.
+pub fn decode_record_data(
+    crypt: &Crypt,
+    header: &RecordHeader,
+    stored: &[u8],
+    out: &mut [u8],
+    scratch: &mut Vec<u8>,
+) -> Result<(), String> {
+    let raw_bytes = usize::try_from(header.raw_bytes).expect("fits");
+    match crypt.open_record(header, stored, out, scratch)? {
+        Some(encoded) => decompress(header.encoding, encoded, raw_bytes, out),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +163,48 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(compressor.compress(&raw, &mut out), Encoding::Zstd);
         assert!(out.len() < raw.len() / 2 + 100_000);
+    }
+
+    // A sealed record copied verbatim to another offset of another pack (what repacking does)
+    // still opens: neither the pack nor the offset is bound. A record whose header is rewritten
+    // to name another chunk (to match an index entry) does not.
+    #[test]
+    fn sealed_records_move_verbatim_but_not_under_another_name() {
+        use crate::native::layout::crypt::{Cipher, MasterSecret, RepoKeys};
+        use crate::native::layout::{self, ChunkHash};
+        let crypt = Crypt::Sealed(std::sync::Arc::new(RepoKeys::derive(
+            Cipher::for_this_cpu(),
+            MasterSecret([8; 32]),
+            crate::native::fresh::random_nonce,
+        )));
+        let mut compressor = Compressor::new(LEVEL_DEFAULT);
+        let raw = b"block device contents ".repeat(3000);
+        let hash = ChunkHash([6; 32]);
+        let raw_bytes = u32::try_from(raw.len()).unwrap();
+        let mut stored = Vec::new();
+        let encoding = compressor.compress(&raw, &mut stored);
+        crypt.seal_record(&hash, encoding, raw_bytes, &mut stored);
+        let mut record =
+            layout::encode_record_header(&hash, (encoding, true), raw_bytes, &stored).to_vec();
+        record.extend_from_slice(&stored);
+        let (mut out, mut scratch) = (vec![0u8; raw.len()], Vec::new());
+        for padding in [0usize, 77, 4096] {
+            let mut pack = vec![0xeeu8; padding];
+            pack.extend_from_slice(&record);
+            let (header, data) = layout::decode_record("moved", &pack[padding..]).unwrap();
+            decode_record_data(&crypt, &header, data, &mut out, &mut scratch).unwrap();
+            assert_eq!(out, raw);
+        }
+        let other = ChunkHash([7; 32]);
+        let mut renamed =
+            layout::encode_record_header(&other, (encoding, true), raw_bytes, &stored).to_vec();
+        renamed.extend_from_slice(&stored);
+        let (header, data) = layout::decode_record("renamed", &renamed).unwrap();
+        let error = decode_record_data(&crypt, &header, data, &mut out, &mut scratch).unwrap_err();
+        assert!(error.contains("authentication failed"), "{error}");
+        // An unsealed record in an encrypted repository is refused, and the other way round.
+        let (header, data) = layout::decode_record("moved", &record).unwrap();
+        assert!(decode_record_data(&Crypt::Plain, &header, data, &mut out, &mut scratch).is_err());
     }
 
     #[test]

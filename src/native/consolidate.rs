@@ -261,7 +261,8 @@ impl Writer<'_> {
         }
         let merged = MergedIndex { supersedes: supersedes.to_vec(), packs };
         let key = merged::merged_key(PackId::random());
-        let encoded = layout::encode_object(ObjectKind::MergedIndex, &merged.to_bytes());
+        let encoded =
+            layout::encode_object(&self.repo.crypt, ObjectKind::MergedIndex, &merged.to_bytes());
         self.repo.store.put(&key, Bytes::from(encoded))?;
         self.report.written.push(key);
         Ok(())
@@ -313,8 +314,12 @@ pub fn refresh_catalog(
         .collect();
     if let [only] = &old[..]
         && let Ok(bytes) = repo.store.get(only)
-        && let Ok(catalog) =
-            layout::decode_document::<layout::BackupCatalog>(ObjectKind::Catalog, only, &bytes)
+        && let Ok(catalog) = layout::decode_document::<layout::BackupCatalog>(
+            &repo.crypt,
+            ObjectKind::Catalog,
+            only,
+            &bytes,
+        )
         && catalog.backups == summaries
     {
         return Ok(None);
@@ -324,7 +329,7 @@ pub fn refresh_catalog(
     }
     let key = layout::catalog_key(PackId::random());
     let catalog = layout::BackupCatalog { backups: summaries };
-    let encoded = layout::encode_document(ObjectKind::Catalog, &catalog);
+    let encoded = layout::encode_document(&repo.crypt, ObjectKind::Catalog, &catalog);
     repo.store.put(&key, Bytes::from(encoded))?;
     for old in old {
         repo.store.delete(&old)?;

@@ -466,7 +466,7 @@ fn condemn(
                 pack_bytes: bytes,
                 written_by: format!("prune@{}", hostname.trim()),
             };
-            let encoded = layout::encode_document(ObjectKind::Mark, &mark);
+            let encoded = layout::encode_document(&repo.crypt, ObjectKind::Mark, &mark);
             repo.store.put(key, Bytes::from(encoded))?;
         }
         report.marked = Some(NewMark { mark: key, packs: count, bytes });

@@ -121,7 +121,8 @@ impl World {
     fn date(&self, manifest: &Manifest, time: u64) {
         let mut dated = self.repo.load_manifest(&manifest.backup_id).unwrap();
         dated.started_at = layout::Timestamp(time);
-        let encoded = layout::encode_document(layout::ObjectKind::Manifest, &dated);
+        let encoded =
+            layout::encode_document(&layout::Crypt::Plain, layout::ObjectKind::Manifest, &dated);
         self.store.put(&layout::manifest_key(&dated.backup_id), encoded.into()).unwrap();
     }
 
@@ -583,7 +584,8 @@ fn live_bytes(world: &World) -> u64 {
 fn the_grace_chosen_at_init_is_what_every_prune_obeys() {
     let store = MemStore::new(T0);
     let timing = GcTiming::for_grace(60).unwrap();
-    let _ = Repository::init_with(Box::new(Arc::clone(&store)), CHUNK as u32, timing).unwrap();
+    let _ =
+        Repository::init_with(Box::new(Arc::clone(&store)), CHUNK as u32, timing, None).unwrap();
     let dir = std::env::temp_dir().join(format!("ferry-gc-grace-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -290,7 +290,7 @@ pub fn repair(repo: &Repository, warn: &dyn Fn(String)) -> Result<RepairReport, 
         if let Some(damage) = damage {
             report.damaged_packs.push((object.key.clone(), damage));
         }
-        let encoded = layout::encode_document(ObjectKind::Index, &index);
+        let encoded = layout::encode_document(&repo.crypt, ObjectKind::Index, &index);
         repo.store.put(&pack.index_key(), Bytes::from(encoded))?;
         report.rebuilt_indexes.push(object.key.clone());
     }

@@ -16,6 +16,7 @@ pub mod compress;
 pub mod consolidate;
 pub mod fresh;
 pub mod incremental;
+pub mod keys;
 pub mod layout;
 pub mod lifecycle;
 pub mod maintain;

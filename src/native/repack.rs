@@ -238,7 +238,7 @@ impl<'a> Writer<'a> {
         upload(self.repo, &pack.pack_key(), data)?;
         let index =
             PackIndex { pack, pack_size_bytes: size, entries: std::mem::take(&mut self.entries) };
-        let encoded = layout::encode_document(ObjectKind::Index, &index);
+        let encoded = layout::encode_document(&self.repo.crypt, ObjectKind::Index, &index);
         self.repo.store.put(&pack.index_key(), Bytes::from(encoded))?;
         self.written.push(pack);
         Ok(())

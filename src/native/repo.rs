@@ -11,6 +11,9 @@ use bytes::Bytes;
 
 use crate::error::{EngineError, ErrorKind};
 use crate::native::chunk::ChunkHasher;
+use crate::native::fresh;
+use crate::native::keys;
+use crate::native::layout::crypt::{self, Cipher, Crypt, MasterSecret, RepoKeys};
 use crate::native::layout::gc::{self, Mark};
 use crate::native::layout::merged::{self, MergedIndex};
 use crate::native::layout::{
@@ -34,6 +37,20 @@ pub struct Repository {
     pub config: RepoConfig,
     /// Names chunks under the repository key.
     pub hasher: ChunkHasher,
+    /// How records and objects are sealed: `Plain` (version 1) or under the keys `keys/`
+    /// wraps (version 2).
+    pub crypt: Crypt,
+    /// The key object that opened an encrypted repository.
+    pub key_id: Option<String>,
+}
+
+/// Encryption of a new repository (`ferry init --encrypt`).
+#[derive(Debug)]
+pub struct NewEncryption {
+    /// Its AEAD.
+    pub cipher: Cipher,
+    /// The passphrase of its first key object.
+    pub passphrase: Vec<u8>,
 }
 
 /// Where a chunk is stored.
@@ -55,7 +72,7 @@ impl Repository {
         store: Box<dyn ObjectStore>,
         chunk_size_bytes: u32,
     ) -> Result<Repository, EngineError> {
-        Repository::init_with(store, chunk_size_bytes, gc::GcTiming::DEFAULT)
+        Repository::init_with(store, chunk_size_bytes, gc::GcTiming::DEFAULT, None)
     }
 
     /// `init` with garbage-collection rules of its own (`ferry init --gc-grace`), recorded in
@@ -67,6 +84,7 @@ impl Repository {
         store: Box<dyn ObjectStore>,
         chunk_size_bytes: u32,
         gc_timing: gc::GcTiming,
+        encryption: Option<NewEncryption>,
     ) -> Result<Repository, EngineError> {
         match store.get(CONFIG_KEY) {
             Ok(_) => {
@@ -90,12 +108,9 @@ impl Repository {
                 ),
             ));
         }
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key).map_err(|error| {
-            EngineError::new(ErrorKind::Internal, format!("random source failed: {error}"))
-        })?;
+        let key: [u8; 32] = fresh::random_bytes();
         let repository_id = PackId::random().to_hex();
-        let config = RepoConfig {
+        let mut config = RepoConfig {
             format_version: FORMAT_VERSION,
             repository_id,
             chunk_size_bytes,
@@ -104,18 +119,60 @@ impl Repository {
             compression: "zstd".to_string(),
             created_at: layout::Timestamp::now(),
             gc_grace_secs: Some(gc_timing.grace_secs),
+            encryption: None,
+        };
+        let (crypt, key_id) = match encryption {
+            None => (Crypt::Plain, None),
+            Some(encryption) => {
+                config.format_version = crypt::FORMAT_VERSION_SEALED;
+                config.hash_key = String::new();
+                config.encryption = Some(crypt::EncryptionConfig {
+                    cipher: encryption.cipher,
+                    key_derivation: crypt::KEY_DERIVATION.to_string(),
+                });
+                let keys =
+                    RepoKeys::derive(encryption.cipher, MasterSecret(key), fresh::random_nonce);
+                // The key object first: a config without one would be a repository nobody
+                // can open (`init` refuses a location holding anything, so a retry starts over
+                // after removing it).
+                let id = keys::write_key_object(
+                    store.as_ref(),
+                    &config.repository_id,
+                    &keys,
+                    &encryption.passphrase,
+                )?;
+                (Crypt::Sealed(std::sync::Arc::new(keys)), Some(id))
+            }
         };
         config.validate()?;
-        store.put(CONFIG_KEY, Bytes::from(layout::encode_document(ObjectKind::Config, &config)))?;
-        Ok(Repository { store, hasher: ChunkHasher::new(key), config })
+        let hasher = ChunkHasher::new(match &crypt {
+            Crypt::Plain => key,
+            Crypt::Sealed(keys) => keys.id_key(),
+        });
+        let encoded = layout::encode_document(&crypt, ObjectKind::Config, &config);
+        store.put(CONFIG_KEY, Bytes::from(encoded))?;
+        Ok(Repository { store, hasher, config, crypt, key_id })
     }
 
-    /// Opens the repository in `store`.
+    /// Opens the unencrypted repository in `store` (`open_with` for an encrypted one).
     ///
     /// # Errors
-    /// `NotFound` when there is no repository, `Integrity` when its config is corrupt, store
-    /// errors otherwise.
+    /// As `open_with`.
     pub fn open(store: Box<dyn ObjectStore>) -> Result<Repository, EngineError> {
+        Repository::open_with(store, &keys::Passphrase::None)
+    }
+
+    /// Opens the repository in `store`; an encrypted one with `passphrase`.
+    ///
+    /// # Errors
+    /// `NotFound` when there is no repository, `Integrity` when its config is corrupt,
+    /// `KeyRefused` when no key object opens with the passphrase, `KeyNeeded` when it is
+    /// encrypted and no passphrase is given, or one is given for an unencrypted repository;
+    /// store errors otherwise.
+    pub fn open_with(
+        store: Box<dyn ObjectStore>,
+        passphrase: &keys::Passphrase,
+    ) -> Result<Repository, EngineError> {
         let bytes = match store.get(CONFIG_KEY) {
             Ok(bytes) => bytes,
             Err(StoreError::NotFound { .. }) => {
@@ -126,11 +183,63 @@ impl Repository {
             }
             Err(error) => return Err(error.into()),
         };
-        let config: RepoConfig =
-            layout::decode_document(ObjectKind::Config, "repository config", &bytes)?;
+        let config: RepoConfig = layout::decode_document(
+            &Crypt::Plain,
+            ObjectKind::Config,
+            "repository config",
+            &bytes,
+        )?;
         config.validate()?;
-        let hasher = ChunkHasher::new(config.hash_key_bytes()?);
-        Ok(Repository { store, config, hasher })
+        match &config.encryption {
+            None => {
+                if let keys::Passphrase::Given(_) = passphrase {
+                    // A write-access attacker could replace an encrypted repository's config
+                    // with an unencrypted one: a caller that expects encryption is told.
+                    return Err(EngineError::new(
+                        ErrorKind::KeyNeeded,
+                        format!(
+                            "a passphrase was given but the repository at {} is not encrypted",
+                            store.describe()
+                        ),
+                    ));
+                }
+                let hasher = ChunkHasher::new(config.hash_key_bytes()?);
+                Ok(Repository { store, config, hasher, crypt: Crypt::Plain, key_id: None })
+            }
+            Some(encryption) => {
+                let (keys, key_id) = keys::unlock(
+                    store.as_ref(),
+                    &config.repository_id,
+                    encryption.cipher,
+                    passphrase,
+                )?;
+                let hasher = ChunkHasher::new(keys.id_key());
+                let crypt = Crypt::Sealed(std::sync::Arc::new(keys));
+                Ok(Repository { store, config, hasher, crypt, key_id: Some(key_id) })
+            }
+        }
+    }
+
+    /// The keys of an encrypted repository, for the key commands.
+    ///
+    /// # Errors
+    /// `Usage` for an unencrypted repository.
+    pub fn key_ring(&self) -> Result<keys::KeyRing<'_>, EngineError> {
+        match (&self.crypt, &self.key_id) {
+            (Crypt::Sealed(keys), Some(id)) => Ok(keys::KeyRing {
+                store: self.store.as_ref(),
+                repository_id: &self.config.repository_id,
+                keys,
+                opened_with: id,
+            }),
+            _ => Err(EngineError::new(
+                ErrorKind::Usage,
+                format!(
+                    "the repository at {} is not encrypted: it has no keys",
+                    self.store.describe()
+                ),
+            )),
+        }
     }
 
     /// The store's clock now (Unix seconds): writes a uniquely named probe object, reads its
@@ -181,8 +290,9 @@ impl Repository {
                 Err(StoreError::NotFound { .. }) => return Ok(None),
                 Err(error) => return Err(error.into()),
             };
-            let decoded = layout::decode_document::<Mark>(ObjectKind::Mark, &object.key, &bytes)
-                .and_then(|mark| mark.validate(&object.key).map(|()| mark));
+            let decoded =
+                layout::decode_document::<Mark>(&self.crypt, ObjectKind::Mark, &object.key, &bytes)
+                    .and_then(|mark| mark.validate(&object.key).map(|()| mark));
             Ok(Some(decoded.map_err(|error| (object.key.clone(), error.to_string()))))
         })?;
         let mut marks = Marks::default();
@@ -246,7 +356,7 @@ impl Repository {
             Err(StoreError::NotFound { .. }) => return Ok(None),
             Err(error) => return Err(error.into()),
         };
-        let payload = layout::decode_object(ObjectKind::MergedIndex, &key, &bytes)?;
+        let payload = layout::decode_object(&self.crypt, ObjectKind::MergedIndex, &key, &bytes)?;
         Ok(Some(MergedIndex::from_bytes(&key, &payload)?))
     }
 
@@ -371,7 +481,8 @@ impl Repository {
             ),
             other => other.into(),
         })?;
-        let index: PackIndex = layout::decode_document(ObjectKind::Index, &key, &bytes)?;
+        let index: PackIndex =
+            layout::decode_document(&self.crypt, ObjectKind::Index, &key, &bytes)?;
         if index.pack != *pack {
             return Err(EngineError::new(
                 ErrorKind::Integrity,
@@ -574,6 +685,7 @@ impl Repository {
             };
             // A damaged catalog is informative only: the manifests say the same.
             let Ok(catalog) = layout::decode_document::<layout::BackupCatalog>(
+                &self.crypt,
                 ObjectKind::Catalog,
                 &object.key,
                 &bytes,
@@ -642,8 +754,12 @@ impl Repository {
             ),
             other => other.into(),
         })?;
-        let manifest: Manifest =
-            layout::decode_document(ObjectKind::Manifest, &format!("manifest {key}"), &bytes)?;
+        let manifest: Manifest = layout::decode_document(
+            &self.crypt,
+            ObjectKind::Manifest,
+            &format!("manifest {key}"),
+            &bytes,
+        )?;
         manifest.validate()?;
         if manifest.backup_id != backup_id || manifest.repository_id != self.config.repository_id {
             return Err(EngineError::new(

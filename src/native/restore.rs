@@ -359,6 +359,7 @@ fn fetch_range(
         })?;
     Progress::add(&shared.progress.bytes_downloaded, bytes.len() as u64);
     let mut position = 0usize;
+    let mut scratch = Vec::new();
     for entry in &job.entries {
         let record_len = usize::try_from(entry.record_bytes()).expect("records fit memory");
         let record = &bytes[position..position + record_len];
@@ -376,7 +377,8 @@ fn fetch_range(
         if raw_bytes > buf.capacity() {
             return Err(integrity(format!("{raw_bytes}-byte chunk exceeds the chunk size")));
         }
-        compress::decompress(header.encoding, stored, raw_bytes, buf.as_mut_slice())
+        let out = &mut buf.as_mut_slice()[..raw_bytes];
+        compress::decode_record_data(&shared.repo.crypt, &header, stored, out, &mut scratch)
             .map_err(|detail| integrity(format!("corrupt: {detail}")))?;
         // Pair assertion: the hash taken before upload must match the bytes about to be written.
         if shared.repo.hasher.hash(&buf.as_mut_slice()[..raw_bytes]) != entry.hash {

@@ -243,6 +243,7 @@ fn check_range(
     };
     Progress::add(&progress.bytes_downloaded, bytes.len() as u64);
     let mut raw = Vec::new();
+    let mut scratch = Vec::new();
     let mut position = 0usize;
     for entry in &range.entries {
         let length = usize::try_from(entry.record_bytes()).expect("records fit memory");
@@ -256,7 +257,7 @@ fn check_range(
                     return Err(format!("{what}: does not match its index entry"));
                 }
                 raw.resize(entry.raw_bytes as usize, 0);
-                compress::decompress(header.encoding, stored, raw.len(), &mut raw)
+                compress::decode_record_data(&repo.crypt, &header, stored, &mut raw, &mut scratch)
                     .map_err(|detail| format!("{what}: {detail}"))?;
                 if repo.hasher.hash(&raw) != entry.hash {
                     return Err(format!("{what}: data does not hash to its name"));

@@ -7,6 +7,7 @@
 //! is a public, versioned contract, documented in `src/native/layout/FORMAT.md`; change it only
 //! with a new format version.
 
+pub mod crypt;
 mod envelope;
 pub mod gc;
 pub mod liveness;
@@ -14,6 +15,7 @@ pub mod merged;
 mod record;
 mod time;
 
+pub use crypt::Crypt;
 pub use envelope::{ObjectKind, decode_object, encode_object};
 pub use record::{
     Encoding, RECORD_HEADER_BYTES, RecordHeader, decode_record, decode_record_header,
@@ -27,7 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Classify, ErrorKind};
 
-/// The format version this build writes and reads.
+/// The format version of unencrypted repositories (encrypted ones are version 2,
+/// `crypt::FORMAT_VERSION_SEALED`); this build reads and writes both.
 pub const FORMAT_VERSION: u32 = 1;
 /// Hashing scheme name recorded in the config.
 pub const HASH_SCHEME: &str = "blake3-keyed";
@@ -79,7 +82,7 @@ pub enum FormatError {
     },
     /// The repository was written by an unsupported format version.
     #[error(
-        "repository format version {found} is not supported (this ferry reads version {FORMAT_VERSION})"
+        "repository format version {found} is not supported (this ferry reads versions 1 and 2)"
     )]
     Version {
         /// The version found.
@@ -240,6 +243,10 @@ pub struct RepoConfig {
     /// setting: those use `gc::GRACE_SECS_DEFAULT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gc_grace_secs: Option<u64>,
+    /// Present in encrypted repositories (format version 2) only, whose `hash_key` is empty:
+    /// the chunk-id key derives from the master secret in `keys/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crypt::EncryptionConfig>,
 }
 
 impl RepoConfig {
@@ -261,10 +268,27 @@ impl RepoConfig {
     /// # Errors
     /// `FormatError::Version` or `FormatError::Parse` when this build cannot use the repository.
     pub fn validate(&self) -> Result<(), FormatError> {
-        if self.format_version != FORMAT_VERSION {
-            return Err(FormatError::Version { found: self.format_version });
-        }
         let bad = |detail: String| FormatError::Parse { what: "repository config".into(), detail };
+        match (self.format_version, &self.encryption) {
+            (FORMAT_VERSION, None) => {
+                let _ = self.hash_key_bytes()?;
+            }
+            (crypt::FORMAT_VERSION_SEALED, Some(encryption)) => {
+                if !self.hash_key.is_empty() {
+                    return Err(bad("an encrypted repository's config holds a hash key".into()));
+                }
+                if encryption.key_derivation != crypt::KEY_DERIVATION {
+                    return Err(bad(format!(
+                        "unknown key derivation {:?}",
+                        encryption.key_derivation
+                    )));
+                }
+            }
+            (FORMAT_VERSION | crypt::FORMAT_VERSION_SEALED, _) => {
+                return Err(bad("encryption does not match the format version".into()));
+            }
+            (found, _) => return Err(FormatError::Version { found }),
+        }
         if self.hash_scheme != HASH_SCHEME {
             return Err(bad(format!("unknown hash scheme {:?}", self.hash_scheme)));
         }
@@ -274,7 +298,6 @@ impl RepoConfig {
         if !self.chunk_size_bytes.is_power_of_two() || self.chunk_size_bytes < 4096 {
             return Err(bad(format!("chunk size {} is not a power of two", self.chunk_size_bytes)));
         }
-        let _ = self.hash_key_bytes()?;
         if let Some(grace) = self.gc_grace_secs {
             let _ = gc::GcTiming::for_grace(grace).map_err(bad)?;
         }
@@ -482,9 +505,9 @@ pub fn chunk_count(size_bytes: u64, chunk_size_bytes: u32) -> u64 {
 ///
 /// # Panics
 /// If serde_json fails on these plain structs, which is a bug.
-pub fn encode_document<T: Serialize>(kind: ObjectKind, document: &T) -> Vec<u8> {
+pub fn encode_document<T: Serialize>(crypt: &Crypt, kind: ObjectKind, document: &T) -> Vec<u8> {
     let json = serde_json::to_vec(document).expect("documents serialize");
-    encode_object(kind, &json)
+    encode_object(crypt, kind, &json)
 }
 
 /// Verifies an enveloped object and parses the document inside.
@@ -492,11 +515,12 @@ pub fn encode_document<T: Serialize>(kind: ObjectKind, document: &T) -> Vec<u8> 
 /// # Errors
 /// `FormatError` when the envelope does not verify or the document does not parse.
 pub fn decode_document<T: for<'de> Deserialize<'de>>(
+    crypt: &Crypt,
     kind: ObjectKind,
     what: &str,
     bytes: &[u8],
 ) -> Result<T, FormatError> {
-    let payload = decode_object(kind, what, bytes)?;
+    let payload = decode_object(crypt, kind, what, bytes)?;
     serde_json::from_slice(&payload)
         .map_err(|error| FormatError::Parse { what: what.to_string(), detail: error.to_string() })
 }
@@ -512,7 +536,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
     text
 }
 
-fn hex_decode(text: &str, out: &mut [u8]) -> Option<()> {
+pub(crate) fn hex_decode(text: &str, out: &mut [u8]) -> Option<()> {
     let digits = text.as_bytes();
     if digits.len() != out.len() * 2 {
         return None;
@@ -569,8 +593,9 @@ mod tests {
         manifest.validate().unwrap();
         let _ = manifest.chunks.pop();
         assert!(manifest.validate().is_err());
-        let bytes = encode_document(ObjectKind::Manifest, &manifest);
-        let back: Manifest = decode_document(ObjectKind::Manifest, "m", &bytes).unwrap();
+        let bytes = encode_document(&Crypt::Plain, ObjectKind::Manifest, &manifest);
+        let back: Manifest =
+            decode_document(&Crypt::Plain, ObjectKind::Manifest, "m", &bytes).unwrap();
         assert_eq!(back, manifest);
     }
 

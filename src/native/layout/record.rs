@@ -9,7 +9,7 @@
 
 use twox_hash::XxHash3_64;
 
-use super::{ChunkHash, FormatError};
+use super::{ChunkHash, FormatError, crypt::SEALED_FLAG};
 
 /// Bytes of a record header.
 pub const RECORD_HEADER_BYTES: usize = 64;
@@ -29,6 +29,8 @@ pub enum Encoding {
 pub struct RecordHeader {
     /// How the stored bytes are encoded.
     pub encoding: Encoding,
+    /// Whether the stored bytes are sealed (format version 2, `crypt.rs`).
+    pub sealed: bool,
     /// Uncompressed length.
     pub raw_bytes: u32,
     /// Stored length (after the header).
@@ -39,16 +41,23 @@ pub struct RecordHeader {
     pub data_checksum: u64,
 }
 
-/// Builds the header for `stored` bytes of a chunk.
+impl RecordHeader {
+    /// The encoding byte: the encoding, with `SEALED_FLAG` when sealed.
+    pub fn encoding_byte(&self) -> u8 {
+        self.encoding as u8 | if self.sealed { SEALED_FLAG } else { 0 }
+    }
+}
+
+/// Builds the header for `stored` bytes of a chunk (`sealed`: sealed by `Crypt::seal_record`).
 pub fn encode_record_header(
     hash: &ChunkHash,
-    encoding: Encoding,
+    (encoding, sealed): (Encoding, bool),
     raw_bytes: u32,
     stored: &[u8],
 ) -> [u8; RECORD_HEADER_BYTES] {
     let mut header = [0u8; RECORD_HEADER_BYTES];
     header[0..4].copy_from_slice(MAGIC);
-    header[4] = encoding as u8;
+    header[4] = encoding as u8 | if sealed { SEALED_FLAG } else { 0 };
     header[8..12].copy_from_slice(&raw_bytes.to_le_bytes());
     let stored_bytes = u32::try_from(stored.len()).expect("a chunk is far below 4 GiB");
     header[12..16].copy_from_slice(&stored_bytes.to_le_bytes());
@@ -108,7 +117,7 @@ pub fn decode_record_header<'a>(
     if XxHash3_64::oneshot(&header[..56]) != u64_at(56) {
         return Err(corrupt("record header checksum mismatch".into()));
     }
-    let encoding = match header[4] {
+    let encoding = match header[4] & !SEALED_FLAG {
         0 => Encoding::Raw,
         1 => Encoding::Zstd,
         other => return Err(corrupt(format!("unknown record encoding {other}"))),
@@ -126,6 +135,7 @@ pub fn decode_record_header<'a>(
     hash.copy_from_slice(&header[16..48]);
     let record = RecordHeader {
         encoding,
+        sealed: header[4] & SEALED_FLAG != 0,
         raw_bytes: u32_at(8),
         stored_bytes,
         hash: ChunkHash(hash),
@@ -210,7 +220,7 @@ mod tests {
     fn record_detects_every_flipped_byte() {
         let hash = ChunkHash([7; 32]);
         let data = b"some stored bytes of a chunk".to_vec();
-        let mut record = encode_record_header(&hash, Encoding::Zstd, 4096, &data).to_vec();
+        let mut record = encode_record_header(&hash, (Encoding::Zstd, false), 4096, &data).to_vec();
         record.extend_from_slice(&data);
         let (header, stored) = decode_record("r", &record).unwrap();
         assert_eq!(header.hash, hash);
@@ -235,7 +245,12 @@ mod tests {
             let data = vec![n as u8; length];
             let hash = ChunkHash([n as u8; 32]);
             let offset = pack.len() as u64;
-            pack.extend_from_slice(&encode_record_header(&hash, Encoding::Raw, 4096, &data));
+            pack.extend_from_slice(&encode_record_header(
+                &hash,
+                (Encoding::Raw, false),
+                4096,
+                &data,
+            ));
             pack.extend_from_slice(&data);
             expected.push(crate::native::layout::IndexEntry {
                 hash,

@@ -1,0 +1,517 @@
+//! Encrypted repositories (format version 2) through the CLI: no plaintext reaches the store
+//! (every stored object, and Garage's data and metadata directories), tampered, swapped,
+//! truncated records and objects fail with exit 5 and leave the target alone, wrong or missing
+//! passphrases have their own exit codes (10, 11), keys rotate without re-encrypting, and
+//! unencrypted repositories stay version 1 byte for byte.
+
+use std::path::{Path, PathBuf};
+
+use crate::util::{Repo, Run, Scratch, assert_same, gen_image};
+
+const MIB: u64 = 1 << 20;
+const PASSPHRASE: &str = "correct horse battery staple";
+
+fn with_pass(pass: &str) -> [(&str, &str); 1] {
+    [("FERRY_PASSPHRASE", pass)]
+}
+
+fn run(repo: &Repo, args: &[&str]) -> Run {
+    repo.ferry_env(args, &with_pass(PASSPHRASE))
+}
+
+/// A volume whose every chunk carries `marker`: text chunks (stored compressed) and
+/// random-looking chunks with the marker written into them (stored raw).
+fn marked_volume(path: &Path, marker: &str, size: u64) {
+    gen_image(path, size, "random", 11);
+    let mut bytes = std::fs::read(path).unwrap();
+    let half = bytes.len() / 2;
+    let text = format!("{marker} ").repeat(half / (marker.len() + 1) + 1);
+    bytes[..half].copy_from_slice(&text.as_bytes()[..half]);
+    for at in (half..bytes.len() - marker.len()).step_by(64 * 1024) {
+        bytes[at..at + marker.len()].copy_from_slice(marker.as_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Every file under `dir` (recursively) that contains `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_containing_since(dir, needle, std::time::UNIX_EPOCH)
+}
+
+/// `files_containing` among the files modified at or after `since`.
+fn files_containing_since(dir: &Path, needle: &[u8], since: std::time::SystemTime) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if entry.metadata().and_then(|m| m.modified()).is_ok_and(|m| m >= since)
+                && let Ok(bytes) = std::fs::read(&path)
+                && bytes.windows(needle.len()).any(|window| window == needle)
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+fn backup_id(result: &serde_json::Value) -> String {
+    result["backup_id"].as_str().unwrap().to_string()
+}
+
+/// Backs up a marked volume twice (a second version with new chunks), runs the maintenance
+/// commands that write marks and catalogs, restores, and returns the marker.
+fn exercise(repo: &Repo, scratch: &Scratch) -> String {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let marker = format!("FERRY-PLAINTEXT-MARKER-{nanos}");
+    // The marker is in the source's path too: manifests and catalogs record it.
+    let source = scratch.join(&format!("{marker}.img"));
+    marked_volume(&source, &marker, 6 * MIB);
+    run(repo, &["init", "--encrypt", "--chunk-size", "1M", "--gc-grace", "10s"]).ok();
+    let first = backup_id(&run(repo, &["backup", "--source", source.to_str().unwrap()]).ok());
+    marked_volume(&source, &format!("{marker}-v2"), 6 * MIB);
+    let second = backup_id(&run(repo, &["backup", "--source", source.to_str().unwrap()]).ok());
+    run(repo, &["delete", &first]).ok();
+    run(repo, &["prune"]).ok();
+    run(repo, &["check"]).ok();
+    run(repo, &["list"]).ok();
+    run(repo, &["verify", &second, "--read-data"]).ok();
+    let target = scratch.join("restored.img");
+    run(repo, &["restore", &second, "--target", target.to_str().unwrap()]).ok();
+    assert_same(&source, &target, 6 * MIB);
+    marker
+}
+
+#[test]
+fn no_plaintext_reaches_a_local_repository() {
+    let scratch = Scratch::new("enc-plain-local");
+    let root = scratch.join("repo");
+    let repo = Repo::Local(root.clone());
+    let marker = exercise(&repo, &scratch);
+    assert!(root.join("keys").is_dir());
+    let found = files_containing(&root, marker.as_bytes());
+    assert!(found.is_empty(), "the marker is stored in plaintext: {found:?}");
+    let found = files_containing(&root, PASSPHRASE.as_bytes());
+    assert!(found.is_empty(), "the passphrase is stored: {found:?}");
+    // Nor is the chunk-id key: the config holds none.
+    let config = String::from_utf8_lossy(&std::fs::read(root.join("config")).unwrap()).into_owned();
+    assert!(config.contains("\"format_version\":2"), "{config}");
+    assert!(!config.contains("hash_key\":\"0") && config.contains("\"encryption\""), "{config}");
+}
+
+/// Garage's data and metadata directories: from `FERRY_TEST_GARAGE_DIR`, else next to the CA
+/// bundle `scripts/test.sh` writes into the same directory.
+fn garage_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("FERRY_TEST_GARAGE_DIR").map(PathBuf::from).or_else(|| {
+        let bundle = PathBuf::from(std::env::var_os("FERRY_TEST_S3_CA_BUNDLE")?);
+        Some(bundle.parent()?.to_path_buf())
+    })?;
+    dir.join("garage.toml").is_file().then_some(dir)
+}
+
+#[test]
+fn no_plaintext_reaches_garage() {
+    let Some(repo) = Repo::garage("enc-plain") else { return };
+    let scratch = Scratch::new("enc-plain-garage");
+    // Garage writes every block this test stores into a new file: search those (its data
+    // directory holds every other test's too), and all of its metadata (small objects are
+    // stored inline there).
+    let start = std::time::SystemTime::now() - std::time::Duration::from_secs(2);
+    let marker = exercise(&repo, &scratch);
+    let Some(dir) = garage_dir() else {
+        assert!(
+            std::env::var("FERRY_TEST_REQUIRE_S3").is_err(),
+            "Garage's directory is unknown: set FERRY_TEST_GARAGE_DIR"
+        );
+        return;
+    };
+    // Garage must store blocks as given for the search to mean anything.
+    let config = std::fs::read_to_string(dir.join("garage.toml")).unwrap();
+    assert!(config.contains("compression_level = \"none\""), "{config}");
+    // The search must be able to find a plaintext marker: an unencrypted repository's is there.
+    let plain = Repo::garage("enc-plain-control").unwrap();
+    plain.init("1M");
+    let control = format!("{marker}-CONTROL");
+    let source = scratch.join("control.img");
+    marked_volume(&source, &control, 2 * MIB);
+    plain.backup(&source, "pread");
+    for (sub, since) in [("data", start), ("meta", std::time::UNIX_EPOCH)] {
+        let found = files_containing_since(&dir.join(sub), marker.as_bytes(), since);
+        // The control marker contains the marker: skip files that hold only the control.
+        let leaked: Vec<_> = found
+            .into_iter()
+            .filter(|path| {
+                let bytes = std::fs::read(path).unwrap();
+                let hits = bytes.windows(marker.len()).filter(|w| *w == marker.as_bytes()).count();
+                let controls =
+                    bytes.windows(control.len()).filter(|w| *w == control.as_bytes()).count();
+                hits > controls
+            })
+            .collect();
+        assert!(leaked.is_empty(), "the marker is in Garage's {sub}: {leaked:?}");
+    }
+    assert!(
+        !files_containing_since(&dir.join("data"), control.as_bytes(), start).is_empty(),
+        "the search does not find an unencrypted repository's plaintext"
+    );
+}
+
+/// The files of a local repository under `prefix` (sorted).
+fn objects(root: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.join(prefix)];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            if entry.path().is_dir() {
+                stack.push(entry.path());
+            } else {
+                found.push(entry.path());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+const RECORD_HEADER: usize = 64;
+
+/// An encrypted repository (256 KiB chunks) with two backups of 1 MiB of random data, one pack
+/// each: (its root, first backup id, second backup id).
+fn two_backups(scratch: &Scratch) -> (PathBuf, String, String) {
+    let pristine = scratch.join("pristine");
+    let repo = Repo::Local(pristine.clone());
+    run(&repo, &["init", "--encrypt", "--chunk-size", "256K"]).ok();
+    // Random chunks are stored raw: every record has the same length, so two can be swapped.
+    let source = scratch.join("a.img");
+    gen_image(&source, MIB, "random", 3);
+    let first = backup_id(&run(&repo, &["backup", "--source", source.to_str().unwrap()]).ok());
+    let other = scratch.join("b.img");
+    gen_image(&other, MIB, "random", 4);
+    let second = backup_id(&run(&repo, &["backup", "--source", other.to_str().unwrap()]).ok());
+    (pristine, first, second)
+}
+
+type Tamper = Box<dyn Fn(&Path)>;
+type Change = Box<dyn Fn(&mut Vec<u8>)>;
+
+/// A change of the object at `path` (under `pristine`), to apply to a copy of the repository.
+fn edit_object(pristine: &Path, path: &Path, change: Change) -> Tamper {
+    let relative = path.strip_prefix(pristine).unwrap().to_path_buf();
+    Box::new(move |root: &Path| {
+        let path = root.join(&relative);
+        let mut bytes = std::fs::read(&path).unwrap();
+        change(&mut bytes);
+        std::fs::write(&path, bytes).unwrap();
+    })
+}
+
+#[test]
+fn tampering_is_an_integrity_error_and_leaves_the_target_alone() {
+    let scratch = Scratch::new("enc-tamper");
+    let (pristine, first, second) = two_backups(&scratch);
+    let packs = objects(&pristine, "packs");
+    assert_eq!(packs.len(), 2);
+    let record = RECORD_HEADER + 256 * 1024 + 28;
+    assert_eq!(std::fs::metadata(&packs[0]).unwrap().len(), 4 * record as u64);
+    let edit = |path: PathBuf, change: Change| edit_object(&pristine, &path, change);
+    let manifest = pristine.join("backups").join(&first);
+    let index = objects(&pristine, "index")[0].clone();
+    let cases: Vec<(&str, Tamper, &str)> = vec![
+        (
+            "a flipped ciphertext byte",
+            edit(packs[0].clone(), Box::new(|b| b[RECORD_HEADER + 1000] ^= 1)),
+            "authentication failed",
+        ),
+        (
+            "a flipped tag byte",
+            edit(packs[0].clone(), Box::new(move |b| b[record - 1] ^= 1)),
+            "authentication failed",
+        ),
+        (
+            "two records swapped",
+            edit(
+                packs[0].clone(),
+                Box::new(move |b| {
+                    let (one, two) = b.split_at_mut(record);
+                    one.swap_with_slice(&mut two[..record]);
+                }),
+            ),
+            "does not match its index entry",
+        ),
+        (
+            "two records' sealed bytes swapped under their headers",
+            edit(
+                packs[0].clone(),
+                Box::new(move |b| {
+                    let (one, two) = b.split_at_mut(record);
+                    one[RECORD_HEADER..].swap_with_slice(&mut two[RECORD_HEADER..record]);
+                }),
+            ),
+            "authentication failed",
+        ),
+        ("a truncated pack", edit(packs[0].clone(), Box::new(|b| b.truncate(b.len() - 100))), ""),
+        (
+            "a flipped index byte",
+            edit(
+                index.clone(),
+                Box::new(|b| {
+                    let at = b.len() - 20;
+                    b[at] ^= 1;
+                }),
+            ),
+            "index",
+        ),
+        (
+            "a flipped manifest byte",
+            edit(
+                manifest.clone(),
+                Box::new(|b| {
+                    let at = b.len() - 20;
+                    b[at] ^= 1;
+                }),
+            ),
+            "manifest",
+        ),
+        (
+            "a truncated manifest",
+            edit(manifest.clone(), Box::new(|b| b.truncate(b.len() / 2))),
+            "manifest",
+        ),
+    ];
+    for (what, tamper, expected) in cases {
+        let root = scratch.join("tampered");
+        let _ = std::fs::remove_dir_all(&root);
+        copy_dir(&pristine, &root);
+        tamper(&root);
+        let repo = Repo::Local(root.clone());
+        // Which backup a pack serves depends on the order the packs sort in: try both.
+        let target = scratch.join("target.img");
+        let _ = std::fs::remove_file(&target);
+        let outcomes: Vec<Run> = [&first, &second]
+            .iter()
+            .map(|id| run(&repo, &["restore", id, "--target", target.to_str().unwrap()]))
+            .filter(|run| run.code != 0)
+            .collect();
+        assert_eq!(outcomes.len(), 1, "{what}: exactly one backup fails");
+        let message = outcomes[0].fails(5);
+        assert!(message.contains(expected), "{what}: {message}");
+        let written = std::fs::read(&target).unwrap_or_default();
+        assert!(
+            written.is_empty() || written.len() as u64 == MIB,
+            "{what}: target of {} bytes",
+            written.len()
+        );
+        let _ = std::fs::remove_file(&target);
+    }
+}
+
+#[test]
+fn objects_swapped_for_others_are_refused() {
+    let scratch = Scratch::new("enc-swap");
+    let (pristine, first, second) = two_backups(&scratch);
+    // A manifest replaced by another backup's: refused, it names the other backup.
+    let root = scratch.join("swapped-manifest");
+    copy_dir(&pristine, &root);
+    std::fs::copy(root.join("backups").join(&second), root.join("backups").join(&first)).unwrap();
+    let target = scratch.join("target.img");
+    let _ = std::fs::remove_file(&target);
+    let message =
+        run(&Repo::Local(root.clone()), &["restore", &first, "--target", target.to_str().unwrap()])
+            .fails(5);
+    assert!(message.contains("belongs to backup"), "{message}");
+    assert!(!target.exists());
+    // An index replaced by another pack's: refused.
+    let root = scratch.join("swapped-index");
+    copy_dir(&pristine, &root);
+    let indexes = objects(&root, "index");
+    std::fs::copy(&indexes[1], &indexes[0]).unwrap();
+    let runs: Vec<Run> = [&first, &second]
+        .iter()
+        .map(|id| {
+            run(
+                &Repo::Local(root.clone()),
+                &["restore", id, "--target", target.to_str().unwrap(), "--force"],
+            )
+        })
+        .collect();
+    assert!(
+        runs.iter().any(|run| run.code == 5 && run.stderr.contains("describes pack")),
+        "{runs:?}"
+    );
+}
+
+#[test]
+fn passphrase_problems_have_their_own_exit_codes() {
+    let scratch = Scratch::new("enc-keys");
+    let root = scratch.join("repo");
+    let repo = Repo::Local(root.clone());
+    // No passphrase for init --encrypt (stdin is no terminal): exit 11, nothing created.
+    repo.ferry(&["init", "--encrypt"]).fails(11);
+    assert!(!root.join("config").exists());
+    run(&repo, &["init", "--encrypt"]).ok();
+    let source = scratch.join("a.img");
+    gen_image(&source, MIB, "text", 1);
+    let id = backup_id(&run(&repo, &["backup", "--source", source.to_str().unwrap()]).ok());
+    let target = scratch.join("out.img");
+    let restore = ["restore", id.as_str(), "--target", target.to_str().unwrap()];
+    // Wrong passphrase: exit 10, and the message does not quote it.
+    let wrong = repo.ferry_env(&restore, &with_pass("not the passphrase at all"));
+    let message = wrong.fails(10);
+    assert!(message.contains("wrong passphrase"), "{message}");
+    assert!(!wrong.stderr.contains("not the passphrase at all"), "{}", wrong.stderr);
+    assert!(!target.exists());
+    // None: exit 11.
+    assert!(repo.ferry(&restore).fails(11).contains("FERRY_PASSPHRASE"));
+    assert!(!target.exists());
+    // From a file (its first line).
+    let file = scratch.join("pass.txt");
+    std::fs::write(&file, format!("{PASSPHRASE}\n")).unwrap();
+    repo.ferry_env(&restore, &[("FERRY_PASSPHRASE_FILE", file.to_str().unwrap())]).ok();
+    assert_same(&source, &target, MIB);
+    // Key objects gone: exit 10.
+    let keys = objects(&root, "keys");
+    let saved: Vec<_> = keys.iter().map(|k| (k.clone(), std::fs::read(k).unwrap())).collect();
+    for key in &keys {
+        std::fs::remove_file(key).unwrap();
+    }
+    assert!(run(&repo, &["list"]).fails(10).contains("no readable key"));
+    for (key, bytes) in saved {
+        std::fs::write(key, bytes).unwrap();
+    }
+    // A passphrase for an unencrypted repository: exit 11 (a config swapped for an
+    // unencrypted one is noticed), nothing written.
+    let plain = Repo::Local(scratch.join("plain"));
+    plain.init("1M");
+    run(&plain, &["backup", "--source", source.to_str().unwrap()]).fails(11);
+    assert!(
+        !scratch.join("plain/backups").exists()
+            || objects(&scratch.join("plain"), "backups").is_empty()
+    );
+    // Cinder's format has no encryption: refused before anything.
+    let run_cinder = run(
+        &repo,
+        &[
+            "backup",
+            "--format",
+            "cinder",
+            "--source",
+            source.to_str().unwrap(),
+            "--cinder-backup-id",
+            "00000000-0000-0000-0000-000000000001",
+            "--cinder-volume-id",
+            "00000000-0000-0000-0000-000000000002",
+        ],
+    );
+    let message = run_cinder.fails(2);
+    assert!(message.contains("FERRY_PASSPHRASE") && message.contains("cinder"), "{message}");
+}
+
+#[test]
+fn keys_rotate_without_reencrypting() {
+    let scratch = Scratch::new("enc-rotate");
+    let root = scratch.join("repo");
+    let repo = Repo::Local(root.clone());
+    run(&repo, &["init", "--encrypt"]).ok();
+    let source = scratch.join("a.img");
+    gen_image(&source, 2 * MIB, "mixed", 2);
+    let id = backup_id(&run(&repo, &["backup", "--source", source.to_str().unwrap()]).ok());
+    let packs_before: Vec<_> =
+        objects(&root, "packs").iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let listed = run(&repo, &["key", "list"]).ok();
+    let old = listed["keys"][0]["key_id"].as_str().unwrap().to_string();
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["keys"][0]["kdf_memory_kib"], 65536);
+    // The last key cannot go.
+    run(&repo, &["key", "remove", &old]).fails(8);
+    let new_pass = "a new and longer passphrase";
+    let added = repo
+        .ferry_env(
+            &["key", "add"],
+            &[("FERRY_PASSPHRASE", PASSPHRASE), ("FERRY_NEW_PASSPHRASE", new_pass)],
+        )
+        .ok();
+    let new = added["key_id"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    // Remove the old key, opening with the new passphrase.
+    repo.ferry_env(&["key", "remove", &old], &with_pass(new_pass)).ok();
+    let listed = repo.ferry_env(&["key", "list"], &with_pass(new_pass)).ok();
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["keys"][0]["key_id"], new.as_str());
+    assert_eq!(listed["keys"][0]["current"], true);
+    // The old passphrase opens nothing; the new one restores.
+    let target = scratch.join("out.img");
+    let restore = ["restore", id.as_str(), "--target", target.to_str().unwrap()];
+    repo.ferry_env(&restore, &with_pass(PASSPHRASE)).fails(10);
+    repo.ferry_env(&restore, &with_pass(new_pass)).ok();
+    assert_same(&source, &target, 2 * MIB);
+    // passwd: the key that opened it is replaced.
+    let third = "the third passphrase of this test";
+    let changed = repo
+        .ferry_env(
+            &["key", "passwd"],
+            &[("FERRY_PASSPHRASE", new_pass), ("FERRY_NEW_PASSPHRASE", third)],
+        )
+        .ok();
+    assert_ne!(changed["key_id"], new.as_str());
+    repo.ferry_env(&["list"], &with_pass(new_pass)).fails(10);
+    repo.ferry_env(&["list"], &with_pass(third)).ok();
+    // No data object was rewritten.
+    let packs_after: Vec<_> =
+        objects(&root, "packs").iter().map(|p| std::fs::read(p).unwrap()).collect();
+    assert_eq!(packs_before, packs_after);
+    // Key commands on an unencrypted repository: usage.
+    let plain = Repo::Local(scratch.join("plain"));
+    plain.init("1M");
+    plain.ferry(&["key", "list"]).fails(2);
+}
+
+#[test]
+fn unencrypted_repositories_stay_version_1() {
+    let scratch = Scratch::new("enc-v1");
+    let root = scratch.join("repo");
+    let repo = Repo::Local(root.clone());
+    repo.init("256K");
+    let source = scratch.join("a.img");
+    gen_image(&source, MIB, "mixed", 9);
+    let id = backup_id(&repo.backup(&source, "pread"));
+    assert!(!root.join("keys").exists());
+    let config = String::from_utf8_lossy(&std::fs::read(root.join("config")).unwrap()).into_owned();
+    assert!(
+        config.contains("\"format_version\":1") && config.contains("\"hash_key\":\""),
+        "{config}"
+    );
+    assert!(!config.contains("encryption"), "{config}");
+    for object in objects(&root, "index")
+        .iter()
+        .chain(&objects(&root, "backups"))
+        .chain([&root.join("config")])
+    {
+        let bytes = std::fs::read(object).unwrap();
+        assert_eq!(&bytes[..10], b"FERRYOBJ\x01\x00", "{}", object.display());
+    }
+    for pack in objects(&root, "packs") {
+        let bytes = std::fs::read(pack).unwrap();
+        assert_eq!(&bytes[..4], b"FRCK");
+        assert!(bytes[4] < 2, "an unencrypted record's encoding byte is 0 or 1");
+    }
+    let target = scratch.join("out.img");
+    repo.restore(&id, &target, "pread", &[]).ok();
+    assert_same(&source, &target, MIB);
+}
