@@ -11,11 +11,13 @@ use std::sync::{Arc, Mutex};
 
 use crate::io::Engine;
 use crate::native::backup::{self, BackupOptions};
+use crate::native::keys::Passphrase;
+use crate::native::layout::crypt::Cipher;
 use crate::native::layout::gc::GcTiming;
 use crate::native::layout::{self, Manifest, PackId};
 use crate::native::lifecycle::{self, GroupBy, PruneOptions, PruneReport};
 use crate::native::memstore::{MemStore, Op, crashed};
-use crate::native::repo::{Repository, lock};
+use crate::native::repo::{NewEncryption, Repository, lock};
 use crate::native::restore::{self, RestoreOptions};
 use crate::native::retention::{Keep, Policy};
 use crate::native::{check, maintain};
@@ -33,21 +35,42 @@ struct World {
     repo: Repository,
     dir: PathBuf,
     warnings: Arc<Mutex<Vec<String>>>,
+    /// The passphrase of an encrypted repository.
+    passphrase: Option<Vec<u8>>,
 }
 
 impl World {
     fn new(name: &str, now: u64) -> World {
+        World::with_encryption(name, now, None)
+    }
+
+    fn with_encryption(name: &str, now: u64, passphrase: Option<&[u8]>) -> World {
         let store = MemStore::new(now);
-        let repo = Repository::init(Box::new(Arc::clone(&store)), CHUNK as u32).unwrap();
+        let encryption = passphrase.map(|passphrase| NewEncryption {
+            cipher: Cipher::for_this_cpu(),
+            passphrase: passphrase.to_vec(),
+        });
+        let repo = Repository::init_with(
+            Box::new(Arc::clone(&store)),
+            CHUNK as u32,
+            GcTiming::DEFAULT,
+            encryption,
+        )
+        .unwrap();
         let dir = std::env::temp_dir().join(format!("ferry-gc-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        World { store, repo, dir, warnings: Arc::default() }
+        let passphrase = passphrase.map(<[u8]>::to_vec);
+        World { store, repo, dir, warnings: Arc::default(), passphrase }
     }
 
     /// Another handle on the same repository (another job).
     fn other(&self) -> Repository {
-        Repository::open(Box::new(Arc::clone(&self.store))).unwrap()
+        let passphrase = match &self.passphrase {
+            Some(passphrase) => Passphrase::Given(passphrase.clone()),
+            None => Passphrase::None,
+        };
+        Repository::open_with(Box::new(Arc::clone(&self.store)), &passphrase).unwrap()
     }
 
     /// A volume of `chunks` random chunks.
@@ -590,7 +613,7 @@ fn the_grace_chosen_at_init_is_what_every_prune_obeys() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let repo = Repository::open(Box::new(Arc::clone(&store))).unwrap();
-    let world = World { repo, store, dir, warnings: Arc::default() };
+    let world = World { repo, store, dir, warnings: Arc::default(), passphrase: None };
     assert_eq!(world.repo.config.gc(), timing);
     let source = world.volume("v", 9, 4);
     let first = world.backup(&source);
@@ -856,14 +879,36 @@ fn pack_of(world: &World, manifest: &Manifest, chunk: usize) -> PackId {
 // the sweep deletes it, and the backup that lists it restores through the copy.
 #[test]
 fn repack_copies_used_records_and_the_sweep_deletes_the_sources() {
-    let world = World::new("repack", T0);
-    let (_, w, a, b) = half_dead(&world);
-    let p2 = pack_of(&world, &a, 4);
-    let p3 = pack_of(&world, &a, 8);
+    repack_and_sweep(&World::new("repack", T0), 64);
+}
+
+// In an encrypted repository, sealed records move verbatim (their associated data names the
+// chunk, not the pack or offset) and the copies' index is sealed like any other.
+#[test]
+fn repack_moves_sealed_records_in_an_encrypted_repository() {
+    let world = World::with_encryption("repack-sealed", T0, Some(b"correct horse battery"));
+    repack_and_sweep(&world, 64 + 28);
+    let index = world.store.get(&report_written_any(&world).index_key()).unwrap();
+    assert!(
+        layout::decode_document::<layout::PackIndex>(
+            &layout::Crypt::Plain,
+            layout::ObjectKind::Index,
+            "index",
+            &index
+        )
+        .is_err(),
+        "the copy's index is sealed"
+    );
+}
+
+fn repack_and_sweep(world: &World, record_overhead: u64) {
+    let (_, w, a, b) = half_dead(world);
+    let p2 = pack_of(world, &a, 4);
+    let p3 = pack_of(world, &a, 8);
     let report = world.prune();
     assert_eq!(report.repack.sources, [p2]);
     assert_eq!(report.repack.written.len(), 1);
-    assert_eq!(report.repack.copied_bytes, 2 * (64 + CHUNK as u64), "two raw records");
+    assert_eq!(report.repack.copied_bytes, 2 * (record_overhead + CHUNK as u64), "two raw records");
     let mut condemned = vec![p2, p3];
     condemned.sort_unstable();
     let mark = world.store.keys("gc/mark-");
@@ -879,12 +924,12 @@ fn repack_copies_used_records_and_the_sweep_deletes_the_sources() {
     assert_eq!(world.packs_exist(&report.repack.written), 0, "nothing more to repack");
     // `b` still lists P2; its chunks 5 and 6 are found in the copy.
     assert!(b.packs.contains(&p2));
-    assert_eq!(pack_of(&world, &b, 4), report_written(&world, &b));
+    assert_eq!(pack_of(world, &b, 4), report_written(world, &b));
     world.restores(&b, &w);
     world.consistent();
     let check = check::run(&world.repo).unwrap();
     assert_eq!(check.unreferenced_packs, 0);
-    assert_eq!(check.pack_bytes, live_bytes(&world), "nothing dead is left");
+    assert_eq!(check.pack_bytes, live_bytes(world), "nothing dead is left");
     let dry = lifecycle::prune(
         &world.other(),
         &PruneOptions { dry_run: true, ..PruneOptions::default() },
@@ -984,4 +1029,24 @@ fn report_written(world: &World, manifest: &Manifest) -> PackId {
     assert_eq!(holders.len(), 1);
     assert!(!manifest.packs.contains(&holders[0]));
     holders[0]
+}
+
+/// The one pack a repack wrote (the only pack no manifest lists).
+fn report_written_any(world: &World) -> PackId {
+    let listed: Vec<PackId> = world
+        .repo
+        .list_backups()
+        .unwrap()
+        .iter()
+        .flat_map(|id| world.repo.load_manifest(id).unwrap().packs)
+        .collect();
+    let unlisted: Vec<PackId> = world
+        .store
+        .keys("packs/")
+        .iter()
+        .filter_map(|key| layout::pack_from_key(key))
+        .filter(|pack| !listed.contains(pack))
+        .collect();
+    assert_eq!(unlisted.len(), 1);
+    unlisted[0]
 }
