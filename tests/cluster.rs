@@ -23,7 +23,7 @@ use serde_json::Value;
 
 use crate::util::fault_proxy::{FaultConfig, FaultKind, FaultProxy};
 use crate::util::host::Host;
-use crate::util::{Repo, Run, Scratch, assert_same};
+use crate::util::{Repo, Run, Scratch, assert_same, deleted_packs};
 
 const MIB: u64 = 1 << 20;
 /// The repositories' garbage-collection grace (the minimum), so that space comes back in tests.
@@ -175,15 +175,6 @@ fn overlapping_image(path: &Path, host: u64, round: u64) {
 
 fn backup_id(result: &Value) -> String {
     result["backup_id"].as_str().unwrap().to_owned()
-}
-
-fn deleted_packs(prune: &Value) -> u64 {
-    prune["prune"]["swept"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["deleted_packs"].as_u64().unwrap())
-        .sum()
 }
 
 /// Restores `backup` on `host` into a new file and compares it with `image`.

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use crate::util::{Repo, Scratch, assert_same, gen_image};
+use crate::util::{Repo, Scratch, assert_same, deleted_packs, gen_image};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -159,16 +159,6 @@ fn lifecycle_on_garage() {
     let Some(repo) = Repo::garage("lifecycle") else { return };
     let scratch = Scratch::new("garage-lifecycle");
     lifecycle(&repo, &scratch, None);
-}
-
-/// The sum of `deleted_packs` over a prune's sweeps.
-fn deleted_packs(prune: &Value) -> u64 {
-    prune["prune"]["swept"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["deleted_packs"].as_u64().unwrap())
-        .sum()
 }
 
 // Repacking on Garage: a pack half of whose chunks only a forgotten backup used is repacked

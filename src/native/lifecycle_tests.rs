@@ -179,6 +179,20 @@ fn once(
     })
 }
 
+/// A hook that fails the `crash_at`th write (PUT, DELETE, multipart call) and every operation
+/// after it: a process killed at that point.
+fn crash_at_write(crash_at: usize) -> crate::native::memstore::Hook {
+    let writes = AtomicUsize::new(0);
+    Arc::new(move |op, key: &str| {
+        let write = matches!(op, Op::Put | Op::Delete | Op::Multipart);
+        if write && writes.fetch_add(1, Ordering::SeqCst) + 1 >= crash_at {
+            return Err(crashed(key));
+        }
+        // Dead after the crash: nothing more reaches the store.
+        if writes.load(Ordering::SeqCst) >= crash_at { Err(crashed(key)) } else { Ok(()) }
+    })
+}
+
 /// A backup A whose packs no manifest references any more, old enough to be condemned.
 fn orphaned(world: &World, source: &Path) -> Manifest {
     let first = world.backup(source);
@@ -368,16 +382,7 @@ fn crash_setup() -> (World, PathBuf, Manifest, Vec<PackId>) {
 fn a_prune_crashing_after_any_step_converges() {
     for crash_at in 1.. {
         let (world, va, a, doomed) = crash_setup();
-        let writes = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&writes);
-        world.store.set_hook(Some(Arc::new(move |op, key: &str| {
-            let write = matches!(op, Op::Put | Op::Delete);
-            if write && counter.fetch_add(1, Ordering::SeqCst) + 1 >= crash_at {
-                return Err(crashed(key));
-            }
-            // Dead after the crash: nothing more reaches the store.
-            if counter.load(Ordering::SeqCst) >= crash_at { Err(crashed(key)) } else { Ok(()) }
-        })));
+        world.store.set_hook(Some(crash_at_write(crash_at)));
         let crashed_run = lifecycle::prune(&world.other(), &PruneOptions::default(), &|_| {});
         world.store.set_hook(None);
         world.consistent();
@@ -773,15 +778,7 @@ fn a_consolidating_prune_crashing_after_any_step_converges() {
         let _ = world.prune();
         world.store.advance(GRACE_SECS);
         let _ = world.backup(&world.volume("w", 410, 4));
-        let writes = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&writes);
-        world.store.set_hook(Some(Arc::new(move |op, key: &str| {
-            let write = matches!(op, Op::Put | Op::Delete);
-            if write && counter.fetch_add(1, Ordering::SeqCst) + 1 >= crash_at {
-                return Err(crashed(key));
-            }
-            if counter.load(Ordering::SeqCst) >= crash_at { Err(crashed(key)) } else { Ok(()) }
-        })));
+        world.store.set_hook(Some(crash_at_write(crash_at)));
         let crashed_run = lifecycle::prune(&world.other(), &PruneOptions::default(), &|_| {});
         world.store.set_hook(None);
         world.consistent();
@@ -980,15 +977,7 @@ fn a_repacking_prune_crashing_after_any_step_converges() {
     for crash_at in 1.. {
         let world = World::new("repack-crash", T0);
         let (_, w, a, b) = half_dead(&world);
-        let writes = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&writes);
-        world.store.set_hook(Some(Arc::new(move |op, key: &str| {
-            let write = matches!(op, Op::Put | Op::Delete | Op::Multipart);
-            if write && counter.fetch_add(1, Ordering::SeqCst) + 1 >= crash_at {
-                return Err(crashed(key));
-            }
-            if counter.load(Ordering::SeqCst) >= crash_at { Err(crashed(key)) } else { Ok(()) }
-        })));
+        world.store.set_hook(Some(crash_at_write(crash_at)));
         let crashed_run = lifecycle::prune(&world.other(), &PruneOptions::default(), &|_| {});
         world.store.set_hook(None);
         world.consistent();

@@ -26,24 +26,15 @@ fn id(n: u64) -> String {
 
 fn job(source: &Path, n: u64, parent: Option<u64>, changes: Option<ChangeList>) -> BackupJob {
     BackupJob {
-        source: source.to_path_buf(),
-        engine: Engine::Pread,
-        backup_id: id(n),
-        volume_id: VOLUME_ID.into(),
         parent_id: parent.map(id),
-        parent_is_hint: false,
         changes,
-        algorithm: Algorithm::Zlib,
-        geometry: Geometry::new(MIB, 32 << 10).expect("valid geometry"),
-        availability_zone: "nova".into(),
-        name: None,
-        description: None,
-        volume_meta: None,
-        workers: 2,
-        uploads: 2,
-        zlib_level: 1,
-        limit_read_bytes_per_sec: None,
-        limit_upload_bytes_per_sec: None,
+        ..crate::testing::cinder_job(
+            source,
+            id(n),
+            VOLUME_ID.into(),
+            Algorithm::Zlib,
+            Geometry::new(MIB, 32 << 10).expect("valid geometry"),
+        )
     }
 }
 

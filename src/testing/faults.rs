@@ -84,24 +84,14 @@ fn cinder_job(
     algorithm: Algorithm,
 ) -> BackupJob {
     BackupJob {
-        source: source.to_path_buf(),
         engine: Engine::Uring,
-        backup_id: backup_id.into(),
-        volume_id: VOLUME_ID.into(),
-        parent_id: None,
-        parent_is_hint: false,
-        changes: None,
-        algorithm,
-        geometry: Geometry::new(object_bytes, 32 << 10).expect("valid geometry"),
-        availability_zone: "nova".into(),
-        name: None,
-        description: None,
-        volume_meta: None,
-        workers: 2,
-        uploads: 2,
-        zlib_level: 1,
-        limit_read_bytes_per_sec: None,
-        limit_upload_bytes_per_sec: None,
+        ..crate::testing::cinder_job(
+            source,
+            backup_id.into(),
+            VOLUME_ID.into(),
+            algorithm,
+            Geometry::new(object_bytes, 32 << 10).expect("valid geometry"),
+        )
     }
 }
 

@@ -23,5 +23,38 @@ mod faults;
 mod roundtrip;
 
 pub use faulty::{Fault, FaultyStore, Injected, Op, Rule, When};
+
+/// A Cinder-format backup job of `source` with the settings the in-process tests share (two
+/// workers and uploads, zlib level 1, no parent, no change list, no limits); tests override
+/// fields with struct update syntax.
+#[cfg(test)]
+pub(crate) fn cinder_job(
+    source: &std::path::Path,
+    backup_id: String,
+    volume_id: String,
+    algorithm: crate::cinder::layout::Algorithm,
+    geometry: crate::cinder::layout::Geometry,
+) -> crate::cinder::backup::BackupJob {
+    crate::cinder::backup::BackupJob {
+        source: source.to_path_buf(),
+        engine: crate::io::Engine::Pread,
+        backup_id,
+        volume_id,
+        parent_id: None,
+        parent_is_hint: false,
+        changes: None,
+        algorithm,
+        geometry,
+        availability_zone: "nova".into(),
+        name: None,
+        description: None,
+        volume_meta: None,
+        workers: 2,
+        uploads: 2,
+        zlib_level: 1,
+        limit_read_bytes_per_sec: None,
+        limit_upload_bytes_per_sec: None,
+    }
+}
 pub use mem::{Clock, MemObject, MemStore};
 pub use volume::{Content, LoopDevice, Scratch};

@@ -332,24 +332,15 @@ fn cinder_backup(
     parent: Option<u64>,
 ) -> CinderBackup {
     let job = BackupJob {
-        source: source.path.clone(),
         engine: case.engine,
-        backup_id: uuid(case.seed, backup),
-        volume_id: uuid(case.seed, 0),
         parent_id: parent.map(|p| uuid(case.seed, p)),
-        parent_is_hint: false,
-        changes: None,
-        algorithm,
-        geometry,
-        availability_zone: "nova".into(),
-        name: None,
-        description: None,
-        volume_meta: None,
-        workers: 2,
-        uploads: 2,
-        zlib_level: 1,
-        limit_read_bytes_per_sec: None,
-        limit_upload_bytes_per_sec: None,
+        ..crate::testing::cinder_job(
+            &source.path,
+            uuid(case.seed, backup),
+            uuid(case.seed, 0),
+            algorithm,
+            geometry,
+        )
     };
     let cancel = AtomicBool::new(false);
     crate::cinder::backup::backup(store, &job, &Progress::default(), &cancel, &no_warnings)

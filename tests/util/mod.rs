@@ -262,3 +262,13 @@ impl Drop for LoopDevice {
         let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
     }
 }
+
+/// The packs a `prune` result says its sweeps deleted.
+pub fn deleted_packs(prune: &serde_json::Value) -> u64 {
+    prune["prune"]["swept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|swept| swept["deleted_packs"].as_u64().unwrap())
+        .sum()
+}
