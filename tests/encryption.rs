@@ -301,24 +301,30 @@ fn tampering_is_an_integrity_error_and_leaves_the_target_alone() {
         copy_dir(&pristine, &root);
         tamper(&root);
         let repo = Repo::Local(root.clone());
-        // Which backup a pack serves depends on the order the packs sort in: try both.
-        let target = scratch.join("target.img");
-        let _ = std::fs::remove_file(&target);
-        let outcomes: Vec<Run> = [&first, &second]
+        // Which backup a pack serves depends on the order the packs sort in (pack ids are
+        // random): try both, each into a target of its own.
+        let outcomes: Vec<(Run, PathBuf)> = [&first, &second]
             .iter()
-            .map(|id| run(&repo, &["restore", id, "--target", target.to_str().unwrap()]))
-            .filter(|run| run.code != 0)
+            .map(|id| {
+                let target = scratch.join(&format!("target-{id}.img"));
+                let _ = std::fs::remove_file(&target);
+                (run(&repo, &["restore", id, "--target", target.to_str().unwrap()]), target)
+            })
+            .filter(|(run, _)| run.code != 0)
             .collect();
         assert_eq!(outcomes.len(), 1, "{what}: exactly one backup fails");
-        let message = outcomes[0].fails(5);
+        let (failed, target) = &outcomes[0];
+        let message = failed.fails(5);
         assert!(message.contains(expected), "{what}: {message}");
-        let written = std::fs::read(&target).unwrap_or_default();
+        let written = std::fs::read(target).unwrap_or_default();
         assert!(
             written.is_empty() || written.len() as u64 == MIB,
             "{what}: target of {} bytes",
             written.len()
         );
-        let _ = std::fs::remove_file(&target);
+        for id in [&first, &second] {
+            let _ = std::fs::remove_file(scratch.join(&format!("target-{id}.img")));
+        }
     }
 }
 
