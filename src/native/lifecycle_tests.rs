@@ -634,12 +634,12 @@ fn the_grace_chosen_at_init_is_what_every_prune_obeys() {
     world.consistent();
 }
 
-/// GETs of `index/` objects while `f` runs.
-fn index_reads(world: &World, f: impl FnOnce()) -> usize {
+/// GETs of objects under `prefix` while `f` runs.
+fn gets_under(world: &World, prefix: &'static str, f: impl FnOnce()) -> usize {
     let count = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&count);
     world.store.set_hook(Some(Arc::new(move |op, key: &str| {
-        if op == Op::Get && key.starts_with("index/") {
+        if op == Op::Get && key.starts_with(prefix) {
             let _ = counter.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
@@ -647,6 +647,11 @@ fn index_reads(world: &World, f: impl FnOnce()) -> usize {
     f();
     world.store.set_hook(None);
     count.load(Ordering::SeqCst)
+}
+
+/// GETs of `index/` objects while `f` runs.
+fn index_reads(world: &World, f: impl FnOnce()) -> usize {
+    gets_under(world, "index/", f)
 }
 
 // Prune consolidates the per-pack indexes: a backup then starts by reading one consolidated
@@ -806,17 +811,7 @@ fn a_consolidating_prune_crashing_after_any_step_converges() {
 
 /// GETs of manifests while `f` runs.
 fn manifest_reads(world: &World, f: impl FnOnce()) -> usize {
-    let count = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&count);
-    world.store.set_hook(Some(Arc::new(move |op, key: &str| {
-        if op == Op::Get && key.starts_with("backups/") {
-            let _ = counter.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(())
-    })));
-    f();
-    world.store.set_hook(None);
-    count.load(Ordering::SeqCst)
+    gets_under(world, "backups/", f)
 }
 
 // `list` reads the catalog prune writes and only the manifests committed since; a forgotten

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::error::{EngineError, ErrorKind};
+use crate::error::EngineError;
 use crate::limits::{PACK_SIZE_BYTES_TARGET, PART_SIZE_BYTES};
 use crate::native::layout::liveness;
 use crate::native::layout::{self, ChunkHash, IndexEntry, ObjectKind, PackId, PackIndex};
@@ -266,11 +266,5 @@ fn upload(repo: &Repository, key: &str, data: Bytes) -> Result<(), EngineError> 
     if result.is_err() {
         open.abort_all(repo.store.as_ref());
     }
-    result.map_err(|error: EngineError| {
-        if error.kind == ErrorKind::Integrity {
-            error
-        } else {
-            error.context(format!("repack {key}"))
-        }
-    })
+    result.map_err(|error: EngineError| error.context(format!("repack {key}")))
 }

@@ -560,13 +560,17 @@ impl Repository {
         Ok(found)
     }
 
-    /// Whether the object of `pack` exists (one listing request).
+    /// Whether the object of `pack` exists with `size_bytes` (one listing request).
     ///
     /// # Errors
     /// Store errors.
-    pub fn pack_exists(&self, pack: &PackId) -> Result<bool, EngineError> {
+    pub fn pack_exists(&self, pack: &PackId, size_bytes: u64) -> Result<bool, EngineError> {
         let key = pack.pack_key();
-        Ok(self.store.list(&key)?.iter().any(|object| object.key == key))
+        Ok(self
+            .store
+            .list(&key)?
+            .iter()
+            .any(|object| object.key == key && object.size_bytes == size_bytes))
     }
 
     /// Where each chunk of `manifest` is: through the indexes of the packs it lists, and, for
@@ -580,7 +584,7 @@ impl Repository {
     pub fn locate(&self, manifest: &Manifest) -> Result<HashMap<ChunkHash, Location>, EngineError> {
         let found = self.find_indexes_sourced(&manifest.packs)?;
         let exists = parallel_map(&found, INDEX_FETCHES_IN_FLIGHT, |found| match found {
-            Ok((index, false)) => self.pack_exists(&index.pack),
+            Ok((index, false)) => self.pack_exists(&index.pack, index.pack_size_bytes),
             Ok((_, true)) => Ok(true),
             Err(_) => Ok(false),
         })?;
@@ -607,43 +611,9 @@ impl Repository {
         if missing.is_empty() {
             return Ok(map);
         }
-        // Every index's entries for the missing chunks (not the whole index: a repository's
-        // index can be far larger than one backup), then which of those packs exist.
-        let listing = self.list_indexes()?;
-        let candidates: Mutex<Vec<(PackId, u64, IndexEntry)>> = Mutex::new(Vec::new());
-        let _ = self.visit_indexes(&listing, |index, _| {
-            let found: Vec<_> = index
-                .entries
-                .iter()
-                .filter(|entry| missing.contains(&entry.hash))
-                .map(|entry| (index.pack, index.pack_size_bytes, *entry))
-                .collect();
-            lock(&candidates).extend(found);
-        })?;
-        let mut candidates =
-            candidates.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        candidates.sort_unstable_by_key(|(pack, _, entry)| (*pack, entry.offset));
-        let mut packs: Vec<(PackId, u64)> =
-            candidates.iter().map(|(pack, size, _)| (*pack, *size)).collect();
-        packs.dedup();
-        let present: HashSet<PackId> = packs
-            .iter()
-            .zip(parallel_map(&packs, INDEX_FETCHES_IN_FLIGHT, |(pack, size)| {
-                let key = pack.pack_key();
-                Ok(self
-                    .store
-                    .list(&key)?
-                    .iter()
-                    .any(|object| object.key == key && object.size_bytes == *size))
-            })?)
-            .filter(|(_, present)| *present)
-            .map(|((pack, _), _)| *pack)
-            .collect();
-        for (pack, _, entry) in candidates {
-            if present.contains(&pack) && missing.remove(&entry.hash) {
-                let _ = map.insert(entry.hash, Location { pack, entry });
-            }
-        }
+        let found = self.locate_elsewhere(&missing)?;
+        missing.retain(|hash| !found.contains_key(hash));
+        map.extend(found);
         match missing.iter().next() {
             None => Ok(map),
             Some(hash) => Err(EngineError::new(
@@ -661,6 +631,52 @@ impl Repository {
                 ),
             )),
         }
+    }
+
+    /// Where the `missing` chunks are held, by every index of the repository, in packs that
+    /// exist with their indexed size (the copies a repack wrote of a pack since swept). Reads
+    /// only those chunks' entries (a repository's index can be far larger than one backup) and
+    /// checks each candidate pack with one listing request.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn locate_elsewhere(
+        &self,
+        missing: &HashSet<ChunkHash>,
+    ) -> Result<HashMap<ChunkHash, Location>, EngineError> {
+        let listing = self.list_indexes()?;
+        let candidates: Mutex<Vec<(PackId, u64, IndexEntry)>> = Mutex::new(Vec::new());
+        let _ = self.visit_indexes(&listing, |index, _| {
+            let found: Vec<_> = index
+                .entries
+                .iter()
+                .filter(|entry| missing.contains(&entry.hash))
+                .map(|entry| (index.pack, index.pack_size_bytes, *entry))
+                .collect();
+            lock(&candidates).extend(found);
+        })?;
+        let mut candidates =
+            candidates.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        candidates.sort_unstable_by_key(|(pack, _, entry)| (*pack, entry.offset));
+        let mut packs: Vec<(PackId, u64)> =
+            candidates.iter().map(|(pack, size, _)| (*pack, *size)).collect();
+        packs.dedup();
+        let exists = parallel_map(&packs, INDEX_FETCHES_IN_FLIGHT, |(pack, size)| {
+            self.pack_exists(pack, *size)
+        })?;
+        let present: HashSet<PackId> = packs
+            .iter()
+            .zip(exists)
+            .filter(|(_, exists)| *exists)
+            .map(|((pack, _), _)| *pack)
+            .collect();
+        let mut found = HashMap::new();
+        for (pack, _, entry) in candidates {
+            if present.contains(&pack) {
+                let _ = found.entry(entry.hash).or_insert(Location { pack, entry });
+            }
+        }
+        Ok(found)
     }
 
     /// A summary of every backup: from the catalogs a prune wrote, and from the manifests of

@@ -7,7 +7,7 @@
 //! checksums, decompression to the right length, keyed BLAKE3 of the result).
 //! Problems are collected, not fatal: the report names every bad object.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::error::{EngineError, ErrorKind};
 use crate::limits;
 use crate::native::compress;
-use crate::native::layout::{self, ChunkHash, IndexEntry, Manifest, PackId, PackIndex};
+use crate::native::layout::{self, ChunkHash, IndexEntry, Manifest, PackId};
 use crate::native::repo::{Repository, lock, parallel_map};
 use crate::progress::Progress;
 
@@ -116,16 +116,11 @@ pub fn run(
         }
     }
     let referenced: BTreeSet<ChunkHash> = manifest.chunks.iter().flatten().copied().collect();
-    if referenced.iter().any(|hash| !locations.contains_key(hash)) {
-        let mut elsewhere: Vec<PackIndex> =
-            repo.load_present_indexes(&listed)?.into_values().collect();
-        elsewhere.sort_unstable_by_key(|index| index.pack);
-        for index in elsewhere {
-            for entry in index.entries {
-                if referenced.contains(&entry.hash) && !locations.contains_key(&entry.hash) {
-                    let _ = locations.insert(entry.hash, (index.pack, entry));
-                }
-            }
+    let missing: HashSet<ChunkHash> =
+        referenced.iter().filter(|hash| !locations.contains_key(*hash)).copied().collect();
+    if !missing.is_empty() {
+        for (hash, location) in repo.locate_elsewhere(&missing)? {
+            let _ = locations.insert(hash, (location.pack, location.entry));
         }
     }
     let unresolved: Vec<&ChunkHash> =
