@@ -1011,14 +1011,7 @@ fn synth_repo(args: &SynthArgs) -> Result<()> {
         };
         if in_merged {
             let merged = MergedIndex { supersedes: Vec::new(), packs: batch };
-            objects.push((
-                merged_key(PackId::random()),
-                layout::encode_object(
-                    &layout::Crypt::Plain,
-                    ObjectKind::MergedIndex,
-                    &merged.to_bytes(),
-                ),
-            ));
+            objects.push((merged_key(PackId::random()), merged.encode(&layout::Crypt::Plain)));
             index_objects += 1;
             batch = merged.packs;
         } else {

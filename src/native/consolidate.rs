@@ -261,9 +261,7 @@ impl Writer<'_> {
         }
         let merged = MergedIndex { supersedes: supersedes.to_vec(), packs };
         let key = merged::merged_key(PackId::random());
-        let encoded =
-            layout::encode_object(&self.repo.crypt, ObjectKind::MergedIndex, &merged.to_bytes());
-        self.repo.store.put(&key, Bytes::from(encoded))?;
+        self.repo.store.put(&key, Bytes::from(merged.encode(&self.repo.crypt)))?;
         self.report.written.push(key);
         Ok(())
     }

@@ -356,8 +356,7 @@ impl Repository {
             Err(StoreError::NotFound { .. }) => return Ok(None),
             Err(error) => return Err(error.into()),
         };
-        let payload = layout::decode_object(&self.crypt, ObjectKind::MergedIndex, &key, &bytes)?;
-        Ok(Some(MergedIndex::from_bytes(&key, &payload)?))
+        Ok(Some(MergedIndex::decode(&self.crypt, &key, &bytes)?))
     }
 
     /// What a backup may deduplicate against: the chunks of every pack that is indexed, present

@@ -37,6 +37,8 @@ pub enum ObjectKind {
     MergedIndex = 5,
     /// A catalog: summaries of many backups, for `list` (`BackupCatalog`).
     Catalog = 6,
+    /// One hash bucket of a consolidated index (`merged.rs`).
+    MergedBucket = 7,
 }
 
 /// Wraps `payload` in an envelope of `crypt`'s format version, compressing it unless it is the
