@@ -23,13 +23,14 @@ use crate::io::{self, ReadChunk};
 use crate::limits::{self, Budget};
 use crate::native::chunk;
 use crate::native::compress::Compressor;
+use crate::native::dedup::{ChunkIndex, DedupView};
 use crate::native::incremental::{self, Incremental};
 use crate::native::layout::{
     self, BackupStats, ChunkHash, Encoding, IndexEntry, Manifest, ObjectKind, PackId, PackIndex,
     RECORD_HEADER_BYTES, SourceInfo,
 };
 use crate::native::maintain;
-use crate::native::repo::{ChunkMap, Repository};
+use crate::native::repo::Repository;
 use crate::plane::{self, JobControl, PooledObject, UploadJob, Uploader, lock};
 use crate::progress::Progress;
 
@@ -129,7 +130,7 @@ struct Shared<'a> {
     progress: &'a Progress,
     control: &'a JobControl,
     /// Chunks of the repository this run may deduplicate against (read only, compact).
-    known: &'a ChunkMap,
+    known: &'a ChunkIndex<'a>,
     /// Chunks of this run: `Some(pack)` when stored, `None` when claimed by this backup.
     dedup: Mutex<HashMap<ChunkHash, Option<PackId>>>,
     /// Part buffers whose upload finished, for the packer to fill again.
@@ -235,20 +236,8 @@ pub fn run_many(
     }
     // Dedup only into packs seen to exist with their indexed size and not condemned by a mark
     // (FORMAT.md, garbage collection, B1-B2).
-    let view = repo.load_dedup_view()?;
-    for problem in &view.problems {
-        warn(problem.clone());
-    }
-    if view.missing_packs > 0 {
-        warn(format!(
-            "{} indexed pack(s) are missing ({} index entries): chunks found only there are \
-             stored again",
-            view.missing_packs, view.missing_chunks
-        ));
-    }
-    let mut known = view.chunks;
+    let mut known = dedup_view(repo, &sources, warn)?;
     let mut carried: HashMap<ChunkHash, PackId> = HashMap::new();
-    let mut excluded = view.marked;
     let mut epoch = lease.written_at();
     let (mut plan, hint_bytes) = plan_incremental(repo, options, &sources, &known, cancel, warn)?;
     let (manifests, engines) = loop {
@@ -266,6 +255,12 @@ pub fn run_many(
         let mut manifests = build_manifests(
             repo, options, &sources, collected, &known, &stored, started, started_at,
         )?;
+        for problem in known.take_problems() {
+            warn(problem);
+        }
+        if let Some(error) = known.take_failure() {
+            return Err(error.context("looking up chunks in the repository's index"));
+        }
         if let [manifest] = &mut manifests[..] {
             // What checking the change list read counts as read, whether it was trusted or not.
             manifest.stats.bytes_read += hint_bytes;
@@ -273,7 +268,7 @@ pub fn run_many(
         }
         for pack in manifests.iter().flat_map(|manifest| &manifest.packs) {
             // B2: a pack condemned by a mark this pass saw is never referenced.
-            assert!(!excluded.contains(pack), "manifest references condemned pack {pack}");
+            assert!(!known.excluded().contains(pack), "manifest references condemned pack {pack}");
         }
         // B3: a pass whose dedup decisions may be older than the grace allows re-validates.
         let now = repo.store_now()?;
@@ -303,10 +298,8 @@ pub fn run_many(
                     .into(),
             );
         }
-        excluded = marks.packs;
-        excluded.extend(lost);
-        known = known.without(&excluded);
-        carried = stored.into_iter().filter(|(_, pack)| !excluded.contains(pack)).collect();
+        known.exclude(marks.packs.into_iter().chain(lost));
+        carried = stored.into_iter().filter(|(_, pack)| !known.excluded().contains(pack)).collect();
     };
     if cancel.load(Ordering::SeqCst) {
         return Err(EngineError::new(ErrorKind::Cancelled, "backup cancelled before commit"));
@@ -325,13 +318,30 @@ pub fn run_many(
     Ok(outcomes)
 }
 
+/// The dedup view for a run over `sources` (FORMAT.md, garbage collection, B1-B2), its
+/// problems warned: lazily loaded unless the run looks up enough chunks to need all of it.
+fn dedup_view<'r>(
+    repo: &'r Repository,
+    sources: &[Source],
+    warn: &dyn Fn(String),
+) -> Result<ChunkIndex<'r>, EngineError> {
+    let chunk_bytes = u64::from(repo.config.chunk_size_bytes);
+    let lookups: u64 =
+        sources.iter().map(|source| source.source.info.size_bytes.div_ceil(chunk_bytes)).sum();
+    let view = DedupView::load(repo, lookups)?;
+    for problem in &view.problems {
+        warn(problem.clone());
+    }
+    Ok(view.chunks)
+}
+
 /// The checked incremental read of `options.incremental`, or `None` (a full read) when there is
 /// none or it cannot be trusted (`native::incremental::plan` warns why).
 fn plan_incremental(
     repo: &Repository,
     options: &BackupOptions,
     sources: &[Source],
-    known: &ChunkMap,
+    known: &ChunkIndex<'_>,
     cancel: &AtomicBool,
     warn: &dyn Fn(String),
 ) -> Result<(Option<incremental::Plan>, u64), EngineError> {
@@ -357,7 +367,7 @@ fn run_pass(
     repo: &Repository,
     options: &BackupOptions,
     sources: &[Source],
-    known: &ChunkMap,
+    known: &ChunkIndex<'_>,
     carried: HashMap<ChunkHash, PackId>,
     plan: Option<&incremental::Plan>,
     budget: &Budget,
@@ -394,7 +404,7 @@ fn build_manifests(
     options: &BackupOptions,
     sources: &[Source],
     collected: Vec<Collected>,
-    known: &ChunkMap,
+    known: &ChunkIndex<'_>,
     stored: &HashMap<ChunkHash, PackId>,
     started: Instant,
     started_at: layout::Timestamp,

@@ -18,8 +18,9 @@ use std::sync::atomic::AtomicBool;
 use crate::error::EngineError;
 use crate::io;
 use crate::native::chunk;
+use crate::native::dedup::ChunkIndex;
 use crate::native::layout::{BaseInfo, ChunkHash, Manifest};
-use crate::native::repo::{ChunkMap, Repository};
+use crate::native::repo::Repository;
 use crate::plane::{self, changes};
 
 /// What an incremental backup is told: the parent and the changes since it.
@@ -73,7 +74,7 @@ pub fn plan(
     incremental: &Incremental,
     source: &plane::Source,
     engine: io::Engine,
-    known: &ChunkMap,
+    known: &ChunkIndex<'_>,
     cancel: &AtomicBool,
     warn: &dyn Fn(String),
 ) -> Result<(Option<Plan>, u64), EngineError> {

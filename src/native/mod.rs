@@ -14,6 +14,7 @@ pub mod check;
 pub mod chunk;
 pub mod compress;
 pub mod consolidate;
+pub mod dedup;
 pub mod fresh;
 pub mod incremental;
 pub mod keys;

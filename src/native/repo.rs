@@ -359,44 +359,6 @@ impl Repository {
         Ok(Some(MergedIndex::decode(&self.crypt, &key, &bytes)?))
     }
 
-    /// What a backup may deduplicate against: the chunks of every pack that is indexed, present
-    /// with its indexed size and not condemned by a mark. Lists the marks first, then the
-    /// packs, then `index/` (one listing each), so a pack a prune deletes meanwhile is missing
-    /// from one of them, or condemned by a mark already listed. Reads every consolidated index,
-    /// then only the per-pack indexes of packs none of them covers (those written since the
-    /// last consolidation): its cost in requests is O(index objects), not O(packs).
-    ///
-    /// # Errors
-    /// Store errors (a damaged index or mark is reported in the view, not an error).
-    pub fn load_dedup_view(&self) -> Result<DedupView, EngineError> {
-        let marks = self.load_marks()?;
-        let packs = self.list_packs()?;
-        let listing = self.list_indexes()?;
-        let mut view = DedupView::default();
-        view.problems.extend(
-            marks.unreadable.into_iter().map(|(key, detail)| {
-                format!("{key}: {detail} (its packs are kept; dedup continues)")
-            }),
-        );
-        // Sized once: a consolidated index holds about one entry per 48 bytes (hashes do not
-        // compress), so growing by doubling, which would peak at twice the map, is avoided.
-        let mut map = ChunkMapBuilder::default();
-        let merged_bytes: u64 = listing.merged.iter().map(|(_, object)| object.size_bytes).sum();
-        map.reserve(usize::try_from(merged_bytes / 48).unwrap_or(0));
-        let state = Mutex::new(ViewBuilder { view, map, packs: &packs, marked: &marks.packs });
-        // A damaged index is reported and skipped; a store error fails the backup (a retried
-        // failure is not damage, and skipping would store its chunks again for nothing).
-        let problems = self.visit_indexes(&listing, |index, consolidated| {
-            lock(&state).add(index, consolidated);
-        })?;
-        let ViewBuilder { mut view, map, .. } =
-            state.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        view.chunks = map.build();
-        view.marked = marks.packs;
-        view.problems.extend(problems);
-        Ok(view)
-    }
-
     /// Calls `visit` with every readable index `listing` shows: every consolidated index's
     /// packs (`true`), then the own index of each pack none of them holds (`false`). A pack
     /// may be visited more than once (held by two consolidated indexes). Returns the damaged
@@ -896,20 +858,6 @@ pub struct Marks {
 }
 
 /// What a backup may deduplicate against (`Repository::load_dedup_view`).
-#[derive(Debug, Clone, Default)]
-pub struct DedupView {
-    /// Chunk to a pack that holds it and is usable.
-    pub chunks: ChunkMap,
-    /// Packs condemned by a mark: never deduplicated into.
-    pub marked: HashSet<PackId>,
-    /// Indexed packs that are missing.
-    pub missing_packs: usize,
-    /// Index entries of missing packs.
-    pub missing_chunks: usize,
-    /// Damaged indexes, marks or packs, for warnings.
-    pub problems: Vec<String>,
-}
-
 /// What `index/` holds (`Repository::list_indexes`).
 #[derive(Debug, Clone, Default)]
 pub struct IndexListing {
@@ -917,139 +865,6 @@ pub struct IndexListing {
     pub per_pack: HashMap<PackId, DatedObject>,
     /// Consolidated indexes `index/merged/<id>`.
     pub merged: Vec<(PackId, DatedObject)>,
-}
-
-/// The dedup view while its indexes load.
-struct ViewBuilder<'a> {
-    view: DedupView,
-    map: ChunkMapBuilder,
-    packs: &'a HashMap<PackId, DatedObject>,
-    marked: &'a HashSet<PackId>,
-}
-
-impl ViewBuilder<'_> {
-    /// Takes `index`'s chunks if its pack is usable. A pack seen twice (in its own index and
-    /// a consolidated one, or in two consolidated ones) is the same immutable pack: the first
-    /// copy counts. A consolidated index's entries for a pack that is gone are dead (a sweep
-    /// deletes packs without rewriting consolidated indexes), not a problem.
-    fn add(&mut self, index: &PackIndex, consolidated: bool) {
-        if self.map.has_pack(&index.pack) {
-            return;
-        }
-        let usable = match self.packs.get(&index.pack) {
-            None if consolidated => false,
-            None => {
-                self.view.missing_packs += 1;
-                self.view.missing_chunks += index.entries.len();
-                false
-            }
-            Some(object) if object.size_bytes != index.pack_size_bytes => {
-                self.view.problems.push(format!(
-                    "pack {} has {} bytes, its index says {} (its chunks are stored again)",
-                    object.key, object.size_bytes, index.pack_size_bytes
-                ));
-                false
-            }
-            Some(_) => !self.marked.contains(&index.pack),
-        };
-        self.map.add_pack(index.pack, if usable { &index.entries[..] } else { &[] });
-    }
-}
-
-/// Bytes of memory per chunk in a `ChunkMap`: the 32-byte hash and a 4-byte pack ordinal.
-pub const CHUNK_MAP_BYTES_PER_CHUNK: usize = std::mem::size_of::<(ChunkHash, u32)>();
-
-/// Which pack holds each known chunk, in a compact form: one sorted array of (hash, pack
-/// ordinal) and the table of packs, `CHUNK_MAP_BYTES_PER_CHUNK` (36) bytes per chunk and 16
-/// per pack, against about 60 per chunk for a `HashMap<ChunkHash, PackId>`.
-#[derive(Debug, Clone, Default)]
-pub struct ChunkMap {
-    entries: Vec<(ChunkHash, u32)>,
-    packs: Vec<PackId>,
-}
-
-impl ChunkMap {
-    /// The pack holding `hash`, if known.
-    pub fn get(&self, hash: &ChunkHash) -> Option<PackId> {
-        let position = self.entries.binary_search_by(|(probe, _)| probe.cmp(hash)).ok()?;
-        Some(self.packs[self.entries[position].1 as usize])
-    }
-
-    /// Chunks known.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether no chunk is known.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Bytes of memory the map holds.
-    pub fn memory_bytes(&self) -> usize {
-        self.entries.capacity() * CHUNK_MAP_BYTES_PER_CHUNK
-            + self.packs.capacity() * std::mem::size_of::<PackId>()
-    }
-
-    /// The map without the chunks of `excluded` packs.
-    pub fn without(&self, excluded: &HashSet<PackId>) -> ChunkMap {
-        let entries = self
-            .entries
-            .iter()
-            .filter(|(_, ordinal)| !excluded.contains(&self.packs[*ordinal as usize]))
-            .copied()
-            .collect();
-        ChunkMap { entries, packs: self.packs.clone() }
-    }
-
-    /// Every (hash, pack), in hash order.
-    pub fn iter(&self) -> impl Iterator<Item = (ChunkHash, PackId)> + '_ {
-        self.entries.iter().map(|(hash, ordinal)| (*hash, self.packs[*ordinal as usize]))
-    }
-}
-
-/// Builds a `ChunkMap` pack by pack.
-#[derive(Debug, Default)]
-pub struct ChunkMapBuilder {
-    entries: Vec<(ChunkHash, u32)>,
-    packs: Vec<PackId>,
-    seen: HashSet<PackId>,
-}
-
-impl ChunkMapBuilder {
-    /// Makes room for `entries` more chunks.
-    pub fn reserve(&mut self, entries: usize) {
-        self.entries.reserve_exact(entries);
-    }
-
-    /// Whether `pack` was added.
-    pub fn has_pack(&self, pack: &PackId) -> bool {
-        self.seen.contains(pack)
-    }
-
-    /// Adds `pack` with `entries` (none: the pack is known but not usable).
-    ///
-    /// # Panics
-    /// Past 2^32 packs.
-    pub fn add_pack(&mut self, pack: PackId, entries: &[IndexEntry]) {
-        if !self.seen.insert(pack) || entries.is_empty() {
-            return;
-        }
-        let ordinal = u32::try_from(self.packs.len()).expect("fewer than 2^32 packs");
-        self.packs.push(pack);
-        self.entries.extend(entries.iter().map(|entry| (entry.hash, ordinal)));
-    }
-
-    /// The map (a chunk held by several packs maps to one of them).
-    pub fn build(self) -> ChunkMap {
-        let mut entries = self.entries;
-        entries.sort_unstable_by_key(|entry| entry.0);
-        // No shrink: it would copy the whole array (twice the memory at its peak).
-        entries.dedup_by(|a, b| a.0 == b.0);
-        let mut packs = self.packs;
-        packs.shrink_to_fit();
-        ChunkMap { entries, packs }
-    }
 }
 
 /// Applies `f` to every item with up to `threads` calls at once; returns results in item order

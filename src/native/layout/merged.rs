@@ -112,8 +112,7 @@ impl MergedIndex {
     pub fn encode(&self, crypt: &Crypt) -> Vec<u8> {
         assert!(self.packs.len() <= MERGED_PACKS_MAX, "too many packs in one merged index");
         assert!(self.packs.windows(2).all(|w| w[0].pack < w[1].pack), "packs sorted, distinct");
-        let mut buckets: Vec<Vec<(ChunkHash, u32, IndexEntry)>> =
-            vec![Vec::new(); MERGED_BUCKETS];
+        let mut buckets: Vec<Vec<(ChunkHash, u32, IndexEntry)>> = vec![Vec::new(); MERGED_BUCKETS];
         for (ordinal, pack) in self.packs.iter().enumerate() {
             let ordinal = u32::try_from(ordinal).expect("at most MERGED_PACKS_MAX");
             for entry in &pack.entries {
@@ -122,7 +121,7 @@ impl MergedIndex {
         }
         let mut encoded_buckets = Vec::with_capacity(MERGED_BUCKETS);
         for bucket in &mut buckets {
-            bucket.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+            bucket.sort_unstable_by_key(|entry| (entry.0, entry.1));
             let mut payload = Vec::with_capacity(bucket.len() * BUCKET_ENTRY_BYTES);
             for (hash, ordinal, entry) in bucket.iter() {
                 payload.extend_from_slice(&hash.0);
@@ -588,7 +587,8 @@ mod tests {
         let merged = sample();
         for crypt in crypts() {
             let bytes = merged.encode(&crypt);
-            let HeadRead::NeedBytes(needed) = MergedHead::decode(&crypt, "m", &bytes[..20]).unwrap()
+            let HeadRead::NeedBytes(needed) =
+                MergedHead::decode(&crypt, "m", &bytes[..20]).unwrap()
             else {
                 panic!("a short prefix is not a head");
             };
@@ -600,7 +600,12 @@ mod tests {
             assert_eq!(head.supersedes, merged.supersedes);
             let read = |bucket: usize| {
                 let (offset, length) = head.bucket_range(bucket);
-                head.decode_bucket(&crypt, "m", bucket, &bytes[offset as usize..][..length as usize])
+                head.decode_bucket(
+                    &crypt,
+                    "m",
+                    bucket,
+                    &bytes[offset as usize..][..length as usize],
+                )
             };
             let found = read(2).unwrap();
             assert_eq!(found.len(), 1);
