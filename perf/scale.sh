@@ -23,9 +23,12 @@ chunks_per_pack=${CHUNKS_PER_PACK:-32}
 backups=${BACKUPS:-10000}
 rm -rf "$work"
 mkdir -p "$work"
-cargo build --release --locked --bins >&2
-bench=target/release/bench
-ferry=target/release/ferry
+# FERRY_BIN_DIR: binaries built elsewhere (so that a long run is not disturbed by a rebuild).
+if [[ -z "${FERRY_BIN_DIR:-}" ]]; then
+    cargo build --release --locked --bins >&2
+fi
+bench=${FERRY_BIN_DIR:-target/release}/bench
+ferry=${FERRY_BIN_DIR:-target/release}/ferry
 head -c 4194304 /dev/urandom > "$work/source.img"
 
 # measure LABEL ARGS...: RUNS runs (default 3) of `ferry ARGS`, one table row each.

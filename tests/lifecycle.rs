@@ -177,7 +177,9 @@ fn repack_on_garage() {
     std::fs::write(&w, shared).unwrap();
     let backup = |source: &Path| {
         let args = ["--io-engine", "pread", "backup", "--source", source.to_str().unwrap()];
-        let result = repo.ferry(&[&args[..], &["--pack-size", "4M"]].concat()).ok();
+        // One worker: chunks reach the packer in order, so which chunks share a pack is known.
+        let result =
+            repo.ferry(&[&args[..], &["--pack-size", "4M", "--workers", "1"]].concat()).ok();
         result["backup_id"].as_str().unwrap().to_owned()
     };
     let first = backup(&v);

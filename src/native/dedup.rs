@@ -130,22 +130,27 @@ impl<'r> DedupView<'r> {
                     Err(error) => Err(error),
                 }
             })?;
-        let mut covered = HashSet::new();
+        let mut added = HashSet::new();
         let mut heads = Vec::new();
         for ((_, object), opened) in listing.merged.iter().zip(opened) {
             match opened {
                 Opened::Gone => {}
                 Opened::Damaged(problem) => problems.push(problem),
                 Opened::Whole(_) => unreachable!("added above"),
-                Opened::Added(packs) => covered.extend(packs),
-                Opened::Head(head) => {
-                    covered.extend(head.packs.iter().map(|pack| pack.pack));
-                    heads.push((object.key.clone(), head));
-                }
+                Opened::Added(packs) => added.extend(packs),
+                Opened::Head(head) => heads.push((object.key.clone(), head)),
             }
         }
+        // A head's packs are sorted: a per-pack index is looked up in each (no set of every
+        // pack is built).
+        let covered = |pack: &PackId| {
+            added.contains(pack)
+                || heads.iter().any(|(_, head): &(String, MergedHead)| {
+                    head.packs.binary_search_by_key(pack, |known| known.pack).is_ok()
+                })
+        };
         let uncovered: Vec<PackId> =
-            listing.per_pack.keys().filter(|pack| !covered.contains(*pack)).copied().collect();
+            listing.per_pack.keys().filter(|pack| !covered(pack)).copied().collect();
         let loaded =
             parallel_map(&uncovered, INDEXES_IN_FLIGHT, |pack| match repo.load_index(pack) {
                 Ok(loaded) => {
