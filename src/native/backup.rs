@@ -227,7 +227,8 @@ pub fn run_many(
         .map_err(|message| EngineError::new(ErrorKind::Usage, message))?;
     // The lease tells later jobs this one is running; upkeep aborts uploads a killed job left.
     let lease = maintain::take_lease(repo, "backup")?;
-    let upkeep = maintain::abort_abandoned_uploads(repo, &lease)?;
+    let upkeep =
+        maintain::abort_abandoned_uploads(repo, &lease, maintain::UploadSweep::IfADeadLease)?;
     if !upkeep.aborted_uploads.is_empty() {
         warn(format!(
             "aborted {} multipart upload(s) left by an interrupted backup",

@@ -253,7 +253,7 @@ pub fn prune(
     let upkeep = if dry_run {
         maintain::RepairReport::default()
     } else {
-        maintain::abort_abandoned_uploads(repo, &lease)?
+        maintain::abort_abandoned_uploads(repo, &lease, maintain::UploadSweep::Always)?
     };
     let leases = maintain::other_leases(repo, &lease, now)?;
     // Marks, then manifests, then packs and indexes (the order of G2).

@@ -8,7 +8,8 @@
 //! another process with the same pid), or another host and older than
 //! the repository's foreign-lease age (`gc::GcTiming`) by the store's clock. A multipart upload under `packs/` is
 //! abandoned when no other live lease exists, or when it was initiated before every live lease
-//! was written; `abort_abandoned_uploads` aborts those at the start of each backup and prune.
+//! was written; `abort_abandoned_uploads` aborts those at the start of each prune and repair, and
+//! of each backup that finds a dead lease (`UploadSweep`).
 //!
 //! `repair` never deletes a pack: a pack without an index is either being written (its index
 //! follows), condemned by a mark (prune deletes it), or lost its index; the index of a pack
@@ -211,6 +212,18 @@ pub struct RepairReport {
     pub missing_referenced_packs: Vec<(String, String)>,
 }
 
+/// When upkeep lists the multipart uploads under `packs/` (a listing that costs O(objects
+/// under `packs/`) on some stores: 2.6 s at 100,000 packs on Garage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadSweep {
+    /// Every time (prune, repair).
+    Always,
+    /// Only when a dead lease is found (backups): a killed job leaves its lease, and upkeep
+    /// deletes a dead lease only after aborting the uploads; an upload left by another failure
+    /// (an abort that failed as the job ended) waits for the next prune.
+    IfADeadLease,
+}
+
 /// Aborts multipart uploads no live job can own and removes dead leases, judged by the store's
 /// clock at `own`'s writing.
 ///
@@ -219,6 +232,7 @@ pub struct RepairReport {
 pub fn abort_abandoned_uploads(
     repo: &Repository,
     own: &Lease<'_>,
+    sweep: UploadSweep,
 ) -> Result<RepairReport, EngineError> {
     let leases = other_leases(repo, own, own.written_at())?;
     let oldest_live = leases.iter().filter(|lease| lease.live).map(|lease| lease.written_at).min();
@@ -226,7 +240,13 @@ pub fn abort_abandoned_uploads(
         live_jobs: leases.iter().filter(|lease| lease.live).count(),
         ..Default::default()
     };
-    for upload in repo.store.multipart_list(PACKS_PREFIX)? {
+    let dead = leases.iter().any(|lease| !lease.live);
+    let uploads = if sweep == UploadSweep::Always || dead {
+        repo.store.multipart_list(PACKS_PREFIX)?
+    } else {
+        Vec::new()
+    };
+    for upload in uploads {
         let abandoned = match (oldest_live, upload.initiated_unix) {
             (None, _) => true,
             (Some(oldest), Some(initiated)) => initiated + repo.config.gc().margin_secs < oldest,
@@ -256,7 +276,7 @@ pub fn abort_abandoned_uploads(
 pub fn repair(repo: &Repository, warn: &dyn Fn(String)) -> Result<RepairReport, EngineError> {
     let lease = take_lease(repo, "repair")?;
     let now = lease.written_at();
-    let mut report = abort_abandoned_uploads(repo, &lease)?;
+    let mut report = abort_abandoned_uploads(repo, &lease, UploadSweep::Always)?;
     // Marks first: a pack condemned later cannot be swept before this pass ends (grace).
     let marks = repo.load_marks()?;
     let mut referenced: HashSet<PackId> = HashSet::new();
@@ -375,5 +395,39 @@ mod tests {
         let foreign = LeaseInfo { boot_id: "other-host".into(), ..me.clone() };
         assert!(foreign.is_live(timing.lease_foreign_max_age_secs - 1, &timing));
         assert!(!foreign.is_live(timing.lease_foreign_max_age_secs, &timing));
+    }
+
+    // A backup's upkeep lists (and aborts) uploads only when it finds a dead lease; prune's
+    // and repair's every time.
+    #[test]
+    fn a_backup_sweeps_uploads_only_after_a_kill() {
+        use std::sync::Arc;
+
+        use crate::native::memstore::MemStore;
+        let store = MemStore::new(1_795_694_400);
+        let repo = Repository::init_with(
+            Box::new(Arc::clone(&store)),
+            1 << 20,
+            gc::GcTiming::DEFAULT,
+            None,
+        )
+        .unwrap();
+        let pending = |store: &Arc<MemStore>| store.multipart_list(PACKS_PREFIX).unwrap().len();
+        let key = PackId([7; 16]).pack_key();
+        let _ = store.multipart_begin(&key).unwrap();
+        let own = take_lease(&repo, "backup").unwrap();
+        let report = abort_abandoned_uploads(&repo, &own, UploadSweep::IfADeadLease).unwrap();
+        assert!(report.aborted_uploads.is_empty());
+        assert_eq!(pending(&store), 1, "no job was killed: left for prune");
+        let killed = LeaseInfo { pid: u32::MAX - 1, ..this_process("backup") };
+        let body = Bytes::from(serde_json::to_vec(&killed).unwrap());
+        store.put(&format!("{LOCKS_PREFIX}killed"), body).unwrap();
+        let report = abort_abandoned_uploads(&repo, &own, UploadSweep::IfADeadLease).unwrap();
+        assert_eq!((report.aborted_uploads.len(), report.removed_leases), (1, 1));
+        assert_eq!(pending(&store), 0);
+        let _ = store.multipart_begin(&key).unwrap();
+        let report = abort_abandoned_uploads(&repo, &own, UploadSweep::Always).unwrap();
+        assert_eq!(report.aborted_uploads.len(), 1);
+        assert_eq!(pending(&store), 0);
     }
 }
