@@ -104,21 +104,26 @@ fn passphrase_source(value: &str, file: &str) -> Result<KeySource, EngineError> 
     })
 }
 
-/// Reads and parses the key file at `path` (`what` names where the path came from). Its
-/// material is registered for scrubbing.
+/// Reads and parses the key file at `path` (`what` names where the path came from): a regular
+/// file or a pipe (`--key-file <(vault read ...)`), at most `KEY_FILE_BYTES_MAX` bytes of it.
+/// Its contents are registered for scrubbing.
 ///
 /// # Errors
-/// `Usage` when it cannot be read, is not a regular file, or is not a key file (the message
-/// states the rule and never quotes the contents).
+/// `Usage` when it cannot be read, is another kind of file (a directory, a device), or is not
+/// a key file (the message states the rule and never quotes the contents).
 pub fn read_key_file(path: &Path, what: &str) -> Result<KeyFile, EngineError> {
+    use std::os::unix::fs::FileTypeExt as _;
     let shown = path.display();
     let cannot = |error: std::io::Error| usage(format!("{what}: cannot read {shown}: {error}"));
-    let file = std::fs::File::open(path).map_err(cannot)?;
-    let metadata = file.metadata().map_err(cannot)?;
-    if !metadata.is_file() {
-        return Err(usage(format!("{what}: {shown} is not a regular file, so no key file")));
+    // Checked before opening: opening a device could block or have effects.
+    let kind = std::fs::metadata(path).map_err(cannot)?.file_type();
+    if !kind.is_file() && !kind.is_fifo() {
+        return Err(usage(format!(
+            "{what}: {shown} is neither a regular file nor a pipe, so no key file"
+        )));
     }
     let mut text = Vec::new();
+    let file = std::fs::File::open(path).map_err(cannot)?;
     let _ = file.take(KEY_FILE_BYTES_MAX + 1).read_to_end(&mut text).map_err(cannot)?;
     if text.len() as u64 > KEY_FILE_BYTES_MAX {
         return Err(usage(format!(

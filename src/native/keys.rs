@@ -177,7 +177,26 @@ pub fn unlock(
             ),
         ));
     }
-    let tried = if kind == KeyKind::Passphrase { passphrases } else { key_files };
+    let (tried, others) = if kind == KeyKind::Passphrase {
+        (passphrases, key_files)
+    } else {
+        (key_files, passphrases)
+    };
+    let other = if kind == KeyKind::Passphrase { KeyKind::KeyFile } else { KeyKind::Passphrase };
+    if tried == 0 {
+        let give = match other {
+            KeyKind::KeyFile => "give a key file with --key-file or FERRY_KEY_FILE",
+            KeyKind::Passphrase => "give a passphrase in FERRY_PASSPHRASE or FERRY_PASSPHRASE_FILE",
+        };
+        let message = format!(
+            "no key object of the repository at {} opens with a {}: its {others} key objects are \
+             {} keys ({give})",
+            store.describe(),
+            kind.name(),
+            other.name()
+        );
+        return Err(refused(message, &loaded.problems));
+    }
     let secret = source.resolve("repository passphrase: ", &missing)?;
     let mut problems = loaded.problems.clone();
     for (id, _, object) in loaded.of_kind(kind) {
@@ -201,10 +220,15 @@ pub fn unlock(
             if kind == KeyKind::Passphrase { KeyKind::KeyFile } else { KeyKind::Passphrase };
         message.push_str(&format!(" ({others} other key objects are {} keys)", other.name()));
     }
+    Err(refused(message, &problems))
+}
+
+/// `KeyRefused` with `message` and the key objects that could not be tried.
+fn refused(mut message: String, problems: &[String]) -> EngineError {
     if !problems.is_empty() {
         message.push_str(&format!(" ({})", problems.join("; ")));
     }
-    Err(EngineError::new(ErrorKind::KeyRefused, message))
+    EngineError::new(ErrorKind::KeyRefused, message)
 }
 
 /// An opened encrypted repository's keys, for the key commands (`Repository::key_ring`).
@@ -355,10 +379,16 @@ mod tests {
         assert_eq!(unlocks(&store, &key_file(1)).unwrap(), by_file);
         let wrong = unlocks(&store, &key_file(2)).unwrap_err();
         assert_eq!(wrong.kind, ErrorKind::KeyRefused);
-        assert!(wrong.message.contains("wrong key file: none of the 1 key file"), "{wrong:?}");
-        assert!(wrong.message.contains("1 other key objects are passphrase keys"), "{wrong:?}");
+        assert!(wrong.message.contains("wrong key file: none of the 1 key file keys"), "{wrong:?}");
+        assert!(wrong.message.contains("not tried: 1 passphrase keys"), "{wrong:?}");
         let wrong = unlocks(&store, &passphrase("not it")).unwrap_err();
         assert!(wrong.message.contains("wrong passphrase: none of the 1 passphrase"), "{wrong:?}");
+        // A kind the repository has no key of: refused, saying which kind it has.
+        let only_pass = MemStore::new(0);
+        let _ = write(&only_pass, &passphrase("correct horse"));
+        let refused = unlocks(&only_pass, &key_file(1)).unwrap_err();
+        assert_eq!(refused.kind, ErrorKind::KeyRefused);
+        assert!(refused.message.contains("its 1 key objects are passphrase keys"), "{refused:?}");
         let none = unlocks(&store, &KeySource::None).unwrap_err();
         assert_eq!(none.kind, ErrorKind::KeyNeeded);
         assert!(none.message.contains("FERRY_KEY_FILE"), "{none:?}");
