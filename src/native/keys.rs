@@ -210,15 +210,12 @@ pub fn unlock(
     }
     let wrong = if kind == KeyKind::Passphrase { "wrong passphrase" } else { "wrong key file" };
     let mut message = format!(
-        "{wrong}: none of the {tried} {} key objects of the repository at {} opens with it",
+        "{wrong}: none of the {tried} {} keys of the repository at {} opens with it",
         kind.name(),
         store.describe()
     );
-    let others = loaded.objects.len() - tried;
     if others > 0 {
-        let other =
-            if kind == KeyKind::Passphrase { KeyKind::KeyFile } else { KeyKind::Passphrase };
-        message.push_str(&format!(" ({others} other key objects are {} keys)", other.name()));
+        message.push_str(&format!(" (not tried: {others} {} keys)", other.name()));
     }
     Err(refused(message, &problems))
 }
