@@ -420,8 +420,7 @@ fn check_key_file_flag(cli: &Cli) -> Result<(), EngineError> {
             "key generate-file writes the key file its argument names"
         }
         Command::Init(args) if !args.encrypt => {
-            "init creates an unencrypted repository without \
-                                                  --encrypt"
+            "init creates an unencrypted repository without --encrypt"
         }
         _ => return Ok(()),
     };
@@ -703,13 +702,18 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
     if let Some(result) = maintain::dispatch(cli, output, cancel) {
         return result;
     }
+    // The key of a new encrypted repository first: a missing or bad one leaves nothing behind
+    // (opening the store for `init` creates a local repository's directory).
+    let encryption = match &cli.command {
+        Command::Init(args) if args.encrypt => Some(new_encryption(cli)?),
+        _ => None,
+    };
     let store = config::open_store(&store_args(cli))?;
     let describe = store.describe();
     let open = |store| Repository::open_with(store, &keys::key_source(cli.key_file.as_deref())?);
     match &cli.command {
         Command::Init(args) => {
             output.start(Start::Repository { repository: describe.clone() });
-            let encryption = if args.encrypt { Some(new_encryption(cli)?) } else { None };
             let repo = Repository::init_with(store, args.chunk_size, args.gc_grace, encryption)?;
             output.result(
                 Done::Init {
