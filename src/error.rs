@@ -31,11 +31,12 @@ pub enum ErrorKind {
     /// The storage cluster's control API failed: unreachable, token refused, a resource stuck or
     /// failed, a local journal of cluster resources that cannot be written.
     Cluster,
-    /// No key object of an encrypted repository opens with the passphrase given (a wrong
-    /// passphrase, or `keys/` gone or unreadable).
+    /// No key object of an encrypted repository opens with the passphrase or key file given (a
+    /// wrong one, or `keys/` gone or unreadable).
     KeyRefused,
     /// An encrypted repository and no passphrase (`FERRY_PASSPHRASE`, `FERRY_PASSPHRASE_FILE`,
-    /// or a terminal to prompt on), or a passphrase for a repository that is not encrypted.
+    /// or a terminal to prompt on) nor key file (`--key-file`, `FERRY_KEY_FILE`), or one given
+    /// for a repository that is not encrypted.
     KeyNeeded,
 }
 

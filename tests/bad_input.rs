@@ -465,6 +465,32 @@ const ROWS: &[Row] = &[
     ),
     row("backup id: unknown", &["show", "20990101T000000Z-00000000"], 7, &["does not exist"]),
     row("delete: unknown", &["delete", "20990101T000000Z-00000000"], 7, &["does not exist"]),
+    // 22. Key files: missing, not a file, too big, malformed, given with a passphrase, or where
+    // they do not apply; an existing file is never overwritten by a new key.
+    row("key file: missing", &["--key-file", "{scratch}/no.key", "list"], 2, &["cannot read"]),
+    row("key file: a directory", &["--key-file", "{dir}", "list"], 2, &["nor a pipe"]),
+    row("key file: a disk image", &["--key-file", "{src}", "list"], 2, &["more than 1024"]),
+    with_env(
+        "FERRY_KEY_FILE: a text file",
+        &[("FERRY_KEY_FILE", "dir/notes.txt")],
+        &["list"],
+        2,
+        &["FERRY_KEY_FILE", "64 hex digits"],
+    ),
+    with_env(
+        "key file and passphrase",
+        &[("FERRY_KEY_FILE", "dir/notes.txt"), ("FERRY_PASSPHRASE", "a passphrase here")],
+        &["list"],
+        2,
+        &["both a key file", "FERRY_PASSPHRASE"],
+    ),
+    row(
+        "key file: init without --encrypt",
+        &["--repo", "{scratch}/new", "--key-file", "{src}", "init"],
+        2,
+        &["--key-file", "--encrypt"],
+    ),
+    row("key generate-file: existing", &["key", "generate-file", "{src}"], 8, &["overwritten"]),
 ];
 
 /// The shared scene: a local repository with one backup, its source, a target holding data, a

@@ -507,18 +507,29 @@ fn every_flag_applies_or_is_refused() {
         ferry(&["restore", "b", "--target", target.to_str().unwrap(), "--cinder-volume-id", &vid]);
     assert!(run.fails(2).contains("--cinder-volume-id"));
     assert!(!target.exists());
-    // Encryption (a passphrase in the environment) applies to the native format only: Cinder's
-    // has none of its own.
+    // Encryption (a passphrase in the environment, a key file named by the environment or
+    // --key-file) applies to the native format only: Cinder's has none of its own.
     let file = dir.join("passphrase");
     std::fs::write(&file, "a passphrase\n").unwrap();
-    for (name, value) in
-        [("FERRY_PASSPHRASE", "a passphrase"), ("FERRY_PASSPHRASE_FILE", file.to_str().unwrap())]
-    {
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, format!("{}\n", "5a".repeat(32))).unwrap();
+    let key_file = key_file.to_str().unwrap();
+    for (name, value) in [
+        ("FERRY_PASSPHRASE", "a passphrase"),
+        ("FERRY_PASSPHRASE_FILE", file.to_str().unwrap()),
+        ("FERRY_KEY_FILE", key_file),
+        ("--key-file", key_file),
+    ] {
         let cinder = ["--format", "cinder", "--cinder-volume-id", vid.as_str()];
         for (format, flags) in [("native", &[][..]), ("cinder", &cinder[..])] {
             let mut args = vec!["restore", "no-such-backup", "--target", target.to_str().unwrap()];
             args.extend(flags);
-            let run = ferry_env(&args, &[(name, value)]);
+            let run = if name.starts_with("--") {
+                args.extend([name, value]);
+                ferry(&args)
+            } else {
+                ferry_env(&args, &[(name, value)])
+            };
             if format == "cinder" {
                 assert!(run.fails(2).contains(name), "{format} {name}: {}", run.stderr);
             } else {

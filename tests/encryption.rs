@@ -521,3 +521,187 @@ fn unencrypted_repositories_stay_version_1() {
     repo.restore(&id, &target, "pread", &[]).ok();
     assert_same(&source, &target, MIB);
 }
+
+/// Runs ferry with only the key file `--key-file` names.
+fn with_key_file(repo: &Repo, key_file: &Path, args: &[&str]) -> Run {
+    let mut all = vec!["--key-file", key_file.to_str().unwrap()];
+    all.extend_from_slice(args);
+    repo.ferry(&all)
+}
+
+/// Asserts that no event or message of `run` holds the material of any of `key_files`.
+fn prints_no_key_material(run: &Run, key_files: &[&Path]) {
+    let printed = format!("{}{:?}", run.stderr, run.events).to_ascii_lowercase();
+    for key_file in key_files {
+        let material = std::fs::read_to_string(key_file).unwrap();
+        let material = material.trim();
+        assert_eq!(material.len(), 64);
+        assert!(!printed.contains(material), "key material printed: {printed}");
+        // Nor half of it.
+        assert!(!printed.contains(&material[..32]) && !printed.contains(&material[32..]));
+    }
+}
+
+/// A repository whose first key is a key file: generate it (mode 0600, never overwritten),
+/// `init --encrypt --key-file`, back up and restore byte-identical (the key file from
+/// `FERRY_KEY_FILE`), a wrong, missing or malformed key file or one given with a passphrase
+/// refused with its exit code and nothing written to the target; add a passphrase key, remove
+/// the key-file key, restore with the passphrase; add a key file while opened with the
+/// passphrase; `key passwd` refused with a key file.
+fn key_file_lifecycle(repo: &Repo, scratch: &Scratch) {
+    use std::os::unix::fs::PermissionsExt;
+    let key_file = scratch.join("repo.key");
+    let generated = repo.ferry(&["key", "generate-file", key_file.to_str().unwrap()]);
+    assert_eq!(generated.ok()["path"], key_file.to_str().unwrap());
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let material = std::fs::read(&key_file).unwrap();
+    assert_eq!(material.len(), 65);
+    // Never over an existing file (exit 8): the file is unchanged.
+    repo.ferry(&["key", "generate-file", key_file.to_str().unwrap()]).fails(8);
+    assert_eq!(std::fs::read(&key_file).unwrap(), material);
+    prints_no_key_material(&generated, &[&key_file]);
+    let init = with_key_file(repo, &key_file, &["init", "--encrypt", "--chunk-size", "256K"]);
+    init.ok();
+    prints_no_key_material(&init, &[&key_file]);
+    let source = scratch.join("a.img");
+    gen_image(&source, 2 * MIB, "mixed", 5);
+    let backup = with_key_file(repo, &key_file, &["backup", "--source", source.to_str().unwrap()]);
+    let id = backup_id(&backup.ok());
+    let target = scratch.join("out.img");
+    let restore = ["restore", id.as_str(), "--target", target.to_str().unwrap()];
+    repo.ferry_env(&restore, &[("FERRY_KEY_FILE", key_file.to_str().unwrap())]).ok();
+    assert_same(&source, &target, 2 * MIB);
+    std::fs::remove_file(&target).unwrap();
+    let listed = with_key_file(repo, &key_file, &["key", "list"]).ok();
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["keys"][0]["kind"], "key-file");
+    assert_eq!(listed["keys"][0]["current"], true);
+    assert!(listed["keys"][0].get("kdf_memory_kib").is_none(), "{listed}");
+    let file_key = listed["keys"][0]["key_id"].as_str().unwrap().to_string();
+    // Wrong key file: exit 10 (like a wrong passphrase), nothing written, no material printed.
+    let other = scratch.join("other.key");
+    repo.ferry(&["key", "generate-file", other.to_str().unwrap()]).ok();
+    let wrong = with_key_file(repo, &other, &restore);
+    assert!(wrong.fails(10).contains("wrong key file"), "{}", wrong.stderr);
+    assert!(!target.exists());
+    prints_no_key_material(&wrong, &[&key_file, &other]);
+    // A missing, a malformed, an oversized key file: exit 2, nothing written.
+    let malformed = scratch.join("malformed.key");
+    std::fs::write(&malformed, &material[..40]).unwrap();
+    for (path, expected) in [
+        (scratch.join("missing.key"), "cannot read"),
+        (malformed.clone(), "64 hex digits"),
+        (source.clone(), "not a key file"),
+    ] {
+        let run = with_key_file(repo, &path, &restore);
+        assert!(run.fails(2).contains(expected), "{}: {}", path.display(), run.stderr);
+        assert!(!target.exists());
+    }
+    let malformed_run = with_key_file(repo, &malformed, &restore);
+    assert!(!malformed_run.stderr.contains(std::str::from_utf8(&material[..40]).unwrap()));
+    // A key file and a passphrase at once: ambiguous, exit 2.
+    let both =
+        repo.ferry_env(&["--key-file", key_file.to_str().unwrap(), "list"], &with_pass(PASSPHRASE));
+    assert!(both.fails(2).contains("both a key file"), "{}", both.stderr);
+    // A passphrase opens nothing yet (no passphrase key): exit 10, naming the key file keys.
+    let refused = run(repo, &["list"]).fails(10);
+    assert!(refused.contains("key file"), "{refused}");
+    // key passwd with a key file: refused (exit 2) before anything is written.
+    let passwd = repo.ferry_env(
+        &["--key-file", key_file.to_str().unwrap(), "key", "passwd"],
+        &[("FERRY_NEW_PASSPHRASE", PASSPHRASE)],
+    );
+    assert!(passwd.fails(2).contains("key add --new-key-file"), "{}", passwd.stderr);
+    assert_eq!(with_key_file(repo, &key_file, &["key", "list"]).ok()["keys"], listed["keys"]);
+    // Add a passphrase key while opened with the key file, remove the key-file key while
+    // opened with the passphrase, restore with the passphrase.
+    let added = repo.ferry_env(
+        &["--key-file", key_file.to_str().unwrap(), "key", "add"],
+        &[("FERRY_NEW_PASSPHRASE", PASSPHRASE)],
+    );
+    let pass_key = added.ok()["key_id"].as_str().unwrap().to_string();
+    run(repo, &["key", "remove", &file_key]).ok();
+    with_key_file(repo, &key_file, &restore).fails(10);
+    assert!(!target.exists());
+    run(repo, &restore).ok();
+    assert_same(&source, &target, 2 * MIB);
+    // And back: a key file added while opened with the passphrase opens the repository; the
+    // passphrase key can go.
+    let added = run(repo, &["key", "add", "--new-key-file", other.to_str().unwrap()]).ok();
+    let other_key = added["key_id"].as_str().unwrap().to_string();
+    with_key_file(repo, &other, &["key", "remove", &pass_key]).ok();
+    let listed = with_key_file(repo, &other, &["key", "list"]).ok();
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["keys"][0]["key_id"], other_key.as_str());
+    assert_eq!(listed["keys"][0]["kind"], "key-file");
+    with_key_file(repo, &other, &["verify", &id, "--read-data"]).ok();
+    // A key file for an unencrypted repository: exit 11, nothing written.
+    let plain = Repo::Local(scratch.join("plain"));
+    plain.init("1M");
+    let run = with_key_file(&plain, &other, &["backup", "--source", source.to_str().unwrap()]);
+    assert!(run.fails(11).contains("key file was given"), "{}", run.stderr);
+    let packs = scratch.join("plain/packs");
+    assert!(!packs.exists() || objects(&scratch.join("plain"), "packs").is_empty());
+}
+
+#[test]
+fn key_files_open_a_local_repository() {
+    let scratch = Scratch::new("enc-keyfile-local");
+    key_file_lifecycle(&Repo::Local(scratch.join("repo")), &scratch);
+}
+
+#[test]
+fn key_files_open_a_garage_repository() {
+    let Some(repo) = Repo::garage("enc-keyfile") else { return };
+    let scratch = Scratch::new("enc-keyfile-garage");
+    key_file_lifecycle(&repo, &scratch);
+}
+
+/// The flags and variables of key files apply where a repository is opened or created and are
+/// refused (exit 2) elsewhere: `--format cinder`, `init` without `--encrypt`, `reclaim`,
+/// `key generate-file`.
+#[test]
+fn key_file_flag_applies_or_is_refused() {
+    let scratch = Scratch::new("enc-keyfile-flags");
+    let key_file = scratch.join("k");
+    let repo = Repo::Local(scratch.join("repo"));
+    repo.ferry(&["key", "generate-file", key_file.to_str().unwrap()]).ok();
+    let k = key_file.to_str().unwrap();
+    let source = scratch.join("a.img");
+    gen_image(&source, MIB, "random", 1);
+    let cinder = [
+        "backup",
+        "--format",
+        "cinder",
+        "--source",
+        source.to_str().unwrap(),
+        "--cinder-backup-id",
+        "00000000-0000-0000-0000-000000000001",
+        "--cinder-volume-id",
+        "00000000-0000-0000-0000-000000000002",
+    ];
+    let mut flagged = vec!["--key-file", k];
+    flagged.extend(cinder);
+    assert!(repo.ferry(&flagged).fails(2).contains("--key-file does not apply to --format cinder"));
+    let message = repo.ferry_env(&cinder, &[("FERRY_KEY_FILE", k)]).fails(2);
+    assert!(message.contains("FERRY_KEY_FILE") && message.contains("cinder"), "{message}");
+    for (args, expected) in [
+        (&["--key-file", k, "init"][..], "--encrypt"),
+        (&["--key-file", k, "reclaim"][..], "reclaim"),
+        (&["--key-file", k, "key", "generate-file", "x"][..], "generate-file"),
+    ] {
+        let message = repo.ferry(args).fails(2);
+        assert!(message.contains("--key-file") && message.contains(expected), "{message}");
+    }
+    assert!(!scratch.join("repo").exists() && !scratch.join("x").exists());
+    // Where it applies: init --encrypt takes it, and key add takes --new-key-file.
+    with_key_file(&repo, &key_file, &["init", "--encrypt"]).ok();
+    with_key_file(&repo, &key_file, &["key", "add", "--new-key-file", k]).ok();
+    // --new-key-file and a new passphrase at once: one secret per key object.
+    let both = repo.ferry_env(
+        &["--key-file", k, "key", "add", "--new-key-file", k],
+        &[("FERRY_NEW_PASSPHRASE", PASSPHRASE)],
+    );
+    assert!(both.fails(2).contains("--new-key-file"), "{}", both.stderr);
+}

@@ -254,6 +254,11 @@ pub enum Done {
         /// Its id.
         key_id: String,
     },
+    /// `key generate-file`.
+    KeyFileWritten {
+        /// Where it was written.
+        path: String,
+    },
     /// `key remove`.
     KeyRemoved {
         /// Its id.

@@ -105,8 +105,8 @@ pub fn dispatch(
 }
 
 fn run(cli: &Cli, output: &Output) -> Result<(), EngineError> {
-    let repo =
-        Repository::open_with(config::open_store(&store_args(cli))?, &super::keys::passphrase()?)?;
+    let key = super::keys::key_source(cli.key_file.as_deref())?;
+    let repo = Repository::open_with(config::open_store(&store_args(cli))?, &key)?;
     output.start(Start::Repository { repository: repo.store.describe() });
     match &cli.command {
         Command::Forget(args) => forget(&repo, args, output),

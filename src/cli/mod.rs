@@ -25,8 +25,8 @@ use crate::io::Engine;
 use crate::limits;
 use crate::native::backup::{self, BackupOptions};
 use crate::native::incremental::Incremental;
-use crate::native::keys::Passphrase;
-use crate::native::layout::crypt::Cipher;
+use crate::native::keys::KeySource;
+use crate::native::layout::crypt::{Cipher, Secret};
 use crate::native::layout::gc::GcTiming;
 use crate::native::repo::{NewEncryption, Repository};
 use crate::native::restore::{self, RestoreOptions};
@@ -64,6 +64,11 @@ pub struct Cli {
     /// FERRY_IO_ENGINE); other commands do no device I/O and ignore it.
     #[arg(long, global = true, help_heading = "Global options", value_enum)]
     pub io_engine: Option<EngineArg>,
+    /// Key file of an encrypted repository (also FERRY_KEY_FILE; `ferry key generate-file`
+    /// makes one): opens it with its key-file keys, or with `init --encrypt` wraps its first
+    /// key. Not together with a passphrase (FERRY_PASSPHRASE, FERRY_PASSPHRASE_FILE).
+    #[arg(long, global = true, help_heading = "Global options", value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -119,7 +124,8 @@ pub enum Command {
     #[command(override_usage = "ferry --repo REPO [GLOBAL OPTIONS] verify (BACKUP_ID ... | \
                                 --all) [--read-data[=PERCENT]] [OPTIONS]")]
     Verify(VerifyArgs),
-    /// Manage the passphrases of an encrypted repository: list, add, remove, passwd.
+    /// Manage the keys (passphrases and key files) of an encrypted repository: list, add,
+    /// remove, passwd, generate-file.
     Key(keys::KeyArgs),
     /// Abort multipart uploads left by interrupted backups, remove their leases, and rebuild
     /// lost pack indexes from the packs' records (never deletes a pack).
@@ -173,8 +179,9 @@ pub struct InitArgs {
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_gc_grace,
           allow_hyphen_values = true)]
     pub gc_grace: GcTiming,
-    /// Encrypt the repository (format version 2): the passphrase of its first key comes from
-    /// FERRY_PASSPHRASE, FERRY_PASSPHRASE_FILE or a prompt, never the command line.
+    /// Encrypt the repository (format version 2): its first key is the key file --key-file or
+    /// FERRY_KEY_FILE names, else a passphrase from FERRY_PASSPHRASE, FERRY_PASSPHRASE_FILE or
+    /// a prompt, never the command line.
     #[arg(long)]
     pub encrypt: bool,
 }
@@ -370,13 +377,14 @@ fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), Engin
             Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
         )
     };
-    if cinder && keys::passphrase_in_env() {
+    let key_material = keys::key_material_given(cli.key_file.as_deref());
+    if cinder && !key_material.is_empty() {
         return Err(EngineError::new(
             ErrorKind::Usage,
             format!(
                 "{} does not apply to --format cinder: Cinder's format has no encryption \
                  (use --format native with an encrypted repository)",
-                keys::PASSPHRASE_ENV.join(" / ")
+                key_material.join(" / ")
             ),
         ));
     }
@@ -395,6 +403,28 @@ fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), Engin
         )),
         None => Ok(()),
     }
+}
+
+/// Refuses (exit 2) `--key-file` on a command it does not apply to: one that opens no
+/// repository (`reclaim`, `key generate-file`, whose key file is its argument), `cinder-record`
+/// (Cinder's format has no encryption; `backup`/`restore --format cinder` are refused by
+/// `check_format_flags`), and `init` without `--encrypt`.
+fn check_key_file_flag(cli: &Cli) -> Result<(), EngineError> {
+    if cli.key_file.is_none() {
+        return Ok(());
+    }
+    let refused = match &cli.command {
+        Command::Reclaim => "reclaim opens no repository",
+        Command::CinderRecord(_) => "Cinder's format has no encryption",
+        Command::Key(keys::KeyArgs { action: keys::KeyAction::GenerateFile { .. } }) => {
+            "key generate-file writes the key file its argument names"
+        }
+        Command::Init(args) if !args.encrypt => {
+            "init creates an unencrypted repository without --encrypt"
+        }
+        _ => return Ok(()),
+    };
+    Err(EngineError::new(ErrorKind::Usage, format!("--key-file does not apply: {refused}")))
 }
 
 /// Refuses (exit 2, before any repository or device is touched) the incremental flags of
@@ -522,6 +552,7 @@ pub fn run() -> u8 {
     let cancel = Arc::new(AtomicBool::new(false));
     let checked = check_format_flags(&cli, &matches)
         .and_then(|()| check_incremental_flags(&cli))
+        .and_then(|()| check_key_file_flag(&cli))
         .and_then(|()| check_environment(&cli))
         .and_then(|()| validate::check_command(&cli));
     let result =
@@ -663,16 +694,26 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
     if let Command::Reclaim = &cli.command {
         return lightbits::run_reclaim(cli, output);
     }
+    if let Command::Key(keys::KeyArgs { action: keys::KeyAction::GenerateFile { path } }) =
+        &cli.command
+    {
+        return keys::generate_file(path, output);
+    }
     if let Some(result) = maintain::dispatch(cli, output, cancel) {
         return result;
     }
+    // The key of a new encrypted repository first: a missing or bad one leaves nothing behind
+    // (opening the store for `init` creates a local repository's directory).
+    let encryption = match &cli.command {
+        Command::Init(args) if args.encrypt => Some(new_encryption(cli)?),
+        _ => None,
+    };
     let store = config::open_store(&store_args(cli))?;
     let describe = store.describe();
-    let open = |store| Repository::open_with(store, &keys::passphrase()?);
+    let open = |store| Repository::open_with(store, &keys::key_source(cli.key_file.as_deref())?);
     match &cli.command {
         Command::Init(args) => {
             output.start(Start::Repository { repository: describe.clone() });
-            let encryption = if args.encrypt { Some(new_encryption()?) } else { None };
             let repo = Repository::init_with(store, args.chunk_size, args.gc_grace, encryption)?;
             output.result(
                 Done::Init {
@@ -752,27 +793,28 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
     }
 }
 
-/// The encryption of `init --encrypt`: the passphrase (asked twice on a terminal) and the
-/// AEAD this CPU runs fastest.
-fn new_encryption() -> Result<NewEncryption, EngineError> {
-    let passphrase = match keys::passphrase()? {
-        Passphrase::Given(bytes) => bytes,
-        Passphrase::Prompt(ask) => {
+/// The encryption of `init --encrypt`: the key file, or the passphrase (asked twice on a
+/// terminal), and the AEAD this CPU runs fastest.
+fn new_encryption(cli: &Cli) -> Result<NewEncryption, EngineError> {
+    let secret = match keys::key_source(cli.key_file.as_deref())? {
+        KeySource::Given(secret) => secret,
+        KeySource::Prompt(ask) => {
             let first = ask("new repository passphrase: ")?;
             if ask("repeat the passphrase: ")? != first {
                 return Err(EngineError::new(ErrorKind::KeyNeeded, "the passphrases differ"));
             }
-            first
+            Secret::Passphrase(first)
         }
-        Passphrase::None => {
+        KeySource::None => {
             return Err(EngineError::new(
                 ErrorKind::KeyNeeded,
-                "init --encrypt needs a passphrase: FERRY_PASSPHRASE or FERRY_PASSPHRASE_FILE \
-                 (or run on a terminal to be asked)",
+                "init --encrypt needs a passphrase (FERRY_PASSPHRASE or FERRY_PASSPHRASE_FILE, or \
+                 run on a terminal to be asked) or a key file (--key-file or FERRY_KEY_FILE; \
+                 `ferry key generate-file` makes one)",
             ));
         }
     };
-    Ok(NewEncryption { cipher: Cipher::for_this_cpu(), passphrase })
+    Ok(NewEncryption { cipher: Cipher::for_this_cpu(), secret })
 }
 
 fn run_verify(

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use crate::io::Engine;
 use crate::native::backup::{self, BackupOptions};
 use crate::native::dedup::DedupView;
-use crate::native::keys::Passphrase;
-use crate::native::layout::crypt::Cipher;
+use crate::native::keys::KeySource;
+use crate::native::layout::crypt::{Cipher, Secret};
 use crate::native::layout::gc::GcTiming;
 use crate::native::layout::{self, Manifest, PackId};
 use crate::native::lifecycle::{self, GroupBy, PruneOptions, PruneReport};
@@ -49,7 +49,7 @@ impl World {
         let store = MemStore::new(now);
         let encryption = passphrase.map(|passphrase| NewEncryption {
             cipher: Cipher::for_this_cpu(),
-            passphrase: passphrase.to_vec(),
+            secret: Secret::Passphrase(passphrase.to_vec()),
         });
         let repo = Repository::init_with(
             Box::new(Arc::clone(&store)),
@@ -68,8 +68,8 @@ impl World {
     /// Another handle on the same repository (another job).
     fn other(&self) -> Repository {
         let passphrase = match &self.passphrase {
-            Some(passphrase) => Passphrase::Given(passphrase.clone()),
-            None => Passphrase::None,
+            Some(passphrase) => KeySource::Given(Secret::Passphrase(passphrase.clone())),
+            None => KeySource::None,
         };
         Repository::open_with(Box::new(Arc::clone(&self.store)), &passphrase).unwrap()
     }

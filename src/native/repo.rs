@@ -49,8 +49,8 @@ pub struct Repository {
 pub struct NewEncryption {
     /// Its AEAD.
     pub cipher: Cipher,
-    /// The passphrase of its first key object.
-    pub passphrase: Vec<u8>,
+    /// The secret of its first key object: a passphrase or a key file.
+    pub secret: crypt::Secret,
 }
 
 /// Where a chunk is stored.
@@ -139,7 +139,7 @@ impl Repository {
                     store.as_ref(),
                     &config.repository_id,
                     &keys,
-                    &encryption.passphrase,
+                    &encryption.secret,
                 )?;
                 (Crypt::Sealed(std::sync::Arc::new(keys)), Some(id))
             }
@@ -159,19 +159,19 @@ impl Repository {
     /// # Errors
     /// As `open_with`.
     pub fn open(store: Box<dyn ObjectStore>) -> Result<Repository, EngineError> {
-        Repository::open_with(store, &keys::Passphrase::None)
+        Repository::open_with(store, &keys::KeySource::None)
     }
 
-    /// Opens the repository in `store`; an encrypted one with `passphrase`.
+    /// Opens the repository in `store`; an encrypted one with the passphrase or key file `key`.
     ///
     /// # Errors
     /// `NotFound` when there is no repository, `Integrity` when its config is corrupt,
-    /// `KeyRefused` when no key object opens with the passphrase, `KeyNeeded` when it is
-    /// encrypted and no passphrase is given, or one is given for an unencrypted repository;
+    /// `KeyRefused` when no key object opens with the key, `KeyNeeded` when it is encrypted
+    /// and no key is given, or one is given for an unencrypted repository;
     /// store errors otherwise.
     pub fn open_with(
         store: Box<dyn ObjectStore>,
-        passphrase: &keys::Passphrase,
+        key: &keys::KeySource,
     ) -> Result<Repository, EngineError> {
         let bytes = match store.get(CONFIG_KEY) {
             Ok(bytes) => bytes,
@@ -192,13 +192,14 @@ impl Repository {
         config.validate()?;
         match &config.encryption {
             None => {
-                if let keys::Passphrase::Given(_) = passphrase {
+                if let keys::KeySource::Given(secret) = key {
                     // A write-access attacker could replace an encrypted repository's config
                     // with an unencrypted one: a caller that expects encryption is told.
                     return Err(EngineError::new(
                         ErrorKind::KeyNeeded,
                         format!(
-                            "a passphrase was given but the repository at {} is not encrypted",
+                            "a {} was given but the repository at {} is not encrypted",
+                            secret.kind().name(),
                             store.describe()
                         ),
                     ));
@@ -207,12 +208,8 @@ impl Repository {
                 Ok(Repository { store, config, hasher, crypt: Crypt::Plain, key_id: None })
             }
             Some(encryption) => {
-                let (keys, key_id) = keys::unlock(
-                    store.as_ref(),
-                    &config.repository_id,
-                    encryption.cipher,
-                    passphrase,
-                )?;
+                let (keys, key_id) =
+                    keys::unlock(store.as_ref(), &config.repository_id, encryption.cipher, key)?;
                 let hasher = ChunkHasher::new(keys.id_key());
                 let crypt = Crypt::Sealed(std::sync::Arc::new(keys));
                 Ok(Repository { store, config, hasher, crypt, key_id: Some(key_id) })

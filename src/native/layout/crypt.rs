@@ -1,10 +1,11 @@
 //! Client-side encryption of the repository format, version 2: the keys derived from a
 //! repository's master secret, the sealing of pack records and envelope payloads, and the key
-//! objects (`keys/<id>`) that wrap the master secret under a passphrase.
+//! objects (`keys/<id>`) that wrap the master secret under a passphrase or a key file.
 //!
 //! Pure like the rest of `layout`: no I/O. Random nonces come from the function the caller gives
 //! `RepoKeys::derive` (`native::fresh::random_nonce`), salts and ids from the caller; Argon2id is
-//! computation. The layout is documented in FORMAT.md ("Encryption").
+//! computation. A key file arrives here as bytes (`KeyFile::parse`); reading and writing it is
+//! the CLI's. The layout is documented in FORMAT.md ("Encryption").
 //!
 //! - The master secret (32 random bytes) never leaves memory unwrapped. From it BLAKE3
 //!   `derive_key` gives the chunk-id key (keyed BLAKE3 names chunks, as in version 1, so dedup
@@ -49,7 +50,9 @@ const KDF_ITERATIONS_MAX: u32 = 64;
 const CONTEXT_ID: &str = "ferry 2026-11 chunk id key";
 const CONTEXT_RECORD: &str = "ferry 2026-11 record key";
 const CONTEXT_OBJECT: &str = "ferry 2026-11 object key";
-const KEY_AAD_PREFIX: &[u8] = b"ferry key object 1";
+/// Prefix of a key object's associated data, followed by its `key_format` in decimal (so a
+/// passphrase key object's is `ferry key object 1`, as before key files existed).
+const KEY_AAD_PREFIX: &[u8] = b"ferry key object ";
 
 /// The AEAD of an encrypted repository, chosen at `init` (AES-256-GCM when the CPU has AES
 /// instructions, ChaCha20-Poly1305 otherwise) and recorded in the config.
@@ -301,18 +304,161 @@ impl KdfParams {
     }
 }
 
+/// Bytes of key material in a key file.
+pub const KEY_FILE_BYTES: usize = 32;
+
+/// The key material of a key file: 32 random bytes. On disk a key file is exactly 64 hex digits
+/// (either case), optionally followed by one newline (`\n`); anything else is refused, so a
+/// passphrase file, an empty file or a truncated copy is never taken for a key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyFile([u8; KEY_FILE_BYTES]);
+
+impl std::fmt::Debug for KeyFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyFile(<redacted>)")
+    }
+}
+
+impl KeyFile {
+    /// The key material `bytes` (from a random source).
+    pub fn from_bytes(bytes: [u8; KEY_FILE_BYTES]) -> KeyFile {
+        KeyFile(bytes)
+    }
+
+    /// Parses a key file's contents.
+    ///
+    /// # Errors
+    /// A message stating the rule and what is wrong, never quoting the contents.
+    pub fn parse(text: &[u8]) -> Result<KeyFile, String> {
+        const RULE: &str = "a key file holds exactly 64 hex digits (256 random bits), optionally \
+                            followed by one newline (`ferry key generate-file` writes one)";
+        let digits = text.strip_suffix(b"\n").unwrap_or(text);
+        if digits.len() != 2 * KEY_FILE_BYTES {
+            return Err(format!("{RULE}; this one holds {} bytes", text.len()));
+        }
+        if let Some(at) = digits.iter().position(|b| !b.is_ascii_hexdigit()) {
+            return Err(format!("{RULE}; byte {at} of this one is not a hex digit"));
+        }
+        let text = std::str::from_utf8(digits).expect("hex digits are ASCII").to_ascii_lowercase();
+        hex_bytes::<KEY_FILE_BYTES>(&text).map(KeyFile).ok_or_else(|| RULE.to_string())
+    }
+
+    /// The contents of the key file: 64 lower-case hex digits and a newline.
+    pub fn encode(&self) -> String {
+        format!("{}\n", to_hex(&self.0))
+    }
+}
+
+/// The secret that wraps a key object: a passphrase (stretched with Argon2id) or a key file.
+#[derive(Clone)]
+pub enum Secret {
+    /// A passphrase.
+    Passphrase(Vec<u8>),
+    /// A key file's material.
+    KeyFile(KeyFile),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Secret::Passphrase(_) => "Secret::Passphrase(<redacted>)",
+            Secret::KeyFile(_) => "Secret::KeyFile(<redacted>)",
+        })
+    }
+}
+
+impl Secret {
+    /// The kind of key object this secret wraps and opens.
+    pub fn kind(&self) -> KeyKind {
+        match self {
+            Secret::Passphrase(_) => KeyKind::Passphrase,
+            Secret::KeyFile(_) => KeyKind::KeyFile,
+        }
+    }
+}
+
+/// What kind of secret a key object's key-encryption key derives from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum KeyKind {
+    /// A passphrase, through Argon2id (`key_format` 1, `kdf`).
+    #[serde(rename = "passphrase")]
+    Passphrase,
+    /// A key file, through BLAKE3 `derive_key` (`key_format` 2, `key_file`).
+    #[serde(rename = "key-file")]
+    KeyFile,
+}
+
+impl KeyKind {
+    /// How messages name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyKind::Passphrase => "passphrase",
+            KeyKind::KeyFile => "key file",
+        }
+    }
+}
+
+/// The key-encryption key derivation of a key-file key object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyFileKdf {
+    /// `blake3-derive-key`.
+    pub derivation: String,
+    /// 32 random bytes, hex.
+    pub salt: String,
+}
+
+/// Name of the key-file KEK derivation.
+const KEY_FILE_DERIVATION: &str = "blake3-derive-key";
+/// BLAKE3 `derive_key` context of a key file's key-encryption key.
+const CONTEXT_KEY_FILE_KEK: &str = "ferry 2026-11 key file key-encryption key";
+
+impl KeyFileKdf {
+    /// BLAKE3 `derive_key` with `salt` (32 random bytes).
+    pub fn with_salt(salt: [u8; 32]) -> KeyFileKdf {
+        KeyFileKdf { derivation: KEY_FILE_DERIVATION.into(), salt: to_hex(&salt) }
+    }
+
+    /// The key-encryption key of `key_file`: BLAKE3 `derive_key` of the key material and the
+    /// salt. No stretching: the material is 256 random bits, beyond any guessing (FORMAT.md).
+    ///
+    /// # Errors
+    /// A message for a derivation this build does not know or a malformed salt.
+    pub fn derive_kek(&self, key_file: &KeyFile) -> Result<[u8; 32], String> {
+        if self.derivation != KEY_FILE_DERIVATION {
+            return Err(format!("unknown key file derivation {}", self.derivation));
+        }
+        let salt = hex_bytes::<32>(&self.salt).ok_or("the salt is not 64 hex characters")?;
+        let mut input = [0u8; KEY_FILE_BYTES + 32];
+        input[..KEY_FILE_BYTES].copy_from_slice(&key_file.0);
+        input[KEY_FILE_BYTES..].copy_from_slice(&salt);
+        Ok(blake3::derive_key(CONTEXT_KEY_FILE_KEK, &input))
+    }
+}
+
+/// `key_format` of a passphrase key object (the only kind before key files existed).
+const KEY_FORMAT_PASSPHRASE: u32 = 1;
+/// `key_format` of a key-file key object.
+const KEY_FORMAT_KEY_FILE: u32 = 2;
+
 /// A key object (`keys/<16 hex>`, plain JSON): the master secret wrapped under a key derived
-/// from a passphrase.
+/// from a passphrase (`key_format` 1, `kdf`) or from a key file (`key_format` 2, `key_file`).
+/// A passphrase key object is byte for byte what builds before key files wrote; a key-file one
+/// has no `kdf`, so those builds do not parse it and skip it with the parse error as the
+/// problem (FORMAT.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyObject {
-    /// 1.
+    /// 1 (passphrase) or 2 (key file).
     pub key_format: u32,
     /// The repository it opens (bound into the wrapping's associated data).
     pub repository_id: String,
     /// Unix seconds.
     pub created_at: super::Timestamp,
-    /// How the key-encryption key derives from the passphrase.
-    pub kdf: KdfParams,
+    /// How the key-encryption key derives from the passphrase (passphrase keys only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kdf: Option<KdfParams>,
+    /// How the key-encryption key derives from the key file (key-file keys only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<KeyFileKdf>,
     /// The AEAD wrapping the master secret.
     pub cipher: Cipher,
     /// The master secret sealed under the key-encryption key: ciphertext, nonce, tag (hex).
@@ -330,60 +476,122 @@ pub fn key_id_from_key(key: &str) -> Option<&str> {
     (id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
 }
 
-fn key_aad(repository_id: &str, id: &str) -> Vec<u8> {
+/// Associated data of a key object's wrapping: `ferry key object <key_format>` ‖ repository id ‖
+/// 0x00 ‖ key id (so the kinds are separated too).
+fn key_aad(key_format: u32, repository_id: &str, id: &str) -> Vec<u8> {
     let mut aad = KEY_AAD_PREFIX.to_vec();
+    aad.extend_from_slice(key_format.to_string().as_bytes());
     aad.extend_from_slice(repository_id.as_bytes());
     aad.push(0);
     aad.extend_from_slice(id.as_bytes());
     aad
 }
 
+/// A key object's key derivation, by kind.
+#[derive(Debug, Clone, Copy)]
+pub enum Kek<'a> {
+    /// Argon2id of a passphrase.
+    Passphrase(&'a KdfParams),
+    /// BLAKE3 of a key file.
+    KeyFile(&'a KeyFileKdf),
+}
+
 impl KeyObject {
-    /// Wraps `master` under `passphrase` with `kdf` and a fresh `nonce`, for the key object
+    /// Wraps `master` under `secret` with a key-encryption key salted with `salt` (Argon2id
+    /// with the default parameters for a passphrase) and a fresh `nonce`, for the key object
     /// `id` of `repository_id`.
     ///
     /// # Errors
     /// A message when the KDF parameters are refused.
     pub fn wrap(
         master: &MasterSecret,
-        passphrase: &[u8],
-        kdf: KdfParams,
+        secret: &Secret,
+        salt: [u8; 32],
         (cipher, nonce): (Cipher, [u8; NONCE_BYTES]),
         (repository_id, id): (&str, &str),
         created_at: super::Timestamp,
     ) -> Result<KeyObject, String> {
-        let kek = kdf.derive_kek(passphrase)?;
-        let mut buf = master.0.to_vec();
-        seal_with(&cipher.key(&kek), nonce, &key_aad(repository_id, id), &mut buf);
-        Ok(KeyObject {
-            key_format: 1,
+        let mut object = KeyObject {
+            key_format: KEY_FORMAT_PASSPHRASE,
             repository_id: repository_id.to_string(),
             created_at,
-            kdf,
+            kdf: None,
+            key_file: None,
             cipher,
-            wrapped: to_hex(&buf),
+            wrapped: String::new(),
+        };
+        let kek = match secret {
+            Secret::Passphrase(passphrase) => {
+                let kdf = KdfParams::with_salt(salt);
+                let kek = kdf.derive_kek(passphrase)?;
+                object.kdf = Some(kdf);
+                kek
+            }
+            Secret::KeyFile(key_file) => {
+                let kdf = KeyFileKdf::with_salt(salt);
+                let kek = kdf.derive_kek(key_file)?;
+                object.key_format = KEY_FORMAT_KEY_FILE;
+                object.key_file = Some(kdf);
+                kek
+            }
+        };
+        let mut buf = master.0.to_vec();
+        let aad = key_aad(object.key_format, repository_id, id);
+        seal_with(&cipher.key(&kek), nonce, &aad, &mut buf);
+        object.wrapped = to_hex(&buf);
+        Ok(object)
+    }
+
+    /// Its key derivation.
+    ///
+    /// # Errors
+    /// A message for a `key_format` this build does not know (a newer build's key object), or
+    /// derivation fields that do not match it.
+    pub fn kek(&self) -> Result<Kek<'_>, String> {
+        match (self.key_format, &self.kdf, &self.key_file) {
+            (KEY_FORMAT_PASSPHRASE, Some(kdf), None) => Ok(Kek::Passphrase(kdf)),
+            (KEY_FORMAT_KEY_FILE, None, Some(key_file)) => Ok(Kek::KeyFile(key_file)),
+            (KEY_FORMAT_PASSPHRASE | KEY_FORMAT_KEY_FILE, _, _) => Err(format!(
+                "key format {} needs exactly its own key derivation (`kdf` for 1, `key_file` \
+                 for 2)",
+                self.key_format
+            )),
+            (other, _, _) => Err(format!("unknown key format {other} (written by a newer ferry?)")),
+        }
+    }
+
+    /// The kind of secret that opens it.
+    ///
+    /// # Errors
+    /// As `kek`.
+    pub fn kind(&self) -> Result<KeyKind, String> {
+        Ok(match self.kek()? {
+            Kek::Passphrase(_) => KeyKind::Passphrase,
+            Kek::KeyFile(_) => KeyKind::KeyFile,
         })
     }
 
-    /// The master secret, if `passphrase` opens this key object `id`.
+    /// The master secret, if `secret` opens this key object `id`.
     ///
     /// # Errors
-    /// `Ok(None)` for a wrong passphrase; `Err` when the object is malformed.
+    /// `Ok(None)` for a wrong secret (or one of the other kind); `Err` when the object is
+    /// malformed.
     pub fn unwrap_master(
         &self,
-        passphrase: &[u8],
+        secret: &Secret,
         repository_id: &str,
         id: &str,
     ) -> Result<Option<MasterSecret>, String> {
-        if self.key_format != 1 {
-            return Err(format!("unknown key format {}", self.key_format));
-        }
+        let kek = match (self.kek()?, secret) {
+            (Kek::Passphrase(kdf), Secret::Passphrase(passphrase)) => kdf.derive_kek(passphrase)?,
+            (Kek::KeyFile(kdf), Secret::KeyFile(key_file)) => kdf.derive_kek(key_file)?,
+            _ => return Ok(None),
+        };
         let wrapped = hex_bytes::<{ 32 + SEAL_OVERHEAD }>(&self.wrapped)
             .ok_or("the wrapped secret is not 120 hex characters")?;
-        let kek = self.kdf.derive_kek(passphrase)?;
         let mut master = [0u8; 32];
-        match open_into(&self.cipher.key(&kek), &key_aad(repository_id, id), &wrapped, &mut master)
-        {
+        let aad = key_aad(self.key_format, repository_id, id);
+        match open_into(&self.cipher.key(&kek), &aad, &wrapped, &mut master) {
             Ok(()) => Ok(Some(MasterSecret(master))),
             Err(_) => Ok(None),
         }
@@ -548,32 +756,167 @@ mod tests {
         assert_eq!(keys.id_key(), again.id_key());
     }
 
+    const ID: &str = "0123456789abcdef";
+
+    fn wrapped(master: &MasterSecret, secret: &Secret) -> KeyObject {
+        KeyObject::wrap(
+            master,
+            secret,
+            [5; 32],
+            (Cipher::Chacha20Poly1305, counter_nonce()),
+            ("repo", ID),
+            super::super::Timestamp(0),
+        )
+        .unwrap()
+    }
+
+    fn passphrase(text: &str) -> Secret {
+        Secret::Passphrase(text.as_bytes().to_vec())
+    }
+
     // A key object opens with its passphrase only, for its repository and id only.
     #[test]
     fn key_objects_wrap_and_unwrap() {
         let master = MasterSecret([9; 32]);
-        let kdf = KdfParams::with_salt([5; 32]);
-        let object = KeyObject::wrap(
-            &master,
-            b"correct horse",
-            kdf,
-            (Cipher::Chacha20Poly1305, counter_nonce()),
-            ("repo", "0123456789abcdef"),
-            super::super::Timestamp(0),
-        )
-        .unwrap();
+        let object = wrapped(&master, &passphrase("correct horse"));
         let json = serde_json::to_string(&object).unwrap();
         assert!(!json.contains(&to_hex(&master.0)));
         let back: KeyObject = serde_json::from_str(&json).unwrap();
-        let opened = back.unwrap_master(b"correct horse", "repo", "0123456789abcdef").unwrap();
+        assert_eq!(back.kind(), Ok(KeyKind::Passphrase));
+        let opened = back.unwrap_master(&passphrase("correct horse"), "repo", ID).unwrap();
         assert_eq!(opened.unwrap().0, master.0);
-        assert!(back.unwrap_master(b"wrong", "repo", "0123456789abcdef").unwrap().is_none());
-        assert!(
-            back.unwrap_master(b"correct horse", "other", "0123456789abcdef").unwrap().is_none()
-        );
+        assert!(back.unwrap_master(&passphrase("wrong"), "repo", ID).unwrap().is_none());
+        assert!(back.unwrap_master(&passphrase("correct horse"), "other", ID).unwrap().is_none());
         let mut cheap = back.clone();
-        cheap.kdf.memory_kib = 8;
-        assert!(cheap.unwrap_master(b"correct horse", "repo", "0123456789abcdef").is_err());
+        cheap.kdf.as_mut().unwrap().memory_kib = 8;
+        assert!(cheap.unwrap_master(&passphrase("correct horse"), "repo", ID).is_err());
+    }
+
+    /// A key object as builds before key files parsed it (`kdf` required, `key_format` 1 only).
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct KeyObjectBeforeKeyFiles {
+        key_format: u32,
+        repository_id: String,
+        created_at: super::super::Timestamp,
+        kdf: KdfParams,
+        cipher: Cipher,
+        wrapped: String,
+    }
+
+    // A passphrase key object is what builds before key files wrote and read (same fields, same
+    // associated data `ferry key object 1` ‖ repository ‖ 0 ‖ id), so they still open it; a
+    // key-file key object does not parse for them (no `kdf`), so they skip it with that problem
+    // instead of misreading it.
+    #[test]
+    fn older_builds_read_passphrase_keys_and_skip_key_file_keys() {
+        let master = MasterSecret([7; 32]);
+        let object = wrapped(&master, &passphrase("correct horse"));
+        let json = serde_json::to_string(&object).unwrap();
+        assert!(!json.contains("key_file"), "{json}");
+        let old: KeyObjectBeforeKeyFiles = serde_json::from_str(&json).unwrap();
+        assert_eq!(old.key_format, 1);
+        let kek = old.kdf.derive_kek(b"correct horse").unwrap();
+        let mut old_aad = b"ferry key object 1repo".to_vec();
+        old_aad.push(0);
+        old_aad.extend_from_slice(ID.as_bytes());
+        let sealed = hex_bytes::<{ 32 + SEAL_OVERHEAD }>(&old.wrapped).unwrap();
+        let mut out = [0u8; 32];
+        open_into(&old.cipher.key(&kek), &old_aad, &sealed, &mut out).unwrap();
+        assert_eq!(out, master.0);
+        let key_file = wrapped(&master, &Secret::KeyFile(KeyFile::from_bytes([1; 32])));
+        let json = serde_json::to_string(&key_file).unwrap();
+        let error = serde_json::from_str::<KeyObjectBeforeKeyFiles>(&json).unwrap_err();
+        assert!(error.to_string().contains("missing field `kdf`"), "{error}");
+    }
+
+    // Key files: exactly 64 hex digits and at most one newline; anything else is refused with
+    // the rule, never with the contents.
+    #[test]
+    fn key_files_parse_strictly() {
+        let material = [0xabu8; 32];
+        let text = KeyFile::from_bytes(material).encode();
+        assert_eq!(text.len(), 65);
+        assert_eq!(KeyFile::parse(text.as_bytes()), Ok(KeyFile::from_bytes(material)));
+        assert_eq!(KeyFile::parse(text.trim_end().as_bytes()), Ok(KeyFile::from_bytes(material)));
+        let upper = text.to_ascii_uppercase();
+        assert_eq!(KeyFile::parse(upper.as_bytes()), Ok(KeyFile::from_bytes(material)));
+        let digits = text.trim_end();
+        for bad in [
+            String::new(),
+            "\n".to_string(),
+            digits[..63].to_string(),
+            format!("{digits}a"),
+            format!("{digits}\r\n"),
+            format!("{digits}\n\n"),
+            format!(" {}", &digits[1..]),
+            format!("{}g", &digits[..63]),
+            format!("{digits}{digits}"),
+            "correct horse battery staple".to_string(),
+        ] {
+            let error = KeyFile::parse(bad.as_bytes()).unwrap_err();
+            assert!(error.contains("64 hex digits"), "{bad:?}: {error}");
+            assert!(bad.len() < 8 || !error.contains(bad.trim()), "{error}");
+        }
+        // 32 raw bytes are not a key file either.
+        assert!(KeyFile::parse(&material).is_err());
+        assert_eq!(format!("{:?}", KeyFile::from_bytes(material)), "KeyFile(<redacted>)");
+    }
+
+    // A key-file key object opens with its key file only: not another file, not a passphrase
+    // spelling the file's digits, not for another repository or id; the KEK depends on the salt.
+    #[test]
+    fn key_file_keys_wrap_and_unwrap() {
+        let master = MasterSecret([9; 32]);
+        let file = KeyFile::from_bytes([0x42; 32]);
+        let object = wrapped(&master, &Secret::KeyFile(file.clone()));
+        let json = serde_json::to_string(&object).unwrap();
+        assert!(json.contains("\"key_format\":2") && !json.contains("\"kdf\""), "{json}");
+        assert!(!json.contains(&to_hex(&[0x42; 32])) && !json.contains(&to_hex(&master.0)));
+        let back: KeyObject = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.kind(), Ok(KeyKind::KeyFile));
+        let secret = Secret::KeyFile(file.clone());
+        assert_eq!(back.unwrap_master(&secret, "repo", ID).unwrap().unwrap().0, master.0);
+        let other = Secret::KeyFile(KeyFile::from_bytes([0x43; 32]));
+        assert!(back.unwrap_master(&other, "repo", ID).unwrap().is_none());
+        let spelled = passphrase(file.encode().trim_end());
+        assert!(back.unwrap_master(&spelled, "repo", ID).unwrap().is_none());
+        assert!(back.unwrap_master(&secret, "other", ID).unwrap().is_none());
+        assert!(back.unwrap_master(&secret, "repo", "fedcba9876543210").unwrap().is_none());
+        // A key file does not open a passphrase key object.
+        let by_passphrase = wrapped(&master, &passphrase("correct horse"));
+        assert!(by_passphrase.unwrap_master(&secret, "repo", ID).unwrap().is_none());
+        // The KEK is salted and stable.
+        let kdf = back.key_file.clone().unwrap();
+        assert_eq!(kdf.derive_kek(&file), kdf.derive_kek(&file));
+        assert_ne!(kdf.derive_kek(&file), KeyFileKdf::with_salt([6; 32]).derive_kek(&file));
+        let mut unknown = kdf.clone();
+        unknown.derivation = "sha3".into();
+        assert!(unknown.derive_kek(&file).unwrap_err().contains("unknown key file derivation"));
+    }
+
+    // Both kinds wrap one master secret side by side; a key object whose kind fields disagree
+    // with its format, or of a format this build does not know, is an error, not a wrong key.
+    #[test]
+    fn both_kinds_wrap_one_master_and_mismatches_are_errors() {
+        let master = MasterSecret([11; 32]);
+        let file = Secret::KeyFile(KeyFile::from_bytes([0x11; 32]));
+        let by_file = wrapped(&master, &file);
+        let by_passphrase = wrapped(&master, &passphrase("correct horse"));
+        let from_file = by_file.unwrap_master(&file, "repo", ID).unwrap().unwrap();
+        let from_pass =
+            by_passphrase.unwrap_master(&passphrase("correct horse"), "repo", ID).unwrap().unwrap();
+        assert_eq!(from_file.0, from_pass.0);
+        let mut relabelled = by_file.clone();
+        relabelled.key_format = 1;
+        assert!(relabelled.unwrap_master(&file, "repo", ID).unwrap_err().contains("key format 1"));
+        let mut both = by_passphrase.clone();
+        both.key_file = by_file.key_file.clone();
+        assert!(both.kind().is_err());
+        let mut newer = by_file.clone();
+        newer.key_format = 3;
+        let error = newer.unwrap_master(&file, "repo", ID).unwrap_err();
+        assert!(error.contains("unknown key format 3"), "{error}");
     }
 
     #[test]
