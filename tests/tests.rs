@@ -36,6 +36,8 @@ mod faults;
 mod incremental;
 // forget, prune, check, protect and repair through the CLI, locally and on Garage.
 mod lifecycle;
+// Key-range listings of S3Store on Garage, and `list` split at a prune's catalog.
+mod listing;
 // --lightbits-volume and reclaim against scripts/lightbits-sim.py: in-use backups, restores into
 // volumes, injected failures, kill -9, clear errors.
 mod lightbits;

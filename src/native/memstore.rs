@@ -15,7 +15,8 @@ use bytes::Bytes;
 
 use crate::native::repo::lock;
 use crate::store::{
-    DatedObject, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId,
+    DatedObject, KeyRange, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError,
+    UploadId, sorted_range,
 };
 
 /// An operation, as the hook sees it.
@@ -150,17 +151,26 @@ impl ObjectStore for Arc<MemStore> {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        let dated = self.list_dated(prefix)?;
-        Ok(dated.into_iter().map(|o| ObjectInfo { key: o.key, size_bytes: o.size_bytes }).collect())
+        self.list_range(prefix, KeyRange::ALL)
     }
 
     fn list_dated(&self, prefix: &str) -> Result<Vec<DatedObject>, StoreError> {
+        self.list_dated_range(prefix, KeyRange::ALL)
+    }
+
+    fn list_range(&self, prefix: &str, range: KeyRange<'_>) -> Result<Vec<ObjectInfo>, StoreError> {
+        let dated = self.list_dated_range(prefix, range)?;
+        Ok(dated.into_iter().map(|o| ObjectInfo { key: o.key, size_bytes: o.size_bytes }).collect())
+    }
+
+    fn list_dated_range(
+        &self,
+        prefix: &str,
+        range: KeyRange<'_>,
+    ) -> Result<Vec<DatedObject>, StoreError> {
         self.before(Op::List, prefix)?;
         let state = lock(&self.state);
-        Ok(state
-            .objects
-            .range(prefix.to_owned()..)
-            .take_while(|(key, _)| key.starts_with(prefix))
+        Ok(sorted_range(&state.objects, prefix, range)
             .map(|(key, (data, modified))| DatedObject {
                 key: key.clone(),
                 size_bytes: data.len() as u64,
@@ -241,5 +251,15 @@ impl ObjectStore for Arc<MemStore> {
 
     fn describe(&self) -> String {
         "memory".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MemStore;
+
+    #[test]
+    fn list_range_keeps_its_bounds() {
+        crate::store::range_check::check(&MemStore::new(1_000));
     }
 }

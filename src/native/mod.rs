@@ -30,4 +30,6 @@ pub mod verify;
 #[cfg(test)]
 mod lifecycle_tests;
 #[cfg(test)]
+mod listing_tests;
+#[cfg(test)]
 mod memstore;

@@ -21,12 +21,19 @@ use crate::native::layout::{
     HASH_SCHEME, INDEX_PREFIX, IndexEntry, Manifest, ObjectKind, PACKS_PREFIX, PackId, PackIndex,
     RepoConfig, Timestamp,
 };
-use crate::store::{DatedObject, ObjectStore, StoreError};
+use crate::store::{DatedObject, KeyRange, ObjectStore, StoreError};
 
 /// Index objects fetched at once when loading a repository's index.
 const INDEX_FETCHES_IN_FLIGHT: usize = 8;
 /// Consolidated indexes fetched at once (each up to `MERGED_PACKS_MAX` packs).
 const MERGED_FETCHES_IN_FLIGHT: usize = 2;
+/// Range listings in flight at once (`list_split`). Also the number of ranges `packs/` is
+/// listed in: with as many ranges as requests in flight, a listing of P pages takes about
+/// P / 16 rounds, and a small repository one round.
+const LIST_RANGES_IN_FLIGHT: usize = 16;
+/// Backup ids per range when `backups/` is listed split at a catalog's ids: below a LIST page
+/// (1,000 keys), so that a range is one request even with some backups committed since.
+const BACKUPS_PER_RANGE: usize = 800;
 
 /// An opened repository.
 #[derive(Debug)]
@@ -316,9 +323,14 @@ impl Repository {
     /// # Errors
     /// Store errors.
     pub fn list_packs(&self) -> Result<HashMap<PackId, DatedObject>, EngineError> {
-        Ok(self
-            .store
-            .list_dated(PACKS_PREFIX)?
+        // Pack ids are random, so ranges between the two-hex directories hold about as many
+        // packs each: `packs/` is listed as ranges cut at packs/10, packs/20, ..., packs/f0.
+        let splits: Vec<String> = (1..LIST_RANGES_IN_FLIGHT)
+            .map(|k| format!("{PACKS_PREFIX}{:02x}", k * 256 / LIST_RANGES_IN_FLIGHT))
+            .collect();
+        let listing =
+            list_split(&splits, |range| self.store.list_dated_range(PACKS_PREFIX, range))?;
+        Ok(listing
             .into_iter()
             .filter_map(|object| Some((layout::pack_from_key(&object.key)?, object)))
             .collect())
@@ -645,7 +657,6 @@ impl Repository {
     /// # Errors
     /// Store errors.
     pub fn list_summaries(&self) -> Result<Vec<LoadedSummary>, EngineError> {
-        let ids = self.list_backups()?;
         let mut known: HashMap<String, BackupSummary> = HashMap::new();
         for object in self.store.list(CATALOG_PREFIX)? {
             if layout::catalog_from_key(&object.key).is_none() {
@@ -670,6 +681,11 @@ impl Repository {
                 let _ = known.insert(summary.backup_id.clone(), summary);
             }
         }
+        // Listed after the catalogs were read: a backup exists if and only if its manifest is
+        // listed, whatever the catalogs say; their ids only say where to split the listing.
+        let mut catalogued: Vec<&str> = known.keys().map(String::as_str).collect();
+        catalogued.sort_unstable();
+        let ids = self.list_backups_split_at(&catalogued)?;
         let missing: Vec<String> =
             ids.iter().filter(|id| !known.contains_key(*id)).cloned().collect();
         let loaded = parallel_map(&missing, INDEX_FETCHES_IN_FLIGHT, |id| {
@@ -697,7 +713,20 @@ impl Repository {
     /// # Errors
     /// Store errors.
     pub fn list_backups(&self) -> Result<Vec<String>, EngineError> {
-        let listing = self.store.list(BACKUPS_PREFIX)?;
+        self.list_backups_split_at(&[])
+    }
+
+    /// `list_backups`, listed as parallel ranges of about `BACKUPS_PER_RANGE` ids of `known`
+    /// (sorted ids some earlier listing saw, e.g. a catalog's): one request per range instead
+    /// of one page after another. Any ids give the same result, only slower or faster.
+    ///
+    /// # Errors
+    /// Store errors.
+    fn list_backups_split_at(&self, known: &[&str]) -> Result<Vec<String>, EngineError> {
+        let ranges = known.len().div_ceil(BACKUPS_PER_RANGE).max(1);
+        let splits: Vec<String> =
+            (1..ranges).map(|k| layout::manifest_key(known[k * known.len() / ranges])).collect();
+        let listing = list_split(&splits, |range| self.store.list_range(BACKUPS_PREFIX, range))?;
         Ok(listing
             .into_iter()
             .filter_map(|object| object.key.strip_prefix(BACKUPS_PREFIX).map(str::to_string))
@@ -901,6 +930,37 @@ pub fn parallel_map<T: Sync, R: Send>(
     }
     let results = results.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     Ok(results.into_iter().map(|value| value.expect("every item was processed")).collect())
+}
+
+/// Lists a sorted key space in parallel: as the ranges the split points cut it into,
+/// (-inf, s1], (s1, s2], ..., (sn, +inf) once sorted and deduplicated, each listed by
+/// `list_range`, `LIST_RANGES_IN_FLIGHT` at once, the results concatenated in key order.
+///
+/// Correct whatever the split points, which need not be keys, or sorted, or still exist: the
+/// ranges tile the key space, so every key lies in exactly one, and a key present throughout is
+/// listed exactly once (as by one paged listing, whose pages are not one snapshot either).
+///
+/// # Errors
+/// The first store error of a range.
+pub fn list_split<T: Send>(
+    splits: &[String],
+    list_range: impl Fn(KeyRange<'_>) -> Result<Vec<T>, StoreError> + Sync,
+) -> Result<Vec<T>, EngineError> {
+    let mut splits: Vec<&str> = splits.iter().map(String::as_str).collect();
+    splits.sort_unstable();
+    splits.dedup();
+    // Range k: after splits[k - 1] (from the start for k = 0), through splits[k]: its end is the
+    // least key after splits[k], the split point with a NUL appended.
+    let bounds: Vec<(&str, Option<String>)> = (0..=splits.len())
+        .map(|k| {
+            let start_after = if k == 0 { "" } else { splits[k - 1] };
+            (start_after, splits.get(k).map(|split| format!("{split}\0")))
+        })
+        .collect();
+    let listed = parallel_map(&bounds, LIST_RANGES_IN_FLIGHT, |(start_after, end)| {
+        Ok(list_range(KeyRange { start_after, end: end.as_deref() })?)
+    })?;
+    Ok(listed.into_iter().flatten().collect())
 }
 
 /// Locks a mutex, ignoring poisoning (a panic aborts the process in release builds anyway).

@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use super::{
-    DatedObject, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId,
+    DatedObject, KeyRange, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError,
+    UploadId,
 };
 
 /// Directory under the root that holds multipart uploads in progress.
@@ -163,6 +164,15 @@ impl ObjectStore for LocalStore {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.list_range(prefix, KeyRange::ALL)
+    }
+
+    fn list_dated(&self, prefix: &str) -> Result<Vec<DatedObject>, StoreError> {
+        self.list_dated_range(prefix, KeyRange::ALL)
+    }
+
+    /// Walks only the directories that can hold a key of `prefix` in `range`.
+    fn list_range(&self, prefix: &str, range: KeyRange<'_>) -> Result<Vec<ObjectInfo>, StoreError> {
         const OP: &str = "list";
         // Start the walk at the deepest directory the prefix names, when it is a plain path.
         let (start_rel, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
@@ -170,18 +180,23 @@ impl ObjectStore for LocalStore {
         let mut found = Vec::new();
         let start =
             if start_rel.is_empty() { self.root.clone() } else { self.root.join(start_rel) };
-        walk(OP, prefix, &start, start_rel, start_rel.is_empty(), &mut found)?;
-        found.retain(|info| info.key.starts_with(prefix));
+        let within = Within { prefix, range };
+        walk(OP, &within, &start, start_rel, start_rel.is_empty(), &mut found)?;
+        found.retain(|info| within.holds(&info.key));
         found.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(found)
     }
 
     /// The modification time is the file's mtime: the clock of the host that holds the
     /// directory, which is this store's server clock.
-    fn list_dated(&self, prefix: &str) -> Result<Vec<DatedObject>, StoreError> {
+    fn list_dated_range(
+        &self,
+        prefix: &str,
+        range: KeyRange<'_>,
+    ) -> Result<Vec<DatedObject>, StoreError> {
         const OP: &str = "list";
         let mut dated = Vec::new();
-        for info in self.list(prefix)? {
+        for info in self.list_range(prefix, range)? {
             let path = self.object_path(OP, &info.key)?;
             let modified = match fs::metadata(&path).and_then(|meta| meta.modified()) {
                 Ok(modified) => modified,
@@ -459,9 +474,34 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Recursively collects regular files under `dir` whose key is `rel/...`.
+/// What a listing keeps: keys under `prefix`, in `range`.
+struct Within<'a> {
+    prefix: &'a str,
+    range: KeyRange<'a>,
+}
+
+impl Within<'_> {
+    fn holds(&self, key: &str) -> bool {
+        key.starts_with(self.prefix) && self.range.contains(key)
+    }
+
+    /// Whether the directory `dir` (a key prefix without its `/`) may hold a key this listing
+    /// keeps. Its keys all start with `dir/`: they sort after `dir/` itself and before
+    /// `dir0` (`0` follows `/`).
+    fn may_hold_under(&self, dir: &str) -> bool {
+        let below = format!("{dir}/");
+        // Every key under `dir` is <= start_after only if start_after is past them all.
+        let all_before =
+            self.range.start_after > below.as_str() && !self.range.start_after.starts_with(&below);
+        let all_after = self.range.end.is_some_and(|end| end <= below.as_str());
+        let under_prefix = below.starts_with(self.prefix) || self.prefix.starts_with(&below);
+        under_prefix && !all_before && !all_after
+    }
+}
+
 fn walk(
     operation: &'static str,
-    prefix: &str,
+    within: &Within<'_>,
     dir: &Path,
     rel: &str,
     at_root: bool,
@@ -476,10 +516,10 @@ fn walk(
         {
             return Ok(());
         }
-        Err(error) => return Err(io_failed(operation, prefix, dir, &error)),
+        Err(error) => return Err(io_failed(operation, within.prefix, dir, &error)),
     };
     for entry in entries {
-        let entry = entry.map_err(|error| io_failed(operation, prefix, dir, &error))?;
+        let entry = entry.map_err(|error| io_failed(operation, within.prefix, dir, &error))?;
         let name = entry.file_name();
         // Names that are not UTF-8 cannot have been written through this store.
         let Some(name) = name.to_str() else { continue };
@@ -487,23 +527,24 @@ fn walk(
             continue;
         }
         let key = if rel.is_empty() { name.to_owned() } else { format!("{rel}/{name}") };
-        // Prune subtrees that cannot contain a match.
-        if !key.starts_with(prefix) && !prefix.starts_with(&format!("{key}/")) {
-            continue;
-        }
         let file_type = match entry.file_type() {
             Ok(file_type) => file_type,
             Err(error) if error.kind() == io::ErrorKind::NotFound => continue,
-            Err(error) => return Err(io_failed(operation, prefix, &entry.path(), &error)),
+            Err(error) => return Err(io_failed(operation, within.prefix, &entry.path(), &error)),
         };
         if file_type.is_dir() {
-            walk(operation, prefix, &entry.path(), &key, false, found)?;
-        } else if file_type.is_file() {
+            // Prune subtrees that cannot contain a match.
+            if within.may_hold_under(&key) {
+                walk(operation, within, &entry.path(), &key, false, found)?;
+            }
+        } else if file_type.is_file() && within.holds(&key) {
             match entry.metadata() {
                 Ok(metadata) => found.push(ObjectInfo { key, size_bytes: metadata.len() }),
                 // Deleted while we listed.
                 Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                Err(error) => return Err(io_failed(operation, prefix, &entry.path(), &error)),
+                Err(error) => {
+                    return Err(io_failed(operation, within.prefix, &entry.path(), &error));
+                }
             }
         }
     }
@@ -610,6 +651,11 @@ mod tests {
         assert!(store.list("zzz/").unwrap().is_empty());
         assert!(store.list("a/").unwrap().is_empty());
         store.multipart_abort("b/pending", &upload).unwrap();
+    }
+
+    #[test]
+    fn list_range_walks_only_what_it_keeps() {
+        crate::store::range_check::check(&LocalStore::new(temp_root("range")).unwrap());
     }
 
     #[test]

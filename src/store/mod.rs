@@ -7,7 +7,9 @@
 //! (the store adds its bucket prefix or directory). This module knows nothing of the repository
 //! format: it moves opaque bytes.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Bound;
 
 use bytes::Bytes;
 
@@ -41,6 +43,47 @@ pub struct DatedObject {
     /// When the store says the object was written (Unix seconds, S3 `LastModified`, a file's
     /// mtime): the store's clock, not this host's. Garbage collection measures every age with it.
     pub modified_unix: u64,
+}
+
+/// The keys of a listing after `start_after` and before `end` (both excluded): S3 ListObjectsV2's
+/// `StartAfter`, and a point where paging stops. `KeyRange::ALL` is every key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRange<'a> {
+    /// Only keys strictly greater than this one; `""` is no bound (no key is empty).
+    pub start_after: &'a str,
+    /// Only keys strictly less than this one, when given.
+    pub end: Option<&'a str>,
+}
+
+impl KeyRange<'_> {
+    /// Every key.
+    pub const ALL: KeyRange<'static> = KeyRange { start_after: "", end: None };
+
+    /// Whether `key` lies in the range.
+    pub fn contains(&self, key: &str) -> bool {
+        key > self.start_after && self.end.is_none_or(|end| key < end)
+    }
+
+    /// Whether `key` lies at or past the end (every later key of a sorted listing does too).
+    pub fn is_past(&self, key: &str) -> bool {
+        self.end.is_some_and(|end| key >= end)
+    }
+}
+
+/// The entries of a map sorted by key whose keys lie under `prefix` and in `range`, in key order:
+/// a listing of an in-memory store, visiting only those entries.
+pub fn sorted_range<'a, V>(
+    map: &'a BTreeMap<String, V>,
+    prefix: &'a str,
+    range: KeyRange<'a>,
+) -> impl Iterator<Item = (&'a String, &'a V)> + 'a {
+    let from = if range.start_after < prefix {
+        Bound::Included(prefix)
+    } else {
+        Bound::Excluded(range.start_after)
+    };
+    map.range::<str, _>((from, Bound::Unbounded))
+        .take_while(move |(key, _)| key.starts_with(prefix) && !range.is_past(key))
 }
 
 /// An in-progress multipart upload, as returned by `ObjectStore::multipart_begin`.
@@ -106,6 +149,31 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
             "{} does not report modification times (needed by prune to list {prefix})",
             self.describe()
         )))
+    }
+
+    /// Lists like `list`, only the keys in `range`. The default filters `list`; stores that can
+    /// skip the rest (S3's `StartAfter`, a sorted map) override it.
+    ///
+    /// # Errors
+    /// As `list`.
+    fn list_range(&self, prefix: &str, range: KeyRange<'_>) -> Result<Vec<ObjectInfo>, StoreError> {
+        let mut listed = self.list(prefix)?;
+        listed.retain(|object| range.contains(&object.key));
+        Ok(listed)
+    }
+
+    /// Lists like `list_dated`, only the keys in `range` (the default filters `list_dated`).
+    ///
+    /// # Errors
+    /// As `list_dated`.
+    fn list_dated_range(
+        &self,
+        prefix: &str,
+        range: KeyRange<'_>,
+    ) -> Result<Vec<DatedObject>, StoreError> {
+        let mut listed = self.list_dated(prefix)?;
+        listed.retain(|object| range.contains(&object.key));
+        Ok(listed)
     }
 
     /// Deletes `key`. Deleting a missing key succeeds.
@@ -245,6 +313,85 @@ impl Classify for StoreError {
             StoreError::Unreachable { .. } => Status::Transient,
             StoreError::Failed { transient: true, .. } => Status::Transient,
             _ => Status::Permanent,
+        }
+    }
+}
+
+/// A check every store's range listing passes, run on each store by its tests.
+#[cfg(test)]
+pub(crate) mod range_check {
+    use bytes::Bytes;
+
+    use super::{KeyRange, ObjectStore};
+
+    /// Keys the check writes: files at several depths, keys that are prefixes of others, and
+    /// directories (`b/3`) that are not keys.
+    pub(crate) const KEYS: [&str; 9] =
+        ["a", "b/1", "b/10", "b/2", "b/3/x", "b/3/y", "b/3/z/w", "bb", "c/d/e"];
+
+    fn keys(store: &dyn ObjectStore, prefix: &str, range: KeyRange<'_>) -> Vec<String> {
+        let plain: Vec<String> =
+            store.list_range(prefix, range).unwrap().into_iter().map(|info| info.key).collect();
+        let dated: Vec<String> = store
+            .list_dated_range(prefix, range)
+            .unwrap()
+            .into_iter()
+            .map(|object| object.key)
+            .collect();
+        assert_eq!(plain, dated, "list_range and list_dated_range of {prefix:?} {range:?}");
+        plain
+    }
+
+    /// Writes `KEYS` into the empty `store` and checks `list_range` and `list_dated_range`:
+    /// both bounds excluded, bounds that are no key, below, inside or past the prefix, a prefix
+    /// without keys, and every (start_after, end) pair from a set of bounds against `list`
+    /// filtered.
+    pub(crate) fn check(store: &dyn ObjectStore) {
+        for key in KEYS {
+            store.put(key, Bytes::from(key.as_bytes().to_vec())).unwrap();
+        }
+        let range = |start_after, end| KeyRange { start_after, end };
+        assert_eq!(keys(store, "", KeyRange::ALL), KEYS);
+        // key == start_after and key == end are both left out.
+        assert_eq!(keys(store, "b/", range("b/10", Some("b/3/y"))), ["b/2", "b/3/x"]);
+        assert_eq!(keys(store, "b/", range("b/1", Some("b/2"))), ["b/10"]);
+        assert_eq!(keys(store, "b/", range("b/1", Some("b/10"))), Vec::<String>::new());
+        // Bounds that name directories, not keys: nothing under them is skipped or kept wrongly.
+        assert_eq!(keys(store, "b/", range("b/3", None)), ["b/3/x", "b/3/y", "b/3/z/w"]);
+        assert_eq!(keys(store, "b/", range("b/3/", None)), ["b/3/x", "b/3/y", "b/3/z/w"]);
+        assert_eq!(keys(store, "b/", range("b/3/z", None)), ["b/3/z/w"]);
+        assert_eq!(keys(store, "b/", range("", Some("b/3"))), ["b/1", "b/10", "b/2"]);
+        assert_eq!(
+            keys(store, "b/", range("", Some("b/3/z"))),
+            ["b/1", "b/10", "b/2", "b/3/x", "b/3/y"]
+        );
+        // Bounds below and past the prefix.
+        assert_eq!(keys(store, "b/", range("a", None)), KEYS[1..7]);
+        assert_eq!(keys(store, "b/", range("bb", None)), Vec::<String>::new());
+        assert_eq!(keys(store, "b/", range("", Some("b/"))), Vec::<String>::new());
+        assert_eq!(keys(store, "b/", range("", Some("c"))), KEYS[1..7]);
+        // A prefix without keys.
+        assert_eq!(keys(store, "zzz/", KeyRange::ALL), Vec::<String>::new());
+        assert_eq!(keys(store, "a/", range("", Some("z"))), Vec::<String>::new());
+        // Every pair of bounds, against the whole listing filtered.
+        let mut bounds: Vec<String> = vec![String::new(), "\0".into(), "~".into()];
+        for key in KEYS {
+            for cut in 1..=key.len() {
+                bounds.push(key[..cut].to_owned());
+                bounds.push(format!("{}\0", &key[..cut]));
+            }
+        }
+        for prefix in ["", "b", "b/", "b/3/"] {
+            let all: Vec<String> =
+                store.list(prefix).unwrap().into_iter().map(|info| info.key).collect();
+            for start_after in &bounds {
+                for end in bounds.iter().map(|end| Some(end.as_str())).chain([None]) {
+                    let range = KeyRange { start_after, end };
+                    let expected: Vec<String> =
+                        all.iter().filter(|key| range.contains(key)).cloned().collect();
+                    assert_eq!(keys(store, prefix, range), expected, "{prefix:?} {range:?}");
+                }
+            }
         }
     }
 }

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{
-    DatedObject, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId,
+    DatedObject, KeyRange, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError,
+    UploadId,
 };
 use crate::error::{Classify, Status};
 
@@ -212,6 +213,18 @@ impl<S: ObjectStore> ObjectStore for Retrying<S> {
         self.call(|_| self.inner.list_dated(prefix))
     }
 
+    fn list_range(&self, prefix: &str, range: KeyRange<'_>) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.call(|_| self.inner.list_range(prefix, range))
+    }
+
+    fn list_dated_range(
+        &self,
+        prefix: &str,
+        range: KeyRange<'_>,
+    ) -> Result<Vec<DatedObject>, StoreError> {
+        self.call(|_| self.inner.list_dated_range(prefix, range))
+    }
+
     fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.call(|failures| match self.inner.delete(key) {
             Err(StoreError::NotFound { .. }) if failures > 0 => Ok(()),
@@ -356,6 +369,18 @@ mod tests {
             max_backoff: Duration::from_millis(4),
             unreached_attempts: 2,
         }
+    }
+
+    // Range listings go through the retries, to the inner store's own range listing.
+    #[test]
+    fn range_listings_are_retried() {
+        use crate::testing::{Fault, FaultyStore, Op, Rule, When};
+        let faulty = FaultyStore::new(crate::testing::MemStore::new(), 5)
+            .with(Rule::new(Op::List, When::Nth(1), Fault::Transient))
+            .with(Rule::new(Op::List, When::Nth(3), Fault::Transient));
+        let store = Retrying::new(faulty, fast());
+        crate::store::range_check::check(&store);
+        assert_eq!(store.retry_count(), 2);
     }
 
     // Transient failures are retried until success; permanent ones are not retried.

@@ -35,7 +35,8 @@ use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
 use bytes::Bytes;
 
 use super::{
-    DatedObject, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId,
+    DatedObject, KeyRange, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError,
+    UploadId,
 };
 
 /// Largest response body buffer allocated up front from the `Content-Length` a server sends.
@@ -488,27 +489,41 @@ impl S3Store {
         })
     }
 
-    /// Lists `prefix`; each object with its `LastModified` (Unix seconds), `None` when the
-    /// store sent none.
-    async fn list_async(&self, prefix: &str) -> Result<Vec<(ObjectInfo, Option<u64>)>, StoreError> {
+    /// Lists the keys of `range` under `prefix`; each object with its `LastModified` (Unix
+    /// seconds), `None` when the store sent none. The first request starts after
+    /// `range.start_after` (S3 `StartAfter`); paging stops at the first page that reaches
+    /// `range.end`.
+    async fn list_async(
+        &self,
+        prefix: &str,
+        range: KeyRange<'_>,
+    ) -> Result<Vec<(ObjectInfo, Option<u64>)>, StoreError> {
         const OP: &str = "ListObjectsV2";
         let full_prefix = format!("{}{prefix}", self.key_base);
+        // S3 takes `StartAfter` as a full key.
+        let start_after = (!range.start_after.is_empty())
+            .then(|| format!("{}{}", self.key_base, range.start_after));
         let mut found = Vec::new();
         let mut token: Option<String> = None;
+        let mut first = true;
         loop {
             let output = self
                 .client
                 .list_objects_v2()
                 .bucket(&self.bucket)
                 .prefix(&full_prefix)
+                .set_start_after(if first { start_after.clone() } else { None })
                 .set_continuation_token(token.take())
                 .send()
                 .await
                 .map_err(|error| self.map_error(OP, prefix, Missing::IsFailure, &error))?;
+            first = false;
+            let mut past_end = false;
             for object in output.contents() {
                 let Some(key) = object.key().and_then(|full| self.relative_key(full)) else {
                     continue;
                 };
+                past_end |= range.is_past(key);
                 let size_bytes =
                     object.size().and_then(|size| u64::try_from(size).ok()).unwrap_or(0);
                 let modified =
@@ -516,12 +531,17 @@ impl S3Store {
                 found.push((ObjectInfo { key: key.to_owned(), size_bytes }, modified));
             }
             match output.next_continuation_token() {
-                Some(next) if output.is_truncated() == Some(true) && !next.is_empty() => {
+                Some(next)
+                    if output.is_truncated() == Some(true) && !next.is_empty() && !past_end =>
+                {
                     token = Some(next.to_owned());
                 }
                 _ => break,
             }
         }
+        // Filtered here, not trusted to the server: a store that ignores `StartAfter` still
+        // lists the range exactly.
+        found.retain(|(info, _)| range.contains(&info.key));
         found.sort_by(|a, b| a.0.key.cmp(&b.0.key));
         found.dedup_by(|a, b| a.0.key == b.0.key);
         Ok(found)
@@ -627,13 +647,25 @@ impl ObjectStore for S3Store {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        let listed = self.run("ListObjectsV2", prefix, self.list_async(prefix))?;
-        Ok(listed.into_iter().map(|(info, _)| info).collect())
+        self.list_range(prefix, KeyRange::ALL)
     }
 
     fn list_dated(&self, prefix: &str) -> Result<Vec<DatedObject>, StoreError> {
+        self.list_dated_range(prefix, KeyRange::ALL)
+    }
+
+    fn list_range(&self, prefix: &str, range: KeyRange<'_>) -> Result<Vec<ObjectInfo>, StoreError> {
+        let listed = self.run("ListObjectsV2", prefix, self.list_async(prefix, range))?;
+        Ok(listed.into_iter().map(|(info, _)| info).collect())
+    }
+
+    fn list_dated_range(
+        &self,
+        prefix: &str,
+        range: KeyRange<'_>,
+    ) -> Result<Vec<DatedObject>, StoreError> {
         const OP: &str = "ListObjectsV2";
-        let listed = self.run(OP, prefix, self.list_async(prefix))?;
+        let listed = self.run(OP, prefix, self.list_async(prefix, range))?;
         listed
             .into_iter()
             .map(|(info, modified)| match modified {

@@ -21,7 +21,8 @@ use bytes::Bytes;
 
 use crate::plane::lock;
 use crate::store::{
-    DatedObject, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId,
+    DatedObject, KeyRange, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError,
+    UploadId,
 };
 
 /// An operation of `ObjectStore`.
@@ -335,6 +336,18 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
         self.run(Op::List, prefix, || self.inner.list_dated(prefix))
     }
 
+    fn list_range(&self, prefix: &str, range: KeyRange<'_>) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.run(Op::List, prefix, || self.inner.list_range(prefix, range))
+    }
+
+    fn list_dated_range(
+        &self,
+        prefix: &str,
+        range: KeyRange<'_>,
+    ) -> Result<Vec<DatedObject>, StoreError> {
+        self.run(Op::List, prefix, || self.inner.list_dated_range(prefix, range))
+    }
+
     fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.run(Op::Delete, key, || self.inner.delete(key))
     }
@@ -385,6 +398,18 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
 mod tests {
     use super::*;
     use crate::testing::MemStore;
+
+    #[test]
+    fn range_listings_are_list_calls() {
+        let store = FaultyStore::new(MemStore::new(), 4)
+            .with(Rule::new(Op::List, When::Nth(2), Fault::Permanent).on_keys("b/"));
+        store.put("b/1", Bytes::new()).unwrap();
+        let range = KeyRange { start_after: "a", end: Some("c") };
+        assert_eq!(store.list_range("b/", range).unwrap().len(), 1);
+        assert!(store.list_dated_range("b/", range).is_err());
+        assert_eq!(store.list_dated_range("b/", range).unwrap().len(), 1);
+        assert_eq!(store.injected().len(), 1);
+    }
 
     fn put_many(store: &dyn ObjectStore, count: usize) -> Vec<bool> {
         (0..count).map(|i| store.put(&format!("k{i}"), Bytes::from_static(b"x")).is_ok()).collect()

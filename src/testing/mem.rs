@@ -19,7 +19,8 @@ use md5::{Digest as _, Md5};
 
 use crate::plane::lock;
 use crate::store::{
-    DatedObject, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError, UploadId,
+    DatedObject, KeyRange, ObjectInfo, ObjectStore, PartReceipt, PendingUpload, StoreError,
+    UploadId, sorted_range,
 };
 
 /// S3's smallest part, except for the last part of an upload (`EntityTooSmall` otherwise).
@@ -273,20 +274,29 @@ impl ObjectStore for MemStore {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        self.list_range(prefix, KeyRange::ALL)
+    }
+
+    fn list_dated(&self, prefix: &str) -> Result<Vec<DatedObject>, StoreError> {
+        self.list_dated_range(prefix, KeyRange::ALL)
+    }
+
+    fn list_range(&self, prefix: &str, range: KeyRange<'_>) -> Result<Vec<ObjectInfo>, StoreError> {
         Ok(self
-            .list_dated(prefix)?
+            .list_dated_range(prefix, range)?
             .into_iter()
             .map(|object| ObjectInfo { key: object.key, size_bytes: object.size_bytes })
             .collect())
     }
 
-    fn list_dated(&self, prefix: &str) -> Result<Vec<DatedObject>, StoreError> {
+    fn list_dated_range(
+        &self,
+        prefix: &str,
+        range: KeyRange<'_>,
+    ) -> Result<Vec<DatedObject>, StoreError> {
         count(&self.calls.list);
         let state = lock(&self.state);
-        Ok(state
-            .objects
-            .range(prefix.to_owned()..)
-            .take_while(|(key, _)| key.starts_with(prefix))
+        Ok(sorted_range(&state.objects, prefix, range)
             .map(|(key, object)| DatedObject {
                 key: key.clone(),
                 size_bytes: object.data.len() as u64,
@@ -402,6 +412,11 @@ impl ObjectStore for MemStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_range_keeps_its_bounds() {
+        crate::store::range_check::check(&MemStore::new());
+    }
 
     fn part(fill: u8, len: usize) -> Bytes {
         Bytes::from(vec![fill; len])
