@@ -132,20 +132,9 @@ fn corrupt_pack_in_garage_is_detected() {
     let Some(repo) = Repo::garage("corrupt") else { return };
     let scratch = Scratch::new("corrupt-garage");
     repo.init("256K");
-    let Repo::S3 { url, endpoint, .. } = repo.clone() else { unreachable!() };
+    let (_, store) = repo.s3_store();
     corrupt_pack_is_detected(&repo, &scratch, |_| {
-        use ferry::store::{ObjectStore, S3Options, S3Store};
-        let rest = url.strip_prefix("s3://").unwrap();
-        let (bucket, prefix) = rest.split_once('/').unwrap();
-        let mut options = S3Options::new(
-            bucket,
-            prefix,
-            "garage",
-            std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
-            std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
-        );
-        options.endpoint_url = Some(endpoint.clone());
-        let store = S3Store::new(options).unwrap();
+        use ferry::store::ObjectStore;
         let pack = store.list("packs/").unwrap().into_iter().next().unwrap();
         let mut bytes = store.get(&pack.key).unwrap().to_vec();
         let middle = bytes.len() / 2;

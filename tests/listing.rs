@@ -5,24 +5,9 @@
 use std::process::Command;
 
 use ferry::native::repo::list_split;
-use ferry::store::{KeyRange, ObjectStore, S3Options, S3Store};
+use ferry::store::{KeyRange, ObjectStore};
 
 use crate::util::{Repo, Scratch, gen_image};
-
-/// The bucket, prefix and store of a Garage repository.
-fn store_of(repo: &Repo) -> (String, S3Store) {
-    let Repo::S3 { url, endpoint, .. } = repo else { unreachable!("a Garage repository") };
-    let (bucket, prefix) = url.strip_prefix("s3://").unwrap().split_once('/').unwrap();
-    let mut options = S3Options::new(
-        bucket,
-        prefix,
-        "garage",
-        std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
-        std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
-    );
-    options.endpoint_url = Some(endpoint.clone());
-    (prefix.to_owned(), S3Store::new(options).unwrap())
-}
 
 fn keys(listed: Vec<ferry::store::ObjectInfo>) -> Vec<String> {
     listed.into_iter().map(|info| info.key).collect()
@@ -31,7 +16,7 @@ fn keys(listed: Vec<ferry::store::ObjectInfo>) -> Vec<String> {
 #[test]
 fn garage_lists_key_ranges() {
     let Some(repo) = Repo::garage("ranges") else { return };
-    let (_, store) = store_of(&repo);
+    let (_, store) = repo.s3_store();
     // 1,010 keys: more than one LIST page.
     let all: Vec<String> = (0..1010).map(|n| format!("r/{n:04}")).collect();
     std::thread::scope(|scope| {
@@ -92,7 +77,7 @@ fn listed_ids(repo: &Repo) -> Vec<String> {
 fn garage_list_after_prune_shows_newer_backups_and_not_forgotten_ones() {
     let Some(repo) = Repo::garage("list-split") else { return };
     let scratch = Scratch::new("list-split");
-    let (prefix, store) = store_of(&repo);
+    let (prefix, store) = repo.s3_store();
     // 900 synthetic backups (4 MiB chunks): a catalog of 900 ids splits `backups/` in 2 ranges,
     // at the 451st id.
     let synth = Command::new(env!("CARGO_BIN_EXE_bench"))

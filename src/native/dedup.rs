@@ -352,10 +352,13 @@ impl ChunkIndex<'_> {
     /// damaged bucket is a warning (its chunks are stored again); an index deleted since the
     /// listing was superseded, its packs in an index listed with it.
     fn read_bucket(&self, bucket: usize) -> Result<Vec<(ChunkHash, u32)>, EngineError> {
-        let read = parallel_map(&self.lazy, BUCKETS_IN_FLIGHT, |lazy| {
-            if lazy.head.bucket_entries(bucket) == 0 {
-                return Ok(Vec::new());
-            }
+        let lazy: Vec<&LazyIndex> =
+            self.lazy.iter().filter(|lazy| lazy.head.bucket_entries(bucket) > 0).collect();
+        if lazy.is_empty() {
+            // No thread for nothing: the common case of a small or wholly read index.
+            return Ok(Vec::new());
+        }
+        let read = parallel_map(&lazy, BUCKETS_IN_FLIGHT, |lazy| {
             let (offset, length) = lazy.head.bucket_range(bucket);
             let bytes = match self.repo.store.get_range(&lazy.key, offset, length) {
                 Ok(bytes) => bytes,

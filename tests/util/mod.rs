@@ -81,6 +81,26 @@ pub enum Repo {
 }
 
 impl Repo {
+    /// A Garage repository's key prefix and a store handle on it (credentials from the
+    /// environment, as the ferry processes get them).
+    ///
+    /// # Panics
+    /// For a local repository.
+    pub fn s3_store(&self) -> (String, ferry::store::S3Store) {
+        use ferry::store::{S3Options, S3Store};
+        let Repo::S3 { url, endpoint, .. } = self else { panic!("not a Garage repository") };
+        let (bucket, prefix) = url.strip_prefix("s3://").unwrap().split_once('/').unwrap();
+        let mut options = S3Options::new(
+            bucket,
+            prefix,
+            "garage",
+            std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
+            std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
+        );
+        options.endpoint_url = Some(endpoint.clone());
+        (prefix.to_owned(), S3Store::new(options).unwrap())
+    }
+
     /// A fresh Garage repository under a unique prefix, or None (skipped) without Garage.
     pub fn garage(test: &str) -> Option<Repo> {
         let Ok(endpoint) = std::env::var("FERRY_TEST_S3_ENDPOINT") else {
