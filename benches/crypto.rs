@@ -14,57 +14,44 @@ const KEY: [u8; 32] = [7; 32];
 const NONCE: [u8; 12] = [9; 12];
 const AAD: &[u8] = &[1; 34];
 
-fn ring_pair(
-    algorithm: &'static ring::aead::Algorithm,
-) -> (impl FnMut(&mut Vec<u8>), impl FnMut(&mut Vec<u8>)) {
-    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
-    let seal = move |buf: &mut Vec<u8>| {
-        let key = LessSafeKey::new(UnboundKey::new(algorithm, &KEY).unwrap());
-        let tag = key
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(NONCE),
-                Aad::from(AAD),
-                buf.as_mut_slice(),
-            )
-            .unwrap();
-        buf.extend_from_slice(tag.as_ref());
+/// Seal and open in place with the `LessSafeKey` API that ring and aws-lc-rs share (the same
+/// code, two crates: a macro, as their types differ).
+macro_rules! less_safe_pair {
+    ($name:ident, $krate:ident) => {
+        fn $name(
+            algorithm: &'static $krate::aead::Algorithm,
+        ) -> (impl FnMut(&mut Vec<u8>), impl FnMut(&mut Vec<u8>)) {
+            use $krate::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
+            let seal = move |buf: &mut Vec<u8>| {
+                let key = LessSafeKey::new(UnboundKey::new(algorithm, &KEY).unwrap());
+                let tag = key
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(NONCE),
+                        Aad::from(AAD),
+                        buf.as_mut_slice(),
+                    )
+                    .unwrap();
+                buf.extend_from_slice(tag.as_ref());
+            };
+            let open = move |buf: &mut Vec<u8>| {
+                let key = LessSafeKey::new(UnboundKey::new(algorithm, &KEY).unwrap());
+                let plain = key
+                    .open_in_place(
+                        Nonce::assume_unique_for_key(NONCE),
+                        Aad::from(AAD),
+                        buf.as_mut_slice(),
+                    )
+                    .unwrap();
+                let len = plain.len();
+                buf.truncate(len);
+            };
+            (seal, open)
+        }
     };
-    let open = move |buf: &mut Vec<u8>| {
-        let key = LessSafeKey::new(UnboundKey::new(algorithm, &KEY).unwrap());
-        let plain = key
-            .open_in_place(Nonce::assume_unique_for_key(NONCE), Aad::from(AAD), buf.as_mut_slice())
-            .unwrap();
-        let len = plain.len();
-        buf.truncate(len);
-    };
-    (seal, open)
 }
 
-fn aws_pair(
-    algorithm: &'static aws_lc_rs::aead::Algorithm,
-) -> (impl FnMut(&mut Vec<u8>), impl FnMut(&mut Vec<u8>)) {
-    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
-    let seal = move |buf: &mut Vec<u8>| {
-        let key = LessSafeKey::new(UnboundKey::new(algorithm, &KEY).unwrap());
-        let tag = key
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(NONCE),
-                Aad::from(AAD),
-                buf.as_mut_slice(),
-            )
-            .unwrap();
-        buf.extend_from_slice(tag.as_ref());
-    };
-    let open = move |buf: &mut Vec<u8>| {
-        let key = LessSafeKey::new(UnboundKey::new(algorithm, &KEY).unwrap());
-        let plain = key
-            .open_in_place(Nonce::assume_unique_for_key(NONCE), Aad::from(AAD), buf.as_mut_slice())
-            .unwrap();
-        let len = plain.len();
-        buf.truncate(len);
-    };
-    (seal, open)
-}
+less_safe_pair!(ring_pair, ring);
+less_safe_pair!(aws_pair, aws_lc_rs);
 
 fn rustcrypto_pair<C: aes_gcm::aead::AeadInPlace + aes_gcm::KeyInit>()
 -> (impl FnMut(&mut Vec<u8>), impl FnMut(&mut Vec<u8>)) {

@@ -231,6 +231,16 @@ fn tampering_is_an_integrity_error_and_leaves_the_target_alone() {
     let record = RECORD_HEADER + 256 * 1024 + 28;
     assert_eq!(std::fs::metadata(&packs[0]).unwrap().len(), 4 * record as u64);
     let edit = |path: PathBuf, change: Change| edit_object(&pristine, &path, change);
+    // A byte 20 from the end flipped: inside the sealed payload of an envelope.
+    let flip_near_end = |path: PathBuf| {
+        edit(
+            path,
+            Box::new(|b| {
+                let at = b.len() - 20;
+                b[at] ^= 1;
+            }),
+        )
+    };
     let manifest = pristine.join("backups").join(&first);
     let index = objects(&pristine, "index")[0].clone();
     let cases: Vec<(&str, Tamper, &str)> = vec![
@@ -267,28 +277,8 @@ fn tampering_is_an_integrity_error_and_leaves_the_target_alone() {
             "authentication failed",
         ),
         ("a truncated pack", edit(packs[0].clone(), Box::new(|b| b.truncate(b.len() - 100))), ""),
-        (
-            "a flipped index byte",
-            edit(
-                index.clone(),
-                Box::new(|b| {
-                    let at = b.len() - 20;
-                    b[at] ^= 1;
-                }),
-            ),
-            "index",
-        ),
-        (
-            "a flipped manifest byte",
-            edit(
-                manifest.clone(),
-                Box::new(|b| {
-                    let at = b.len() - 20;
-                    b[at] ^= 1;
-                }),
-            ),
-            "manifest",
-        ),
+        ("a flipped index byte", flip_near_end(index.clone()), "index"),
+        ("a flipped manifest byte", flip_near_end(manifest.clone()), "manifest"),
         (
             "a truncated manifest",
             edit(manifest.clone(), Box::new(|b| b.truncate(b.len() / 2))),
