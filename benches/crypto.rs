@@ -1,7 +1,8 @@
 //! AEAD throughput on 4 MiB chunks, the record size of ferry's packs, to pick the crate behind
 //! `src/native/layout/crypt.rs`: ring, aws-lc-rs and RustCrypto, AES-256-GCM and
-//! ChaCha20-Poly1305, sealing and opening in place (what the compress and restore workers do).
-//! Results: perf/results/crypto-*.txt (`cargo bench --bench crypto`).
+//! ChaCha20-Poly1305, and the `aegis` crate's AEGIS-256X2 and AEGIS-128L, sealing and opening
+//! in place (what the compress and restore workers do).
+//! Results: perf/results/crypto-aead.md (`cargo bench --bench crypto`).
 
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -66,6 +67,31 @@ fn rustcrypto_pair<C: aes_gcm::aead::AeadInPlace + aes_gcm::KeyInit>()
     (seal, open)
 }
 
+/// AEGIS with the `aegis` crate's in-place API (`$aegis`: the type, `$key`/`$nonce`: sizes).
+macro_rules! aegis_pair {
+    ($name:ident, $aegis:ty, $key:expr, $nonce:expr) => {
+        fn $name() -> (impl FnMut(&mut Vec<u8>), impl FnMut(&mut Vec<u8>)) {
+            let (key, nonce) = ([7u8; $key], [9u8; $nonce]);
+            let seal = move |buf: &mut Vec<u8>| {
+                let tag = <$aegis>::new(&key, &nonce).encrypt_in_place(buf.as_mut_slice(), AAD);
+                buf.extend_from_slice(&tag);
+            };
+            let open = move |buf: &mut Vec<u8>| {
+                let split = buf.len() - 16;
+                let tag: [u8; 16] = buf[split..].try_into().unwrap();
+                buf.truncate(split);
+                <$aegis>::new(&key, &nonce)
+                    .decrypt_in_place(buf.as_mut_slice(), &tag, AAD)
+                    .unwrap();
+            };
+            (seal, open)
+        }
+    };
+}
+
+aegis_pair!(aegis256x2_pair, aegis::aegis256x2::Aegis256X2<16>, 32, 32);
+aegis_pair!(aegis128l_pair, aegis::aegis128l::Aegis128L<16>, 16, 16);
+
 fn bench_pair(
     c: &mut Criterion,
     name: &str,
@@ -93,6 +119,8 @@ fn bench_pair(
 }
 
 fn aeads(c: &mut Criterion) {
+    bench_pair(c, "aegis/aegis-256x2", aegis256x2_pair());
+    bench_pair(c, "aegis/aegis-128l", aegis128l_pair());
     bench_pair(c, "ring/aes-256-gcm", ring_pair(&ring::aead::AES_256_GCM));
     bench_pair(c, "ring/chacha20-poly1305", ring_pair(&ring::aead::CHACHA20_POLY1305));
     bench_pair(c, "aws-lc-rs/aes-256-gcm", aws_pair(&aws_lc_rs::aead::AES_256_GCM));

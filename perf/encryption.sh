@@ -9,6 +9,11 @@
 #
 #   perf/encryption.sh [SIZE] [ROUNDS]   (default 2G, 2)
 #   NOTE="..."   a line copied into the results
+#   CIPHER=NAME  `init --cipher NAME` (default: ferry's choice for this CPU)
+#   KEY=file     unlock with a key file instead of a passphrase (no Argon2id per command)
+#
+# Also measures what unlocking costs each command: `ferry list` of one encrypted and one
+# unencrypted repository, five times each (CPU-s of the whole process).
 #   FERRY_BIN_DIR, FERRY_TEST_S3_*, AWS_*: as perf/lib.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +34,15 @@ perf_private_bins ferry bench
 perf_start_garage
 bucket=$FERRY_TEST_S3_BUCKET
 common=(--s3-endpoint "$FERRY_TEST_S3_ENDPOINT" --s3-region "$FERRY_TEST_S3_REGION" --json)
-export FERRY_PASSPHRASE="perf-encryption-$RANDOM-$RANDOM"
+cipher_args=()
+if [[ -n "${CIPHER:-}" ]]; then cipher_args=(--cipher "$CIPHER"); fi
+if [[ "${KEY:-passphrase}" == file ]]; then
+  "$work/ferry" key generate-file "$work/repo.key" > /dev/null
+  export FERRY_KEY_FILE="$work/repo.key"
+else
+  export FERRY_PASSPHRASE="perf-encryption-$RANDOM-$RANDOM"
+fi
+unkeyed=(env -u FERRY_PASSPHRASE -u FERRY_KEY_FILE)
 rows="$work/rows.tsv"
 : > "$rows"
 
@@ -62,12 +75,13 @@ run_image() {
     for kind in "${order[@]}"; do
       repo="s3://$bucket/encryption-$label-$kind-$round-$RANDOM"
       if [[ $kind == encrypted ]]; then
-        "$work/ferry" --repo "$repo" "${common[@]}" init --encrypt > /dev/null
+        "$work/ferry" --repo "$repo" "${common[@]}" init --encrypt "${cipher_args[@]}" > /dev/null
       else
-        env -u FERRY_PASSPHRASE "$work/ferry" --repo "$repo" "${common[@]}" init > /dev/null
+        "${unkeyed[@]}" "$work/ferry" --repo "$repo" "${common[@]}" init > /dev/null
       fi
+      last_repo[$kind]=$repo
       local run=("$work/ferry")
-      if [[ $kind == plain ]]; then run=(env -u FERRY_PASSPHRASE "$work/ferry"); fi
+      if [[ $kind == plain ]]; then run=("${unkeyed[@]}" "$work/ferry"); fi
       measure "$label" "$kind backup" "$bytes" "${run[@]}" --repo "$repo" "${common[@]}" backup --source "$image" --backup-id b1
       rm -f "$work/restore.img"
       measure "$label" "$kind restore" "$bytes" "${run[@]}" --repo "$repo" "${common[@]}" restore b1 --target "$work/restore.img"
@@ -77,23 +91,38 @@ run_image() {
   done
 }
 
+declare -A last_repo
 "$work/bench" gen-image "$work/mixed.img" --size "$size" --mix mixed --seed 2026 > /dev/null
 run_image "mixed-$size" "$work/mixed.img"
 rm -f "$work/mixed.img"
 "$work/bench" gen-image "$work/random.img" --size "$size" --mix random --seed 2027 > /dev/null
 run_image "random-$size" "$work/random.img"
 rm -f "$work/random.img"
+# Unlocking: `list` of each kind's last repository, five times, alternating.
+unlock="$work/unlock.tsv"
+: > "$unlock"
+for _ in 1 2 3 4 5; do
+  for kind in plain encrypted; do
+    run=("$work/ferry")
+    if [[ $kind == plain ]]; then run=("${unkeyed[@]}" "$work/ferry"); fi
+    /usr/bin/time -f "$kind %U %S %e" -a -o "$unlock" "${run[@]}" --repo "${last_repo[$kind]}" \
+      "${common[@]}" list > /dev/null
+  done
+done
 
 out=perf/results/encryption-$(date +%Y-%m-%d).md
-python3 - "$rows" "$out" "$commit" "$(nproc)" "${NOTE:-}" "$size" "$rounds" <<'PY'
+python3 - "$rows" "$out" "$commit" "$(nproc)" "${NOTE:-}" "$size" "$rounds" "$unlock" \
+  "${CIPHER:-}" "${KEY:-passphrase}" <<'PY'
 import sys, datetime, statistics
-rows_path, out, commit, cpus, note, size, rounds = sys.argv[1:8]
+rows_path, out, commit, cpus, note, size, rounds, unlock, cipher, key = sys.argv[1:11]
 rows = [l.rstrip('\n').split('\t') for l in open(rows_path) if l.strip()]
 with open(out, 'a') as f:
     f.write(f"\n## {datetime.datetime.now().isoformat(timespec='seconds')}: commit {commit}, {cpus} CPUs\n\n")
     if note:
         f.write(note + "\n\n")
-    f.write(f"Command: `perf/encryption.sh {size} {rounds}` (see the script's header). Caches dropped "
+    env = "".join(f"{k}={v} " for k, v in (("CIPHER", cipher), ("KEY", key)) if v and v != "passphrase")
+    f.write(f"Command: `{env}perf/encryption.sh {size} {rounds}` (see the script's header; cipher "
+            f"{cipher or 'ferry default'}, unlocked with a {'key file' if key == 'file' else 'passphrase'}). Caches dropped "
             "before each step; every restore byte-identical (cmp); encrypted and unencrypted runs "
             "alternate. CPU is the ferry process's user+sys per GiB of volume.\n\n")
     f.write("| image | step | round | wall s | MB/s | CPU-s/GiB | peak RSS MiB |\n|---|---|---|---|---|---|---|\n")
@@ -116,5 +145,11 @@ with open(out, 'a') as f:
             p, e = med("plain", "mbs"), med("encrypted", "mbs")
             pc, ec = med("plain", "cpu"), med("encrypted", "cpu")
             f.write(f"| {label} | {step} | {p:.0f} | {e:.0f} | {e / p:.2f}x | {pc:.2f} | {ec:.2f} | {ec - pc:+.2f} |\n")
+    times = [l.split() for l in open(unlock) if l.split() and l.split()[0] in ("plain", "encrypted")]
+    cpu = {k: statistics.median(float(t[1]) + float(t[2]) for t in times if t[0] == k) for k in ("plain", "encrypted")}
+    f.write(f"\nUnlocking, once per command: `ferry list` takes {cpu['encrypted']:.2f} CPU-s encrypted, "
+            f"{cpu['plain']:.2f} unencrypted (median of 5): {cpu['encrypted'] - cpu['plain']:+.2f} CPU-s "
+            f"per command, {(cpu['encrypted'] - cpu['plain']) / (int(rows[0][5]) / 2**30):+.3f} "
+            f"CPU-s/GiB of a {size} backup (included in the figures above).\n")
 print(open(out).read())
 PY

@@ -165,6 +165,8 @@ fn incremental_fallbacks_and_refusals() {
     let file = std::fs::OpenOptions::new().write(true).open(&source).unwrap();
     file.set_len(SIZE + CHUNK).unwrap();
     full_read(&parent, &source, "the volume was resized");
+    file.set_len(SIZE - CHUNK).unwrap();
+    full_read(&parent, &source, "the volume was resized");
 
     let bad = scratch.join("bad.json");
     std::fs::write(&bad, r#"[{"offset": 1}]"#).unwrap();

@@ -54,16 +54,22 @@ const CONTEXT_OBJECT: &str = "ferry 2026-11 object key";
 /// passphrase key object's is `ferry key object 1`, as before key files existed).
 const KEY_AAD_PREFIX: &[u8] = b"ferry key object ";
 
-/// The AEAD of an encrypted repository, chosen at `init` (AES-256-GCM when the CPU has AES
-/// instructions, ChaCha20-Poly1305 otherwise) and recorded in the config.
+/// The AEAD of an encrypted repository, chosen at `init` (AEGIS-256X2 when the CPU has AES
+/// instructions, ChaCha20-Poly1305 otherwise) and recorded in the config and each key object.
+/// AES-256-GCM, the choice before AEGIS-256X2 was measured (perf/results/crypto-aead.md), is
+/// still read and written for the repositories that chose it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Cipher {
-    /// AES-256-GCM.
+    /// AES-256-GCM (ring).
     #[serde(rename = "aes-256-gcm")]
     Aes256Gcm,
-    /// ChaCha20-Poly1305.
+    /// ChaCha20-Poly1305 (ring).
     #[serde(rename = "chacha20-poly1305")]
     Chacha20Poly1305,
+    /// AEGIS-256X2 (draft-irtf-cfrg-aegis-aead; the `aegis` crate's libaegis), 256-bit key,
+    /// 128-bit tag. Its 256-bit nonce is the stored 96 random bits followed by zeros.
+    #[serde(rename = "aegis-256x2")]
+    Aegis256X2,
 }
 
 impl Cipher {
@@ -76,18 +82,109 @@ impl Cipher {
         let hardware_aes = std::arch::is_aarch64_feature_detected!("aes");
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let hardware_aes = false;
-        if hardware_aes { Cipher::Aes256Gcm } else { Cipher::Chacha20Poly1305 }
+        if hardware_aes { Cipher::Aegis256X2 } else { Cipher::Chacha20Poly1305 }
     }
 
-    fn algorithm(self) -> &'static aead::Algorithm {
+    /// Its name in the config, key objects and `init --cipher`.
+    pub fn name(self) -> &'static str {
         match self {
-            Cipher::Aes256Gcm => &aead::AES_256_GCM,
-            Cipher::Chacha20Poly1305 => &aead::CHACHA20_POLY1305,
+            Cipher::Aes256Gcm => "aes-256-gcm",
+            Cipher::Chacha20Poly1305 => "chacha20-poly1305",
+            Cipher::Aegis256X2 => "aegis-256x2",
         }
     }
 
-    fn key(self, bytes: &[u8; 32]) -> LessSafeKey {
-        LessSafeKey::new(UnboundKey::new(self.algorithm(), bytes).expect("32-byte key"))
+    /// Every cipher this build reads and writes.
+    pub const ALL: [Cipher; 3] = [Cipher::Aegis256X2, Cipher::Aes256Gcm, Cipher::Chacha20Poly1305];
+
+    fn key(self, bytes: &[u8; 32]) -> SealKey {
+        let ring = |algorithm| {
+            SealKey::Ring(LessSafeKey::new(UnboundKey::new(algorithm, bytes).expect("32 bytes")))
+        };
+        match self {
+            Cipher::Aes256Gcm => ring(&aead::AES_256_GCM),
+            Cipher::Chacha20Poly1305 => ring(&aead::CHACHA20_POLY1305),
+            Cipher::Aegis256X2 => SealKey::Aegis256X2(*bytes),
+        }
+    }
+}
+
+/// A key of one of the ciphers, ready to seal and open.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made on the stack once per record and dropped; boxing would allocate per record"
+)]
+enum SealKey {
+    Ring(LessSafeKey),
+    Aegis256X2([u8; 32]),
+}
+
+type Aegis = aegis::aegis256x2::Aegis256X2<TAG_BYTES>;
+
+/// AEGIS-256X2's nonce from a stored one: the 96 random bits, then zeros (AEGIS needs the
+/// nonce unique under the key, not uniform; 96 random bits keep the bound AES-GCM has).
+fn aegis_nonce(nonce: [u8; NONCE_BYTES]) -> [u8; 32] {
+    let mut wide = [0u8; 32];
+    wide[..NONCE_BYTES].copy_from_slice(&nonce);
+    wide
+}
+
+impl SealKey {
+    /// Seals `buf` in place and appends nonce and tag.
+    fn seal(&self, nonce: [u8; NONCE_BYTES], aad: &[u8], buf: &mut Vec<u8>) {
+        let tag: [u8; TAG_BYTES] = match self {
+            SealKey::Ring(key) => key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(aad),
+                    buf,
+                )
+                .expect("sealing in memory cannot fail below the AEAD's length limit")
+                .as_ref()
+                .try_into()
+                .expect("16-byte tag"),
+            SealKey::Aegis256X2(key) => {
+                Aegis::new(key, &aegis_nonce(nonce)).encrypt_in_place(buf, aad)
+            }
+        };
+        buf.extend_from_slice(&nonce);
+        buf.extend_from_slice(&tag);
+    }
+
+    /// Opens `sealed` (ciphertext, nonce, tag) into `out`, exactly the ciphertext's length.
+    fn open(&self, aad: &[u8], sealed: &[u8], out: &mut [u8]) -> Result<(), String> {
+        let Some(length) = sealed.len().checked_sub(SEAL_OVERHEAD) else {
+            return Err(format!("{} sealed bytes, shorter than nonce and tag", sealed.len()));
+        };
+        if out.len() != length {
+            return Err(format!("{length} bytes of ciphertext where {} were expected", out.len()));
+        }
+        let nonce: [u8; NONCE_BYTES] = sealed[length..length + NONCE_BYTES].try_into().expect("12");
+        let tag: [u8; TAG_BYTES] = sealed[length + NONCE_BYTES..].try_into().expect("16");
+        // One copy into the destination, then decryption in place there.
+        out.copy_from_slice(&sealed[..length]);
+        let opened = match self {
+            SealKey::Ring(key) => key
+                .open_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(aad),
+                    Tag::from(tag),
+                    out,
+                    0..,
+                )
+                .map(|_| ())
+                .is_ok(),
+            SealKey::Aegis256X2(key) => {
+                Aegis::new(key, &aegis_nonce(nonce)).decrypt_in_place(out, &tag, aad).is_ok()
+            }
+        };
+        if opened {
+            Ok(())
+        } else {
+            // Nothing of a forged or damaged payload is left for a caller to use by mistake.
+            out.fill(0);
+            Err("authentication failed (tampered, or sealed for another chunk)".to_string())
+        }
     }
 }
 
@@ -119,7 +216,7 @@ pub struct RepoKeys {
     master: MasterSecret,
     id_key: [u8; 32],
     record_key: [u8; 32],
-    object_key: LessSafeKey,
+    object_key: SealKey,
     nonce: fn() -> [u8; NONCE_BYTES],
 }
 
@@ -161,14 +258,14 @@ impl RepoKeys {
         self.cipher
     }
 
-    fn record_subkey(&self, hash: &[u8; 32]) -> LessSafeKey {
+    fn record_subkey(&self, hash: &[u8; 32]) -> SealKey {
         self.cipher.key(blake3::keyed_hash(&self.record_key, hash).as_bytes())
     }
 
     /// Seals the stored bytes of a record in place: `buf` becomes ciphertext, nonce, tag.
     /// `aad` is `record_aad` of the record's header fields.
     pub fn seal_record(&self, hash: &[u8; 32], aad: &[u8], buf: &mut Vec<u8>) {
-        seal_with(&self.record_subkey(hash), (self.nonce)(), aad, buf);
+        self.record_subkey(hash).seal((self.nonce)(), aad, buf);
     }
 
     /// Opens a sealed record's stored bytes (ciphertext, nonce, tag) into `out`, which must be
@@ -183,12 +280,12 @@ impl RepoKeys {
         sealed: &[u8],
         out: &mut [u8],
     ) -> Result<(), String> {
-        open_into(&self.record_subkey(hash), aad, sealed, out)
+        self.record_subkey(hash).open(aad, sealed, out)
     }
 
     /// Seals an envelope payload in place (`aad`: the envelope header).
     pub fn seal_object(&self, aad: &[u8], buf: &mut Vec<u8>) {
-        seal_with(&self.object_key, (self.nonce)(), aad, buf);
+        self.object_key.seal((self.nonce)(), aad, buf);
     }
 
     /// Opens a sealed envelope payload.
@@ -197,7 +294,7 @@ impl RepoKeys {
     /// A message when the payload is too short or does not authenticate.
     pub fn open_object(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, String> {
         let mut out = vec![0u8; sealed.len().saturating_sub(SEAL_OVERHEAD)];
-        open_into(&self.object_key, aad, sealed, &mut out)?;
+        self.object_key.open(aad, sealed, &mut out)?;
         Ok(out)
     }
 }
@@ -211,36 +308,6 @@ pub fn record_aad(hash: &[u8; 32], encoding_byte: u8, raw_bytes: u32) -> [u8; 39
     aad[34] = encoding_byte;
     aad[35..39].copy_from_slice(&raw_bytes.to_le_bytes());
     aad
-}
-
-fn seal_with(key: &LessSafeKey, nonce: [u8; NONCE_BYTES], aad: &[u8], buf: &mut Vec<u8>) {
-    let tag = key
-        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf)
-        .expect("sealing in memory cannot fail below the AEAD's length limit");
-    buf.extend_from_slice(&nonce);
-    buf.extend_from_slice(tag.as_ref());
-}
-
-fn open_into(key: &LessSafeKey, aad: &[u8], sealed: &[u8], out: &mut [u8]) -> Result<(), String> {
-    let Some(length) = sealed.len().checked_sub(SEAL_OVERHEAD) else {
-        return Err(format!("{} sealed bytes, shorter than nonce and tag", sealed.len()));
-    };
-    if out.len() != length {
-        return Err(format!("{length} bytes of ciphertext where {} were expected", out.len()));
-    }
-    let nonce: [u8; NONCE_BYTES] = sealed[length..length + NONCE_BYTES].try_into().expect("12");
-    let tag: [u8; TAG_BYTES] = sealed[length + NONCE_BYTES..].try_into().expect("16");
-    // One copy into the destination, then decryption in place there (ring opens in place).
-    out.copy_from_slice(&sealed[..length]);
-    key.open_in_place_separate_tag(
-        Nonce::assume_unique_for_key(nonce),
-        Aad::from(aad),
-        Tag::from(tag),
-        out,
-        0..,
-    )
-    .map(|_| ())
-    .map_err(|_| "authentication failed (tampered, or sealed for another chunk)".to_string())
 }
 
 /// Argon2id parameters of a key object.
@@ -537,7 +604,7 @@ impl KeyObject {
         };
         let mut buf = master.0.to_vec();
         let aad = key_aad(object.key_format, repository_id, id);
-        seal_with(&cipher.key(&kek), nonce, &aad, &mut buf);
+        cipher.key(&kek).seal(nonce, &aad, &mut buf);
         object.wrapped = to_hex(&buf);
         Ok(object)
     }
@@ -591,7 +658,7 @@ impl KeyObject {
             .ok_or("the wrapped secret is not 120 hex characters")?;
         let mut master = [0u8; 32];
         let aad = key_aad(self.key_format, repository_id, id);
-        match open_into(&self.cipher.key(&kek), &aad, &wrapped, &mut master) {
+        match self.cipher.key(&kek).open(&aad, &wrapped, &mut master) {
             Ok(()) => Ok(Some(MasterSecret(master))),
             Err(_) => Ok(None),
         }
@@ -706,7 +773,7 @@ mod tests {
     // A record opens only with its own chunk id and header fields; any flipped byte fails.
     #[test]
     fn records_bind_chunk_id_and_header() {
-        for cipher in [Cipher::Aes256Gcm, Cipher::Chacha20Poly1305] {
+        for cipher in Cipher::ALL {
             let keys = keys(cipher);
             let (a, b) = ([1u8; 32], [2u8; 32]);
             let plain = b"secret volume bytes ".repeat(50);
@@ -728,6 +795,14 @@ mod tests {
             }
             let other = RepoKeys::derive(cipher, MasterSecret([4; 32]), counter_nonce);
             assert!(other.open_record(&a, &record_aad(&a, 0x80, 1000), &sealed, &mut out).is_err());
+            assert!(out.iter().all(|&byte| byte == 0), "a failed open leaves nothing readable");
+            for another in Cipher::ALL.into_iter().filter(|&another| another != cipher) {
+                let keys = RepoKeys::derive(another, MasterSecret([3; 32]), counter_nonce);
+                let aad = record_aad(&a, 0x80, 1000);
+                assert!(keys.open_record(&a, &aad, &sealed, &mut out).is_err(), "{another:?}");
+            }
+            let name = serde_json::to_string(&cipher).unwrap();
+            assert_eq!(name, format!("\"{}\"", cipher.name()));
             let mut short = vec![0u8; 0];
             assert!(keys.open_record(&a, &[], &sealed[..10], &mut short).is_err());
         }
@@ -736,14 +811,32 @@ mod tests {
     // Two seals of the same bytes differ (random nonces), and both open.
     #[test]
     fn nonces_are_fresh() {
-        let keys = keys(Cipher::Aes256Gcm);
-        let (mut one, mut two) = (b"same".to_vec(), b"same".to_vec());
-        keys.seal_object(b"h", &mut one);
-        keys.seal_object(b"h", &mut two);
-        assert_ne!(one, two);
-        assert_eq!(keys.open_object(b"h", &one).unwrap(), b"same");
-        assert!(keys.open_object(b"other header", &one).is_err());
+        for cipher in Cipher::ALL {
+            let keys = keys(cipher);
+            let (mut one, mut two) = (b"same".to_vec(), b"same".to_vec());
+            keys.seal_object(b"h", &mut one);
+            keys.seal_object(b"h", &mut two);
+            assert_ne!(one, two);
+            assert_eq!(keys.open_object(b"h", &one).unwrap(), b"same");
+            assert!(keys.open_object(b"other header", &one).is_err());
+        }
     }
+
+    // What an AEGIS-256X2 seal writes is fixed by the format: these bytes were written by the
+    // build that introduced it, and every later build must open them (and seal the same).
+    #[test]
+    fn aegis_sealing_is_stable() {
+        let key = Cipher::Aegis256X2.key(&[7; 32]);
+        let mut buf = b"ferry record".to_vec();
+        key.seal([9; NONCE_BYTES], b"aad", &mut buf);
+        assert_eq!(to_hex(&buf), AEGIS_SEALED);
+        let mut out = [0u8; 12];
+        key.open(b"aad", &buf, &mut out).unwrap();
+        assert_eq!(&out, b"ferry record");
+    }
+
+    const AEGIS_SEALED: &str =
+        "fa5a3583912724a0715ac876090909090909090909090909ba4698bd558695f6e1656966cd71a5fa";
 
     // The derived keys differ from each other and from the master; the id key is stable.
     #[test]
@@ -822,7 +915,7 @@ mod tests {
         old_aad.extend_from_slice(ID.as_bytes());
         let sealed = hex_bytes::<{ 32 + SEAL_OVERHEAD }>(&old.wrapped).unwrap();
         let mut out = [0u8; 32];
-        open_into(&old.cipher.key(&kek), &old_aad, &sealed, &mut out).unwrap();
+        old.cipher.key(&kek).open(&old_aad, &sealed, &mut out).unwrap();
         assert_eq!(out, master.0);
         let key_file = wrapped(&master, &Secret::KeyFile(KeyFile::from_bytes([1; 32])));
         let json = serde_json::to_string(&key_file).unwrap();
