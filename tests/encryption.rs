@@ -607,6 +607,14 @@ fn key_file_lifecycle(repo: &Repo, scratch: &Scratch) {
     repo.ferry_env(&restore, &[("FERRY_KEY_FILE", key_file.to_str().unwrap())]).ok();
     assert_same(&source, &target, 2 * MIB);
     std::fs::remove_file(&target).unwrap();
+    assert!(backup.warnings().is_empty(), "{:?}", backup.warnings());
+    // A key file others may read is a warning (the job still runs); 0600 again, none.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let open_to_all = with_key_file(repo, &key_file, &["list"]);
+    let _ = open_to_all.ok();
+    let warned = open_to_all.warnings().join("\n");
+    assert!(warned.contains("mode 644") && warned.contains("chmod 600"), "{warned}");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let listed = with_key_file(repo, &key_file, &["key", "list"]).ok();
     assert_eq!(listed["keys"].as_array().unwrap().len(), 1);
     assert_eq!(listed["keys"][0]["kind"], "key-file");
@@ -727,6 +735,11 @@ fn key_file_flag_applies_or_is_refused() {
     ] {
         let message = repo.ferry(args).fails(2);
         assert!(message.contains("--key-file") && message.contains(expected), "{message}");
+    }
+    // Key material in the environment makes no unencrypted repository either.
+    for variable in ["FERRY_KEY_FILE", "FERRY_PASSPHRASE"] {
+        let message = repo.ferry_env(&["init"], &[(variable, k)]).fails(2);
+        assert!(message.contains(variable) && message.contains("--encrypt"), "{message}");
     }
     assert!(!scratch.join("repo").exists() && !scratch.join("x").exists());
     // Where it applies: init --encrypt takes it, and key add takes --new-key-file.

@@ -12,14 +12,6 @@ use crate::util::{Repo, Run, Scratch, assert_same, gen_image};
 const CHUNK: u64 = 256 * 1024;
 const SIZE: u64 = 32 * CHUNK;
 
-fn warnings(run: &Run) -> Vec<String> {
-    run.events
-        .iter()
-        .filter(|event| event["event"] == "warning")
-        .map(|event| event["message"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// Writes `data` at `offset` of `path` and returns the byte range it changed.
 fn overwrite(path: &Path, offset: u64, data: &[u8]) -> (u64, u64) {
     use std::os::unix::fs::FileExt;
@@ -76,7 +68,7 @@ fn chain_from_ranges_file(repo: &Repo, scratch: &Scratch) {
     let list = ranges_file(scratch, "changes.json", &changes);
     let run = backup(repo, &source, &["--changed-ranges", &list, "--changed-since", &full_id]);
     let second = run.ok();
-    assert!(warnings(&run).is_empty(), "{:?}", warnings(&run));
+    assert!(run.warnings().is_empty(), "{:?}", run.warnings());
     let base = &second["base"];
     assert_eq!(base["parent_backup_id"], full_id.as_str());
     assert_eq!(base["chunks_read"], touched.len());
@@ -112,7 +104,7 @@ fn chain_from_ranges_file(repo: &Repo, scratch: &Scratch) {
         &["--changed-ranges", &lie, "--changed-since", &third_id, "--sample-unchanged", "1000"],
     );
     let lied = run.ok();
-    let said = warnings(&run).join("\n");
+    let said = run.warnings().join("\n");
     assert!(said.contains("CHANGE LIST IS WRONG") && said.contains("chunk 25"), "{said}");
     assert!(said.contains("reading the whole source"), "{said}");
     assert!(lied.get("base").is_none(), "{lied}");
@@ -155,7 +147,7 @@ fn incremental_fallbacks_and_refusals() {
     let full_read = |since: &str, path: &Path, expect: &str| {
         let run = backup(&repo, path, &["--changed-ranges", &list, "--changed-since", since]);
         let result = run.ok();
-        let said = warnings(&run).join("\n");
+        let said = run.warnings().join("\n");
         assert!(said.contains(expect) && said.contains("reading the whole source"), "{said}");
         assert!(result.get("base").is_none(), "{result}");
         assert_eq!(result["stats"]["bytes_read"], result["volume_size_bytes"]);

@@ -372,14 +372,6 @@ fn write_token(path: &Path, token: &str) {
     std::fs::rename(&temp, path).unwrap();
 }
 
-fn warnings(run: &Run) -> Vec<String> {
-    run.events
-        .iter()
-        .filter(|event| event["event"] == "warning")
-        .map(|event| event["message"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|read| read.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
@@ -799,7 +791,7 @@ fn lightbits_nvme_connect_never_drops_other_volumes() {
     let calls = sim.take_nvme_calls();
     assert!(calls.iter().all(|argv| argv[0] == "connect"), "no disconnect: {calls:?}");
     assert_eq!(calls.len(), 3, "one connect per node: {calls:?}");
-    let warned = warnings(&run);
+    let warned = run.warnings();
     assert!(
         warned.iter().any(|w| w.contains("left the NVMe connection") && w.contains(&other)),
         "{warned:?}"
@@ -827,7 +819,7 @@ fn lightbits_nvme_connect_never_drops_other_volumes() {
     // Nothing else on the subsystem: ferry connects and disconnects as before.
     let run = sim.ferry_with("nvme.toml", &["backup", "--lightbits-volume", "vol-n"]);
     run.ok();
-    assert!(warnings(&run).is_empty(), "{:?}", run.events);
+    assert!(run.warnings().is_empty(), "{:?}", run.events);
     let calls = sim.take_nvme_calls();
     let disconnects: Vec<&Vec<String>> =
         calls.iter().filter(|argv| argv[0] == "disconnect").collect();
@@ -1014,7 +1006,7 @@ fn assert_restores(sim: &Sim, backup_id: &str, expected: &[u8]) {
 fn full_read_because(sim: &Sim, why: &str) -> Value {
     let run = sim.ferry(&["backup", "--lightbits-volume", "vol-i", "--lightbits-keep-base"]);
     let result = run.ok();
-    let said = warnings(&run).join("\n");
+    let said = run.warnings().join("\n");
     assert!(said.contains(why) && said.contains("reading the whole"), "{why}: {said}");
     assert!(result.get("base").is_none(), "{why}: {result}");
     assert_eq!(result["stats"]["bytes_read"], result["volume_size_bytes"], "{why}");
@@ -1058,7 +1050,7 @@ fn lightbits_incremental_chain_fallbacks_and_kill() {
     let _ = touched.insert((VOLUME_BYTES - 1) / chunk);
     let run = sim.ferry(&keep);
     let second = run.ok();
-    assert!(warnings(&run).is_empty(), "{:?}", warnings(&run));
+    assert!(run.warnings().is_empty(), "{:?}", run.warnings());
     let second_id = second["backup_id"].as_str().unwrap().to_owned();
     assert_eq!(second["base"]["parent_backup_id"], full_id.as_str());
     assert_eq!(second["base"]["chunks_read"], touched.len(), "{second}");
@@ -1075,7 +1067,7 @@ fn lightbits_incremental_chain_fallbacks_and_kill() {
     write_volume(&sim, &uuid, &mut mirror, 2048 * 512, &pattern(300, 512));
     let run = sim.ferry(&[&keep[..], &["--sample-unchanged", "100000"]].concat());
     let lied = run.ok();
-    let said = warnings(&run).join("\n");
+    let said = run.warnings().join("\n");
     assert!(said.contains("CHANGE LIST IS WRONG"), "{said}");
     assert!(lied.get("base").is_none(), "{lied}");
     assert_restores(&sim, lied["backup_id"].as_str().unwrap(), &mirror);
@@ -1210,7 +1202,7 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
 
     let run = backup(&ids[0], &[]);
     let full = run.ok();
-    assert!(warnings(&run).is_empty(), "{:?}", warnings(&run));
+    assert!(run.warnings().is_empty(), "{:?}", run.warnings());
     assert!(full["stats"]["parent_id"].is_null() && full["stats"]["base"].is_null(), "{full}");
     assert_eq!(full["stats"]["bytes_read"], VOLUME_BYTES);
     assert_eq!(ferry_snapshots(&sim), [format!("ferry-snap-{}", ids[0])]);
@@ -1233,7 +1225,7 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
         }
         let run = backup(&ids[round + 1], &[]);
         let result = run.ok();
-        assert!(warnings(&run).is_empty(), "{:?}", warnings(&run));
+        assert!(run.warnings().is_empty(), "{:?}", run.warnings());
         let stats = &result["stats"];
         assert_eq!(stats["parent_id"], ids[round].as_str(), "{result}");
         assert_eq!(stats["base"]["parent_backup_id"], ids[round].as_str());
@@ -1252,7 +1244,7 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
     write_volume(&sim, &uuid, &mut mirror, 2048 * 512, &pattern(300, 512));
     let run = backup(&ids[3], &["--sample-unchanged", "100000"]);
     let lied = run.ok();
-    let said = warnings(&run).join("\n");
+    let said = run.warnings().join("\n");
     assert!(said.contains("CHANGE LIST IS WRONG"), "{said}");
     assert!(lied["stats"]["base"].is_null(), "{lied}");
     assert_eq!(lied["stats"]["parent_id"], ids[2].as_str(), "a full-read incremental");
@@ -1265,7 +1257,7 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
     write_volume(&sim, &uuid, &mut mirror, 6 << 20, &pattern(350, 4096));
     let run = backup(&ids[4], &[]);
     let unsupported = run.ok();
-    let said = warnings(&run).join("\n");
+    let said = run.warnings().join("\n");
     assert!(said.contains("does not serve the changed-blocks diff (HTTP 404"), "{said}");
     assert_eq!(unsupported["stats"]["parent_id"], ids[3].as_str(), "{unsupported}");
     assert!(unsupported["stats"]["base"].is_null(), "{unsupported}");
@@ -1283,7 +1275,7 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
     write_volume(&sim, &uuid, &mut mirror, 7 << 20, &pattern(400, 4096));
     let run = backup(&ids[5], &[]);
     let fallen = run.ok();
-    let said = warnings(&run).join("\n");
+    let said = run.warnings().join("\n");
     assert!(said.contains(&format!("parent backup {gone}")), "{said}");
     assert!(said.contains("reading the whole"), "{said}");
     assert!(fallen["stats"]["parent_id"].is_null(), "{fallen}");

@@ -106,21 +106,31 @@ fn passphrase_source(value: &str, file: &str) -> Result<KeySource, EngineError> 
 
 /// Reads and parses the key file at `path` (`what` names where the path came from): a regular
 /// file or a pipe (`--key-file <(vault read ...)`), at most `KEY_FILE_BYTES_MAX` bytes of it.
-/// Its contents are registered for scrubbing.
+/// Its contents are registered for scrubbing. A regular file other users may read or write is
+/// a warning on `output` (as ssh refuses such a private key; ferry still uses it, so a job is
+/// not stopped by a mode).
 ///
 /// # Errors
 /// `Usage` when it cannot be read, is another kind of file (a directory, a device), or is not
 /// a key file (the message states the rule and never quotes the contents).
-pub fn read_key_file(path: &Path, what: &str) -> Result<KeyFile, EngineError> {
-    use std::os::unix::fs::FileTypeExt as _;
+pub fn read_key_file(path: &Path, what: &str, output: &Output) -> Result<KeyFile, EngineError> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     let shown = path.display();
     let cannot = |error: std::io::Error| usage(format!("{what}: cannot read {shown}: {error}"));
     // Checked before opening: opening a device could block or have effects.
-    let kind = std::fs::metadata(path).map_err(cannot)?.file_type();
+    let metadata = std::fs::metadata(path).map_err(cannot)?;
+    let kind = metadata.file_type();
     if !kind.is_file() && !kind.is_fifo() {
         return Err(usage(format!(
             "{what}: {shown} is neither a regular file nor a pipe, so no key file"
         )));
+    }
+    let mode = metadata.permissions().mode() & 0o777;
+    if kind.is_file() && mode & 0o077 != 0 {
+        output.warning(&format!(
+            "{what}: key file {shown} has mode {mode:o}, so other users may read or replace \
+             it, and whoever reads it can decrypt the repository: `chmod 600 {shown}`"
+        ));
     }
     let mut text = Vec::new();
     let file = std::fs::File::open(path).map_err(cannot)?;
@@ -162,7 +172,7 @@ pub fn key_material_given(flag: Option<&Path>) -> Vec<&'static str> {
 /// # Errors
 /// `Usage` when a key file and a passphrase are both given, or a key file or
 /// `FERRY_PASSPHRASE_FILE` cannot be read or parsed.
-pub fn key_source(flag: Option<&Path>) -> Result<KeySource, EngineError> {
+pub fn key_source(flag: Option<&Path>, output: &Output) -> Result<KeySource, EngineError> {
     let Some((path, what)) = key_file_given(flag) else {
         return passphrase_source(PASSPHRASE_ENV[0], PASSPHRASE_ENV[1]);
     };
@@ -172,7 +182,7 @@ pub fn key_source(flag: Option<&Path>) -> Result<KeySource, EngineError> {
              file opens only key-file keys, a passphrase only passphrase keys)"
         )));
     }
-    Ok(KeySource::Given(Secret::KeyFile(read_key_file(&path, what)?)))
+    Ok(KeySource::Given(Secret::KeyFile(read_key_file(&path, what, output)?)))
 }
 
 /// `key generate-file PATH`: writes 32 random bytes as a key file, mode 0600, refusing an
@@ -248,7 +258,11 @@ pub fn run(repo: &Repository, args: &KeyArgs, output: &Output) -> Result<(), Eng
                              secret (add them one at a time)"
                         )));
                     }
-                    KeySource::Given(Secret::KeyFile(read_key_file(path, "--new-key-file")?))
+                    KeySource::Given(Secret::KeyFile(read_key_file(
+                        path,
+                        "--new-key-file",
+                        output,
+                    )?))
                 }
                 None => new_passphrase()?,
             };

@@ -105,7 +105,7 @@ pub fn dispatch(
 }
 
 fn run(cli: &Cli, output: &Output) -> Result<(), EngineError> {
-    let key = super::keys::key_source(cli.key_file.as_deref())?;
+    let key = super::keys::key_source(cli.key_file.as_deref(), output)?;
     let repo = Repository::open_with(config::open_store(&store_args(cli))?, &key)?;
     output.start(Start::Repository { repository: repo.store.describe() });
     match &cli.command {

@@ -419,8 +419,26 @@ fn check_format_flags(cli: &Cli, matches: &clap::ArgMatches) -> Result<(), Engin
 /// Refuses (exit 2) `--key-file` on a command it does not apply to: one that opens no
 /// repository (`reclaim`, `key generate-file`, whose key file is its argument), `cinder-record`
 /// (Cinder's format has no encryption; `backup`/`restore --format cinder` are refused by
-/// `check_format_flags`), and `init` without `--encrypt`.
+/// `check_format_flags`), and `init` without `--encrypt`. Key material from the environment
+/// (`FERRY_KEY_FILE`, `FERRY_PASSPHRASE`, `FERRY_PASSPHRASE_FILE`) is refused by `init` without
+/// `--encrypt` too: whoever sets it expects an encrypted repository, and opening an
+/// unencrypted one with it is refused as well (exit 11).
 fn check_key_file_flag(cli: &Cli) -> Result<(), EngineError> {
+    if let Command::Init(args) = &cli.command
+        && !args.encrypt
+    {
+        let given = keys::key_material_given(cli.key_file.as_deref());
+        if !given.is_empty() {
+            return Err(EngineError::new(
+                ErrorKind::Usage,
+                format!(
+                    "{} does not apply: init creates an unencrypted repository without \
+                     --encrypt (add --encrypt, or unset it)",
+                    given.join(" / ")
+                ),
+            ));
+        }
+    }
     if cli.key_file.is_none() {
         return Ok(());
     }
@@ -429,9 +447,6 @@ fn check_key_file_flag(cli: &Cli) -> Result<(), EngineError> {
         Command::CinderRecord(_) => "Cinder's format has no encryption",
         Command::Key(keys::KeyArgs { action: keys::KeyAction::GenerateFile { .. } }) => {
             "key generate-file writes the key file its argument names"
-        }
-        Command::Init(args) if !args.encrypt => {
-            "init creates an unencrypted repository without --encrypt"
         }
         _ => return Ok(()),
     };
@@ -716,12 +731,13 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
     // The key of a new encrypted repository first: a missing or bad one leaves nothing behind
     // (opening the store for `init` creates a local repository's directory).
     let encryption = match &cli.command {
-        Command::Init(args) if args.encrypt => Some(new_encryption(cli, args.cipher)?),
+        Command::Init(args) if args.encrypt => Some(new_encryption(cli, args.cipher, output)?),
         _ => None,
     };
     let store = config::open_store(&store_args(cli))?;
     let describe = store.describe();
-    let open = |store| Repository::open_with(store, &keys::key_source(cli.key_file.as_deref())?);
+    let open =
+        |store| Repository::open_with(store, &keys::key_source(cli.key_file.as_deref(), output)?);
     match &cli.command {
         Command::Init(args) => {
             output.start(Start::Repository { repository: describe.clone() });
@@ -806,8 +822,12 @@ fn dispatch(cli: &Cli, output: &Output, cancel: &Arc<AtomicBool>) -> Result<(), 
 
 /// The encryption of `init --encrypt`: the key file, or the passphrase (asked twice on a
 /// terminal), and the AEAD asked for, else the one this CPU runs fastest.
-fn new_encryption(cli: &Cli, cipher: Option<Cipher>) -> Result<NewEncryption, EngineError> {
-    let secret = match keys::key_source(cli.key_file.as_deref())? {
+fn new_encryption(
+    cli: &Cli,
+    cipher: Option<Cipher>,
+    output: &Output,
+) -> Result<NewEncryption, EngineError> {
+    let secret = match keys::key_source(cli.key_file.as_deref(), output)? {
         KeySource::Given(secret) => secret,
         KeySource::Prompt(ask) => {
             let first = ask("new repository passphrase: ")?;

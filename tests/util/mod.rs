@@ -217,6 +217,15 @@ impl From<Output> for Run {
 }
 
 impl Run {
+    /// The messages of its `warning` events.
+    pub fn warnings(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .filter(|event| event["event"] == "warning")
+            .map(|event| event["message"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     /// The last event, which must be `result` or `error`.
     pub fn last(&self) -> &Value {
         let last =
