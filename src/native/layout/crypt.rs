@@ -161,21 +161,24 @@ impl SealKey {
         }
         let nonce: [u8; NONCE_BYTES] = sealed[length..length + NONCE_BYTES].try_into().expect("12");
         let tag: [u8; TAG_BYTES] = sealed[length + NONCE_BYTES..].try_into().expect("16");
-        // One copy into the destination, then decryption in place there.
-        out.copy_from_slice(&sealed[..length]);
         let opened = match self {
-            SealKey::Ring(key) => key
-                .open_in_place_separate_tag(
+            // ring opens in place only: one copy into the destination, then decryption there.
+            SealKey::Ring(key) => {
+                out.copy_from_slice(&sealed[..length]);
+                key.open_in_place_separate_tag(
                     Nonce::assume_unique_for_key(nonce),
                     Aad::from(aad),
                     Tag::from(tag),
                     out,
                     0..,
                 )
-                .map(|_| ())
-                .is_ok(),
+                .is_ok()
+            }
+            // libaegis decrypts from the sealed bytes straight into the destination, no copy.
             SealKey::Aegis256X2(key) => {
-                Aegis::new(key, &aegis_nonce(nonce)).decrypt_in_place(out, &tag, aad).is_ok()
+                let aegis = Aegis::new(key, &aegis_nonce(nonce));
+                let mut decryptor = aegis.decryptor(aad, out);
+                decryptor.update(&sealed[..length]).is_ok() && decryptor.finalize(&tag).is_ok()
             }
         };
         if opened {
