@@ -1111,18 +1111,7 @@ fn lightbits_incremental_chain_fallbacks_and_kill() {
     // kill -9 between "snapshot kept" and the commit: reclaim leaves exactly the old base.
     let old_base = ferry_snapshots(&sim);
     write_volume(&sim, &uuid, &mut mirror, 3 << 20, &pattern(400, 4096));
-    // The diff call (after the attach, before the data plane) answers only after 4 s.
-    sim.fault(json!({"kind": "delay", "seconds": 4, "method": "GET", "path": "snapshots/diff"}));
-    let mut child = sim.spawn("config.toml", &keep);
-    sim.wait_until(&mut child, "the diff call with two snapshots", &|sim: &Sim| {
-        // The fault is used up when the diff request arrives.
-        let faults = sim.call("GET", "/sim/faults", None);
-        let taken = faults["faults"].as_array().unwrap().iter().all(|f| f["count"] == 0);
-        ferry_snapshots(sim).len() == 2 && taken
-    });
-    child.kill().unwrap();
-    let _ = child.wait();
-    sim.clear_faults();
+    kill_during_diff(&sim, &keep);
     sim.ferry(&["reclaim"]).ok();
     assert_eq!(ferry_snapshots(&sim), old_base, "reclaim keeps exactly the committed base");
     let run = sim.ferry(&keep);
@@ -1132,6 +1121,23 @@ fn lightbits_incremental_chain_fallbacks_and_kill() {
     assert_ne!(ferry_snapshots(&sim), old_base);
     assert_restores(&sim, next["backup_id"].as_str().unwrap(), &mirror);
     assert_restores(&sim, &second_id, &at_second);
+}
+
+/// Runs ferry with `args` (a `--lightbits-keep-base` backup that has a base), the diff call
+/// (after the attach, before the data plane) answering only after 4 s, and kills it (SIGKILL)
+/// once that call has arrived: between "snapshot kept" and the commit.
+fn kill_during_diff(sim: &Sim, args: &[&str]) {
+    sim.fault(json!({"kind": "delay", "seconds": 4, "method": "GET", "path": "snapshots/diff"}));
+    let mut child = sim.spawn("config.toml", args);
+    sim.wait_until(&mut child, "the diff call with two snapshots", &|sim: &Sim| {
+        // The fault is used up when the diff request arrives.
+        let faults = sim.call("GET", "/sim/faults", None);
+        let taken = faults["faults"].as_array().unwrap().iter().all(|f| f["count"] == 0);
+        ferry_snapshots(sim).len() == 2 && taken
+    });
+    child.kill().unwrap();
+    let _ = child.wait();
+    sim.clear_faults();
 }
 
 /// Cinder-format backups of the simulator's `vol-ci` into the test bucket, all of one Cinder
@@ -1151,14 +1157,19 @@ impl<'a> CinderChain<'a> {
         CinderChain { sim, py, s3: s3.map(str::to_owned), volume: crate::cinder::uuid() }
     }
 
-    /// A `--lightbits-keep-base` backup `id`.
-    fn backup(&self, id: &str, extra: &[&str]) -> Run {
+    /// The arguments of a `--lightbits-keep-base` backup `id`.
+    fn args<'s>(&'s self, id: &'s str, extra: &[&'s str]) -> Vec<&'s str> {
         let mut args: Vec<&str> = self.s3.iter().map(String::as_str).collect();
         args.extend(["backup", "--lightbits-volume", "vol-ci", "--lightbits-keep-base"]);
         args.extend(["--format", "cinder", "--cinder-backup-id", id]);
         args.extend(["--cinder-volume-id", &self.volume, "--cinder-object-size", "262144"]);
         args.extend(extra);
-        self.sim.ferry(&args)
+        args
+    }
+
+    /// A `--lightbits-keep-base` backup `id`.
+    fn backup(&self, id: &str, extra: &[&str]) -> Run {
+        self.sim.ferry(&self.args(id, extra))
     }
 
     /// Cinder's own driver and ferry both restore `id` to `expected`.
@@ -1183,7 +1194,9 @@ impl<'a> CinderChain<'a> {
 /// ferry restore every backup of the chain byte-identical to the volume at its time. A lying
 /// diff is caught by the sampling check (a full-read incremental), a cluster without the diff
 /// call is a warning and a full-read incremental, and a base whose backup is missing is a
-/// warning and a full backup; one base is left.
+/// warning and a full backup; one base is left. kill -9 between "snapshot kept" and the commit,
+/// then `reclaim`: exactly the committed base is left, and the next backup is still an
+/// incremental of the committed backup that reads only what changed.
 #[test]
 fn lightbits_cinder_incremental_chain_lie_and_fallback() {
     let Some(py) = crate::cinder::cinder_py("lightbits_cinder_incremental_chain_lie_and_fallback")
@@ -1282,4 +1295,33 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
     assert_eq!(fallen["stats"]["bytes_read"], VOLUME_BYTES);
     assert_eq!(ferry_snapshots(&sim), [format!("ferry-snap-{}", ids[5])]);
     restores(&ids[5], &mirror, "the fallback full backup");
+
+    cinder_kill_then_incremental(&chain, &uuid, &mut mirror, &ids[5]);
+}
+
+/// kill -9 between "snapshot kept" and the commit of a Cinder-format incremental: nothing of it
+/// is in the bucket (the data plane had not started), reclaim keeps exactly the committed base,
+/// and the next backup is an incremental of `parent`, the last committed one, that reads the
+/// one changed read chunk.
+fn cinder_kill_then_incremental(
+    chain: &CinderChain<'_>,
+    uuid: &str,
+    mirror: &mut [u8],
+    parent: &str,
+) {
+    let sim = chain.sim;
+    let old_base = ferry_snapshots(sim);
+    write_volume(sim, uuid, mirror, 9 << 20, &pattern(500, 4096));
+    let killed = crate::cinder::uuid();
+    kill_during_diff(sim, &chain.args(&killed, &[]));
+    sim.ferry(&["reclaim"]).ok();
+    assert_eq!(ferry_snapshots(sim), old_base, "reclaim keeps exactly the committed base");
+    let next = crate::cinder::uuid();
+    let run = chain.backup(&next, &[]);
+    let after_kill = run.ok();
+    assert!(run.warnings().is_empty(), "{:?}", run.warnings());
+    assert_eq!(after_kill["stats"]["parent_id"], parent, "{after_kill}");
+    assert_eq!(after_kill["stats"]["base"]["chunks_read"], 1, "{after_kill}");
+    assert_eq!(ferry_snapshots(sim), [format!("ferry-snap-{next}")]);
+    chain.restores(&next, mirror, "the incremental after a killed one");
 }
