@@ -59,6 +59,21 @@ fn files_containing_since(dir: &Path, needle: &[u8], since: std::time::SystemTim
     found
 }
 
+/// A `--format cinder` backup of `source` (refused by encrypted repositories and key material).
+fn cinder_backup_args(source: &str) -> [&str; 9] {
+    [
+        "backup",
+        "--format",
+        "cinder",
+        "--source",
+        source,
+        "--cinder-backup-id",
+        "00000000-0000-0000-0000-000000000001",
+        "--cinder-volume-id",
+        "00000000-0000-0000-0000-000000000002",
+    ]
+}
+
 fn backup_id(result: &serde_json::Value) -> String {
     result["backup_id"].as_str().unwrap().to_string()
 }
@@ -401,20 +416,7 @@ fn passphrase_problems_have_their_own_exit_codes() {
             || objects(&scratch.join("plain"), "backups").is_empty()
     );
     // Cinder's format has no encryption: refused before anything.
-    let run_cinder = run(
-        &repo,
-        &[
-            "backup",
-            "--format",
-            "cinder",
-            "--source",
-            source.to_str().unwrap(),
-            "--cinder-backup-id",
-            "00000000-0000-0000-0000-000000000001",
-            "--cinder-volume-id",
-            "00000000-0000-0000-0000-000000000002",
-        ],
-    );
+    let run_cinder = run(&repo, &cinder_backup_args(source.to_str().unwrap()));
     let message = run_cinder.fails(2);
     assert!(message.contains("FERRY_PASSPHRASE") && message.contains("cinder"), "{message}");
 }
@@ -712,17 +714,7 @@ fn key_file_flag_applies_or_is_refused() {
     let k = key_file.to_str().unwrap();
     let source = scratch.join("a.img");
     gen_image(&source, MIB, "random", 1);
-    let cinder = [
-        "backup",
-        "--format",
-        "cinder",
-        "--source",
-        source.to_str().unwrap(),
-        "--cinder-backup-id",
-        "00000000-0000-0000-0000-000000000001",
-        "--cinder-volume-id",
-        "00000000-0000-0000-0000-000000000002",
-    ];
+    let cinder = cinder_backup_args(source.to_str().unwrap());
     let mut flagged = vec!["--key-file", k];
     flagged.extend(cinder);
     assert!(repo.ferry(&flagged).fails(2).contains("--key-file does not apply to --format cinder"));
