@@ -1175,7 +1175,7 @@ impl<'a> CinderChain<'a> {
     /// Cinder's own driver and ferry both restore `id` to `expected`.
     fn restores(&self, id: &str, expected: &[u8], context: &str) {
         let by_cinder = self.sim.scratch.join("by-cinder.img");
-        crate::cinder::cinder_restore(&self.py, id, &by_cinder, VOLUME_BYTES);
+        crate::cinder::cinder_restore(&self.py, id, &by_cinder, expected.len() as u64);
         assert!(std::fs::read(&by_cinder).unwrap() == expected, "Cinder restores {context} wrong");
         let by_ferry = self.sim.scratch.join("by-ferry.img");
         let mut args: Vec<&str> = self.s3.iter().map(String::as_str).collect();
@@ -1192,10 +1192,11 @@ impl<'a> CinderChain<'a> {
 /// the last LBA, the next backup is a Cinder incremental of the first that reads only the touched
 /// read chunks (the job's byte counter); a third builds on the second. Cinder's own driver and
 /// ferry restore every backup of the chain byte-identical to the volume at its time. A lying
-/// diff is caught by the sampling check (a full-read incremental), a cluster without the diff
-/// call is a warning and a full-read incremental, and a base whose backup is missing is a
-/// warning and a full backup; one base is left. kill -9 between "snapshot kept" and the commit,
-/// then `reclaim`: exactly the committed base is left, and the next backup is still an
+/// diff is caught by the sampling check (a full-read incremental); a cluster without the diff
+/// call (404, 501) and a base snapshot deleted behind ferry's back are each a warning and a
+/// full-read incremental; a base whose backup is missing and a grown volume are each a warning
+/// and a full backup; one base is left after each. kill -9 between "snapshot kept" and the
+/// commit, then `reclaim`: exactly the committed base is left, and the next backup is still an
 /// incremental of the committed backup that reads only what changed.
 #[test]
 fn lightbits_cinder_incremental_chain_lie_and_fallback() {
@@ -1211,7 +1212,7 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
     let chunk = 256 * 1024u64;
     let backup = |id: &str, extra: &[&str]| chain.backup(id, extra);
     let restores = |id: &str, expected: &[u8], context: &str| chain.restores(id, expected, context);
-    let ids: Vec<String> = (0..6).map(|_| crate::cinder::uuid()).collect();
+    let ids: Vec<String> = (0..9).map(|_| crate::cinder::uuid()).collect();
 
     let run = backup(&ids[0], &[]);
     let full = run.ok();
@@ -1265,18 +1266,30 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
     let _ = sim.call("POST", "/sim/diff", Some(json!({"hide": []})));
     restores(&ids[3], &mirror, "the lied-to incremental");
 
-    // No diff call on the cluster: a warning and a full-read incremental of the base's backup.
-    let _ = sim.call("POST", "/sim/diff", Some(json!({"unsupported": 404})));
-    write_volume(&sim, &uuid, &mut mirror, 6 << 20, &pattern(350, 4096));
-    let run = backup(&ids[4], &[]);
-    let unsupported = run.ok();
-    let said = run.warnings().join("\n");
-    assert!(said.contains("does not serve the changed-blocks diff (HTTP 404"), "{said}");
-    assert_eq!(unsupported["stats"]["parent_id"], ids[3].as_str(), "{unsupported}");
-    assert!(unsupported["stats"]["base"].is_null(), "{unsupported}");
-    assert_eq!(unsupported["stats"]["bytes_read"], VOLUME_BYTES);
-    let _ = sim.call("POST", "/sim/diff", Some(json!({"unsupported": null})));
-    restores(&ids[4], &mirror, "the incremental without a diff");
+    // No diff call on the cluster (404 or 501), then a base snapshot deleted behind ferry's
+    // back: each a warning and a full-read incremental of the base's backup.
+    for (index, unsupported) in [(4, Some(404)), (5, Some(501)), (6, None)] {
+        let why = match unsupported {
+            Some(status) => {
+                let _ = sim.call("POST", "/sim/diff", Some(json!({"unsupported": status})));
+                format!("does not serve the changed-blocks diff (HTTP {status}")
+            }
+            None => {
+                let base_uuid = sim.state()["snapshots"][0]["UUID"].as_str().unwrap().to_owned();
+                let path = format!("/api/v2/projects/default/snapshots/{base_uuid}");
+                let _ = sim.api("DELETE", &path, None, None);
+                while !ferry_snapshots(&sim).is_empty() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                "is gone".to_owned()
+            }
+        };
+        let offset = (6 << 20) + index as u64 * 4096;
+        write_volume(&sim, &uuid, &mut mirror, offset, &pattern(350, 4096));
+        let fallen = cinder_full_read(&chain, &ids[index], &why, &mirror);
+        let _ = sim.call("POST", "/sim/diff", Some(json!({"unsupported": null})));
+        assert_eq!(fallen["stats"]["parent_id"], ids[index - 1].as_str(), "{why}: {fallen}");
+    }
 
     // The base's backup is missing: a warning and a full backup.
     let record_path = sim.scratch.join("journal").join(&sim.journal_entries()[0]);
@@ -1286,17 +1299,35 @@ fn lightbits_cinder_incremental_chain_lie_and_fallback() {
     record["resource"]["backup_id"] = json!(gone);
     std::fs::write(&record_path, record.to_string()).unwrap();
     write_volume(&sim, &uuid, &mut mirror, 7 << 20, &pattern(400, 4096));
-    let run = backup(&ids[5], &[]);
-    let fallen = run.ok();
-    let said = run.warnings().join("\n");
-    assert!(said.contains(&format!("parent backup {gone}")), "{said}");
-    assert!(said.contains("reading the whole"), "{said}");
+    let fallen = cinder_full_read(&chain, &ids[7], &format!("parent backup {gone}"), &mirror);
     assert!(fallen["stats"]["parent_id"].is_null(), "{fallen}");
-    assert_eq!(fallen["stats"]["bytes_read"], VOLUME_BYTES);
-    assert_eq!(ferry_snapshots(&sim), [format!("ferry-snap-{}", ids[5])]);
-    restores(&ids[5], &mirror, "the fallback full backup");
 
-    cinder_kill_then_incremental(&chain, &uuid, &mut mirror, &ids[5]);
+    cinder_kill_then_incremental(&chain, &uuid, &mut mirror, &ids[7]);
+
+    // The volume grew: a warning and a full backup of the new size (Cinder would refuse an
+    // incremental whose parent lacks blocks).
+    let path = format!("/api/v2/projects/default/volumes/{uuid}");
+    let etag = sim.api("GET", &path, None, None)["ETag"].as_str().unwrap().to_owned();
+    let grown = VOLUME_BYTES + (1 << 20);
+    let _ = sim.api("PUT", &path, Some(json!({"size": grown.to_string()})), Some(&etag));
+    mirror.resize(usize::try_from(grown).unwrap(), 0);
+    let resized = cinder_full_read(&chain, &ids[8], "the volume was resized", &mirror);
+    assert!(resized["stats"]["parent_id"].is_null(), "{resized}");
+}
+
+/// A Cinder-format `--lightbits-keep-base` backup `id` that must read the whole volume (now
+/// `expected`), saying `why`: no base used, its snapshot kept as the one base, and both Cinder's
+/// driver and ferry restore it to `expected`.
+fn cinder_full_read(chain: &CinderChain<'_>, id: &str, why: &str, expected: &[u8]) -> Value {
+    let run = chain.backup(id, &[]);
+    let result = run.ok();
+    let said = run.warnings().join("\n");
+    assert!(said.contains(why) && said.contains("reading the whole"), "{why}: {said}");
+    assert!(result["stats"]["base"].is_null(), "{why}: {result}");
+    assert_eq!(result["stats"]["bytes_read"], expected.len() as u64, "{why}");
+    assert_eq!(ferry_snapshots(chain.sim), [format!("ferry-snap-{id}")], "{why}");
+    chain.restores(id, expected, &format!("the backup after: {why}"));
+    result
 }
 
 /// kill -9 between "snapshot kept" and the commit of a Cinder-format incremental: nothing of it
