@@ -380,6 +380,27 @@ const ROWS: &[Row] = &[
     ),
     row("config: missing file", &["--config", "{scratch}/none.toml", "list"], 2, &["none.toml"]),
     row("config: a directory", &["--config", "{dir}", "list"], 2, &["config file"]),
+    row("config: a device", &["--config", "/dev/zero", "list"], 2, &["config file", "neither"]),
+    row(
+        "changed ranges: a device",
+        &[
+            "backup",
+            "--source",
+            "{src}",
+            "--changed-ranges",
+            "/dev/zero",
+            "--changed-since",
+            "{id}",
+        ],
+        2,
+        &["--changed-ranges", "neither a regular file nor a pipe"],
+    ),
+    row(
+        "changed ranges: a disk image",
+        &["backup", "--source", "{src}", "--changed-ranges", "{src}", "--changed-since", "{id}"],
+        2,
+        &["--changed-ranges", "src.img"],
+    ),
     row("repo: empty", &["--repo", "", "list"], 2, &["empty"]),
     with_env(
         "repo: FERRY_REPO typo",
@@ -469,7 +490,7 @@ const ROWS: &[Row] = &[
     // they do not apply; an existing file is never overwritten by a new key.
     row("key file: missing", &["--key-file", "{scratch}/no.key", "list"], 2, &["cannot read"]),
     row("key file: a directory", &["--key-file", "{dir}", "list"], 2, &["nor a pipe"]),
-    row("key file: a disk image", &["--key-file", "{src}", "list"], 2, &["more than 1024"]),
+    row("key file: a disk image", &["--key-file", "{src}", "list"], 2, &["more than 1 KiB"]),
     with_env(
         "FERRY_KEY_FILE: a text file",
         &[("FERRY_KEY_FILE", "dir/notes.txt")],

@@ -370,6 +370,7 @@ fn objects_swapped_for_others_are_refused() {
 
 #[test]
 fn passphrase_problems_have_their_own_exit_codes() {
+    use std::os::unix::fs::PermissionsExt;
     let scratch = Scratch::new("enc-keys");
     let root = scratch.join("repo");
     let repo = Repo::Local(root.clone());
@@ -391,11 +392,28 @@ fn passphrase_problems_have_their_own_exit_codes() {
     // None: exit 11.
     assert!(repo.ferry(&restore).fails(11).contains("FERRY_PASSPHRASE"));
     assert!(!target.exists());
-    // From a file (its first line).
+    // From a file (its first line); one others may read is a warning (the job still runs).
     let file = scratch.join("pass.txt");
     std::fs::write(&file, format!("{PASSPHRASE}\n")).unwrap();
-    repo.ferry_env(&restore, &[("FERRY_PASSPHRASE_FILE", file.to_str().unwrap())]).ok();
+    let from_file = [("FERRY_PASSPHRASE_FILE", file.to_str().unwrap())];
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let shared = repo.ferry_env(&restore, &from_file);
+    let _ = shared.ok();
+    let warned = shared.warnings().join("\n");
+    assert!(warned.contains("passphrase file") && warned.contains("mode 640"), "{warned}");
+    assert!(!format!("{shared:?}").contains(PASSPHRASE), "{shared:?}");
     assert_same(&source, &target, MIB);
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let private = repo.ferry_env(&["list"], &from_file);
+    let _ = private.ok();
+    assert!(private.warnings().is_empty(), "{:?}", private.warnings());
+    // A passphrase "file" that is a device or far too large: exit 2, unread.
+    let device = repo.ferry_env(&["list"], &[("FERRY_PASSPHRASE_FILE", "/dev/zero")]);
+    assert!(device.fails(2).contains("neither a regular file nor a pipe"), "{device:?}");
+    let huge = scratch.join("huge.txt");
+    std::fs::File::create(&huge).unwrap().set_len(1 << 30).unwrap();
+    let large = repo.ferry_env(&["list"], &[("FERRY_PASSPHRASE_FILE", huge.to_str().unwrap())]);
+    assert!(large.fails(2).contains("holds more than 64 KiB"), "{large:?}");
     // Key objects gone: exit 10.
     let keys = objects(&root, "keys");
     let saved: Vec<_> = keys.iter().map(|k| (k.clone(), std::fs::read(k).unwrap())).collect();

@@ -469,9 +469,18 @@ fn run_restore(
 
 /// Reads `--cinder-volume-meta-file`: JSON text, stored as the string it is (Cinder's
 /// `volume_meta` is double-encoded JSON).
+/// The largest `--cinder-volume-meta-file` read.
+const VOLUME_META_BYTES_MAX: u64 = 16 << 20;
+
 fn read_volume_meta(path: &std::path::Path) -> Result<String, EngineError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|error| usage(format!("--cinder-volume-meta-file {}: {error}", path.display())))?;
+    // Cinder keeps it in one database row and in `_metadata`: a few KiB.
+    let advice = "Cinder's volume metadata is a small JSON document";
+    let text = super::input::read_bounded_text(
+        path,
+        "--cinder-volume-meta-file",
+        VOLUME_META_BYTES_MAX,
+        advice,
+    )?;
     let text = text.trim_end_matches(['\n', '\r']).to_owned();
     if let Err(error) = serde_json::from_str::<serde_json::Value>(&text) {
         return Err(usage(format!(

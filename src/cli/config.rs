@@ -95,14 +95,17 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|value| !value.is_empty())
 }
 
+/// The largest config file read.
+const CONFIG_FILE_BYTES_MAX: u64 = 1 << 20;
+
 /// Reads the config file, if one is named.
 ///
 /// # Errors
 /// `Usage` when the named file cannot be read or parsed.
 pub fn load_config_file(path: Option<&Path>) -> Result<ConfigFile, EngineError> {
     let Some(path) = path else { return Ok(ConfigFile::default()) };
-    let text = std::fs::read_to_string(path)
-        .map_err(|error| usage(format!("config file {}: {error}", path.display())))?;
+    let advice = "a ferry config file is a few lines of TOML";
+    let text = super::input::read_bounded_text(path, "config file", CONFIG_FILE_BYTES_MAX, advice)?;
     // Secrets are known before the parser sees the text, so no message can quote one.
     secrets::register_config_text(&text);
     let config: ConfigFile = toml::from_str(&text)

@@ -10,7 +10,7 @@
 //! writes a new key file (mode 0600, never over an existing file). The key file format is
 //! `layout::crypt::KeyFile`'s.
 
-use std::io::{IsTerminal, Read as _, Write as _};
+use std::io::{IsTerminal, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -24,7 +24,7 @@ use crate::native::repo::Repository;
 
 use super::events::Done;
 use super::output::Output;
-use super::secrets;
+use super::{input, secrets};
 
 /// `ferry key`.
 #[derive(Debug, Args)]
@@ -75,16 +75,23 @@ fn usage(message: String) -> EngineError {
     EngineError::new(ErrorKind::Usage, message)
 }
 
-fn from_env(value: &str, file: &str) -> Result<Option<Vec<u8>>, EngineError> {
+/// A passphrase file holds one line; a larger file (a disk image named by mistake) is refused.
+const PASSPHRASE_FILE_BYTES_MAX: u64 = 64 * 1024;
+
+fn from_env(value: &str, file: &str, output: &Output) -> Result<Option<Vec<u8>>, EngineError> {
     if let Ok(text) = std::env::var(value) {
         secrets::register(&text);
         return Ok(Some(text.into_bytes()));
     }
-    let Ok(path) = std::env::var(file) else { return Ok(None) };
-    let text = std::fs::read_to_string(&path)
-        .map_err(|error| usage(format!("{file}: cannot read {path}: {error}")))?;
+    let Some(path) = std::env::var_os(file) else { return Ok(None) };
+    let path = PathBuf::from(path);
+    let advice = "a passphrase file holds the passphrase on its first line";
+    let text = input::read_bounded_text(&path, file, PASSPHRASE_FILE_BYTES_MAX, advice)?;
     let line = text.lines().next().unwrap_or_default().to_string();
     secrets::register(&line);
+    secrets::register(text.trim());
+    let consequence = "whoever reads it can decrypt the repository";
+    input::warn_if_shared(&path, file, "passphrase file", consequence, output);
     Ok(Some(line.into_bytes()))
 }
 
@@ -96,8 +103,8 @@ fn prompt(text: &str) -> Result<Vec<u8>, EngineError> {
     Ok(answer.into_bytes())
 }
 
-fn passphrase_source(value: &str, file: &str) -> Result<KeySource, EngineError> {
-    Ok(match from_env(value, file)? {
+fn passphrase_source(value: &str, file: &str, output: &Output) -> Result<KeySource, EngineError> {
+    Ok(match from_env(value, file, output)? {
         Some(bytes) => KeySource::Given(Secret::Passphrase(bytes)),
         None if std::io::stdin().is_terminal() => KeySource::Prompt(prompt),
         None => KeySource::None,
@@ -114,32 +121,11 @@ fn passphrase_source(value: &str, file: &str) -> Result<KeySource, EngineError> 
 /// `Usage` when it cannot be read, is another kind of file (a directory, a device), or is not
 /// a key file (the message states the rule and never quotes the contents).
 pub fn read_key_file(path: &Path, what: &str, output: &Output) -> Result<KeyFile, EngineError> {
-    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     let shown = path.display();
-    let cannot = |error: std::io::Error| usage(format!("{what}: cannot read {shown}: {error}"));
-    // Checked before opening: opening a device could block or have effects.
-    let metadata = std::fs::metadata(path).map_err(cannot)?;
-    let kind = metadata.file_type();
-    if !kind.is_file() && !kind.is_fifo() {
-        return Err(usage(format!(
-            "{what}: {shown} is neither a regular file nor a pipe, so no key file"
-        )));
-    }
-    let mode = metadata.permissions().mode() & 0o777;
-    if kind.is_file() && mode & 0o077 != 0 {
-        output.warning(&format!(
-            "{what}: key file {shown} has mode {mode:o}, so other users may read or replace \
-             it, and whoever reads it can decrypt the repository: `chmod 600 {shown}`"
-        ));
-    }
-    let mut text = Vec::new();
-    let file = std::fs::File::open(path).map_err(cannot)?;
-    let _ = file.take(KEY_FILE_BYTES_MAX + 1).read_to_end(&mut text).map_err(cannot)?;
-    if text.len() as u64 > KEY_FILE_BYTES_MAX {
-        return Err(usage(format!(
-            "{what}: {shown} is not a key file: it holds more than {KEY_FILE_BYTES_MAX} bytes"
-        )));
-    }
+    let too_large = "it is not a key file (64 hex digits)";
+    let text = input::read_bounded(path, what, KEY_FILE_BYTES_MAX, too_large)?;
+    let consequence = "whoever reads it can decrypt the repository";
+    input::warn_if_shared(path, what, "key file", consequence, output);
     secrets::register(String::from_utf8_lossy(&text).trim());
     let key_file = KeyFile::parse(&text)
         .map_err(|rule| usage(format!("{what}: {shown} is not a key file: {rule}")))?;
@@ -174,7 +160,7 @@ pub fn key_material_given(flag: Option<&Path>) -> Vec<&'static str> {
 /// `FERRY_PASSPHRASE_FILE` cannot be read or parsed.
 pub fn key_source(flag: Option<&Path>, output: &Output) -> Result<KeySource, EngineError> {
     let Some((path, what)) = key_file_given(flag) else {
-        return passphrase_source(PASSPHRASE_ENV[0], PASSPHRASE_ENV[1]);
+        return passphrase_source(PASSPHRASE_ENV[0], PASSPHRASE_ENV[1], output);
     };
     if let Some(passphrase) = PASSPHRASE_ENV.iter().find(|name| std::env::var_os(name).is_some()) {
         return Err(usage(format!(
@@ -223,7 +209,7 @@ pub fn generate_file(path: &Path, output: &Output) -> Result<(), EngineError> {
 /// # Errors
 /// As the `native::keys` functions.
 pub fn run(repo: &Repository, args: &KeyArgs, output: &Output) -> Result<(), EngineError> {
-    let new_passphrase = || passphrase_source(NEW_PASSPHRASE_ENV[0], NEW_PASSPHRASE_ENV[1]);
+    let new_passphrase = || passphrase_source(NEW_PASSPHRASE_ENV[0], NEW_PASSPHRASE_ENV[1], output);
     let ring = repo.key_ring()?;
     match &args.action {
         KeyAction::List => {
