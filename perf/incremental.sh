@@ -18,6 +18,8 @@
 # Cinder incremental of the same volume state onto the same parent (diff answered 404,
 # `--incremental-parent`): it reads and hashes everything and uploads the same changed blocks.
 # The Cinder backups are deleted afterwards (PYTHON, a python with boto3, default python3).
+# Also printed: the upload floor, the incremental's objects (same sizes, fresh contents) PUT
+# again by boto3 alone (4 in flight): no data plane on this store can take less.
 #
 #   sudo perf/incremental.sh [SIZE] [PERCENT]      (default: 4G 1)
 #   sudo FORMAT=cinder perf/incremental.sh [SIZE] [PERCENT]
@@ -155,7 +157,40 @@ print(count)
 EOF
 )
 cp -a "$repo_dir/repo" "$repo_dir/repo-full"
-read -r inc_bytes inc_ms inc_wall inc_read inc_sampled inc_cpu inc_rss _ < <(run_backup --lightbits-keep-base)
+read -r inc_bytes inc_ms inc_wall inc_read inc_sampled inc_cpu inc_rss inc_id < <(run_backup --lightbits-keep-base)
+floor="- - -"
+if [[ "$format" == cinder ]]; then
+  # The floor of the incremental's uploads on this store: objects of the same sizes and kind
+  # as the incremental's (random bytes for data objects; _sha256file and _metadata with every
+  # hex digit replaced, so the store can neither deduplicate them against the originals nor
+  # compress them differently) PUT by boto3 with as many requests in flight as ferry uses (4).
+  floor=$("${PYTHON:-python3}" - "$cinder_volume" "$inc_id" <<'EOF'
+import concurrent.futures, os, random, re, sys, time, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["FERRY_TEST_S3_ENDPOINT"],
+                  region_name=os.environ.get("FERRY_TEST_S3_REGION", "garage"))
+bucket = os.environ.get("FERRY_TEST_S3_BUCKET", "ferry-test")
+volume, backup = sys.argv[1], sys.argv[2]
+keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"volume_{volume}/") for item in page.get("Contents", [])
+        if f"_backup_{backup}" in item["Key"]]
+rng = random.Random(14)
+def fresh(key):
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    if key.endswith(("_sha256file", "_metadata")):
+        return re.sub(rb"[0-9a-f]", lambda m: b"%x" % rng.randrange(16), body)
+    return os.urandom(len(body))
+bodies = {f"ferry-perf-floor/{backup}/{key.rsplit('/', 1)[1]}": fresh(key) for key in keys}
+start = time.monotonic()
+with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    list(pool.map(lambda item: s3.put_object(Bucket=bucket, Key=item[0], Body=item[1]),
+                  bodies.items()))
+elapsed = time.monotonic() - start
+for key in bodies:
+    s3.delete_object(Bucket=bucket, Key=key)
+print(f"{elapsed:.3f} {sum(map(len, bodies.values()))} {len(bodies)}")
+EOF
+)
+fi
 sim <<'EOF'
 import json, sys, urllib.request
 body = json.dumps({"unsupported": 404}).encode()
@@ -175,10 +210,11 @@ if [[ "$format" == cinder ]]; then env_prefix="FORMAT=cinder $env_prefix"; fi
 python3 - "$size" "$percent" "$rewritten" "$commit" "${NOTE:-}" \
   "$first_bytes" "$first_ms" "$first_wall" "$inc_bytes" "$inc_ms" "$inc_wall" "$inc_read" \
   "$inc_sampled" "$full_bytes" "$full_ms" "$full_wall" "$env_prefix" "$format" \
-  "$first_cpu" "$first_rss" "$inc_cpu" "$inc_rss" "$full_cpu" "$full_rss" >>"$out" <<'EOF'
+  "$first_cpu" "$first_rss" "$inc_cpu" "$inc_rss" "$full_cpu" "$full_rss" $floor >>"$out" <<'EOF'
 import datetime, sys
 (size, percent, rewritten, commit, note, fb, fms, fwall, ib, ims, iwall, iread, isampled,
- gb, gms, gwall, env_prefix, fmt, fcpu, frss, icpu, irss, gcpu, grss) = sys.argv[1:]
+ gb, gms, gwall, env_prefix, fmt, fcpu, frss, icpu, irss, gcpu, grss,
+ floor_s, floor_bytes, floor_objects) = sys.argv[1:]
 repo_env = " ".join(w for w in env_prefix.split() if w.startswith("REPO_DIR="))
 where = f"in {repo_env.split('=', 1)[1].strip()}" if repo_env else "on the same disk"
 def row(name, b, ms, wall, cpu, rss):
@@ -213,5 +249,13 @@ print(row(full_name, gb, gms, gwall, gcpu, grss))
 print(f"\nIncremental / full: bytes read {int(ib) / int(gb):.3f}, data-plane time "
       f"{int(ims) / int(gms):.3f}, wall {float(iwall) / float(gwall):.3f}, CPU "
       f"{float(icpu) / float(gcpu):.3f}.")
+if fmt == "cinder":
+    print(f"Incremental / first (full, non-incremental) backup: data-plane time "
+          f"{int(ims) / int(fms):.3f}.")
+    print(f"Upload floor: the incremental's {floor_objects} objects ({int(floor_bytes) / 2**20:.1f} "
+          f"MiB: its data objects, _sha256file and _metadata) PUT again with fresh contents of the "
+          f"same sizes by boto3, 4 in flight: {float(floor_s):.2f} s, "
+          f"{float(floor_s) / (int(gms) / 1000):.3f} of the full-read incremental's data plane; "
+          f"the incremental's data plane is {int(ims) / 1000 / float(floor_s):.2f}x that floor.")
 EOF
 cat "$out"
