@@ -249,9 +249,20 @@ impl ObjectStore for LocalStore {
         const OP: &str = "multipart_put_part";
         check_part_number(OP, key, part_number)?;
         let dir = self.existing_upload(OP, key, upload_id)?;
-        let part_path = dir.join(part_file_name(part_number));
+        let etag = etag_of(&data);
+        let part_path = dir.join(part_file_name(part_number, &etag));
         write_atomic(OP, key, &dir, &part_path, &[&data])?;
-        Ok(PartReceipt { part_number, etag: etag_of(&data), checksum_crc32c: None })
+        // A part uploaded again replaces the earlier one (whose receipt is then stale).
+        let stale = |name: &str| {
+            name.strip_prefix(&part_file_prefix(part_number)).is_some_and(|tag| tag != etag)
+        };
+        let entries = fs::read_dir(&dir).map_err(|error| io_failed(OP, key, &dir, &error))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_str().is_some_and(stale) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(PartReceipt { part_number, etag, checksum_crc32c: None })
     }
 
     fn multipart_complete(
@@ -265,7 +276,7 @@ impl ObjectStore for LocalStore {
         if parts.is_empty() {
             return Err(failed(OP, key, "no parts to complete the upload with".to_owned()));
         }
-        let mut chunks = Vec::with_capacity(parts.len());
+        let mut paths = Vec::with_capacity(parts.len());
         let mut previous = 0_u32;
         for receipt in parts {
             check_part_number(OP, key, receipt.part_number)?;
@@ -277,33 +288,37 @@ impl ObjectStore for LocalStore {
                 ));
             }
             previous = receipt.part_number;
-            let part_path = dir.join(part_file_name(receipt.part_number));
-            let data = match fs::read(&part_path) {
-                Ok(data) => data,
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                    return Err(failed(
-                        OP,
-                        key,
-                        format!("part {} was never uploaded", receipt.part_number),
-                    ));
-                }
-                Err(error) => return Err(io_failed(OP, key, &part_path, &error)),
-            };
-            if etag_of(&data) != receipt.etag {
-                return Err(failed(
-                    OP,
-                    key,
-                    format!(
-                        "part {} does not match its etag {}",
-                        receipt.part_number, receipt.etag
-                    ),
-                ));
+            // The part's file is named by the etag it was stored with (as S3 keeps each part's
+            // ETag), so a stale receipt finds no file and nothing is read to compare.
+            let etag_shaped = receipt.etag.len() == 32
+                && receipt.etag.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            let part_path = dir.join(part_file_name(receipt.part_number, &receipt.etag));
+            if !etag_shaped || !part_path.is_file() {
+                let uploaded = fs::read_dir(&dir)
+                    .map_err(|error| io_failed(OP, key, &dir, &error))?
+                    .flatten()
+                    .any(|entry| {
+                        let name = entry.file_name();
+                        let prefix = part_file_prefix(receipt.part_number);
+                        name.to_str().is_some_and(|name| name.starts_with(&prefix))
+                    });
+                let why = if uploaded {
+                    format!("part {} does not match its etag {}", receipt.part_number, receipt.etag)
+                } else {
+                    format!("part {} was never uploaded", receipt.part_number)
+                };
+                return Err(failed(OP, key, why));
             }
-            chunks.push(data);
+            paths.push(part_path);
         }
         let path = self.object_path(OP, key)?;
-        let slices: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
-        write_atomic(OP, key, &self.root, &path, &slices)?;
+        // Copied file to file (copy_file_range), never through this process's memory.
+        write_atomic_with(OP, key, &self.root, &path, |file| {
+            for part in &paths {
+                let _ = io::copy(&mut fs::File::open(part)?, file)?;
+            }
+            Ok(())
+        })?;
         fs::remove_dir_all(&dir).map_err(|error| io_failed(OP, key, &dir, &error))
     }
 
@@ -399,8 +414,14 @@ fn check_part_number(
     Ok(())
 }
 
-fn part_file_name(part_number: u32) -> String {
-    format!("part-{part_number:05}")
+/// What the file of part `part_number` is named with, before its etag.
+fn part_file_prefix(part_number: u32) -> String {
+    format!("part-{part_number:05}.")
+}
+
+/// The file of part `part_number` stored with `etag`.
+fn part_file_name(part_number: u32, etag: &str) -> String {
+    format!("{}{etag}", part_file_prefix(part_number))
 }
 
 /// The ETag of a part: its xxh3-128, so completion can detect a receipt that does not match the
@@ -426,14 +447,25 @@ fn write_atomic(
     path: &Path,
     chunks: &[&[u8]],
 ) -> Result<(), StoreError> {
+    write_atomic_with(operation, key, root, path, |file| {
+        chunks.iter().try_for_each(|chunk| file.write_all(chunk))
+    })
+}
+
+/// `write_atomic` of what `fill` writes into the temporary file.
+fn write_atomic_with(
+    operation: &'static str,
+    key: &str,
+    root: &Path,
+    path: &Path,
+    fill: impl FnOnce(&mut fs::File) -> io::Result<()>,
+) -> Result<(), StoreError> {
     let dir = path.parent().unwrap_or(root);
     ensure_dir(root, dir).map_err(|error| io_failed(operation, key, dir, &error))?;
     let temp = dir.join(format!("{TEMP_PREFIX}{}", random_hex(operation, key, 8)?));
     let result = (|| -> io::Result<()> {
         let mut file = OpenOptions::new().write(true).create_new(true).open(&temp)?;
-        for chunk in chunks {
-            file.write_all(chunk)?;
-        }
+        fill(&mut file)?;
         file.sync_all()?;
         drop(file);
         fs::rename(&temp, path)
@@ -680,8 +712,13 @@ mod tests {
         assert_ne!(r1.etag, r1b.etag);
         // The object is invisible until completion.
         assert!(matches!(store.get("packs/p1"), Err(StoreError::NotFound { .. })));
-        // A stale receipt is refused.
-        assert!(store.multipart_complete("packs/p1", &id, &[r1.clone(), r2.clone()]).is_err());
+        // A stale receipt is refused, and so is a receipt of a part never uploaded.
+        let stale = store.multipart_complete("packs/p1", &id, &[r1.clone(), r2.clone()]);
+        assert!(stale.unwrap_err().to_string().contains("does not match its etag"));
+        let mut r3 = r2.clone();
+        r3.part_number = 3;
+        let missing = store.multipart_complete("packs/p1", &id, &[r1b.clone(), r2.clone(), r3]);
+        assert!(missing.unwrap_err().to_string().contains("part 3 was never uploaded"));
         // Wrong key for the upload.
         assert!(store.multipart_put_part("packs/p2", &id, 1, Bytes::new()).is_err());
         store.multipart_complete("packs/p1", &id, &[r1b, r2]).unwrap();
