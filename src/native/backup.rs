@@ -225,34 +225,42 @@ pub fn run_many(
     budget
         .check("--parts-in-flight and the repository's chunk size")
         .map_err(|message| EngineError::new(ErrorKind::Usage, message))?;
-    // The lease tells later jobs this one is running; upkeep aborts uploads a killed job left.
-    let lease = maintain::take_lease(repo, "backup")?;
-    let upkeep =
-        maintain::abort_abandoned_uploads(repo, &lease, maintain::UploadSweep::IfADeadLease)?;
-    if !upkeep.aborted_uploads.is_empty() {
-        warn(format!(
-            "aborted {} multipart upload(s) left by an interrupted backup",
-            upkeep.aborted_uploads.len()
-        ));
-    }
+    let lease = lease_and_upkeep(repo, warn)?;
     // Dedup only into packs seen to exist with their indexed size and not condemned by a mark
     // (FORMAT.md, garbage collection, B1-B2).
     let mut known = dedup_view(repo, &sources, warn)?;
     let mut carried: HashMap<ChunkHash, PackId> = HashMap::new();
     let mut epoch = lease.written_at();
-    let (mut plan, hint_bytes) = plan_incremental(repo, options, &sources, &known, cancel, warn)?;
+    let mut plan = plan_incremental(repo, options, &sources, &known, warn)?;
+    // The plan's sample is read beside its pass, and judged before anything of the pass is used.
+    let mut unchecked = plan.is_some();
+    let mut hint_bytes = 0u64;
     let (manifests, engines) = loop {
-        let (collected, engines, stored) = run_pass(
+        let sample = plan.as_ref().filter(|_| unchecked);
+        let (pass, sampled) = pass_and_sample(
             repo,
             options,
             &sources,
             &known,
             carried,
-            plan.as_ref(),
+            (plan.as_ref(), sample),
             &budget,
             progress,
             cancel,
-        )?;
+        );
+        if let Some(found) = sampled.transpose()? {
+            unchecked = false;
+            hint_bytes += found.bytes;
+            let changes = &options.incremental.as_ref().expect("a plan has a hint").changes;
+            if !plan.as_ref().is_some_and(|plan| plan.trusted(&found, repo, changes, warn)) {
+                // What the pass read is stored, and stays usable: the full read dedups into it.
+                let (collected, _, stored) = pass?;
+                hint_bytes += collected.iter().map(|c| c.stats.bytes_read).sum::<u64>();
+                (plan, carried) = (None, stored);
+                continue;
+            }
+        }
+        let (collected, engines, stored) = pass?;
         let mut manifests = build_manifests(
             repo, options, &sources, collected, &known, &stored, started, started_at,
         )?;
@@ -263,7 +271,8 @@ pub fn run_many(
             return Err(error.context("looking up chunks in the repository's index"));
         }
         if let [manifest] = &mut manifests[..] {
-            // What checking the change list read counts as read, whether it was trusted or not.
+            // What checking the change list read counts as read, whether it was trusted or not
+            // (and so does a pass on a change list the check then refused).
             manifest.stats.bytes_read += hint_bytes;
             manifest.base = plan.as_ref().map(|plan| plan.base.clone());
         }
@@ -319,6 +328,24 @@ pub fn run_many(
     Ok(outcomes)
 }
 
+/// Takes the backup's lease (it tells later jobs this one is running) and runs the upkeep that
+/// aborts the uploads a killed job left.
+fn lease_and_upkeep<'r>(
+    repo: &'r Repository,
+    warn: &dyn Fn(String),
+) -> Result<maintain::Lease<'r>, EngineError> {
+    let lease = maintain::take_lease(repo, "backup")?;
+    let upkeep =
+        maintain::abort_abandoned_uploads(repo, &lease, maintain::UploadSweep::IfADeadLease)?;
+    if !upkeep.aborted_uploads.is_empty() {
+        warn(format!(
+            "aborted {} multipart upload(s) left by an interrupted backup",
+            upkeep.aborted_uploads.len()
+        ));
+    }
+    Ok(lease)
+}
+
 /// The dedup view for a run over `sources` (FORMAT.md, garbage collection, B1-B2), its
 /// problems warned: lazily loaded unless the run looks up enough chunks to need all of it.
 fn dedup_view<'r>(
@@ -343,17 +370,41 @@ fn plan_incremental(
     options: &BackupOptions,
     sources: &[Source],
     known: &ChunkIndex<'_>,
-    cancel: &AtomicBool,
     warn: &dyn Fn(String),
-) -> Result<(Option<incremental::Plan>, u64), EngineError> {
-    let Some(hint) = &options.incremental else { return Ok((None, 0)) };
+) -> Result<Option<incremental::Plan>, EngineError> {
+    let Some(hint) = &options.incremental else { return Ok(None) };
     let [source] = sources else {
         return Err(EngineError::new(
             ErrorKind::Usage,
             "an incremental backup reads one source; it cannot be used with several",
         ));
     };
-    incremental::plan(repo, hint, &source.source, options.engine, known, cancel, warn)
+    Ok(incremental::plan(repo, hint, &source.source, options.engine, known, warn))
+}
+
+/// `run_pass`, with `plan.1`'s sample read beside it on a thread of its own (the first pass of a
+/// plan); returns both results.
+#[allow(clippy::too_many_arguments)]
+fn pass_and_sample(
+    repo: &Repository,
+    options: &BackupOptions,
+    sources: &[Source],
+    known: &ChunkIndex<'_>,
+    carried: HashMap<ChunkHash, PackId>,
+    plan: (Option<&incremental::Plan>, Option<&incremental::Plan>),
+    budget: &Budget,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> (Result<PassOutput, EngineError>, Option<Result<incremental::SampleResult, EngineError>>) {
+    let (plan, sample) = plan;
+    std::thread::scope(|scope| {
+        let checker = sample.map(|sample| {
+            let source = &sources[0].source;
+            scope.spawn(move || sample.read_sample(repo, source, options.engine, cancel))
+        });
+        let pass = run_pass(repo, options, sources, known, carried, plan, budget, progress, cancel);
+        (pass, checker.map(|checker| checker.join().expect("the sample reader does not panic")))
+    })
 }
 
 /// What one pass gathered, the engines that read, and where each chunk the run stored (or

@@ -104,7 +104,22 @@ pub fn check(
     cancel: &AtomicBool,
     warn: &dyn Fn(String),
 ) -> Result<(Option<Checked>, u64), EngineError> {
-    let Reading { source, engine, chunk_bytes } = reading;
+    let (checked, sampled) = map(changes, reading, carriable);
+    let (mismatches, sample_bytes) =
+        read_sample(reading.source, reading.engine, reading.chunk_bytes, &sampled, same, cancel)?;
+    let trusted = judge(&mismatches, sampled.len(), parent, changes, reading.chunk_bytes, warn);
+    Ok((trusted.then_some(checked), sample_bytes))
+}
+
+/// The first half of [`check`], which reads nothing: the plan `changes` gives for the source as
+/// `reading` reads it, and the chunks to sample (re-read and compare with the parent before the
+/// plan is trusted: [`read_sample`], then [`judge`]).
+pub fn map(
+    changes: &ChangeList,
+    reading: Reading<'_>,
+    carriable: impl Fn(u64) -> bool,
+) -> (Checked, Vec<u64>) {
+    let Reading { source, chunk_bytes, .. } = reading;
     let size_bytes = source.info.size_bytes;
     let unit_bytes = match changes.unit {
         ExtentUnit::Bytes => 1,
@@ -129,23 +144,30 @@ pub fn check(
     }
     let count = changes.sample_count.unwrap_or_else(|| default_sample_count(carried.len()));
     let sampled = sample(&carried, count, random_seed());
-    let (mismatches, sample_bytes) =
-        check_sample(source, engine, chunk_bytes, &sampled, same, cancel)?;
-    if let Some(&first) = mismatches.first() {
-        warn(format!(
-            "CHANGE LIST IS WRONG: {} of {} sampled chunk(s) it called unchanged differ from \
-             parent backup {parent} (first: chunk {first} at byte {}); the change list ({}) is \
-             not trusted",
-            mismatches.len(),
-            sampled.len(),
-            first * chunk_bytes as u64,
-            changes.changes_from
-        ));
-        fall_back(warn, "the sampling check failed");
-        return Ok((None, sample_bytes));
-    }
-    let checked = Checked { read, uncarried, sampled: sampled.len() as u64, chunk_count };
-    Ok((Some(checked), sample_bytes))
+    (Checked { read, uncarried, sampled: sampled.len() as u64, chunk_count }, sampled)
+}
+
+/// The verdict on a sample of `sampled_count` chunks of which `mismatches` differ from parent
+/// backup `parent`: trusted, or a loud warning and a full read.
+pub fn judge(
+    mismatches: &[u64],
+    sampled_count: usize,
+    parent: &str,
+    changes: &ChangeList,
+    chunk_bytes: usize,
+    warn: &dyn Fn(String),
+) -> bool {
+    let Some(&first) = mismatches.first() else { return true };
+    warn(format!(
+        "CHANGE LIST IS WRONG: {} of {sampled_count} sampled chunk(s) it called unchanged differ \
+         from parent backup {parent} (first: chunk {first} at byte {}); the change list ({}) is \
+         not trusted",
+        mismatches.len(),
+        first * chunk_bytes as u64,
+        changes.changes_from
+    ));
+    fall_back(warn, "the sampling check failed");
+    false
 }
 
 /// The chunks `changed` touches, for a volume of `size_bytes` in `chunk_bytes` chunks
@@ -208,9 +230,9 @@ pub fn random_seed() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
-/// Re-reads `sampled` chunks of `source` (a pool of 4 buffers, freed before the job's own pool
-/// is allocated) and returns those `same` rejects, and the bytes read.
-fn check_sample(
+/// Re-reads `sampled` chunks of `source` (through a pool of 4 buffers of its own, so it can run
+/// beside a job's pass) and returns those `same` rejects, and the bytes read.
+pub fn read_sample(
     source: &Source,
     engine: io::Engine,
     chunk_bytes: usize,
