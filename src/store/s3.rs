@@ -1014,6 +1014,14 @@ mod tests {
         Some(options)
     }
 
+    /// A store through the retrying wrapper every job uses, for the tests that send many
+    /// requests at once: under the test command's load Garage can answer one of them with a
+    /// transient 503 ("database is locked"), which is not what those tests are about.
+    fn retrying(options: S3Options) -> crate::store::retry::Retrying<S3Store> {
+        let policy = crate::store::retry::RetryPolicy::default();
+        crate::store::retry::Retrying::new(S3Store::new(options).unwrap(), policy)
+    }
+
     fn pattern(len: usize, seed: u8) -> Bytes {
         Bytes::from(
             (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>(),
@@ -1196,12 +1204,7 @@ mod tests {
     #[test]
     fn garage_list_paginates() {
         let Some(options) = test_options("paginate") else { return };
-        // Through the retrying wrapper every job uses: 2020 requests from 8 threads at once can
-        // meet a transient 503 from a loaded Garage ("database is locked"), which is not what
-        // this test is about.
-        let policy = crate::store::retry::RetryPolicy::default();
-        let store =
-            Arc::new(crate::store::retry::Retrying::new(S3Store::new(options).unwrap(), policy));
+        let store = Arc::new(retrying(options));
         // Garage returns at most 1000 keys per page.
         let threads: Vec<_> = (0..8)
             .map(|t| {
@@ -1227,7 +1230,7 @@ mod tests {
     #[test]
     fn garage_multipart() {
         let Some(options) = test_options("multipart") else { return };
-        let store = Arc::new(S3Store::new(options).unwrap());
+        let store = Arc::new(retrying(options));
         let upload = store.multipart_begin("packs/p1").unwrap();
         let other = store.multipart_begin("index/i1").unwrap();
         let pending = store.multipart_list("packs/").unwrap();
