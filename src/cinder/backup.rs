@@ -519,7 +519,7 @@ fn plan_reads(
         parent_backup_id: hint.parent_id.to_owned(),
         changes_from: hint.changes.changes_from.clone(),
         chunks_read: checked.read.len() as u64,
-        chunks_sampled: checked.sampled,
+        chunks_sampled: checked.sampled.len() as u64,
         chunks_carried: checked.chunk_count - checked.read.len() as u64,
     };
     Ok((Some(ReadPlan { chunks: checked.read, base }), sample_bytes))

@@ -467,11 +467,11 @@ fn run_restore(
     Ok(())
 }
 
-/// Reads `--cinder-volume-meta-file`: JSON text, stored as the string it is (Cinder's
-/// `volume_meta` is double-encoded JSON).
 /// The largest `--cinder-volume-meta-file` read.
 const VOLUME_META_BYTES_MAX: u64 = 16 << 20;
 
+/// Reads `--cinder-volume-meta-file`: JSON text, stored as the string it is (Cinder's
+/// `volume_meta` is double-encoded JSON).
 fn read_volume_meta(path: &std::path::Path) -> Result<String, EngineError> {
     // Cinder keeps it in one database row and in `_metadata`: a few KiB.
     let advice = "Cinder's volume metadata is a small JSON document";

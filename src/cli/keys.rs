@@ -89,7 +89,6 @@ fn from_env(value: &str, file: &str, output: &Output) -> Result<Option<Vec<u8>>,
     let text = input::read_bounded_text(&path, file, PASSPHRASE_FILE_BYTES_MAX, advice)?;
     let line = text.lines().next().unwrap_or_default().to_string();
     secrets::register(&line);
-    secrets::register(text.trim());
     let consequence = "whoever reads it can decrypt the repository";
     input::warn_if_shared(&path, file, "passphrase file", consequence, output);
     Ok(Some(line.into_bytes()))

@@ -232,27 +232,28 @@ pub fn run_many(
     let mut carried: HashMap<ChunkHash, PackId> = HashMap::new();
     let mut epoch = lease.written_at();
     let mut plan = plan_incremental(repo, options, &sources, &known, warn)?;
-    // The plan's sample is read beside its pass, and judged before anything of the pass is used.
+    // The plan's sample is read beside its first pass (taking `unchecked`), and judged before
+    // anything of that pass is used.
     let mut unchecked = plan.is_some();
     let mut hint_bytes = 0u64;
     let (manifests, engines) = loop {
-        let sample = plan.as_ref().filter(|_| unchecked);
-        let (pass, sampled) = pass_and_sample(
-            repo,
-            options,
-            &sources,
-            &known,
-            carried,
-            (plan.as_ref(), sample),
-            &budget,
-            progress,
-            cancel,
-        );
+        let sample = plan.as_ref().filter(|_| std::mem::take(&mut unchecked));
+        let (pass, sampled) = beside_sample(repo, &sources, options.engine, sample, cancel, || {
+            run_pass(
+                repo,
+                options,
+                &sources,
+                &known,
+                carried,
+                plan.as_ref(),
+                &budget,
+                progress,
+                cancel,
+            )
+        });
         if let Some(found) = sampled.transpose()? {
-            unchecked = false;
             hint_bytes += found.bytes;
-            let changes = &options.incremental.as_ref().expect("a plan has a hint").changes;
-            if !plan.as_ref().is_some_and(|plan| plan.trusted(&found, repo, changes, warn)) {
+            if !plan.as_ref().is_some_and(|plan| plan.trusted(&found, repo, warn)) {
                 // What the pass read is stored, and stays usable: the full read dedups into it.
                 let (collected, _, stored) = pass?;
                 hint_bytes += collected.iter().map(|c| c.stats.bytes_read).sum::<u64>();
@@ -382,27 +383,22 @@ fn plan_incremental(
     Ok(incremental::plan(repo, hint, &source.source, options.engine, known, warn))
 }
 
-/// `run_pass`, with `plan.1`'s sample read beside it on a thread of its own (the first pass of a
-/// plan); returns both results.
-#[allow(clippy::too_many_arguments)]
-fn pass_and_sample(
+/// Runs `pass` with `sample`'s sample (the first pass of a plan) read beside it on a thread of
+/// its own; returns both results.
+fn beside_sample<T>(
     repo: &Repository,
-    options: &BackupOptions,
     sources: &[Source],
-    known: &ChunkIndex<'_>,
-    carried: HashMap<ChunkHash, PackId>,
-    plan: (Option<&incremental::Plan>, Option<&incremental::Plan>),
-    budget: &Budget,
-    progress: &Progress,
+    engine: io::Engine,
+    sample: Option<&incremental::Plan>,
     cancel: &AtomicBool,
-) -> (Result<PassOutput, EngineError>, Option<Result<incremental::SampleResult, EngineError>>) {
-    let (plan, sample) = plan;
+    pass: impl FnOnce() -> T,
+) -> (T, Option<Result<incremental::SampleResult, EngineError>>) {
     std::thread::scope(|scope| {
         let checker = sample.map(|sample| {
             let source = &sources[0].source;
-            scope.spawn(move || sample.read_sample(repo, source, options.engine, cancel))
+            scope.spawn(move || sample.read_sample(repo, source, engine, cancel))
         });
-        let pass = run_pass(repo, options, sources, known, carried, plan, budget, progress, cancel);
+        let pass = pass();
         (pass, checker.map(|checker| checker.join().expect("the sample reader does not panic")))
     })
 }

@@ -84,16 +84,10 @@ impl Plan {
     }
 
     /// Whether `found` lets the plan be trusted; a loud warning and `false` when not.
-    pub fn trusted(
-        &self,
-        found: &SampleResult,
-        repo: &Repository,
-        changes: &changes::ChangeList,
-        warn: &dyn Fn(String),
-    ) -> bool {
+    pub fn trusted(&self, found: &SampleResult, repo: &Repository, warn: &dyn Fn(String)) -> bool {
         let chunk_bytes = repo.config.chunk_size_bytes as usize;
-        let parent = &self.base.parent_backup_id;
-        changes::judge(&found.mismatches, self.sample.len(), parent, changes, chunk_bytes, warn)
+        let (parent, from) = (&self.base.parent_backup_id, &self.base.changes_from);
+        changes::judge(&found.mismatches, self.sample.len(), parent, from, chunk_bytes, warn)
     }
 
     /// The chunk indexes the pass does not read, with the parent's entry for each.
@@ -148,7 +142,7 @@ pub fn plan(
     let carriable = |index: u64| entry(index).is_none_or(|hash| known.get(&hash).is_some());
     let reading =
         changes::Reading { source, engine, chunk_bytes: repo.config.chunk_size_bytes as usize };
-    let (checked, sample) = changes::map(&incremental.changes, reading, carriable);
+    let checked = changes::map(&incremental.changes, reading, carriable);
     if checked.uncarried > 0 {
         warn(format!(
             "{} chunk(s) of parent backup {} are not in a usable pack: reading them again",
@@ -160,8 +154,9 @@ pub fn plan(
         parent_backup_id: parent.backup_id.clone(),
         changes_from: incremental.changes.changes_from.clone(),
         chunks_read: checked.read.len() as u64,
-        chunks_sampled: checked.sampled,
+        chunks_sampled: checked.sampled.len() as u64,
         chunks_carried: checked.chunk_count - checked.read.len() as u64,
     };
-    Some(Plan { chunks: checked.read, parent_chunks: parent.chunks.clone(), sample, base })
+    let (chunks, sample) = (checked.read, checked.sampled);
+    Some(Plan { chunks, parent_chunks: parent.chunks.clone(), sample, base })
 }

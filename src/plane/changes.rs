@@ -65,8 +65,8 @@ pub struct Checked {
     pub read: Vec<u64>,
     /// Chunks the list calls unchanged that the format could not carry (read again).
     pub uncarried: u64,
-    /// Chunks re-read by the sampling check.
-    pub sampled: u64,
+    /// Chunks re-read by the sampling check, strictly increasing.
+    pub sampled: Vec<u64>,
     /// All chunks of the source.
     pub chunk_count: u64,
 }
@@ -104,21 +104,19 @@ pub fn check(
     cancel: &AtomicBool,
     warn: &dyn Fn(String),
 ) -> Result<(Option<Checked>, u64), EngineError> {
-    let (checked, sampled) = map(changes, reading, carriable);
+    let checked = map(changes, reading, carriable);
+    let Reading { source, engine, chunk_bytes } = reading;
     let (mismatches, sample_bytes) =
-        read_sample(reading.source, reading.engine, reading.chunk_bytes, &sampled, same, cancel)?;
-    let trusted = judge(&mismatches, sampled.len(), parent, changes, reading.chunk_bytes, warn);
+        read_sample(source, engine, chunk_bytes, &checked.sampled, same, cancel)?;
+    let from = &changes.changes_from;
+    let trusted = judge(&mismatches, checked.sampled.len(), parent, from, chunk_bytes, warn);
     Ok((trusted.then_some(checked), sample_bytes))
 }
 
 /// The first half of [`check`], which reads nothing: the plan `changes` gives for the source as
-/// `reading` reads it, and the chunks to sample (re-read and compare with the parent before the
+/// `reading` reads it, with the chunks to sample (re-read and compare with the parent before the
 /// plan is trusted: [`read_sample`], then [`judge`]).
-pub fn map(
-    changes: &ChangeList,
-    reading: Reading<'_>,
-    carriable: impl Fn(u64) -> bool,
-) -> (Checked, Vec<u64>) {
+pub fn map(changes: &ChangeList, reading: Reading<'_>, carriable: impl Fn(u64) -> bool) -> Checked {
     let Reading { source, chunk_bytes, .. } = reading;
     let size_bytes = source.info.size_bytes;
     let unit_bytes = match changes.unit {
@@ -144,27 +142,27 @@ pub fn map(
     }
     let count = changes.sample_count.unwrap_or_else(|| default_sample_count(carried.len()));
     let sampled = sample(&carried, count, random_seed());
-    (Checked { read, uncarried, sampled: sampled.len() as u64, chunk_count }, sampled)
+    Checked { read, uncarried, sampled, chunk_count }
 }
 
 /// The verdict on a sample of `sampled_count` chunks of which `mismatches` differ from parent
-/// backup `parent`: trusted, or a loud warning and a full read.
+/// backup `parent` (the list came from `changes_from`): trusted, or a loud warning and a full
+/// read.
 pub fn judge(
     mismatches: &[u64],
     sampled_count: usize,
     parent: &str,
-    changes: &ChangeList,
+    changes_from: &str,
     chunk_bytes: usize,
     warn: &dyn Fn(String),
 ) -> bool {
     let Some(&first) = mismatches.first() else { return true };
     warn(format!(
         "CHANGE LIST IS WRONG: {} of {sampled_count} sampled chunk(s) it called unchanged differ \
-         from parent backup {parent} (first: chunk {first} at byte {}); the change list ({}) is \
-         not trusted",
+         from parent backup {parent} (first: chunk {first} at byte {}); the change list \
+         ({changes_from}) is not trusted",
         mismatches.len(),
         first * chunk_bytes as u64,
-        changes.changes_from
     ));
     fall_back(warn, "the sampling check failed");
     false

@@ -253,14 +253,10 @@ impl ObjectStore for LocalStore {
         let part_path = dir.join(part_file_name(part_number, &etag));
         write_atomic(OP, key, &dir, &part_path, &[&data])?;
         // A part uploaded again replaces the earlier one (whose receipt is then stale).
-        let stale = |name: &str| {
-            name.strip_prefix(&part_file_prefix(part_number)).is_some_and(|tag| tag != etag)
-        };
-        let entries = fs::read_dir(&dir).map_err(|error| io_failed(OP, key, &dir, &error))?;
-        for entry in entries.flatten() {
-            if entry.file_name().to_str().is_some_and(stale) {
-                let _ = fs::remove_file(entry.path());
-            }
+        let stored =
+            part_etags(&dir, part_number).map_err(|error| io_failed(OP, key, &dir, &error))?;
+        for old in stored.iter().filter(|old| **old != etag) {
+            let _ = fs::remove_file(dir.join(part_file_name(part_number, old)));
         }
         Ok(PartReceipt { part_number, etag, checksum_crc32c: None })
     }
@@ -290,19 +286,14 @@ impl ObjectStore for LocalStore {
             previous = receipt.part_number;
             // The part's file is named by the etag it was stored with (as S3 keeps each part's
             // ETag), so a stale receipt finds no file and nothing is read to compare.
-            let etag_shaped = receipt.etag.len() == 32
-                && receipt.etag.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            // Only hex names a file: a receipt's etag never becomes a path of its own.
+            let hex =
+                !receipt.etag.is_empty() && receipt.etag.bytes().all(|b| b.is_ascii_hexdigit());
             let part_path = dir.join(part_file_name(receipt.part_number, &receipt.etag));
-            if !etag_shaped || !part_path.is_file() {
-                let uploaded = fs::read_dir(&dir)
-                    .map_err(|error| io_failed(OP, key, &dir, &error))?
-                    .flatten()
-                    .any(|entry| {
-                        let name = entry.file_name();
-                        let prefix = part_file_prefix(receipt.part_number);
-                        name.to_str().is_some_and(|name| name.starts_with(&prefix))
-                    });
-                let why = if uploaded {
+            if !hex || !part_path.is_file() {
+                let stored = part_etags(&dir, receipt.part_number)
+                    .map_err(|error| io_failed(OP, key, &dir, &error))?;
+                let why = if !stored.is_empty() {
                     format!("part {} does not match its etag {}", receipt.part_number, receipt.etag)
                 } else {
                     format!("part {} was never uploaded", receipt.part_number)
@@ -417,6 +408,19 @@ fn check_part_number(
 /// What the file of part `part_number` is named with, before its etag.
 fn part_file_prefix(part_number: u32) -> String {
     format!("part-{part_number:05}.")
+}
+
+/// The etags part `part_number` has files for in upload directory `dir`.
+fn part_etags(dir: &Path, part_number: u32) -> io::Result<Vec<String>> {
+    let prefix = part_file_prefix(part_number);
+    let mut etags = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        if let Some(etag) = entry?.file_name().to_str().and_then(|name| name.strip_prefix(&prefix))
+        {
+            etags.push(etag.to_owned());
+        }
+    }
+    Ok(etags)
 }
 
 /// The file of part `part_number` stored with `etag`.
